@@ -1,0 +1,67 @@
+//! Opening a checkpoint and building a backend, shared by the subcommands.
+
+use crate::progress::Progress;
+use dgemma_cpu::CpuBackend;
+use dgemma_model::checkpoint::Checkpoint;
+use dgemma_model::tensor::DType;
+use dgemma_model::weights::ModelWeights;
+use dgemma_model::{Backend, Precision};
+use std::path::{Path, PathBuf};
+
+/// Checkpoints at least this large get their pages read in up front, with a progress bar.
+const PREFETCH_BYTES: u64 = 1 << 30;
+
+/// The bundled tiny model (random weights), used when `--model` is not given.
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DGEMMA_MODEL") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// bf16 for bf16/f16 checkpoints, float32 for float32 ones.
+    Auto,
+    F32,
+    Bf16,
+}
+
+pub struct Loaded {
+    pub checkpoint: Checkpoint,
+    pub weights: ModelWeights,
+}
+
+pub fn open(dir: &Path) -> Result<Loaded, Box<dyn std::error::Error>> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let weights = ModelWeights::load(&checkpoint)?;
+    if checkpoint.total_bytes() >= PREFETCH_BYTES {
+        let mut bar = Progress::new("loading");
+        checkpoint.prefetch(&mut |done, total| bar.update(done, total));
+    }
+    Ok(Loaded { checkpoint, weights })
+}
+
+pub fn precision(arg: PrecisionArg, weights: &ModelWeights) -> Precision {
+    match arg {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Auto => match weights.embed_tokens.dtype {
+            DType::F32 => Precision::F32,
+            _ => Precision::Bf16,
+        },
+    }
+}
+
+pub fn backend(kind: BackendKind, loaded: &Loaded, precision: Precision) -> Result<Box<dyn Backend>, Box<dyn std::error::Error>> {
+    match kind {
+        BackendKind::Cpu => Ok(Box::new(CpuBackend::new(&loaded.checkpoint.config.text, &loaded.weights, precision))),
+        BackendKind::Cuda => Err("the CUDA backend is not part of this build yet (it arrives with issue #3); use --backend cpu".into()),
+    }
+}

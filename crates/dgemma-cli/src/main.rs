@@ -1,0 +1,47 @@
+//! `dgemma`: run DiffusionGemma on a Hugging Face checkpoint directory.
+//!
+//! * `dgemma run [--model DIR] "prompt"`: generate, streaming each committed canvas.
+//! * `dgemma info --model DIR`: the parsed config, tensor count and bytes.
+//! * `dgemma verify --model DIR --case FILE`: check the engine against a transformers dump.
+
+mod info;
+mod load;
+mod progress;
+mod run;
+mod verify;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "dgemma", version, about = "DiffusionGemma inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for a prompt.
+    Run(run::RunArgs),
+    /// Print a checkpoint's parsed configuration and tensor statistics.
+    Info(info::InfoArgs),
+    /// Check the engine against a reference case file made by transformers.
+    Verify(verify::VerifyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Info(a) => info::info(a),
+        Command::Verify(a) => verify::verify(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

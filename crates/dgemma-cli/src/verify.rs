@@ -1,0 +1,38 @@
+//! `dgemma verify`: run a reference case and print each check's error and verdict.
+
+use crate::load::{self, BackendKind};
+use dgemma_engine::case::Case;
+use dgemma_engine::generate::GenerationSettings;
+use dgemma_engine::verify::verify_case;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Model directory the case was made with (no tokenizer needed).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Case file (safetensors) written by reference/make_cases.py.
+    #[arg(long)]
+    pub case: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+}
+
+pub fn verify(a: VerifyArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let case = Case::open(&a.case)?;
+    let loaded = load::open(&a.model)?;
+    let mut backend = load::backend(a.backend, &loaded, case.precision)?;
+    let settings = GenerationSettings::from_checkpoint(&loaded.checkpoint.config, &loaded.checkpoint.generation, case.precision);
+    let checks = verify_case(&case, backend.as_mut(), &settings)?;
+    println!("case {} ({}, backend {})", a.case.display(), case.precision.name(), backend.name());
+    let mut failed = 0;
+    for c in &checks {
+        let err = c.max_abs_err.map_or(String::new(), |e| format!(" max|err| {e:.3e}"));
+        let agree = c.argmax_agreement.map_or(String::new(), |x| format!(" argmax {:.2}%", x * 100.0));
+        println!("  {:<16}{err}{agree}  {}  {}", c.name, if c.passed { "PASS" } else { "FAIL" }, c.detail);
+        failed += usize::from(!c.passed);
+    }
+    println!("{} passed, {} failed", checks.len() - failed, failed);
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -6,10 +6,11 @@
 //! `per_expert_scale[e]`; the weights stay float32.
 //!
 //! Experts, on `x = pre_feedforward_layernorm_2(h)`: for each (token, slot) with expert `e`,
-//! `g, u = split(x W_gate_up[e]^T)` (gate first), `y = (gelu(g) * u) W_down[e]^T` (bf16 GEMMs),
-//! then `out[t] = round(sum_k float32(y_k) * w_k)`: the weighting and the sum over the k slots
-//! are float32 and the result is rounded once (the eager path, which accumulates in bf16, is
-//! not the default and is not modelled).
+//! `g, u = split(x W_gate_up[e]^T)` (gate first), `y = (gelu(g) * u) W_down[e]^T` (bf16 GEMMs:
+//! `g`, `u`, `gelu(g)`, the product and `y` are each rounded), then
+//! `out[t] = round(sum_k float32(y_k) * w_k)`: the weighting and the sum over the k slots are
+//! float32 and the result is rounded once. (Checked bit for bit against transformers' default
+//! `grouped_mm` path on CPU; the eager path, which accumulates in bf16, is not modelled.)
 
 use crate::ops::activation::geglu;
 use crate::ops::linear::{linear, Matrix};

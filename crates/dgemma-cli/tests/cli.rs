@@ -1,0 +1,98 @@
+//! The `dgemma` binary end to end on the bundled tiny model and the committed cases.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn dgemma(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dgemma")).args(args).env_remove("DGEMMA_MODEL").output().expect("dgemma runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn run_on_the_bundled_model_streams_text_and_reports_stats() {
+    let out = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "Why is the sky blue?"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(!stdout.trim().is_empty(), "no text streamed");
+    assert!(stderr.contains("stats: canvases"), "{stderr}");
+    assert!(stderr.contains("tokens/forward") && stderr.contains("tokens/s"), "{stderr}");
+    assert!(stderr.contains("finished:"), "{stderr}");
+    // Same seed, same output; the chat template's thinking mode changes the prompt.
+    let again = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "Why is the sky blue?"]);
+    assert_eq!(text(&again.stdout), stdout);
+    let thinking = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "--thinking", "Why is the sky blue?"]);
+    assert!(thinking.status.success());
+    assert!(text(&thinking.stderr).contains("prompt"), "{}", text(&thinking.stderr));
+}
+
+#[test]
+fn info_prints_the_parsed_checkpoint() {
+    let out = dgemma(&["info"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("vocab 512") && stdout.contains("tensors:"), "{stdout}");
+    assert!(stdout.contains("Full") && stdout.contains("Sliding"), "{stdout}");
+}
+
+#[test]
+fn verify_passes_a_committed_case_and_fails_a_corrupted_one() {
+    let models = repo().join("reference/models");
+    let cases = repo().join("reference/cases");
+    let case = std::fs::read_dir(&cases)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("float32") && p.extension().is_some_and(|x| x == "safetensors"))
+        .min()
+        .expect("a float32 case is committed");
+    let model_name = case_model(&case);
+    let model = models.join(&model_name);
+    let out = dgemma(&["verify", "--model", model.to_str().unwrap(), "--case", case.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("PASS") && !stdout.contains("FAIL") && stdout.contains("0 failed"), "{stdout}");
+
+    // Shift one logit of pass0 by 1.0: that check must fail and the exit code must say so.
+    let bytes = std::fs::read(&case).unwrap();
+    let (n, meta) = safetensors_header(&bytes);
+    let info = &meta["pass0.logits"];
+    let start = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut bad = bytes.clone();
+    let v = f32::from_le_bytes(bad[start..start + 4].try_into().unwrap()) + 1.0;
+    bad[start..start + 4].copy_from_slice(&v.to_le_bytes());
+    let bad_path = std::env::temp_dir().join(format!("dgemma-bad-case-{}.safetensors", std::process::id()));
+    std::fs::write(&bad_path, bad).unwrap();
+    let out = dgemma(&["verify", "--model", model.to_str().unwrap(), "--case", bad_path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stdout).contains("FAIL"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn the_cuda_backend_and_bad_paths_give_clear_errors() {
+    let out = dgemma(&["run", "--backend", "cuda", "hello"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("CUDA"), "{}", text(&out.stderr));
+    let out = dgemma(&["info", "--model", "/nonexistent/model"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("/nonexistent/model"), "{}", text(&out.stderr));
+    let out = dgemma(&["run", "--steps", "0", "hello"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("max_denoising_steps"), "{}", text(&out.stderr));
+}
+
+fn safetensors_header(bytes: &[u8]) -> (usize, serde_json::Value) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (n, serde_json::from_slice(&bytes[8..8 + n]).unwrap())
+}
+
+fn case_model(case: &Path) -> String {
+    let bytes = std::fs::read(case).unwrap();
+    let (_, meta) = safetensors_header(&bytes);
+    meta["__metadata__"]["model"].as_str().unwrap().to_string()
+}

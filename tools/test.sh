@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: installs the pinned CUDA 13.0 compiler wheels (no GPU needed)
+# so that build.rs compiles every kernel for sm_90a and sm_120, then runs every test of the
+# workspace. GPU tests are #[ignore]d here; tools/gpu-suite.sh runs them on a GPU host.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if [ -z "${NVCC:-}" ]; then
+    bash tools/install-cuda-toolchain.sh
+    export NVCC="$root/.tools/cuda/nvidia/cu13/bin/nvcc"
+fi
+cargo test --workspace --locked "$@"

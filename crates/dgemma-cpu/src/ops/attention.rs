@@ -2,9 +2,16 @@
 //!
 //! Scale is 1.0 (queries and keys are RMS-normalised instead) and there is no logit softcap.
 //! Query head `h` reads kv head `h / (heads / kv_heads)` (GQA). Scores and the softmax run in
-//! float32. In bf16 mode the unnormalised probabilities are rounded to bf16 before the product
-//! with V and the sum is normalised afterwards by the float32 denominator, which is what
-//! torch's CPU flash-attention kernel does for bf16 inputs; the output is rounded once.
+//! float32.
+//!
+//! The softmax follows torch's CPU flash-attention kernel (what transformers' default "sdpa"
+//! runs on the CPU), so that the backend reproduces transformers' CPU runs to the bit where
+//! it can: keys are taken in blocks of [`KV_SPLIT`]; per block and query row, the running max
+//! is updated, `p = exp(s - max)` is computed with ATen's AVX-512 `exp_u20` polynomial on
+//! 16-lane chunks and with `expf` on the tail ([`exp_reduce_sum`]), the lanes are summed and
+//! tree-reduced, earlier blocks are rescaled by `exp(old_max - max)`, and `p` (rounded to bf16
+//! in bf16 mode) is multiplied into V with float32 accumulation. The output is
+//! `round(acc * (1 / sum))`. Masked scores are `-inf` and contribute exactly 0.
 //!
 //! Masks, with absolute positions `qp` (query) and `kp` (key):
 //! * [`Mask::Causal`] (encoder): visible iff `kp <= qp` and, with a window `w`, `qp - kp < w`.
@@ -14,6 +21,60 @@
 
 use crate::precision::{round, Precision};
 use rayon::prelude::*;
+
+/// Keys per block of torch's CPU flash attention (`kv_split_size`).
+pub const KV_SPLIT: usize = 512;
+/// float32 lanes of an AVX-512 vector (ATen's `Vectorized<float>::size()` there).
+const LANES: usize = 16;
+
+/// ATen's AVX-512 `Vectorized<float>::exp_u20`, one lane: `2^n * p(r)` with a degree-5
+/// polynomial (about 20 ulp), inputs below ln(FLT_MIN) give 0.
+pub fn exp_u20(x: f32) -> f32 {
+    const LN_FLT_MIN: f32 = f32::from_bits(0xc2ae_ac50);
+    const LN_FLT_MAX: f32 = f32::from_bits(0x42b1_7218);
+    const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b);
+    const LN2: f32 = f32::from_bits(0x3f31_7218);
+    let underflow = x < LN_FLT_MIN; // _CMP_LT_OS: false for NaN
+    let src = x.min(LN_FLT_MAX).max(LN_FLT_MIN);
+    let fx = src.mul_add(LOG2E, 0.5).floor();
+    let r = (-fx).mul_add(LN2, src);
+    let mut p = r.mul_add(0.008_289_290_59, 0.041_897_822_1);
+    p = r.mul_add(p, 0.166_676_521);
+    p = r.mul_add(p, 0.499_991_506);
+    p = r.mul_add(p, 0.999_999_701);
+    p = r.mul_add(p, 1.0);
+    let two_pow = if underflow { 0.0 } else { f32::from_bits((((fx - 1.0) as i32 + 127) as u32) << 23) };
+    p * two_pow * 2.0
+}
+
+/// `_exp_reduce_sum_fusion_kernel`: replaces `row` by `exp(row - max)` and returns the sum,
+/// with `exp_u20` on whole 16-lane chunks, lane-wise sums reduced as AVX-512's
+/// `vec_reduce_all` does (halves, then quarters, pairs, neighbours), then `expf` on the tail.
+pub fn exp_reduce_sum(row: &mut [f32], max: f32) -> f32 {
+    let whole = row.len() / LANES * LANES;
+    let mut lanes = [0.0f32; LANES];
+    for chunk in row[..whole].chunks_exact_mut(LANES) {
+        for (l, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp_u20(*x - max);
+            *l += *x;
+        }
+    }
+    let mut width = LANES / 2;
+    while width >= 1 {
+        for i in 0..LANES {
+            if i & width == 0 {
+                lanes[i] += lanes[i | width];
+            }
+        }
+        width /= 2;
+    }
+    let mut sum = lanes[0];
+    for x in &mut row[whole..] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mask {
@@ -67,32 +128,44 @@ pub fn attention(
         let kvh = h / group;
         let qrow = &q[row * d..(row + 1) * d];
         let qp = q_pos0 + i;
-        let mut scores: Vec<(usize, f32)> = Vec::with_capacity(l);
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..l {
-            if !mask.visible(qp, k_pos0 + j) {
-                continue;
-            }
-            let krow = &k[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
-            let sc = crate::ops::linear::dot(qrow, krow);
-            max = max.max(sc);
-            scores.push((j, sc));
-        }
+        let mut scores: Vec<f32> = (0..l)
+            .map(|j| {
+                if mask.visible(qp, k_pos0 + j) {
+                    crate::ops::linear::dot(qrow, &k[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d])
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
         o.fill(0.0);
-        if scores.is_empty() {
-            return;
-        }
-        let mut denom = 0.0f32;
-        for &(j, sc) in &scores {
-            let e = (sc - max).exp();
-            denom += e;
-            let p = round(e, precision);
-            let vrow = &v[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
-            for (acc, &x) in o.iter_mut().zip(vrow) {
-                *acc += p * x;
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+        for (b, block) in scores.chunks_mut(KV_SPLIT).enumerate() {
+            let new_max = block.iter().copied().fold(max, f32::max);
+            if new_max == f32::NEG_INFINITY {
+                continue; // fully masked so far: contributes nothing
+            }
+            let block_sum = exp_reduce_sum(block, new_max);
+            let rescale = (max - new_max).exp();
+            sum = block_sum + rescale * sum;
+            max = new_max;
+            if b > 0 {
+                for x in o.iter_mut() {
+                    *x *= rescale;
+                }
+            }
+            for (jj, &e) in block.iter().enumerate() {
+                let p = round(e, precision);
+                if p == 0.0 {
+                    continue;
+                }
+                let j = b * KV_SPLIT + jj;
+                let vrow = &v[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
+                for (acc, &x) in o.iter_mut().zip(vrow) {
+                    *acc += p * x;
+                }
             }
         }
-        let inv = 1.0 / denom;
+        let inv = 1.0 / if sum == 0.0 { 1.0 } else { sum };
         for x in o.iter_mut() {
             *x = round(*x * inv, precision);
         }
@@ -181,6 +254,35 @@ mod tests {
         check(Mask::Bidirectional, 4, 10, 6, 0, AttentionShape { heads: 4, kv_heads: 4, head_dim: 8 });
         let m = Mask::Bidirectional;
         assert!(m.visible(0, 100));
+    }
+
+    #[test]
+    fn exp_u20_is_close_to_exp_and_underflows_to_zero() {
+        for i in -800..=80 {
+            let x = i as f32 * 0.1;
+            let (a, b) = (exp_u20(x), x.exp());
+            assert!((a - b).abs() <= 3e-6 * b, "exp_u20({x}) = {a}, exp = {b}");
+        }
+        assert_eq!(exp_u20(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_u20(-100.0), 0.0);
+        assert_eq!(exp_u20(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_reduce_sum_handles_chunks_and_tail() {
+        let mut row: Vec<f32> = (0..37).map(|i| -(i as f32) * 0.05).collect();
+        row[3] = f32::NEG_INFINITY;
+        let want: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        let sum = exp_reduce_sum(&mut row, 0.0);
+        assert!((sum as f64 - want).abs() < 1e-4, "{sum} vs {want}");
+        assert_eq!(row[3], 0.0);
+    }
+
+    #[test]
+    fn several_kv_blocks_match_the_reference() {
+        // More keys than one block: the online rescaling across blocks must be exact math.
+        check(Mask::Bidirectional, 2, KV_SPLIT + 300, 0, 0, AttentionShape { heads: 2, kv_heads: 1, head_dim: 4 });
+        check(Mask::Causal { window: Some(700) }, 3, 2 * KV_SPLIT + 5, 2 * KV_SPLIT + 2, 0, AttentionShape { heads: 2, kv_heads: 2, head_dim: 4 });
     }
 
     #[test]

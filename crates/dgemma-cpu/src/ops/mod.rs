@@ -11,3 +11,4 @@ pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
+pub mod topk;

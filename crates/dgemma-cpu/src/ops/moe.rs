@@ -2,7 +2,7 @@
 //!
 //! Router, on the pre-norm residual `h`:
 //! `r = rmsnorm_noscale(h); r = r * scale * H^-0.5` (each product rounded), `s = r W_router^T`
-//! (rounded), `p = softmax(float32(s))`, top-k of `p`, renormalised to sum 1, times
+//! (rounded), `p = softmax(float32(s))`, top-k of `p` (in torch's CPU order, ties included: [`crate::ops::topk`]), renormalised to sum 1, times
 //! `per_expert_scale[e]`; the weights stay float32.
 //!
 //! Experts, on `x = pre_feedforward_layernorm_2(h)`: for each (token, slot) with expert `e`,
@@ -16,6 +16,7 @@ use crate::ops::activation::geglu;
 use crate::ops::linear::{linear, Matrix};
 use crate::ops::norm::rms_norm_row;
 use crate::ops::softmax::softmax_row;
+use crate::ops::topk::topk_torch_cpu;
 use crate::precision::{round, Precision};
 
 /// The router's weights.
@@ -63,16 +64,12 @@ pub fn route(h: &[f32], tokens: usize, router: &Router, top_k: usize, eps: f32, 
     linear(&r, tokens, router.proj, &mut logits, precision);
     let mut experts = Vec::with_capacity(tokens * top_k);
     let mut weights = Vec::with_capacity(tokens * top_k);
-    let mut order: Vec<usize> = Vec::with_capacity(n_exp);
     for p in logits.chunks_mut(n_exp) {
         softmax_row(p);
-        order.clear();
-        order.extend(0..n_exp);
-        // Descending probability; equal probabilities keep the lower expert index first.
-        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let chosen = &order[..top_k];
+        // torch.topk's CPU order, ties included (see ops::topk).
+        let chosen = topk_torch_cpu(p, top_k);
         let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
-        for &e in chosen {
+        for &e in &chosen {
             experts.push(e);
             weights.push(p[e] / sum * router.per_expert_scale[e]);
         }

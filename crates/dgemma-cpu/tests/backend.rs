@@ -8,9 +8,13 @@ use dgemma_model::synthetic::{write_synthetic_checkpoint, SyntheticSpec};
 use dgemma_model::weights::ModelWeights;
 use dgemma_model::{Backend, Precision};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn checkpoint(name: &str, spec: &SyntheticSpec) -> (Checkpoint, ModelWeights) {
-    let dir: PathBuf = std::env::temp_dir().join(format!("dgemma-cpu-test-{}-{name}", std::process::id()));
+    // Tests run in parallel: every call gets its own directory.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir: PathBuf = std::env::temp_dir().join(format!("dgemma-cpu-test-{}-{name}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     write_synthetic_checkpoint(&dir, spec).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();

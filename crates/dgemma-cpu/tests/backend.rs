@@ -97,7 +97,12 @@ fn sliding_layers_keep_window_minus_one_tokens() {
 
 #[test]
 fn bf16_mode_stays_near_float32() {
-    let (ck, w) = tiny();
+    // With top-k < experts, a bf16 tie or near-tie at the k-th router place sends a token to
+    // another expert than float32 does, and a random model amplifies that arbitrarily; so
+    // this closeness check routes every token to every expert (the MoE still runs).
+    let mut spec = SyntheticSpec::tiny();
+    spec.text.top_k_experts = spec.text.num_experts;
+    let (ck, w) = checkpoint("allexperts", &spec);
     let v = ck.config.text.vocab_size;
     let mut out = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {

@@ -11,7 +11,7 @@
 
 use crate::error::{EngineError, Result};
 use dgemma_model::Precision;
-use dgemma_sampler::{TapeBlock, TapeNoise};
+use dgemma_sampler::{TapeBlock, TapeNoise, TorchDevice};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -146,6 +146,16 @@ impl Case {
             return Err(bad(path, "holds neither decoder passes (pass0.*) nor a generation trace (gen.*)"));
         }
         Ok(Case { path: path.to_path_buf(), precision, metadata, prompt_ids, passes, trace })
+    }
+
+    /// The torch device the reference ran on (metadata `device`, e.g. `"cpu"` or `"cuda:0"`;
+    /// `reference/make_cases.py` runs on the CPU, which is the default). CPU and CUDA torch
+    /// round the temperature and the entropy cumsum differently (see `dgemma_sampler::schedule`).
+    pub fn torch_device(&self) -> TorchDevice {
+        match self.metadata.get("device") {
+            Some(d) if d.starts_with("cuda") => TorchDevice::Cuda,
+            _ => TorchDevice::Cpu,
+        }
     }
 
     /// The model directory named by the `model` metadata, relative to `models_root`.

@@ -31,6 +31,8 @@ pub struct GenerationSettings {
     pub pad_token_id: u32,
     /// Rounding applied to the self-conditioning logits (the embedding dtype).
     pub precision: Precision,
+    /// Most positions the model supports (`max_position_embeddings`).
+    pub context_length: usize,
 }
 
 impl GenerationSettings {
@@ -137,6 +139,17 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt is empty (it needs at least a BOS token)".into()));
     }
+    let needed = prompt.len() + settings.canvases() * settings.canvas_length;
+    if needed > settings.context_length {
+        return Err(EngineError::InvalidRequest(format!(
+            "the prompt ({} tokens) plus {} canvas(es) of {} tokens needs {needed} positions, over the model's \
+             context of {} (max_position_embeddings); shorten the prompt or lower max_new_tokens",
+            prompt.len(),
+            settings.canvases(),
+            settings.canvas_length,
+            settings.context_length
+        )));
+    }
     let (c, v) = (settings.canvas_length, settings.vocab_size);
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     backend.reset();
@@ -239,6 +252,7 @@ impl GenerationSettings {
             eos_token_ids: gen.eos_token_ids.clone(),
             pad_token_id: gen.pad_token_id,
             precision,
+            context_length: model.text.max_position_embeddings,
         }
     }
 }

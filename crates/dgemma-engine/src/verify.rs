@@ -99,6 +99,7 @@ pub fn verify_case(case: &Case, backend: &mut dyn Backend, settings: &Generation
         s.max_new_tokens = trace.max_new_tokens;
         s.sampler.max_denoising_steps = trace.max_denoising_steps;
         s.precision = case.precision;
+        s.sampler.device = case.torch_device();
         let mut tape = trace.tape();
         let gen = generate(backend, &case.prompt_ids, &s, &mut tape, &mut Silent)?;
         let first_diff = gen.ids.iter().zip(&trace.output_ids).position(|(a, b)| a != b);

@@ -63,6 +63,7 @@ fn settings(max_new_tokens: usize) -> GenerationSettings {
         eos_token_ids: vec![1, 50],
         pad_token_id: 0,
         precision: Precision::F32,
+        context_length: 1000,
     }
 }
 
@@ -183,4 +184,10 @@ fn bad_requests_are_rejected() {
     s = settings(C);
     s.sampler.max_denoising_steps = 0;
     assert!(generate(&mut b, &[2], &s, &mut SeededNoise::new(0, V), &mut Record::default()).is_err());
+    // A prompt that cannot fit with its canvases is refused before any compute.
+    s = settings(2 * C);
+    s.context_length = 20;
+    let err = generate(&mut b, &[2; 5], &s, &mut SeededNoise::new(0, V), &mut Record::default()).unwrap_err();
+    assert!(err.to_string().contains("context of 20"), "{err}");
+    assert!(b.encoded.is_empty(), "nothing may be encoded for a refused request");
 }

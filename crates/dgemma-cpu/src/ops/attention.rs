@@ -123,7 +123,7 @@ pub fn attention(
     assert_eq!(v.len(), k.len());
     assert_eq!(out.len(), q.len());
 
-    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+    let row_fn = |(row, o): (usize, &mut [f32])| {
         let (i, h) = (row / heads, row % heads);
         let kvh = h / group;
         let qrow = &q[row * d..(row + 1) * d];
@@ -169,7 +169,13 @@ pub fn attention(
         for x in o.iter_mut() {
             *x = round(*x * inv, precision);
         }
-    });
+    };
+    // Small problems run on the calling thread; rayon's task overhead would dominate.
+    if s * heads * l * d < 1 << 16 {
+        out.chunks_mut(d).enumerate().for_each(row_fn);
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each(row_fn);
+    }
 }
 
 #[cfg(test)]

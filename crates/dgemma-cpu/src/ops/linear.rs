@@ -64,15 +64,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Weight rows handled by one task.
 const ROW_BLOCK: usize = 16;
+/// Below this many multiply-adds a product runs on the calling thread (task overhead wins).
+const PARALLEL_MACS: usize = 1 << 18;
 
 /// `out[t, r] = round(sum_k x[t, k] * w[r, k])` for `tokens` input rows.
 pub fn linear(x: &[f32], tokens: usize, w: &dyn Matrix, out: &mut [f32], precision: Precision) {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), tokens * k, "linear: input is not [{tokens}, {k}]");
     assert_eq!(out.len(), tokens * n, "linear: output is not [{tokens}, {n}]");
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROW_BLOCK))
-        .into_par_iter()
-        .map(|b| {
+    let block = |b: usize| {
             let r0 = b * ROW_BLOCK;
             let r1 = (r0 + ROW_BLOCK).min(n);
             let mut row = vec![0.0f32; k];
@@ -84,8 +84,12 @@ pub fn linear(x: &[f32], tokens: usize, w: &dyn Matrix, out: &mut [f32], precisi
                 }
             }
             (r0, res)
-        })
-        .collect();
+    };
+    let blocks: Vec<(usize, Vec<f32>)> = if tokens * n * k < PARALLEL_MACS {
+        (0..n.div_ceil(ROW_BLOCK)).map(block).collect()
+    } else {
+        (0..n.div_ceil(ROW_BLOCK)).into_par_iter().map(block).collect()
+    };
     for (r0, res) in blocks {
         let rows = res.len() / tokens.max(1);
         for i in 0..rows {

@@ -30,7 +30,11 @@ pub fn rms_norm_row(x: &mut [f32], weight: Option<&[f32]>, eps: f32, precision: 
 /// Normalises every row of width `width` in `x` (for per-head norms, `width` = head_dim).
 pub fn rms_norm(x: &mut [f32], width: usize, weight: Option<&[f32]>, eps: f32, precision: Precision) {
     assert_eq!(x.len() % width, 0, "rms_norm: length {} not a multiple of width {width}", x.len());
-    x.par_chunks_mut(width).for_each(|row| rms_norm_row(row, weight, eps, precision));
+    if x.len() < 1 << 16 {
+        x.chunks_mut(width).for_each(|row| rms_norm_row(row, weight, eps, precision));
+    } else {
+        x.par_chunks_mut(width).for_each(|row| rms_norm_row(row, weight, eps, precision));
+    }
 }
 
 #[cfg(test)]

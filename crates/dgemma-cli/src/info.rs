@@ -40,6 +40,19 @@ pub fn info(a: InfoArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     println!("generation: {:?}", ck.generation);
     println!("tensors: {} in {} file(s), {:.3} GB", ck.tensor_count(), ck.files().len(), ck.total_bytes() as f64 / 1e9);
     println!("lm_head: {}", if loaded.weights.lm_head.is_some() { "stored" } else { "tied to the embedding" });
-    println!("backends: cpu (float32, bf16); cuda: not in this build");
+    let k = &dgemma::kernels::KERNEL_NAMES;
+    if dgemma::kernels::HAVE_KERNELS {
+        println!(
+            "cuda kernels: {} embedded for {} ({} bytes, nvcc {}); the CUDA backend that runs them is not wired yet",
+            k.len(),
+            dgemma::kernels::ARCHS.join(", "),
+            dgemma::kernels::FATBIN.len(),
+            dgemma::kernels::NVCC_VERSION
+        );
+    } else {
+        println!("cuda kernels: none embedded ({})", dgemma::kernels::NOT_BUILT_REASON);
+    }
+    println!("backends: cpu (float32, bf16)");
+    println!("build: dgemma {} (commit {})", env!("CARGO_PKG_VERSION"), dgemma::GIT_COMMIT);
     Ok(ExitCode::SUCCESS)
 }

@@ -39,6 +39,7 @@ fn info_prints_the_parsed_checkpoint() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("vocab 512") && stdout.contains("tensors:"), "{stdout}");
     assert!(stdout.contains("Full") && stdout.contains("Sliding"), "{stdout}");
+    assert!(stdout.contains("cuda kernels:"), "{stdout}");
 }
 
 #[test]

@@ -1,0 +1,254 @@
+//! Emission of the instantiation files.
+//!
+//! Every kernel is a tiny `.cu` file: a header naming the spec, one `#include` of the
+//! hand-written family template under `csrc/`, and an `extern "C"` kernel whose body calls the
+//! template with the spec's compile-time parameters. The kernel's parameter list is spelled out
+//! here ([`params`]) so the ABI the runtime launches against is visible in the generated file
+//! (and in the golden files under `codegen/tests/golden/`).
+//!
+//! Output is a pure function of the spec: no timestamps, no paths, no hash-map order.
+
+use crate::spec::{GemmFuse, KernelSpec, MaskKind, Op, Target};
+use std::fmt::Write as _;
+
+/// One kernel parameter: C type and name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub ty: &'static str,
+    pub name: &'static str,
+}
+
+const fn p(ty: &'static str, name: &'static str) -> Param {
+    Param { ty, name }
+}
+
+const BF16_IN: &str = "const dgemma::bf16*";
+const BF16_OUT: &str = "dgemma::bf16*";
+
+const RMSNORM: &[Param] = &[
+    p(BF16_IN, "x"),
+    p(BF16_IN, "x_add"),
+    p(BF16_IN, "weight"),
+    p(BF16_OUT, "out"),
+    p("float", "eps"),
+    p("float", "layer_scalar"),
+    p("int", "rows"),
+];
+const ROPE: &[Param] = &[
+    p(BF16_OUT, "x"),
+    p(BF16_IN, "cos_table"),
+    p(BF16_IN, "sin_table"),
+    p("const int*", "positions"),
+    p("int", "table_rows"),
+    p("int", "tokens"),
+    p("int", "heads"),
+];
+const EMBEDDING: &[Param] = &[
+    p("const int*", "ids"),
+    p(BF16_IN, "table"),
+    p(BF16_OUT, "out"),
+    p("float", "scale"),
+    p("int", "tokens"),
+    p("int", "vocab"),
+];
+const GEGLU: &[Param] = &[
+    p(BF16_IN, "gate"),
+    p(BF16_IN, "up"),
+    p("int", "in_stride"),
+    p(BF16_OUT, "out"),
+    p("int", "width"),
+    p("int", "rows"),
+];
+const SOFTCAP: &[Param] = &[p(BF16_IN, "logits"), p("float*", "out"), p("float", "cap"), p("long long", "n")];
+const ROW_SOFTMAX_ENTROPY_ARGMAX: &[Param] = &[
+    p("const float*", "logits"),
+    p("float", "temperature"),
+    p("float*", "processed"),
+    p(BF16_OUT, "processed_bf16"),
+    p("int*", "argmax"),
+    p("float*", "entropy"),
+    p("int", "rows"),
+];
+const ROW_SOFTMAX: &[Param] = &[p(BF16_IN, "logits"), p(BF16_OUT, "probs"), p("int", "rows")];
+const ATTENTION: &[Param] = &[
+    p(BF16_IN, "q"),
+    p(BF16_IN, "k"),
+    p(BF16_IN, "v"),
+    p(BF16_OUT, "out"),
+    p("int", "q_len"),
+    p("int", "kv_len"),
+    p("int", "q_pos0"),
+    p("int", "k_pos0"),
+    p("int", "window"),
+];
+const LINEAR: &[Param] = &[p(BF16_IN, "x"), p(BF16_IN, "w"), p(BF16_OUT, "y"), p("int", "rows")];
+const GROUPED_GEGLU: &[Param] = &[
+    p(BF16_IN, "x"),
+    p("const int*", "experts"),
+    p(BF16_IN, "w"),
+    p(BF16_OUT, "out"),
+    p("int", "tokens"),
+    p("int", "top_k"),
+    p("int", "num_experts"),
+];
+const GROUPED_COMBINE: &[Param] = &[
+    p(BF16_IN, "act"),
+    p("const int*", "experts"),
+    p("const float*", "weights"),
+    p(BF16_IN, "w"),
+    p(BF16_OUT, "out"),
+    p("int", "tokens"),
+    p("int", "top_k"),
+    p("int", "num_experts"),
+];
+
+/// The kernel's parameters, in launch order.
+pub fn params(spec: &KernelSpec) -> &'static [Param] {
+    match spec.op {
+        Op::RmsNorm(_) => RMSNORM,
+        Op::Rope(_) => ROPE,
+        Op::Embedding(_) => EMBEDDING,
+        Op::Geglu => GEGLU,
+        Op::Softcap => SOFTCAP,
+        Op::RowSoftmaxEntropyArgmax(_) => ROW_SOFTMAX_ENTROPY_ARGMAX,
+        Op::RowSoftmax(_) => ROW_SOFTMAX,
+        Op::Attention(_) => ATTENTION,
+        Op::Linear(_) => LINEAR,
+        Op::GroupedGemm(g) => match g.fuse {
+            GemmFuse::Geglu => GROUPED_GEGLU,
+            GemmFuse::Combine => GROUPED_COMBINE,
+        },
+    }
+}
+
+/// The template function and its template arguments, e.g.
+/// `dgemma::rmsnorm<2816, 256, true, false, true, false>`.
+fn template_call(spec: &KernelSpec) -> String {
+    let t = spec.block_threads();
+    match spec.op {
+        Op::RmsNorm(r) => format!(
+            "dgemma::rmsnorm<{}, {t}, {}, {}, {}, {}>",
+            r.width, r.has_scale, r.fuse_input_add, r.fuse_residual_add, r.fuse_layer_scalar
+        ),
+        Op::Rope(r) => format!("dgemma::rope<{}, {}, {t}>", r.head_dim, r.rotary_pairs),
+        Op::Embedding(e) => format!("dgemma::embedding<{}, {t}>", e.hidden),
+        Op::Geglu => format!("dgemma::geglu<{t}>"),
+        Op::Softcap => format!("dgemma::softcap<{t}>"),
+        Op::RowSoftmaxEntropyArgmax(r) => format!("dgemma::row_softmax_entropy_argmax<{}, {t}>", r.vocab),
+        Op::RowSoftmax(r) => format!("dgemma::row_softmax<{}, {t}>", r.vocab),
+        Op::Attention(a) => {
+            let mask = match a.mask {
+                MaskKind::Causal => "dgemma::Mask::Causal",
+                MaskKind::CausalSliding => "dgemma::Mask::CausalSliding",
+                MaskKind::Bidirectional => "dgemma::Mask::Bidirectional",
+            };
+            format!("dgemma::attention<{}, {}, {}, {mask}, {}, {t}>", a.head_dim, a.q_heads, a.kv_heads, a.key_tile)
+        }
+        Op::Linear(l) => format!("dgemma::linear<{}, {}, {}, {}>", l.n, l.k, l.rows_per_warp, l.warps),
+        Op::GroupedGemm(g) => {
+            let f = match g.fuse {
+                GemmFuse::Geglu => "grouped_gemm_geglu",
+                GemmFuse::Combine => "grouped_gemm_combine",
+            };
+            format!("dgemma::{f}<{}, {}, {}>", g.n, g.k, g.warps)
+        }
+    }
+}
+
+/// File name of the instantiation file (`<kernel name>.cu`).
+pub fn file_name(spec: &KernelSpec) -> String {
+    format!("{}.cu", spec.kernel_name())
+}
+
+/// The instantiation file of one kernel.
+pub fn emit(spec: &KernelSpec) -> String {
+    let name = spec.kernel_name();
+    let params = params(spec);
+    let mut s = String::new();
+    writeln!(s, "// Generated by dgemma-codegen (codegen/src/emit.rs). Do not edit.").unwrap();
+    writeln!(s, "// spec:   {spec:?}").unwrap();
+    let target = match spec.target {
+        Target::Portable => "portable (real body on every arch of the fatbin)".to_string(),
+        Target::Only(a) => format!("{} only (a trap on every other arch)", a.nvcc_name()),
+    };
+    writeln!(s, "// target: {target}").unwrap();
+    writeln!(s, "#include \"{}\"", spec.family().header()).unwrap();
+    writeln!(s).unwrap();
+    writeln!(s, "extern \"C\" __global__ void __launch_bounds__({}) {name}(", spec.block_threads()).unwrap();
+    for (i, p) in params.iter().enumerate() {
+        let sep = if i + 1 == params.len() { ")" } else { "," };
+        writeln!(s, "    {} {}{sep}", p.ty, p.name).unwrap();
+    }
+    writeln!(s, "{{").unwrap();
+    let args: Vec<&str> = params.iter().map(|p| p.name).collect();
+    let call = format!("{}({});", template_call(spec), args.join(", "));
+    match spec.target {
+        Target::Portable => writeln!(s, "    {call}").unwrap(),
+        Target::Only(arch) => {
+            writeln!(s, "#if {}", arch.guard_macro()).unwrap();
+            writeln!(s, "    {call}").unwrap();
+            writeln!(s, "#else").unwrap();
+            writeln!(s, "    dgemma::trap_wrong_arch();").unwrap();
+            writeln!(s, "#endif").unwrap();
+        }
+    }
+    writeln!(s, "}}").unwrap();
+    s
+}
+
+/// One translation unit that includes every instantiation file of `specs` (in order), for a
+/// single nvcc invocation. The includes are resolved against the folder the files are written
+/// to.
+pub fn emit_unity(specs: &[KernelSpec]) -> String {
+    let mut s = String::from("// Generated by dgemma-codegen: every kernel of the fatbin, one translation unit.\n");
+    for spec in specs {
+        writeln!(s, "#include \"{}\"", file_name(spec)).unwrap();
+    }
+    s
+}
+
+/// The archs the fatbin is compiled for, in nvcc `-gencode` form. The first two are machine
+/// code (cubins); the last is PTX, JIT-compiled by the driver on newer consumer Blackwell parts.
+pub const GENCODES: [&str; 3] =
+    ["arch=compute_90a,code=sm_90a", "arch=compute_120,code=sm_120", "arch=compute_120,code=compute_120"];
+
+/// The code images in the fatbin, as the kernel index reports them.
+pub const FATBIN_ARCHS: [&str; 3] = ["sm_90a", "sm_120", "compute_120"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Arch, Linear, RmsNorm};
+
+    #[test]
+    fn portable_kernel_calls_template_directly() {
+        let spec = KernelSpec::portable(Op::RmsNorm(RmsNorm {
+            width: 64,
+            has_scale: false,
+            fuse_input_add: true,
+            fuse_residual_add: false,
+            fuse_layer_scalar: false,
+        }));
+        let src = emit(&spec);
+        assert!(src.contains("#include \"rmsnorm.cuh\""));
+        assert!(src.contains("__launch_bounds__(32) rmsnorm_w64_noscale_inadd_bf16("));
+        assert!(src.contains(
+            "dgemma::rmsnorm<64, 32, false, true, false, false>(x, x_add, weight, out, eps, layer_scalar, rows);"
+        ));
+        assert!(!src.contains("#if"));
+    }
+
+    #[test]
+    fn arch_specific_kernel_is_guarded() {
+        let spec = KernelSpec::for_arch(Op::Linear(Linear { n: 8, k: 16, rows_per_warp: 2, warps: 4 }), Arch::Sm90a);
+        let src = emit(&spec);
+        assert!(src.contains("#if DGEMMA_ARCH_SM90A\n    dgemma::linear<8, 16, 2, 4>(x, w, y, rows);\n#else\n    dgemma::trap_wrong_arch();\n#endif"));
+    }
+
+    #[test]
+    fn emission_is_deterministic() {
+        let spec = KernelSpec::portable(Op::Geglu);
+        assert_eq!(emit(&spec), emit(&spec));
+        assert_eq!(file_name(&spec), "geglu_bf16.cu");
+    }
+}

@@ -1,0 +1,263 @@
+//! Model shapes and the heuristics table that maps a shape to the kernels it needs.
+//!
+//! [`specs_for_model`] is the single place that decides which kernels exist and with which tile
+//! parameters. build.rs compiles [`supported_specs`] (every shape in [`SUPPORTED_MODELS`]) into
+//! the fatbin; the runtime asks the same function which spec to launch for a given op, so the
+//! two can not disagree.
+
+use crate::spec::{
+    Arch, Attention, Embedding, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope, RowSoftmax,
+    RowSoftmaxEntropyArgmax,
+};
+
+/// Attention shape of one layer type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerAttention {
+    pub head_dim: u32,
+    pub kv_heads: u32,
+    /// Rotating RoPE pairs (`head_dim / 2` for default RoPE; `int(partial * head_dim // 2)` for
+    /// proportional RoPE).
+    pub rotary_pairs: u32,
+}
+
+/// The shapes of a DiffusionGemma text tower that kernels are specialised on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ModelShape {
+    pub vocab: u32,
+    pub hidden: u32,
+    /// Query heads (both layer types).
+    pub heads: u32,
+    pub sliding: LayerAttention,
+    pub full: LayerAttention,
+    pub experts: u32,
+    pub top_k: u32,
+    /// Per-expert GeGLU width (`moe_intermediate_size`).
+    pub moe_width: u32,
+    /// Dense ("shared expert") GeGLU width (`intermediate_size`).
+    pub dense_width: u32,
+    /// Self-conditioning MLP width (`self_conditioning_size`, else `intermediate_size`).
+    pub self_cond_width: u32,
+}
+
+impl ModelShape {
+    /// `google/diffusiongemma-26B-A4B-it` (model-spec 1.2).
+    pub const DIFFUSION_GEMMA_26B_A4B: ModelShape = ModelShape {
+        vocab: 262_144,
+        hidden: 2816,
+        heads: 16,
+        sliding: LayerAttention { head_dim: 256, kv_heads: 8, rotary_pairs: 128 },
+        // Proportional RoPE, partial_rotary_factor 0.25: int(0.25 * 512 // 2) = 64 pairs.
+        full: LayerAttention { head_dim: 512, kv_heads: 2, rotary_pairs: 64 },
+        experts: 128,
+        top_k: 8,
+        moe_width: 704,
+        dense_width: 2112,
+        self_cond_width: 2112,
+    };
+
+    /// `reference/models/tiny-default`, the bundled random model (vocab 512, hidden 64, 8 heads,
+    /// sliding 4 kv x 16, full 1 kv x 32 with factor 0.25, 8 experts top-2, widths 32 / 96).
+    /// `dgemma-cuda`'s `reference_models_are_covered` test fails if a reference config needs a
+    /// kernel that no shape here provides.
+    pub const TINY: ModelShape = ModelShape {
+        vocab: 512,
+        hidden: 64,
+        heads: 8,
+        sliding: LayerAttention { head_dim: 16, kv_heads: 4, rotary_pairs: 8 },
+        full: LayerAttention { head_dim: 32, kv_heads: 1, rotary_pairs: 4 },
+        experts: 8,
+        top_k: 2,
+        moe_width: 32,
+        dense_width: 96,
+        self_cond_width: 96,
+    };
+
+    /// `reference/models/tiny-sharded-f32`: odd widths (hidden 48, head dims 24 / 64), 6 experts
+    /// top-3. Its weights are float32; the CUDA backend runs them as bf16.
+    pub const TINY_SHARDED: ModelShape = ModelShape {
+        vocab: 320,
+        hidden: 48,
+        heads: 4,
+        sliding: LayerAttention { head_dim: 24, kv_heads: 4, rotary_pairs: 12 },
+        full: LayerAttention { head_dim: 64, kv_heads: 1, rotary_pairs: 8 },
+        experts: 6,
+        top_k: 3,
+        moe_width: 24,
+        dense_width: 80,
+        self_cond_width: 80,
+    };
+}
+
+/// The shapes whose kernels are compiled into the fatbin.
+pub const SUPPORTED_MODELS: &[(&str, ModelShape)] = &[
+    ("diffusiongemma-26B-A4B", ModelShape::DIFFUSION_GEMMA_26B_A4B),
+    ("tiny-default", ModelShape::TINY),
+    ("tiny-sharded-f32", ModelShape::TINY_SHARDED),
+];
+
+/// Attention tile parameters: 64 keys scored per shared-memory tile; 128 threads (2-4 output
+/// dims each) for the large heads, 64 for tiny ones.
+pub fn attention_spec(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind) -> KernelSpec {
+    let threads = if head_dim >= 128 { 128 } else { 64 };
+    KernelSpec::portable(Op::Attention(Attention { head_dim, q_heads, kv_heads, mask, key_tile: 64, threads }))
+}
+
+/// Dense projection `y = x W^T`, `W: [n, k]`, for `arch`. One warp per output column, four
+/// token rows per warp (each weight element loaded once per four rows).
+pub fn linear_spec(n: u32, k: u32, arch: Arch) -> KernelSpec {
+    let warps = if n >= 256 { 8 } else { 4 };
+    KernelSpec::for_arch(Op::Linear(Linear { n, k, rows_per_warp: 4, warps }), arch)
+}
+
+/// Expert GEMM for `arch`.
+pub fn grouped_gemm_spec(n: u32, k: u32, fuse: GemmFuse, arch: Arch) -> KernelSpec {
+    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, warps: 8 }), arch)
+}
+
+/// An RMSNorm spec.
+pub fn rmsnorm_spec(
+    width: u32,
+    has_scale: bool,
+    input_add: bool,
+    residual_add: bool,
+    layer_scalar: bool,
+) -> KernelSpec {
+    KernelSpec::portable(Op::RmsNorm(RmsNorm {
+        width,
+        has_scale,
+        fuse_input_add: input_add,
+        fuse_residual_add: residual_add,
+        fuse_layer_scalar: layer_scalar,
+    }))
+}
+
+/// Every kernel a model of this shape needs, sorted by kernel name, without duplicates.
+///
+/// GEMM-like families are arch-specific (one spec per [`Arch`]): they are where the sm_90a
+/// (wgmma/TMA) and sm_120 (mma.sync) code paths will diverge (issue #4). Everything else is
+/// portable.
+pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
+    let s = shape;
+    let h = s.hidden;
+    let mut v = vec![
+        // input_layernorm, pre_feedforward_layernorm(_2), post_feedforward_layernorm_1/_2,
+        // self_conditioning.pre_norm, the final norm.
+        rmsnorm_spec(h, true, false, false, false),
+        // post_attention_layernorm, then the residual add.
+        rmsnorm_spec(h, true, false, true, false),
+        // post_feedforward_layernorm(d + e), the residual add, the layer scalar.
+        rmsnorm_spec(h, true, true, true, true),
+        // The router's norm; the decoder's post-norm of the self-conditioning block.
+        rmsnorm_spec(h, false, false, false, false),
+        rmsnorm_spec(h, false, true, false, false),
+        KernelSpec::portable(Op::Embedding(Embedding { hidden: h })),
+        KernelSpec::portable(Op::Geglu),
+        KernelSpec::portable(Op::Softcap),
+        KernelSpec::portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: s.vocab })),
+        KernelSpec::portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab })),
+    ];
+    for (layer, encoder_mask) in [(s.sliding, MaskKind::CausalSliding), (s.full, MaskKind::Causal)] {
+        let d = layer.head_dim;
+        // q_norm / k_norm (per head, scaled) and v_norm (per head, no scale).
+        v.push(rmsnorm_spec(d, true, false, false, false));
+        v.push(rmsnorm_spec(d, false, false, false, false));
+        v.push(KernelSpec::portable(Op::Rope(Rope { head_dim: d, rotary_pairs: layer.rotary_pairs })));
+        v.push(attention_spec(d, s.heads, layer.kv_heads, encoder_mask));
+        v.push(attention_spec(d, s.heads, layer.kv_heads, MaskKind::Bidirectional));
+        for arch in Arch::ALL {
+            v.push(linear_spec(s.heads * d, h, arch)); // q_proj
+            v.push(linear_spec(layer.kv_heads * d, h, arch)); // k_proj (and v_proj)
+            v.push(linear_spec(h, s.heads * d, arch)); // o_proj
+        }
+    }
+    for arch in Arch::ALL {
+        for width in [s.dense_width, s.self_cond_width] {
+            v.push(linear_spec(width, h, arch)); // gate_proj, up_proj
+            v.push(linear_spec(h, width, arch)); // down_proj
+        }
+        v.push(linear_spec(s.experts, h, arch)); // router.proj
+        v.push(linear_spec(s.vocab, h, arch)); // lm_head (tied embedding)
+        v.push(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch));
+        v.push(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch));
+    }
+    sort_dedup(v)
+}
+
+/// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`]: what build.rs compiles.
+pub fn supported_specs() -> Vec<KernelSpec> {
+    sort_dedup(SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect())
+}
+
+fn sort_dedup(mut v: Vec<KernelSpec>) -> Vec<KernelSpec> {
+    v.sort_by_cached_key(|s| (s.kernel_name(), *s));
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Target;
+    use std::collections::HashMap;
+
+    #[test]
+    fn names_are_unique_across_the_table() {
+        let mut seen: HashMap<String, KernelSpec> = HashMap::new();
+        for spec in supported_specs() {
+            spec.validate().unwrap();
+            if let Some(prev) = seen.insert(spec.kernel_name(), spec) {
+                panic!("{} names both {prev:?} and {spec:?}", spec.kernel_name());
+            }
+        }
+        assert!(seen.len() > 40, "suspiciously few kernels: {}", seen.len());
+    }
+
+    #[test]
+    fn table_is_sorted_and_covers_each_model() {
+        let all = supported_specs();
+        let names: Vec<String> = all.iter().map(|s| s.kernel_name()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        for (_, shape) in SUPPORTED_MODELS {
+            for spec in specs_for_model(shape) {
+                assert!(all.contains(&spec));
+            }
+        }
+    }
+
+    #[test]
+    fn big_model_kernels() {
+        let names: Vec<String> =
+            specs_for_model(&ModelShape::DIFFUSION_GEMMA_26B_A4B).iter().map(|s| s.kernel_name()).collect();
+        for want in [
+            "rmsnorm_w2816_scale_resadd_bf16",
+            "rmsnorm_w2816_scale_inadd_resadd_lscalar_bf16",
+            "rmsnorm_w512_noscale_bf16",
+            "rope_d256_p128_bf16",
+            "rope_d512_p64_bf16",
+            "embedding_h2816_bf16",
+            "row_softmax_entropy_argmax_v262144_bf16",
+            "attention_d256_q16_kv8_sliding_kt64_t128_bf16",
+            "attention_d512_q16_kv2_bidir_kt64_t128_bf16",
+            "linear_n262144_k2816_r4_w8_bf16_sm90a",
+            "linear_n2816_k8192_r4_w8_bf16_sm120",
+            "grouped_gemm_n1408_k2816_geglu_w8_bf16_sm90a",
+            "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
+        ] {
+            assert!(names.iter().any(|n| n == want), "missing {want}");
+        }
+    }
+
+    #[test]
+    fn gemm_families_exist_for_both_archs() {
+        for spec in supported_specs() {
+            if matches!(spec.op, Op::Linear(_) | Op::GroupedGemm(_)) {
+                let Target::Only(arch) = spec.target else { panic!("{} is portable", spec.kernel_name()) };
+                let other = if arch == Arch::Sm90a { Arch::Sm120 } else { Arch::Sm90a };
+                let twin = KernelSpec { target: Target::Only(other), ..spec };
+                assert!(supported_specs().contains(&twin), "{} has no {other:?} twin", spec.kernel_name());
+            }
+        }
+    }
+}

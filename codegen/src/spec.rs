@@ -1,0 +1,481 @@
+//! Typed kernel specifications.
+//!
+//! A [`KernelSpec`] names one compiled kernel completely: the op family and its compile-time
+//! shape ([`Op`]), the storage dtype ([`Dtype`]) and the architectures it is built for
+//! ([`Target`]). [`KernelSpec::kernel_name`] encodes every one of those parameters, so two
+//! different specs never share a symbol, and [`KernelSpec::block_threads`] is the block size
+//! the kernel is compiled for (`__launch_bounds__`) and must be launched with.
+
+use std::fmt::Write as _;
+
+/// Storage dtype of activations and weights. Arithmetic is always float32; values are rounded
+/// to the storage dtype exactly where the CPU reference (`dgemma-cpu`, bf16 mode) rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    /// bfloat16 in memory, float32 math.
+    Bf16,
+}
+
+impl Dtype {
+    /// Name fragment (`bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A GPU architecture the fatbin carries machine code for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Arch {
+    /// Hopper (H100/H200), with the arch-specific features (wgmma, setmaxnreg, TMA multicast).
+    Sm90a,
+    /// Consumer Blackwell (RTX 50xx); also the arch of the embedded compute_120 PTX.
+    Sm120,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::Sm90a, Arch::Sm120];
+
+    /// Name fragment (`sm90a`, `sm120`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Arch::Sm90a => "sm90a",
+            Arch::Sm120 => "sm120",
+        }
+    }
+
+    /// nvcc's spelling (`sm_90a`, `sm_120`).
+    pub fn nvcc_name(self) -> &'static str {
+        match self {
+            Arch::Sm90a => "sm_90a",
+            Arch::Sm120 => "sm_120",
+        }
+    }
+
+    /// The preprocessor flag (defined to 1 in `csrc/common.cuh` while compiling for this arch)
+    /// that guards an arch-specific kernel body.
+    pub fn guard_macro(self) -> &'static str {
+        match self {
+            Arch::Sm90a => "DGEMMA_ARCH_SM90A",
+            Arch::Sm120 => "DGEMMA_ARCH_SM120",
+        }
+    }
+
+    /// The arch whose code a device of this compute capability runs: 9.0 (H100/H200) loads the
+    /// sm_90a cubin, 12.x loads the sm_120 cubin (12.0) or JIT-compiles the compute_120 PTX.
+    pub fn from_compute_capability(major: i32, minor: i32) -> Option<Arch> {
+        match (major, minor) {
+            (9, 0) => Some(Arch::Sm90a),
+            (12, _) => Some(Arch::Sm120),
+            _ => None,
+        }
+    }
+}
+
+/// Which architectures a kernel has a real body on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// Plain CUDA that compiles for every arch in the fatbin (and the compute_120 PTX).
+    Portable,
+    /// Uses (or will use) instructions of one arch only. The symbol exists in every image of the
+    /// fatbin, but on other archs its body is a trap; the runtime only launches it on a device
+    /// of this arch. The name carries the arch suffix.
+    Only(Arch),
+}
+
+impl Target {
+    /// True if a device running `arch` code may launch this kernel.
+    pub fn runs_on(self, arch: Arch) -> bool {
+        match self {
+            Target::Portable => true,
+            Target::Only(a) => a == arch,
+        }
+    }
+}
+
+/// RMSNorm over rows of `width`, with optional fusions of the neighbouring element-wise ops
+/// of a DiffusionGemma layer (model-spec 3.2):
+///
+/// ```text
+/// in  = fuse_input_add ? round(x + x_add) : x
+/// y   = round(in * rsqrt(mean(in^2) + eps) * (has_scale ? w : 1))
+/// y   = fuse_residual_add ? round(out + y) : y        (out is the residual, updated in place)
+/// y   = fuse_layer_scalar ? round(y * layer_scalar) : y
+/// out = y
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RmsNorm {
+    pub width: u32,
+    pub has_scale: bool,
+    pub fuse_input_add: bool,
+    pub fuse_residual_add: bool,
+    pub fuse_layer_scalar: bool,
+}
+
+/// Table-driven rotary embedding (rotate_half / NeoX pairs `j`, `j + head_dim/2`), in place on
+/// `[tokens, heads, head_dim]`. Only the first `rotary_pairs` pairs rotate (proportional RoPE
+/// on full layers); the cos/sin tables are `[positions, rotary_pairs]` bf16, built on the host
+/// from the checkpoint's `inv_freq` (so the GPU never re-derives theta powers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rope {
+    pub head_dim: u32,
+    pub rotary_pairs: u32,
+}
+
+/// `out[t] = round(E[ids[t]] * scale)` for rows of `hidden`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Embedding {
+    pub hidden: u32,
+}
+
+/// Per row of `vocab` float32 logits: `P = logits / T`, first argmax of P, entropy of
+/// `Categorical(logits=P)` (the sampler's formula), and optionally P itself (f32) and
+/// `bf16(P)` (the next step's self-conditioning logits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowSoftmaxEntropyArgmax {
+    pub vocab: u32,
+}
+
+/// `probs = round(softmax(float32(x)))` per row of `vocab` bf16 values (the self-conditioning
+/// input of the decoder, model-spec 3.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowSoftmax {
+    pub vocab: u32,
+}
+
+/// Attention mask of the [`Attention`] kernel; positions are absolute (`q_pos0 + i`,
+/// `k_pos0 + j`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MaskKind {
+    /// Encoder, full layers: key visible iff `kp <= qp`.
+    Causal,
+    /// Encoder, sliding layers: visible iff `kp <= qp && qp - kp < window` (window at run time).
+    CausalSliding,
+    /// Decoder: every key passed in is visible.
+    Bidirectional,
+}
+
+impl MaskKind {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            MaskKind::Causal => "causal",
+            MaskKind::CausalSliding => "sliding",
+            MaskKind::Bidirectional => "bidir",
+        }
+    }
+}
+
+/// Scaled (scale 1.0) dot-product attention with GQA, `q: [S, q_heads, D]`,
+/// `k, v: [L, kv_heads, D]`, `out: [S, q_heads, D]`. Tile parameters: `key_tile` keys are
+/// scored per shared-memory tile; `threads` per block (one block per query row and head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Attention {
+    pub head_dim: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub mask: MaskKind,
+    pub key_tile: u32,
+    pub threads: u32,
+}
+
+/// `y[rows, n] = round(x[rows, k] @ W[n, k]^T)` (nn.Linear, PyTorch weight layout). Tile
+/// parameters: each warp computes one output column for `rows_per_warp` rows; `warps` per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Linear {
+    pub n: u32,
+    pub k: u32,
+    pub rows_per_warp: u32,
+    pub warps: u32,
+}
+
+/// Epilogue of a [`GroupedGemm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GemmFuse {
+    /// Expert gate_up projection (`n` = 2 x moe width, gate rows first) followed by GeGLU:
+    /// writes `round(round(gelu(round(g))) * round(u))`, `n / 2` columns per (token, slot).
+    Geglu,
+    /// Expert down projection followed by the routing-weighted sum over the top-k slots:
+    /// `out[t] = round(sum_j round(y_j) * w_j)` in slot order, float32.
+    Combine,
+}
+
+impl GemmFuse {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            GemmFuse::Geglu => "geglu",
+            GemmFuse::Combine => "combine",
+        }
+    }
+}
+
+/// MoE expert GEMM over routed (token, slot) pairs with per-pair expert weights
+/// `W[e]: [n, k]`. Tile parameter: `warps` per block (one warp per output column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupedGemm {
+    pub n: u32,
+    pub k: u32,
+    pub fuse: GemmFuse,
+    pub warps: u32,
+}
+
+/// An op family and its compile-time parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    RmsNorm(RmsNorm),
+    Rope(Rope),
+    Embedding(Embedding),
+    /// `out = round(round(gelu_tanh(gate)) * up)`, element-wise over `[rows, width]` (run time).
+    Geglu,
+    /// `out_f32 = cap * tanh(bf16 logits / cap)` (cap at run time).
+    Softcap,
+    RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax),
+    RowSoftmax(RowSoftmax),
+    Attention(Attention),
+    Linear(Linear),
+    GroupedGemm(GroupedGemm),
+}
+
+/// The op families, in the order the heuristics table lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    RmsNorm,
+    Rope,
+    Embedding,
+    Geglu,
+    Softcap,
+    RowSoftmaxEntropyArgmax,
+    RowSoftmax,
+    Attention,
+    Linear,
+    GroupedGemm,
+}
+
+impl Family {
+    pub const ALL: [Family; 10] = [
+        Family::RmsNorm,
+        Family::Rope,
+        Family::Embedding,
+        Family::Geglu,
+        Family::Softcap,
+        Family::RowSoftmaxEntropyArgmax,
+        Family::RowSoftmax,
+        Family::Attention,
+        Family::Linear,
+        Family::GroupedGemm,
+    ];
+
+    /// The hand-written template under `csrc/` that implements the family.
+    pub fn header(self) -> &'static str {
+        match self {
+            Family::RmsNorm => "rmsnorm.cuh",
+            Family::Rope => "rope.cuh",
+            Family::Embedding => "embedding.cuh",
+            Family::Geglu => "geglu.cuh",
+            Family::Softcap => "softcap.cuh",
+            Family::RowSoftmaxEntropyArgmax | Family::RowSoftmax => "row_softmax.cuh",
+            Family::Attention => "attention.cuh",
+            Family::Linear => "linear.cuh",
+            Family::GroupedGemm => "grouped_gemm.cuh",
+        }
+    }
+}
+
+/// One kernel to compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelSpec {
+    pub op: Op,
+    pub dtype: Dtype,
+    pub target: Target,
+}
+
+fn next_pow2_clamped(x: u32, lo: u32, hi: u32) -> u32 {
+    x.max(1).next_power_of_two().clamp(lo, hi)
+}
+
+impl KernelSpec {
+    /// A bf16 kernel that compiles for every arch.
+    pub fn portable(op: Op) -> KernelSpec {
+        KernelSpec { op, dtype: Dtype::Bf16, target: Target::Portable }
+    }
+
+    /// A bf16 kernel specific to `arch`.
+    pub fn for_arch(op: Op, arch: Arch) -> KernelSpec {
+        KernelSpec { op, dtype: Dtype::Bf16, target: Target::Only(arch) }
+    }
+
+    pub fn family(&self) -> Family {
+        match self.op {
+            Op::RmsNorm(_) => Family::RmsNorm,
+            Op::Rope(_) => Family::Rope,
+            Op::Embedding(_) => Family::Embedding,
+            Op::Geglu => Family::Geglu,
+            Op::Softcap => Family::Softcap,
+            Op::RowSoftmaxEntropyArgmax(_) => Family::RowSoftmaxEntropyArgmax,
+            Op::RowSoftmax(_) => Family::RowSoftmax,
+            Op::Attention(_) => Family::Attention,
+            Op::Linear(_) => Family::Linear,
+            Op::GroupedGemm(_) => Family::GroupedGemm,
+        }
+    }
+
+    /// The `extern "C"` symbol: family, every compile-time parameter, dtype, and the arch for
+    /// arch-specific kernels. Example: `rmsnorm_w2816_scale_resadd_bf16`.
+    pub fn kernel_name(&self) -> String {
+        let mut s = String::new();
+        match self.op {
+            Op::RmsNorm(r) => {
+                write!(s, "rmsnorm_w{}_{}", r.width, if r.has_scale { "scale" } else { "noscale" }).unwrap();
+                if r.fuse_input_add {
+                    s.push_str("_inadd");
+                }
+                if r.fuse_residual_add {
+                    s.push_str("_resadd");
+                }
+                if r.fuse_layer_scalar {
+                    s.push_str("_lscalar");
+                }
+            }
+            Op::Rope(r) => write!(s, "rope_d{}_p{}", r.head_dim, r.rotary_pairs).unwrap(),
+            Op::Embedding(e) => write!(s, "embedding_h{}", e.hidden).unwrap(),
+            Op::Geglu => s.push_str("geglu"),
+            Op::Softcap => s.push_str("softcap"),
+            Op::RowSoftmaxEntropyArgmax(r) => write!(s, "row_softmax_entropy_argmax_v{}", r.vocab).unwrap(),
+            Op::RowSoftmax(r) => write!(s, "row_softmax_v{}", r.vocab).unwrap(),
+            Op::Attention(a) => write!(
+                s,
+                "attention_d{}_q{}_kv{}_{}_kt{}_t{}",
+                a.head_dim,
+                a.q_heads,
+                a.kv_heads,
+                a.mask.suffix(),
+                a.key_tile,
+                a.threads
+            )
+            .unwrap(),
+            Op::Linear(l) => write!(s, "linear_n{}_k{}_r{}_w{}", l.n, l.k, l.rows_per_warp, l.warps).unwrap(),
+            Op::GroupedGemm(g) => write!(s, "grouped_gemm_n{}_k{}_{}_w{}", g.n, g.k, g.fuse.suffix(), g.warps).unwrap(),
+        }
+        s.push('_');
+        s.push_str(self.dtype.suffix());
+        if let Target::Only(arch) = self.target {
+            s.push('_');
+            s.push_str(arch.suffix());
+        }
+        s
+    }
+
+    /// Threads per block: compiled in as `__launch_bounds__` and used by the launcher.
+    pub fn block_threads(&self) -> u32 {
+        match self.op {
+            // About 8 elements per thread, at least a warp, at most 256.
+            Op::RmsNorm(r) => next_pow2_clamped(r.width.div_ceil(8), 32, 256),
+            Op::Rope(_) => 128,
+            Op::Embedding(e) => next_pow2_clamped(e.hidden.div_ceil(4), 32, 256),
+            Op::Geglu | Op::Softcap => 256,
+            Op::RowSoftmaxEntropyArgmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
+            Op::RowSoftmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
+            Op::Attention(a) => a.threads,
+            Op::Linear(l) => 32 * l.warps,
+            Op::GroupedGemm(g) => 32 * g.warps,
+        }
+    }
+
+    /// Checks the parameters the templates rely on.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = self.kernel_name();
+        let fail = |why: &str| Err(format!("{name}: {why}"));
+        let threads = self.block_threads();
+        if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
+            return fail("block size must be a positive multiple of 32, at most 1024");
+        }
+        match self.op {
+            Op::RmsNorm(r) if r.width == 0 => fail("width must be positive"),
+            Op::Rope(r) if r.head_dim == 0 || r.head_dim % 2 != 0 => fail("head_dim must be even"),
+            Op::Rope(r) if r.rotary_pairs == 0 || r.rotary_pairs > r.head_dim / 2 => {
+                fail("rotary_pairs must be in 1..=head_dim/2")
+            }
+            Op::Embedding(e) if e.hidden == 0 => fail("hidden must be positive"),
+            Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab }) | Op::RowSoftmax(RowSoftmax { vocab })
+                if vocab == 0 =>
+            {
+                fail("vocab must be positive")
+            }
+            Op::Attention(a) if a.head_dim == 0 || a.kv_heads == 0 || a.q_heads % a.kv_heads != 0 => {
+                fail("q_heads must be a positive multiple of kv_heads and head_dim positive")
+            }
+            Op::Attention(a) if a.key_tile == 0 || a.key_tile > 1024 => fail("key_tile must be in 1..=1024"),
+            Op::Linear(l) if l.n == 0 || l.k == 0 || l.rows_per_warp == 0 || l.rows_per_warp > 16 => {
+                fail("n, k must be positive and rows_per_warp in 1..=16")
+            }
+            Op::GroupedGemm(g) if g.n == 0 || g.k == 0 => fail("n, k must be positive"),
+            Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n % 2 != 0 => {
+                fail("a GeGLU grouped GEMM needs an even n (gate rows then up rows)")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brief_example_name() {
+        let spec = KernelSpec::portable(Op::RmsNorm(RmsNorm {
+            width: 2816,
+            has_scale: true,
+            fuse_input_add: false,
+            fuse_residual_add: true,
+            fuse_layer_scalar: false,
+        }));
+        assert_eq!(spec.kernel_name(), "rmsnorm_w2816_scale_resadd_bf16");
+        assert_eq!(spec.block_threads(), 256);
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn arch_suffix_only_for_arch_specific_kernels() {
+        let op = Op::Linear(Linear { n: 128, k: 64, rows_per_warp: 4, warps: 4 });
+        assert_eq!(KernelSpec::portable(op).kernel_name(), "linear_n128_k64_r4_w4_bf16");
+        assert_eq!(KernelSpec::for_arch(op, Arch::Sm90a).kernel_name(), "linear_n128_k64_r4_w4_bf16_sm90a");
+        assert_eq!(KernelSpec::for_arch(op, Arch::Sm120).kernel_name(), "linear_n128_k64_r4_w4_bf16_sm120");
+    }
+
+    #[test]
+    fn compute_capability_mapping() {
+        assert_eq!(Arch::from_compute_capability(9, 0), Some(Arch::Sm90a));
+        assert_eq!(Arch::from_compute_capability(12, 0), Some(Arch::Sm120));
+        assert_eq!(Arch::from_compute_capability(8, 0), None);
+        assert!(Target::Portable.runs_on(Arch::Sm120));
+        assert!(!Target::Only(Arch::Sm90a).runs_on(Arch::Sm120));
+    }
+
+    #[test]
+    fn validation_rejects_bad_shapes() {
+        let bad = [
+            Op::Rope(Rope { head_dim: 16, rotary_pairs: 9 }),
+            Op::Attention(Attention {
+                head_dim: 16,
+                q_heads: 6,
+                kv_heads: 4,
+                mask: MaskKind::Causal,
+                key_tile: 32,
+                threads: 64,
+            }),
+            Op::Attention(Attention {
+                head_dim: 16,
+                q_heads: 8,
+                kv_heads: 4,
+                mask: MaskKind::Causal,
+                key_tile: 32,
+                threads: 48,
+            }),
+            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, warps: 4 }),
+        ];
+        for op in bad {
+            assert!(KernelSpec::portable(op).validate().is_err(), "{op:?}");
+        }
+    }
+}

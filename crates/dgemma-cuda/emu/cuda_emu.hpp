@@ -1,0 +1,281 @@
+// cuda_emu.hpp: just enough of CUDA to run dgemma's kernel templates on the CPU.
+//
+// Purpose: machines without a GPU (this project's build machines, CI) can still EXECUTE every
+// generated kernel and compare it with the CPU oracle (crates/dgemma-cuda/tests/emulated_kernels.rs,
+// `cargo test -p dgemma-cuda --features emulator`). It checks the kernels' logic (indexing, masks,
+// reductions, rounding points); it says nothing about speed, occupancy, memory-model races or
+// the exact ulps of CUDA's expf/tanhf (glibc's are used here).
+//
+// Model: one launch runs its blocks one after another. The threads of a block are fibers
+// (own stacks; setjmp/longjmp switches) on the calling OS thread, scheduled round robin; they only switch at barriers, so
+// `__shared__` can simply be a function-local `static`. __syncthreads waits for every live
+// thread of the block and a warp shuffle for every live lane of the warp (threads that returned
+// count as arrived, as on sm_70+). A pass of the scheduler without progress is a deadlock
+// (e.g. a barrier inside divergent code): reported and aborted.
+//
+// The emulated arch is sm_90a: __CUDA_ARCH__ = 900 and __CUDA_ARCH_FEAT_SM90_ALL are defined,
+// so sm_90a-specific kernels run their body and sm_120-specific ones trap.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <csetjmp>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __CUDA_ARCH__ 900
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
+
+struct dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+
+namespace emu {
+
+enum State { RUNNING, DONE };
+
+struct Fiber {
+    ucontext_t ctx; // only to start the fiber on its own stack
+    jmp_buf jb;     // where it yielded
+    dim3 tid;
+    State state;
+    bool started;
+};
+
+struct Barrier {
+    int arrived = 0;
+    unsigned gen = 0;
+};
+
+constexpr int MAX_THREADS = 1024;
+constexpr int MAX_WARPS = MAX_THREADS / 32;
+constexpr size_t STACK = 128 * 1024;
+
+struct Runtime {
+    ucontext_t scheduler;
+    jmp_buf scheduler_jb;
+    std::vector<Fiber> fibers;
+    std::vector<std::vector<char>> stacks;
+    Fiber* cur = nullptr;
+    dim3 block_idx, block_dim, grid_dim;
+    Barrier block_bar;
+    Barrier warp_bar[MAX_WARPS];
+    int live_in_block = 0;
+    int live_in_warp[MAX_WARPS] = {};
+    uint32_t warp_slots[MAX_WARPS][2][32];
+    int or_acc = 0;
+    long events = 0; // arrivals, releases and exits: progress of the scheduler
+    void (*thunk)(void**) = nullptr;
+    void** args = nullptr;
+};
+
+inline Runtime& rt()
+{
+    static Runtime r;
+    return r;
+}
+
+inline int cur_thread() { return (int)rt().cur->tid.x; }
+
+// Switches use _setjmp/_longjmp (no signal-mask syscalls); makecontext/swapcontext only start a
+// fiber on its stack. A finished fiber jumps back instead of returning.
+inline void yield()
+{
+    if (!_setjmp(rt().cur->jb)) _longjmp(rt().scheduler_jb, 1);
+}
+
+inline void release_if_complete(Barrier& b, int live)
+{
+    if (b.arrived > 0 && b.arrived >= live) {
+        b.arrived = 0;
+        b.gen++;
+        rt().events++;
+    }
+}
+
+inline void barrier_wait(Barrier& b, const int& live)
+{
+    const unsigned g = b.gen;
+    b.arrived++;
+    rt().events++;
+    release_if_complete(b, live);
+    while (b.gen == g) yield();
+}
+
+inline void syncthreads() { barrier_wait(rt().block_bar, rt().live_in_block); }
+
+inline uint32_t shfl_xor_bits(uint32_t v, int mask)
+{
+    Runtime& r = rt();
+    const int t = cur_thread(), w = t / 32, lane = t % 32;
+    // Double-buffered by barrier generation: a lane cannot write this parity again before every
+    // lane has read it (that needs the next barrier to pass first).
+    uint32_t* slot = r.warp_slots[w][r.warp_bar[w].gen & 1];
+    slot[lane] = v;
+    barrier_wait(r.warp_bar[w], r.live_in_warp[w]);
+    return slot[lane ^ mask];
+}
+
+inline void fiber_entry()
+{
+    Runtime& r = rt();
+    r.thunk(r.args);
+    const int t = cur_thread();
+    r.cur->state = DONE;
+    r.live_in_block--;
+    r.live_in_warp[t / 32]--;
+    r.events++;
+    release_if_complete(r.block_bar, r.live_in_block);
+    release_if_complete(r.warp_bar[t / 32], r.live_in_warp[t / 32]);
+    _longjmp(r.scheduler_jb, 1);
+}
+
+// Runs `thunk(args)` over the grid. Not reentrant (the Rust side serialises launches).
+inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, void** args)
+{
+    Runtime& r = rt();
+    if (block == 0 || block > (unsigned)MAX_THREADS || block % 32 != 0) return 2;
+    r.thunk = thunk;
+    r.args = args;
+    r.grid_dim = grid;
+    r.block_dim = dim3{block, 1, 1};
+    r.fibers.resize(block);
+    if (r.stacks.size() < block) r.stacks.resize(block);
+    for (auto& s : r.stacks)
+        if (s.size() != STACK) s.resize(STACK);
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                r.block_idx = dim3{bx, by, bz};
+                r.block_bar = Barrier{};
+                r.live_in_block = (int)block;
+                for (unsigned w = 0; w < block / 32; ++w) {
+                    r.warp_bar[w] = Barrier{};
+                    r.live_in_warp[w] = 32;
+                }
+                for (unsigned t = 0; t < block; ++t) {
+                    Fiber& f = r.fibers[t];
+                    f.tid = dim3{t, 0, 0};
+                    f.state = RUNNING;
+                    f.started = false;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = r.stacks[t].data();
+                    f.ctx.uc_stack.ss_size = STACK;
+                    f.ctx.uc_link = &r.scheduler;
+                    makecontext(&f.ctx, fiber_entry, 0);
+                }
+                while (r.live_in_block > 0) {
+                    const long before = r.events;
+                    for (unsigned t = 0; t < block; ++t) {
+                        Fiber& f = r.fibers[t];
+                        if (f.state == DONE) continue;
+                        r.cur = &f;
+                        if (!_setjmp(r.scheduler_jb)) {
+                            if (!f.started) {
+                                f.started = true;
+                                swapcontext(&r.scheduler, &f.ctx);
+                            } else {
+                                _longjmp(f.jb, 1);
+                            }
+                        }
+                    }
+                    if (r.events == before) {
+                        std::fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): a barrier some threads never reach\n",
+                                     bx, by, bz);
+                        return 3;
+                    }
+                }
+            }
+    return 0;
+}
+
+} // namespace emu
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA surface the templates use.
+
+#define threadIdx (emu::rt().cur->tid)
+#define blockIdx (emu::rt().block_idx)
+#define blockDim (emu::rt().block_dim)
+#define gridDim (emu::rt().grid_dim)
+
+inline void __syncthreads() { emu::syncthreads(); }
+
+inline int __syncthreads_or(int p)
+{
+    emu::Runtime& r = emu::rt();
+    emu::syncthreads(); // nobody is still reading a previous result
+    if (p) r.or_acc = 1;
+    emu::syncthreads();
+    const int result = r.or_acc;
+    emu::syncthreads();
+    if (threadIdx.x == 0) r.or_acc = 0;
+    return result;
+}
+
+inline float __shfl_xor_sync(unsigned, float v, int mask)
+{
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    b = emu::shfl_xor_bits(b, mask);
+    std::memcpy(&v, &b, 4);
+    return v;
+}
+
+inline int __shfl_xor_sync(unsigned, int v, int mask) { return (int)emu::shfl_xor_bits((uint32_t)v, mask); }
+
+[[noreturn]] inline void __trap()
+{
+    std::fprintf(stderr, "cuda_emu: __trap()\n");
+    std::abort();
+}
+
+inline float __int_as_float(int i)
+{
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+
+inline float __bfloat162float(__nv_bfloat16 b)
+{
+    const uint32_t u = (uint32_t)b.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Round to nearest, ties to even; NaN becomes the canonical 0x7fff (as CUDA's).
+inline __nv_bfloat16 __float2bfloat16_rn(float f)
+{
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(unsigned short)(u >> 16)};
+}
+
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+
+// Compiled with -ffp-contract=off: these are single IEEE operations, as on the GPU.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }

@@ -1,0 +1,898 @@
+//! Typed launch wrappers, one per kernel family.
+//!
+//! Each family has two halves:
+//!
+//! * a pure **plan** function (`plan_*`) that checks the buffer sizes against the spec and the
+//!   problem size and returns a [`LaunchPlan`]: grid, block and the argument list, in the order
+//!   of the kernel's generated signature (`dgemma_codegen::params`). Plans need no GPU, so the
+//!   argument checks are unit-tested on the CPU;
+//! * a **launch** function that takes device buffers (any [`DevicePtr`] / [`DevicePtrMut`]:
+//!   whole buffers or views), builds the plan and enqueues the kernel on the device's stream.
+//!
+//! Launches are asynchronous; [`Device::download`] or [`Device::synchronize`] wait for them.
+//! Every wrapper takes the exact [`KernelSpec`] to run (from `dgemma_codegen::specs_for_model`
+//! or [`Device::resolve`]); arch-specific specs of another arch are refused.
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use dgemma_codegen::{GemmFuse, KernelSpec, MaskKind, Op};
+use half::bf16;
+
+use crate::device::{guard, Device};
+use crate::error::{args, Context, Result};
+
+/// One kernel argument, by value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// A device pointer (0 = null).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// A device buffer as a plan sees it: its address and its length in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// Everything a launch needs, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchPlan {
+    pub spec: KernelSpec,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+impl LaunchPlan {
+    fn new(spec: &KernelSpec, grid: (u32, u32, u32), args: Vec<Arg>) -> Result<LaunchPlan> {
+        let plan = LaunchPlan { spec: *spec, grid, block: spec.block_threads(), args };
+        plan.check_signature()?;
+        Ok(plan)
+    }
+
+    /// Checks the argument list against the generated kernel signature (count and kinds).
+    pub fn check_signature(&self) -> Result<()> {
+        let params = dgemma_codegen::params(&self.spec);
+        let name = self.spec.kernel_name();
+        if params.len() != self.args.len() {
+            return Err(args("launch", format!("{name} takes {} arguments, got {}", params.len(), self.args.len())));
+        }
+        for (p, a) in params.iter().zip(&self.args) {
+            let ok = match a {
+                Arg::Ptr(_) => p.ty.ends_with('*'),
+                Arg::I32(_) => p.ty == "int",
+                Arg::I64(_) => p.ty == "long long",
+                Arg::F32(_) => p.ty == "float",
+            };
+            if !ok {
+                return Err(args("launch", format!("{name}: argument `{}` is `{}`, got {a:?}", p.name, p.ty)));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| args(op, format!("{what} = {v} does not fit a 32-bit int")))
+}
+
+fn grid_dim(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&g| g < (1 << 31)).ok_or_else(|| args(op, format!("{what}: {v} blocks is too many")))
+}
+
+fn grid_yz(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&g| g <= 65_535).ok_or_else(|| args(op, format!("{what}: {v} blocks exceed 65535")))
+}
+
+fn need(op: &'static str, what: &str, buf: Buf, len: usize) -> Result<()> {
+    if buf.len < len {
+        return Err(args(op, format!("{what} holds {} elements, needs {len}", buf.len)));
+    }
+    Ok(())
+}
+
+fn expect_op<T>(op: &'static str, spec: &KernelSpec, pick: impl FnOnce(Op) -> Option<T>) -> Result<T> {
+    pick(spec.op).ok_or_else(|| args(op, format!("{} is not a {op} kernel", spec.kernel_name())))
+}
+
+fn ptr(b: Option<Buf>) -> Arg {
+    Arg::Ptr(b.map_or(0, |b| b.ptr))
+}
+
+/// Enqueues a checked plan on the device's stream.
+///
+/// # Safety
+/// The plan's pointers must be device allocations of this device's context, live until the
+/// kernel has run, holding at least the lengths given to the plan function (the typed wrappers
+/// below guarantee this; a hand-made [`LaunchPlan`] must too).
+pub unsafe fn run(dev: &Device, plan: &LaunchPlan) -> Result<()> {
+    plan.check_signature()?;
+    if plan.grid.0 == 0 || plan.grid.1 == 0 || plan.grid.2 == 0 {
+        return Ok(()); // nothing to do (empty problem)
+    }
+    let func = dev.function(&plan.spec)?;
+    let cfg = LaunchConfig { grid_dim: plan.grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
+    guard("kernel launch", || {
+        let mut b = dev.stream().launch_builder(&func);
+        for a in &plan.args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: the argument list matches the kernel's generated signature (checked above);
+        // the caller guarantees the buffers (see the function's safety section).
+        unsafe { b.launch(cfg) }.ctx("cuLaunchKernel")?;
+        Ok(())
+    })
+}
+
+// Device pointers of the wrappers' buffers, with cudarc's read/write tracking guards.
+macro_rules! dev_in {
+    ($dev:expr, $b:expr) => {{
+        let (p, g) = $b.device_ptr($dev.stream());
+        (Buf { ptr: p, len: $b.len() }, g)
+    }};
+}
+macro_rules! dev_out {
+    ($dev:expr, $b:expr) => {{
+        let len = $b.len();
+        let (p, g) = $b.device_ptr_mut($dev.stream());
+        (Buf { ptr: p, len }, g)
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// Buffers of an RMSNorm launch. `x: None` normalises `out` in place; with
+/// `fuse_residual_add`, `out` holds the residual stream and is updated in place.
+pub struct RmsNormArgs<'a> {
+    pub x: Option<&'a dyn DevicePtr<bf16>>,
+    pub x_add: Option<&'a dyn DevicePtr<bf16>>,
+    pub weight: Option<&'a dyn DevicePtr<bf16>>,
+    pub out: &'a mut dyn DevicePtrMut<bf16>,
+    pub rows: usize,
+    pub eps: f32,
+    pub layer_scalar: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn plan_rms_norm(
+    spec: &KernelSpec,
+    x: Option<Buf>,
+    x_add: Option<Buf>,
+    weight: Option<Buf>,
+    out: Buf,
+    rows: usize,
+    eps: f32,
+    layer_scalar: f32,
+) -> Result<LaunchPlan> {
+    const OP: &str = "rms_norm";
+    let r = expect_op(OP, spec, |o| if let Op::RmsNorm(r) = o { Some(r) } else { None })?;
+    let n = rows * r.width as usize;
+    need(OP, "out", out, n)?;
+    if let Some(x) = x {
+        need(OP, "x", x, n)?;
+    } else if r.fuse_residual_add {
+        return Err(args(OP, "with fuse_residual_add, out holds the residual: pass x"));
+    }
+    match (r.fuse_input_add, x_add) {
+        (true, Some(b)) => need(OP, "x_add", b, n)?,
+        (false, None) => {}
+        (true, None) => return Err(args(OP, "the kernel adds x_add: pass it")),
+        (false, Some(_)) => return Err(args(OP, "the kernel has no input add: x_add must be None")),
+    }
+    match (r.has_scale, weight) {
+        (true, Some(w)) => need(OP, "weight", w, r.width as usize)?,
+        (false, None) => {}
+        (true, None) => return Err(args(OP, "the kernel scales: pass weight")),
+        (false, Some(_)) => return Err(args(OP, "the kernel has no scale: weight must be None")),
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(args(OP, format!("eps = {eps}")));
+    }
+    let x = x.unwrap_or(out);
+    let grid = (grid_dim(OP, "rows", rows)?, 1, 1);
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![
+            Arg::Ptr(x.ptr),
+            ptr(x_add),
+            ptr(weight),
+            Arg::Ptr(out.ptr),
+            Arg::F32(eps),
+            Arg::F32(layer_scalar),
+            Arg::I32(int(OP, "rows", rows)?),
+        ],
+    )
+}
+
+pub fn rms_norm(dev: &Device, spec: &KernelSpec, a: RmsNormArgs<'_>) -> Result<()> {
+    let (x, _gx) = match a.x {
+        Some(b) => {
+            let (buf, g) = dev_in!(dev, b);
+            (Some(buf), Some(g))
+        }
+        None => (None, None),
+    };
+    let (x_add, _ga) = match a.x_add {
+        Some(b) => {
+            let (buf, g) = dev_in!(dev, b);
+            (Some(buf), Some(g))
+        }
+        None => (None, None),
+    };
+    let (weight, _gw) = match a.weight {
+        Some(b) => {
+            let (buf, g) = dev_in!(dev, b);
+            (Some(buf), Some(g))
+        }
+        None => (None, None),
+    };
+    let (out, _go) = dev_out!(dev, a.out);
+    let plan = plan_rms_norm(spec, x, x_add, weight, out, a.rows, a.eps, a.layer_scalar)?;
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// In-place rotation of `x` (`[tokens, heads, head_dim]`) with `[table_rows, rotary_pairs]`
+/// cos/sin tables; `positions[t]` selects token t's table row.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_rope(
+    spec: &KernelSpec,
+    x: Buf,
+    cos: Buf,
+    sin: Buf,
+    positions: Buf,
+    tokens: usize,
+    heads: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "rope";
+    let r = expect_op(OP, spec, |o| if let Op::Rope(r) = o { Some(r) } else { None })?;
+    let pairs = r.rotary_pairs as usize;
+    need(OP, "x", x, tokens * heads * r.head_dim as usize)?;
+    need(OP, "positions", positions, tokens)?;
+    if cos.len != sin.len || !cos.len.is_multiple_of(pairs) {
+        return Err(args(OP, format!("cos/sin tables of {} / {} elements are not [rows, {pairs}]", cos.len, sin.len)));
+    }
+    let table_rows = cos.len / pairs;
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "tokens", tokens)?, 1, 1),
+        vec![
+            Arg::Ptr(x.ptr),
+            Arg::Ptr(cos.ptr),
+            Arg::Ptr(sin.ptr),
+            Arg::Ptr(positions.ptr),
+            Arg::I32(int(OP, "table rows", table_rows)?),
+            Arg::I32(int(OP, "tokens", tokens)?),
+            Arg::I32(int(OP, "heads", heads)?),
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    dev: &Device,
+    spec: &KernelSpec,
+    x: &mut dyn DevicePtrMut<bf16>,
+    cos: &dyn DevicePtr<bf16>,
+    sin: &dyn DevicePtr<bf16>,
+    positions: &dyn DevicePtr<i32>,
+    tokens: usize,
+    heads: usize,
+) -> Result<()> {
+    let (xb, _g0) = dev_out!(dev, x);
+    let (cb, _g1) = dev_in!(dev, cos);
+    let (sb, _g2) = dev_in!(dev, sin);
+    let (pb, _g3) = dev_in!(dev, positions);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_rope(spec, xb, cb, sb, pb, tokens, heads)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// `out[t] = bf16(table[ids[t]] * scale)`; the vocabulary is `table.len() / hidden`.
+pub fn plan_embedding(
+    spec: &KernelSpec,
+    ids: Buf,
+    table: Buf,
+    out: Buf,
+    scale: f32,
+    tokens: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "embedding";
+    let e = expect_op(OP, spec, |o| if let Op::Embedding(e) = o { Some(e) } else { None })?;
+    let h = e.hidden as usize;
+    need(OP, "ids", ids, tokens)?;
+    need(OP, "out", out, tokens * h)?;
+    if !table.len.is_multiple_of(h) {
+        return Err(args(OP, format!("table of {} elements is not [vocab, {h}]", table.len)));
+    }
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "tokens", tokens)?, 1, 1),
+        vec![
+            Arg::Ptr(ids.ptr),
+            Arg::Ptr(table.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::F32(scale),
+            Arg::I32(int(OP, "tokens", tokens)?),
+            Arg::I32(int(OP, "vocab", table.len / h)?),
+        ],
+    )
+}
+
+pub fn embedding(
+    dev: &Device,
+    spec: &KernelSpec,
+    ids: &dyn DevicePtr<i32>,
+    table: &dyn DevicePtr<bf16>,
+    out: &mut dyn DevicePtrMut<bf16>,
+    scale: f32,
+    tokens: usize,
+) -> Result<()> {
+    let (ib, _g0) = dev_in!(dev, ids);
+    let (tb, _g1) = dev_in!(dev, table);
+    let (ob, _g2) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_embedding(spec, ib, tb, ob, scale, tokens)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise: GeGLU, softcap
+
+/// Blocks for a grid-stride loop over `n` elements.
+fn stride_grid(op: &'static str, n: usize, threads: u32) -> Result<(u32, u32, u32)> {
+    let blocks = n.div_ceil(threads as usize).min(65_536);
+    Ok((grid_dim(op, "elements", blocks)?, 1, 1))
+}
+
+/// `out[r, c] = bf16(bf16(gelu(gate[r*in_stride + c])) * up[r*in_stride + c])`, `out: [rows, width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_geglu(
+    spec: &KernelSpec,
+    gate: Buf,
+    up: Buf,
+    in_stride: usize,
+    out: Buf,
+    width: usize,
+    rows: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "geglu";
+    expect_op(OP, spec, |o| matches!(o, Op::Geglu).then_some(()))?;
+    if in_stride < width {
+        return Err(args(OP, format!("in_stride {in_stride} < width {width}")));
+    }
+    let span = if rows == 0 { 0 } else { (rows - 1) * in_stride + width };
+    need(OP, "gate", gate, span)?;
+    need(OP, "up", up, span)?;
+    need(OP, "out", out, rows * width)?;
+    int(OP, "rows * in_stride", rows * in_stride)?;
+    LaunchPlan::new(
+        spec,
+        stride_grid(OP, rows * width, spec.block_threads())?,
+        vec![
+            Arg::Ptr(gate.ptr),
+            Arg::Ptr(up.ptr),
+            Arg::I32(int(OP, "in_stride", in_stride)?),
+            Arg::Ptr(out.ptr),
+            Arg::I32(int(OP, "width", width)?),
+            Arg::I32(int(OP, "rows", rows)?),
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn geglu(
+    dev: &Device,
+    spec: &KernelSpec,
+    gate: &dyn DevicePtr<bf16>,
+    up: &dyn DevicePtr<bf16>,
+    in_stride: usize,
+    out: &mut dyn DevicePtrMut<bf16>,
+    width: usize,
+    rows: usize,
+) -> Result<()> {
+    let (gb, _g0) = dev_in!(dev, gate);
+    let (ub, _g1) = dev_in!(dev, up);
+    let (ob, _g2) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_geglu(spec, gb, ub, in_stride, ob, width, rows)?) }
+}
+
+/// `out[i] = tanh(logits[i] / cap) * cap` for `n` elements, bf16 in, f32 out.
+pub fn plan_softcap(spec: &KernelSpec, logits: Buf, out: Buf, cap: f32, n: usize) -> Result<LaunchPlan> {
+    const OP: &str = "softcap";
+    expect_op(OP, spec, |o| matches!(o, Op::Softcap).then_some(()))?;
+    need(OP, "logits", logits, n)?;
+    need(OP, "out", out, n)?;
+    if !(cap.is_finite() && cap > 0.0) {
+        return Err(args(OP, format!("cap = {cap}")));
+    }
+    LaunchPlan::new(
+        spec,
+        stride_grid(OP, n, spec.block_threads())?,
+        vec![Arg::Ptr(logits.ptr), Arg::Ptr(out.ptr), Arg::F32(cap), Arg::I64(n as i64)],
+    )
+}
+
+pub fn softcap(
+    dev: &Device,
+    spec: &KernelSpec,
+    logits: &dyn DevicePtr<bf16>,
+    out: &mut dyn DevicePtrMut<f32>,
+    cap: f32,
+    n: usize,
+) -> Result<()> {
+    let (lb, _g0) = dev_in!(dev, logits);
+    let (ob, _g1) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_softcap(spec, lb, ob, cap, n)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row reductions
+
+/// Buffers of the sampler-statistics kernel. `processed` (P = logits / T) and `processed_bf16`
+/// (bf16(P), the next self-conditioning input) are optional outputs.
+pub struct RowStatsArgs<'a> {
+    pub logits: &'a dyn DevicePtr<f32>,
+    pub temperature: f32,
+    pub processed: Option<&'a mut dyn DevicePtrMut<f32>>,
+    pub processed_bf16: Option<&'a mut dyn DevicePtrMut<bf16>>,
+    /// First argmax of each row; -1 for a row with NaN / +inf or only -inf.
+    pub argmax: &'a mut dyn DevicePtrMut<i32>,
+    pub entropy: &'a mut dyn DevicePtrMut<f32>,
+    pub rows: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn plan_row_softmax_entropy_argmax(
+    spec: &KernelSpec,
+    logits: Buf,
+    temperature: f32,
+    processed: Option<Buf>,
+    processed_bf16: Option<Buf>,
+    argmax: Buf,
+    entropy: Buf,
+    rows: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "row_softmax_entropy_argmax";
+    let r = expect_op(OP, spec, |o| if let Op::RowSoftmaxEntropyArgmax(r) = o { Some(r) } else { None })?;
+    let n = rows * r.vocab as usize;
+    need(OP, "logits", logits, n)?;
+    for (what, b) in [("processed", processed), ("processed_bf16", processed_bf16)] {
+        if let Some(b) = b {
+            need(OP, what, b, n)?;
+        }
+    }
+    need(OP, "argmax", argmax, rows)?;
+    need(OP, "entropy", entropy, rows)?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(args(OP, format!("temperature = {temperature}")));
+    }
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "rows", rows)?, 1, 1),
+        vec![
+            Arg::Ptr(logits.ptr),
+            Arg::F32(temperature),
+            ptr(processed),
+            ptr(processed_bf16),
+            Arg::Ptr(argmax.ptr),
+            Arg::Ptr(entropy.ptr),
+            Arg::I32(int(OP, "rows", rows)?),
+        ],
+    )
+}
+
+pub fn row_softmax_entropy_argmax(dev: &Device, spec: &KernelSpec, a: RowStatsArgs<'_>) -> Result<()> {
+    let (lb, _g0) = dev_in!(dev, a.logits);
+    let (pb, _g1) = match a.processed {
+        Some(b) => {
+            let (buf, g) = dev_out!(dev, b);
+            (Some(buf), Some(g))
+        }
+        None => (None, None),
+    };
+    let (qb, _g2) = match a.processed_bf16 {
+        Some(b) => {
+            let (buf, g) = dev_out!(dev, b);
+            (Some(buf), Some(g))
+        }
+        None => (None, None),
+    };
+    let (ab, _g3) = dev_out!(dev, a.argmax);
+    let (eb, _g4) = dev_out!(dev, a.entropy);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_row_softmax_entropy_argmax(spec, lb, a.temperature, pb, qb, ab, eb, a.rows)?) }
+}
+
+/// `probs = bf16(softmax(float32(logits)))` per row.
+pub fn plan_row_softmax(spec: &KernelSpec, logits: Buf, probs: Buf, rows: usize) -> Result<LaunchPlan> {
+    const OP: &str = "row_softmax";
+    let r = expect_op(OP, spec, |o| if let Op::RowSoftmax(r) = o { Some(r) } else { None })?;
+    let n = rows * r.vocab as usize;
+    need(OP, "logits", logits, n)?;
+    need(OP, "probs", probs, n)?;
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "rows", rows)?, 1, 1),
+        vec![Arg::Ptr(logits.ptr), Arg::Ptr(probs.ptr), Arg::I32(int(OP, "rows", rows)?)],
+    )
+}
+
+pub fn row_softmax(
+    dev: &Device,
+    spec: &KernelSpec,
+    logits: &dyn DevicePtr<bf16>,
+    probs: &mut dyn DevicePtrMut<bf16>,
+    rows: usize,
+) -> Result<()> {
+    let (lb, _g0) = dev_in!(dev, logits);
+    let (pb, _g1) = dev_out!(dev, probs);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_row_softmax(spec, lb, pb, rows)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Buffers and positions of an attention launch (`q: [q_len, q_heads, D]`,
+/// `k, v: [kv_len, kv_heads, D]`). `window` is required by (and only by) sliding kernels.
+pub struct AttentionArgs<'a> {
+    pub q: &'a dyn DevicePtr<bf16>,
+    pub k: &'a dyn DevicePtr<bf16>,
+    pub v: &'a dyn DevicePtr<bf16>,
+    pub out: &'a mut dyn DevicePtrMut<bf16>,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub q_pos0: usize,
+    pub k_pos0: usize,
+    pub window: Option<usize>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn plan_attention(
+    spec: &KernelSpec,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    out: Buf,
+    q_len: usize,
+    kv_len: usize,
+    q_pos0: usize,
+    k_pos0: usize,
+    window: Option<usize>,
+) -> Result<LaunchPlan> {
+    const OP: &str = "attention";
+    let a = expect_op(OP, spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
+    let d = a.head_dim as usize;
+    need(OP, "q", q, q_len * a.q_heads as usize * d)?;
+    need(OP, "out", out, q_len * a.q_heads as usize * d)?;
+    need(OP, "k", k, kv_len * a.kv_heads as usize * d)?;
+    need(OP, "v", v, kv_len * a.kv_heads as usize * d)?;
+    let window = match (a.mask, window) {
+        (MaskKind::CausalSliding, Some(w)) if w >= 1 => w,
+        (MaskKind::CausalSliding, _) => return Err(args(OP, "a sliding kernel needs a window >= 1")),
+        (_, None) => 0,
+        (_, Some(_)) => return Err(args(OP, "only sliding kernels take a window")),
+    };
+    int(OP, "q_pos0 + q_len", q_pos0 + q_len)?;
+    int(OP, "k_pos0 + kv_len", k_pos0 + kv_len)?;
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "q_len", q_len)?, grid_yz(OP, "q_heads", a.q_heads as usize)?, 1),
+        vec![
+            Arg::Ptr(q.ptr),
+            Arg::Ptr(k.ptr),
+            Arg::Ptr(v.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::I32(int(OP, "q_len", q_len)?),
+            Arg::I32(int(OP, "kv_len", kv_len)?),
+            Arg::I32(int(OP, "q_pos0", q_pos0)?),
+            Arg::I32(int(OP, "k_pos0", k_pos0)?),
+            Arg::I32(int(OP, "window", window)?),
+        ],
+    )
+}
+
+pub fn attention(dev: &Device, spec: &KernelSpec, a: AttentionArgs<'_>) -> Result<()> {
+    let (qb, _g0) = dev_in!(dev, a.q);
+    let (kb, _g1) = dev_in!(dev, a.k);
+    let (vb, _g2) = dev_in!(dev, a.v);
+    let (ob, _g3) = dev_out!(dev, a.out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_attention(spec, qb, kb, vb, ob, a.q_len, a.kv_len, a.q_pos0, a.k_pos0, a.window)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs
+
+/// `y[rows, n] = bf16(x[rows, k] @ w[n, k]^T)`.
+pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Result<LaunchPlan> {
+    const OP: &str = "linear";
+    let l = expect_op(OP, spec, |o| if let Op::Linear(l) = o { Some(l) } else { None })?;
+    let (n, k) = (l.n as usize, l.k as usize);
+    need(OP, "x", x, rows * k)?;
+    need(OP, "w", w, n * k)?;
+    need(OP, "y", y, rows * n)?;
+    let grid = (
+        grid_dim(OP, "columns", n.div_ceil(l.warps as usize))?,
+        grid_yz(OP, "row tiles", rows.div_ceil(l.rows_per_warp as usize))?,
+        1,
+    );
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(y.ptr), Arg::I32(int(OP, "rows", rows)?)],
+    )
+}
+
+pub fn linear(
+    dev: &Device,
+    spec: &KernelSpec,
+    x: &dyn DevicePtr<bf16>,
+    w: &dyn DevicePtr<bf16>,
+    y: &mut dyn DevicePtrMut<bf16>,
+    rows: usize,
+) -> Result<()> {
+    let (xb, _g0) = dev_in!(dev, x);
+    let (wb, _g1) = dev_in!(dev, w);
+    let (yb, _g2) = dev_out!(dev, y);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_linear(spec, xb, wb, yb, rows)?) }
+}
+
+/// Routing of the grouped GEMMs: `experts[t * top_k + j]` (and for the combine,
+/// `weights[t * top_k + j]`), `num_experts` the leading dim of the expert weight tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Routing {
+    pub tokens: usize,
+    pub top_k: usize,
+    pub num_experts: usize,
+}
+
+/// gate_up + GeGLU: `out[t * top_k + j, c]` for `c < n / 2`, `x: [tokens, k]`, `w: [E, n, k]`.
+pub fn plan_grouped_gemm_geglu(
+    spec: &KernelSpec,
+    x: Buf,
+    experts: Buf,
+    w: Buf,
+    out: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    const OP: &str = "grouped_gemm_geglu";
+    let g = expect_op(OP, spec, |o| match o {
+        Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu => Some(g),
+        _ => None,
+    })?;
+    let (n, k) = (g.n as usize, g.k as usize);
+    let Routing { tokens, top_k, num_experts } = routing;
+    let pairs = tokens * top_k;
+    need(OP, "x", x, tokens * k)?;
+    need(OP, "experts", experts, pairs)?;
+    need(OP, "w", w, num_experts * n * k)?;
+    need(OP, "out", out, pairs * n / 2)?;
+    let grid = (grid_dim(OP, "pairs", pairs)?, grid_yz(OP, "columns", (n / 2).div_ceil(g.warps as usize))?, 1);
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![
+            Arg::Ptr(x.ptr),
+            Arg::Ptr(experts.ptr),
+            Arg::Ptr(w.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::I32(int(OP, "tokens", tokens)?),
+            Arg::I32(int(OP, "top_k", top_k)?),
+            Arg::I32(int(OP, "num_experts", num_experts)?),
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_geglu(
+    dev: &Device,
+    spec: &KernelSpec,
+    x: &dyn DevicePtr<bf16>,
+    experts: &dyn DevicePtr<i32>,
+    w: &dyn DevicePtr<bf16>,
+    out: &mut dyn DevicePtrMut<bf16>,
+    routing: Routing,
+) -> Result<()> {
+    let (xb, _g0) = dev_in!(dev, x);
+    let (eb, _g1) = dev_in!(dev, experts);
+    let (wb, _g2) = dev_in!(dev, w);
+    let (ob, _g3) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_grouped_gemm_geglu(spec, xb, eb, wb, ob, routing)?) }
+}
+
+/// down + combine: `out[t, c] = bf16(sum_j bf16(act[t*top_k+j] . w[e_j][c]) * weights[t*top_k+j])`,
+/// `act: [tokens * top_k, k]`, `w: [E, n, k]`, `out: [tokens, n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_grouped_gemm_combine(
+    spec: &KernelSpec,
+    act: Buf,
+    experts: Buf,
+    weights: Buf,
+    w: Buf,
+    out: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    const OP: &str = "grouped_gemm_combine";
+    let g = expect_op(OP, spec, |o| match o {
+        Op::GroupedGemm(g) if g.fuse == GemmFuse::Combine => Some(g),
+        _ => None,
+    })?;
+    let (n, k) = (g.n as usize, g.k as usize);
+    let Routing { tokens, top_k, num_experts } = routing;
+    let pairs = tokens * top_k;
+    need(OP, "act", act, pairs * k)?;
+    need(OP, "experts", experts, pairs)?;
+    need(OP, "weights", weights, pairs)?;
+    need(OP, "w", w, num_experts * n * k)?;
+    need(OP, "out", out, tokens * n)?;
+    let grid = (grid_dim(OP, "tokens", tokens)?, grid_yz(OP, "columns", n.div_ceil(g.warps as usize))?, 1);
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![
+            Arg::Ptr(act.ptr),
+            Arg::Ptr(experts.ptr),
+            Arg::Ptr(weights.ptr),
+            Arg::Ptr(w.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::I32(int(OP, "tokens", tokens)?),
+            Arg::I32(int(OP, "top_k", top_k)?),
+            Arg::I32(int(OP, "num_experts", num_experts)?),
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_combine(
+    dev: &Device,
+    spec: &KernelSpec,
+    act: &dyn DevicePtr<bf16>,
+    experts: &dyn DevicePtr<i32>,
+    weights: &dyn DevicePtr<f32>,
+    w: &dyn DevicePtr<bf16>,
+    out: &mut dyn DevicePtrMut<bf16>,
+    routing: Routing,
+) -> Result<()> {
+    let (ab, _g0) = dev_in!(dev, act);
+    let (eb, _g1) = dev_in!(dev, experts);
+    let (wtb, _g2) = dev_in!(dev, weights);
+    let (wb, _g3) = dev_in!(dev, w);
+    let (ob, _g4) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_grouped_gemm_combine(spec, ab, eb, wtb, wb, ob, routing)?) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dgemma_codegen::{supported_specs, Family};
+
+    fn buf(len: usize) -> Buf {
+        Buf { ptr: 0x1000, len }
+    }
+
+    /// A plan for every spec of the table, with generous buffers: the argument lists match
+    /// the generated signatures for every family.
+    #[test]
+    fn every_family_plans_against_its_signature() {
+        let big = buf(1 << 31);
+        let routing = Routing { tokens: 3, top_k: 2, num_experts: 4 };
+        for spec in supported_specs() {
+            let plan = match spec.op {
+                Op::RmsNorm(r) => plan_rms_norm(
+                    &spec,
+                    Some(big),
+                    r.fuse_input_add.then_some(big),
+                    r.has_scale.then_some(big),
+                    big,
+                    5,
+                    1e-6,
+                    1.0,
+                ),
+                Op::Rope(r) => plan_rope(
+                    &spec,
+                    big,
+                    buf(r.rotary_pairs as usize * 10),
+                    buf(r.rotary_pairs as usize * 10),
+                    big,
+                    4,
+                    2,
+                ),
+                Op::Embedding(e) => plan_embedding(&spec, big, buf(e.hidden as usize * 100), big, 53.0, 4),
+                Op::Geglu => plan_geglu(&spec, big, big, 64, big, 32, 3),
+                Op::Softcap => plan_softcap(&spec, big, big, 30.0, 1000),
+                Op::RowSoftmaxEntropyArgmax(_) => {
+                    plan_row_softmax_entropy_argmax(&spec, big, 0.8, None, Some(big), big, big, 2)
+                }
+                Op::RowSoftmax(_) => plan_row_softmax(&spec, big, big, 2),
+                Op::Attention(a) => plan_attention(
+                    &spec,
+                    big,
+                    big,
+                    big,
+                    big,
+                    3,
+                    7,
+                    4,
+                    0,
+                    (a.mask == MaskKind::CausalSliding).then_some(4),
+                ),
+                Op::Linear(_) => plan_linear(&spec, big, big, big, 5),
+                Op::GroupedGemm(g) => match g.fuse {
+                    GemmFuse::Geglu => plan_grouped_gemm_geglu(&spec, big, big, big, big, routing),
+                    GemmFuse::Combine => plan_grouped_gemm_combine(&spec, big, big, big, big, big, routing),
+                },
+            };
+            let plan = plan.unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
+            assert_eq!(plan.block, spec.block_threads());
+            assert!(plan.grid.0 >= 1, "{}", spec.kernel_name());
+        }
+        // Every family was exercised.
+        let families: std::collections::BTreeSet<Family> = supported_specs().iter().map(|s| s.family()).collect();
+        assert_eq!(families.len(), Family::ALL.len());
+    }
+
+    #[test]
+    fn short_buffers_and_wrong_families_are_refused() {
+        let specs = supported_specs();
+        let linear = specs.iter().find(|s| matches!(s.op, Op::Linear(_))).unwrap();
+        let Op::Linear(l) = linear.op else { unreachable!() };
+        let (n, k) = (l.n as usize, l.k as usize);
+        assert!(plan_linear(linear, buf(2 * k), buf(n * k), buf(2 * n), 2).is_ok());
+        assert!(plan_linear(linear, buf(2 * k - 1), buf(n * k), buf(2 * n), 2).is_err());
+        assert!(plan_linear(linear, buf(2 * k), buf(n * k), buf(2 * n - 1), 2).is_err());
+        assert!(plan_softcap(linear, buf(10), buf(10), 30.0, 10).is_err());
+
+        let norm = specs
+            .iter()
+            .find(|s| matches!(s.op, Op::RmsNorm(r) if r.has_scale && r.fuse_residual_add && !r.fuse_input_add))
+            .unwrap();
+        let b = buf(1 << 20);
+        // Residual kernels need x (out is the residual); scaled kernels need the weight.
+        assert!(plan_rms_norm(norm, None, None, Some(b), b, 2, 1e-6, 1.0).is_err());
+        assert!(plan_rms_norm(norm, Some(b), None, None, b, 2, 1e-6, 1.0).is_err());
+        assert!(plan_rms_norm(norm, Some(b), None, Some(b), b, 2, 1e-6, 1.0).is_ok());
+
+        let sliding =
+            specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::CausalSliding)).unwrap();
+        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, None).is_err());
+        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, Some(4)).is_ok());
+    }
+
+    #[test]
+    fn signature_mismatch_is_caught() {
+        let spec = KernelSpec::portable(Op::Softcap);
+        let plan = LaunchPlan {
+            spec,
+            grid: (1, 1, 1),
+            block: 256,
+            args: vec![Arg::Ptr(1), Arg::Ptr(2), Arg::F32(30.0), Arg::I32(5)],
+        };
+        assert!(plan.check_signature().is_err());
+        let plan = LaunchPlan { args: vec![Arg::Ptr(1), Arg::Ptr(2), Arg::F32(30.0)], ..plan };
+        assert!(plan.check_signature().is_err());
+    }
+}

@@ -1,0 +1,788 @@
+//! Kernel checks shared by the GPU tests (`gpu_kernels.rs`) and the CPU-emulator tests
+//! (`emulated_kernels.rs`): every kernel of the table against the CPU oracle (`dgemma-cpu` in
+//! bf16 mode, `dgemma-sampler` for the sampler statistics) on random inputs at several shapes.
+//!
+//! An [`Exec`] runs a launch plan on host buffers: the GPU executor uploads them, launches and
+//! downloads them; the emulator runs the kernel on them in place. Every output buffer starts
+//! filled with NaN and NaN never compares equal, so a kernel that skips an element fails.
+//!
+//! Tolerances: element-wise kernels whose float32 steps are exact IEEE operations on the same
+//! inputs (embedding, RoPE, the temperature division, argmax) must match bit for bit. Kernels
+//! with reductions (norms, dot products, softmax sums) or transcendental functions (tanh, exp)
+//! compute the same float32 formula in another order, so they may differ from the CPU by one
+//! bf16 rounding step now and then: they are allowed a bf16 ulp or two per element and a small
+//! fraction of elements that differ at all.
+
+#![allow(dead_code)]
+
+use dgemma_codegen::{supported_specs, Arch, Family, GemmFuse, KernelSpec, MaskKind, Op};
+use dgemma_cpu::ops::activation::geglu as cpu_geglu;
+use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask};
+use dgemma_cpu::ops::linear::{linear as cpu_linear, Matrix};
+use dgemma_cpu::ops::moe::{experts_forward, ExpertBank, Routing as CpuRouting};
+use dgemma_cpu::ops::norm::rms_norm as cpu_rms_norm;
+use dgemma_cpu::ops::rope::{apply_rope, RopeTable};
+use dgemma_cpu::ops::softmax::{softcap as cpu_softcap, softmax_row};
+use dgemma_cpu::precision::{to_bf16, Precision};
+use dgemma_cuda::bf16;
+use dgemma_cuda::ops::{self, Buf, LaunchPlan, Routing};
+
+pub const BF16: Precision = Precision::Bf16;
+
+// ---------------------------------------------------------------------------------------------
+// Executors
+
+/// A host buffer handed to a kernel.
+#[derive(Clone, Debug)]
+pub enum Host {
+    Bf16(Vec<bf16>),
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl Host {
+    pub fn len(&self) -> usize {
+        match self {
+            Host::Bf16(v) => v.len(),
+            Host::F32(v) => v.len(),
+            Host::I32(v) => v.len(),
+        }
+    }
+    pub fn bf16(&self) -> Vec<f32> {
+        match self {
+            Host::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            other => panic!("not a bf16 buffer: {other:?}"),
+        }
+    }
+    pub fn f32(&self) -> &[f32] {
+        match self {
+            Host::F32(v) => v,
+            other => panic!("not an f32 buffer: {other:?}"),
+        }
+    }
+    pub fn i32(&self) -> &[i32] {
+        match self {
+            Host::I32(v) => v,
+            other => panic!("not an i32 buffer: {other:?}"),
+        }
+    }
+}
+
+/// Runs launch plans on host buffers.
+pub trait Exec {
+    /// The arch whose arch-specific kernels this executor runs.
+    fn arch(&self) -> Arch;
+    /// Cases whose work estimate exceeds this are skipped (the emulator is slow).
+    fn max_work(&self) -> usize;
+    /// Makes `bufs` visible to the kernel, builds the plan from their addresses (one [`Buf`] per
+    /// host buffer, same order), runs it and leaves the buffers' final contents in `bufs`.
+    fn launch(&self, bufs: &mut [Host], plan: &dyn Fn(&[Buf]) -> LaunchPlan);
+}
+
+/// `b` without its first `elems` elements of `elem_size` bytes (a view).
+pub fn offset(b: Buf, elems: usize, elem_size: usize) -> Buf {
+    Buf { ptr: b.ptr + (elems * elem_size) as u64, len: b.len - elems }
+}
+
+/// The specs of `family` the executor can run.
+pub fn specs(e: &dyn Exec, family: Family) -> Vec<KernelSpec> {
+    let v: Vec<KernelSpec> =
+        supported_specs().into_iter().filter(|s| s.family() == family && s.target.runs_on(e.arch())).collect();
+    assert!(!v.is_empty(), "no {family:?} kernels for {:?}", e.arch());
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data and comparison
+
+/// xorshift64*: deterministic test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// `n` bf16-representable values uniform in [-scale, scale).
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| to_bf16(self.uniform() * scale)).collect()
+    }
+}
+
+/// `n` bf16 values uniform in [-scale, scale), generated on all cores (for the big weights).
+pub fn big_bf16(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; n];
+    let threads = std::thread::available_parallelism().map_or(4, |p| p.get());
+    let chunk = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (i, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut rng = Rng::new(seed * 1000 + i as u64);
+                for v in part {
+                    *v = bf16::from_f32(rng.uniform() * scale);
+                }
+            });
+        }
+    });
+    out
+}
+
+pub fn hb(v: &[f32]) -> Host {
+    Host::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect())
+}
+
+pub fn nan_bf16(n: usize) -> Host {
+    Host::Bf16(vec![bf16::NAN; n])
+}
+
+pub fn nan_f32(n: usize) -> Host {
+    Host::F32(vec![f32::NAN; n])
+}
+
+/// A `[rows, cols]` bf16 matrix the CPU oracle reads row by row.
+pub struct Bf16Matrix<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [bf16],
+}
+
+impl Matrix for Bf16Matrix<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn read_row(&self, r: usize, out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(&self.data[r * self.cols..(r + 1) * self.cols]) {
+            *o = v.to_f32();
+        }
+    }
+}
+
+/// One bf16 ulp at magnitude `x`.
+pub fn bf16_ulp(x: f32) -> f32 {
+    let m = x.abs().max(f32::MIN_POSITIVE);
+    2f32.powi(m.log2().floor() as i32 - 7)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    /// Per element: |got - want| <= ulps * bf16_ulp(max(|got|, |want|)) + atol.
+    pub ulps: f32,
+    pub atol: f32,
+    /// Fraction of elements allowed to differ at all.
+    pub max_mismatch: f64,
+}
+
+pub const EXACT: Tol = Tol { ulps: 0.0, atol: 0.0, max_mismatch: 0.0 };
+
+/// Compares bf16-valued outputs. NaN anywhere fails.
+pub fn compare(what: &str, got: &[f32], want: &[f32], tol: Tol) {
+    compare_with(what, got, want, None, None, tol);
+}
+
+/// [`compare`] where the ulp of element i is taken at least at magnitude `scale[i]`: for outputs
+/// that went through a rounding at a larger magnitude before a cancelling add (a residual add
+/// after a norm), one ulp of the intermediate is the honest unit.
+pub fn compare_scaled(what: &str, got: &[f32], want: &[f32], scale: Option<&[f32]>, tol: Tol) {
+    compare_with(what, got, want, scale, None, tol);
+}
+
+/// [`compare_scaled`] with an extra per-element absolute allowance `slack[i]` (a propagated
+/// input difference that the caller bounds exactly).
+pub fn compare_with(what: &str, got: &[f32], want: &[f32], scale: Option<&[f32]>, slack: Option<&[f32]>, tol: Tol) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut mismatches = 0usize;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!w.is_nan(), "{what}: the CPU reference has NaN at {i} (test bug)");
+        assert!(!g.is_nan(), "{what}: NaN at element {i} of {} (expected {w})", got.len());
+        if g.to_bits() == w.to_bits() || (g == 0.0 && w == 0.0) {
+            continue;
+        }
+        mismatches += 1;
+        let at = g.abs().max(w.abs()).max(scale.map_or(0.0, |s| s[i].abs()));
+        let limit = tol.ulps * bf16_ulp(at) + tol.atol + slack.map_or(0.0, |s| s[i]);
+        assert!((g - w).abs() <= limit, "{what}: element {i}: got {g}, expected {w} (limit {limit})");
+    }
+    let frac = mismatches as f64 / got.len().max(1) as f64;
+    assert!(
+        frac <= tol.max_mismatch,
+        "{what}: {mismatches} of {} elements differ from the CPU ({:.3}%, allowed {:.3}%)",
+        got.len(),
+        100.0 * frac,
+        100.0 * tol.max_mismatch
+    );
+    if mismatches > 0 {
+        eprintln!("{what}: {mismatches} of {} elements differ by <= {} bf16 ulp", got.len(), tol.ulps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks, one per family
+
+pub fn check_rms_norm(e: &dyn Exec) {
+    let eps = 1e-6f32;
+    let scalar = to_bf16(0.73);
+    for spec in specs(e, Family::RmsNorm) {
+        let Op::RmsNorm(r) = spec.op else { unreachable!() };
+        let width = r.width as usize;
+        for (case, rows) in [1usize, 3, 67].into_iter().enumerate() {
+            if rows * width > e.max_work() {
+                continue;
+            }
+            let name = format!("{} rows={rows}", spec.kernel_name());
+            let mut rng = Rng::new(100 + case as u64);
+            let n = rows * width;
+            let x = rng.vec(n, 4.0);
+            let x_add = rng.vec(n, 2.0);
+            let w: Vec<f32> = (0..width).map(|_| to_bf16(1.0 + 0.5 * rng.uniform())).collect();
+            let residual = rng.vec(n, 3.0);
+
+            // CPU: model.rs's sequence of rounded steps.
+            let mut want = x.clone();
+            if r.fuse_input_add {
+                for (a, b) in want.iter_mut().zip(&x_add) {
+                    *a = to_bf16(*a + b);
+                }
+            }
+            cpu_rms_norm(&mut want, width, r.has_scale.then_some(&w[..]), eps, BF16);
+            // The magnitude at which the norm's output was rounded (see compare_scaled).
+            let mut scale: Vec<f32> = want.iter().map(|v| v.abs()).collect();
+            if r.fuse_residual_add {
+                for ((a, h), s) in want.iter_mut().zip(&residual).zip(scale.iter_mut()) {
+                    *a = to_bf16(h + *a);
+                    *s = s.max(h.abs());
+                }
+            }
+            if r.fuse_layer_scalar {
+                for a in want.iter_mut() {
+                    *a = to_bf16(*a * scalar);
+                }
+            }
+            // One flipped rounding of the norm output travels through the residual add (and the
+            // scalar), each of which rounds again: two ulps at the intermediate magnitude.
+            let ulps = if r.fuse_residual_add { 2.0 } else { 1.0 };
+            let tol = Tol { ulps, atol: 0.0, max_mismatch: 0.02 };
+
+            let out0 = if r.fuse_residual_add { hb(&residual) } else { nan_bf16(n) };
+            let mut bufs = [hb(&x), hb(&x_add), hb(&w), out0];
+            e.launch(&mut bufs, &|b| {
+                ops::plan_rms_norm(
+                    &spec,
+                    Some(b[0]),
+                    r.fuse_input_add.then_some(b[1]),
+                    r.has_scale.then_some(b[2]),
+                    b[3],
+                    rows,
+                    eps,
+                    scalar,
+                )
+                .unwrap()
+            });
+            compare_scaled(&name, &bufs[3].bf16(), &want, Some(&scale), tol);
+
+            // In place (x = out), for the kernels that allow it.
+            if !r.fuse_residual_add {
+                let mut bufs = [hb(&x_add), hb(&w), hb(&x)];
+                e.launch(&mut bufs, &|b| {
+                    ops::plan_rms_norm(
+                        &spec,
+                        None,
+                        r.fuse_input_add.then_some(b[0]),
+                        r.has_scale.then_some(b[1]),
+                        b[2],
+                        rows,
+                        eps,
+                        scalar,
+                    )
+                    .unwrap()
+                });
+                compare(&format!("{name} in place"), &bufs[2].bf16(), &want, tol);
+            }
+        }
+    }
+}
+
+pub fn check_rope(e: &dyn Exec) {
+    let table_rows = 4096usize;
+    for spec in specs(e, Family::Rope) {
+        let Op::Rope(r) = spec.op else { unreachable!() };
+        let (d, pairs) = (r.head_dim as usize, r.rotary_pairs as usize);
+        // Default RoPE frequencies for the rotating pairs, 0 beyond (proportional RoPE).
+        let inv_freq: Vec<f32> =
+            (0..d / 2).map(|j| if j < pairs { 10_000f32.powf(-(2.0 * j as f32) / d as f32) } else { 0.0 }).collect();
+        let full = RopeTable::new(&inv_freq, 0, table_rows, BF16);
+        let mut cos = Vec::with_capacity(table_rows * pairs);
+        let mut sin = Vec::with_capacity(table_rows * pairs);
+        for p in 0..table_rows {
+            cos.extend_from_slice(&full.cos[p * d..p * d + pairs]);
+            sin.extend_from_slice(&full.sin[p * d..p * d + pairs]);
+        }
+
+        for (heads, positions) in [(1usize, vec![0i32]), (3, vec![5, 0, 1, 17, 1000, 4095]), (16, vec![2047, 2048])] {
+            let tokens = positions.len();
+            let name = format!("{} heads={heads} tokens={tokens}", spec.kernel_name());
+            let mut rng = Rng::new(7 + tokens as u64);
+            let x = rng.vec(tokens * heads * d, 2.0);
+            // CPU: the table rows of each token's position.
+            let mut want = x.clone();
+            let gathered = RopeTable {
+                dim: d,
+                cos: positions.iter().flat_map(|&p| full.cos[p as usize * d..(p as usize + 1) * d].to_vec()).collect(),
+                sin: positions.iter().flat_map(|&p| full.sin[p as usize * d..(p as usize + 1) * d].to_vec()).collect(),
+            };
+            apply_rope(&mut want, heads, &gathered, BF16);
+
+            let mut bufs = [hb(&x), hb(&cos), hb(&sin), Host::I32(positions.clone())];
+            e.launch(&mut bufs, &|b| ops::plan_rope(&spec, b[0], b[1], b[2], b[3], tokens, heads).unwrap());
+            compare(&name, &bufs[0].bf16(), &want, EXACT);
+        }
+
+        // A position outside the table poisons that token's rows with NaN.
+        let mut bufs = [hb(&vec![1.0; 2 * d]), hb(&cos), hb(&sin), Host::I32(vec![3, table_rows as i32])];
+        e.launch(&mut bufs, &|b| ops::plan_rope(&spec, b[0], b[1], b[2], b[3], 2, 1).unwrap());
+        let got = bufs[0].bf16();
+        assert!(
+            got[..d].iter().all(|v| v.is_finite()) && got[d..].iter().all(|v| v.is_nan()),
+            "{}",
+            spec.kernel_name()
+        );
+    }
+}
+
+pub fn check_embedding(e: &dyn Exec) {
+    for spec in specs(e, Family::Embedding) {
+        let Op::Embedding(emb) = spec.op else { unreachable!() };
+        let h = emb.hidden as usize;
+        let vocab = 1000usize;
+        let mut rng = Rng::new(3);
+        let table = rng.vec(vocab * h, 0.1);
+        let scale = to_bf16((h as f32).sqrt());
+        let ids: Vec<i32> = vec![0, 999, 5, 5, 123, 42, 998];
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| table[id as usize * h..(id as usize + 1) * h].iter().map(|v| to_bf16(v * scale)))
+            .collect();
+        let mut bufs = [Host::I32(ids.clone()), hb(&table), nan_bf16(ids.len() * h)];
+        e.launch(&mut bufs, &|b| ops::plan_embedding(&spec, b[0], b[1], b[2], scale, ids.len()).unwrap());
+        compare(&spec.kernel_name(), &bufs[2].bf16(), &want, EXACT);
+
+        // Out-of-range ids give NaN rows, not out-of-bounds reads.
+        let mut bufs = [Host::I32(vec![-1, vocab as i32]), hb(&table), hb(&vec![0.0; 2 * h])];
+        e.launch(&mut bufs, &|b| ops::plan_embedding(&spec, b[0], b[1], b[2], scale, 2).unwrap());
+        assert!(bufs[2].bf16().iter().all(|v| v.is_nan()));
+    }
+}
+
+pub fn check_geglu(e: &dyn Exec) {
+    let spec = specs(e, Family::Geglu)[0];
+    for (rows, width) in [(1usize, 32usize), (7, 96), (256, 704), (3, 2112)] {
+        if rows * width > e.max_work() {
+            continue;
+        }
+        let mut rng = Rng::new(rows as u64);
+        let gate = rng.vec(rows * width, 3.0);
+        let up = rng.vec(rows * width, 2.0);
+        let mut want = vec![0.0; rows * width];
+        cpu_geglu(&gate, &up, &mut want, BF16);
+        let tol = Tol { ulps: 1.0, atol: 0.0, max_mismatch: 0.01 };
+
+        // Separate gate and up buffers.
+        let mut bufs = [hb(&gate), hb(&up), nan_bf16(rows * width)];
+        e.launch(&mut bufs, &|b| ops::plan_geglu(&spec, b[0], b[1], width, b[2], width, rows).unwrap());
+        compare(&format!("geglu {rows}x{width}"), &bufs[2].bf16(), &want, tol);
+
+        // One fused [rows, 2 * width] gate_up buffer, gate first.
+        let fused: Vec<f32> = (0..rows)
+            .flat_map(|r| [&gate[r * width..(r + 1) * width], &up[r * width..(r + 1) * width]].concat())
+            .collect();
+        let mut bufs = [hb(&fused), nan_bf16(rows * width)];
+        e.launch(&mut bufs, &|b| {
+            ops::plan_geglu(&spec, b[0], offset(b[0], width, 2), 2 * width, b[1], width, rows).unwrap()
+        });
+        compare(&format!("geglu fused {rows}x{width}"), &bufs[1].bf16(), &want, tol);
+    }
+}
+
+pub fn check_softcap(e: &dyn Exec) {
+    let spec = specs(e, Family::Softcap)[0];
+    for n in [1usize, 1000, 3 * 262_144 + 17] {
+        if n > e.max_work() {
+            continue;
+        }
+        let mut rng = Rng::new(n as u64);
+        let logits = rng.vec(n, 80.0);
+        let mut want = logits.clone();
+        cpu_softcap(&mut want, 30.0);
+        let mut bufs = [hb(&logits), nan_f32(n)];
+        e.launch(&mut bufs, &|b| ops::plan_softcap(&spec, b[0], b[1], 30.0, n).unwrap());
+        for (i, (g, w)) in bufs[1].f32().iter().zip(&want).enumerate() {
+            // tanhf versus the host libm: a few float32 ulps.
+            assert!((g - w).abs() <= 4.0 * f32::EPSILON * w.abs() + 1e-7, "softcap n={n} [{i}]: {g} vs {w}");
+        }
+    }
+}
+
+pub fn check_row_softmax_entropy_argmax(e: &dyn Exec) {
+    let temperature = 0.7f32;
+    for spec in specs(e, Family::RowSoftmaxEntropyArgmax) {
+        let Op::RowSoftmaxEntropyArgmax(r) = spec.op else { unreachable!() };
+        let v = r.vocab as usize;
+        let rows = 5usize;
+        if rows * v > e.max_work() {
+            continue;
+        }
+        let mut rng = Rng::new(v as u64);
+        // Row 0: broad; row 1: peaked (near one-hot); row 2: a tie at the maximum (the first
+        // index wins); row 3: -inf entries; row 4: NaN (invalid -> argmax -1).
+        let mut logits: Vec<f32> = (0..rows * v).map(|_| rng.uniform() * 15.0).collect();
+        logits[v + 17] = 90.0;
+        logits[2 * v + 3] = 29.0;
+        logits[2 * v + v - 2] = 29.0;
+        for i in 0..v / 2 {
+            logits[3 * v + 2 * i] = f32::NEG_INFINITY;
+        }
+        logits[4 * v + v / 2] = f32::NAN;
+
+        let mut bufs = [
+            Host::F32(logits.clone()),
+            nan_f32(rows * v),
+            nan_bf16(rows * v),
+            Host::I32(vec![i32::MIN; rows]),
+            nan_f32(rows),
+        ];
+        e.launch(&mut bufs, &|b| {
+            ops::plan_row_softmax_entropy_argmax(&spec, b[0], temperature, Some(b[1]), Some(b[2]), b[3], b[4], rows)
+                .unwrap()
+        });
+        let (got_p, got_a, got_h) = (bufs[1].f32(), bufs[3].i32(), bufs[4].f32());
+        let Host::Bf16(got_pb) = &bufs[2] else { unreachable!() };
+
+        for row in 0..rows {
+            let name = format!("{} row {row}", spec.kernel_name());
+            let mut p = logits[row * v..(row + 1) * v].to_vec();
+            dgemma_sampler::apply_temperature(&mut p, temperature).unwrap();
+            // P and bf16(P): one IEEE division per element, bit for bit (NaN stays NaN).
+            for (i, &want) in p.iter().enumerate() {
+                let g = got_p[row * v + i];
+                assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{name}: P[{i}] {g} vs {want}");
+                let (gb, wb) = (got_pb[row * v + i], bf16::from_f32(want));
+                assert!(gb.to_bits() == wb.to_bits() || (gb.is_nan() && wb.is_nan()), "{name}: bf16(P)[{i}]");
+            }
+            match (dgemma_sampler::argmax(&p), dgemma_sampler::entropy(&p)) {
+                (Ok(a), Ok(h)) => {
+                    assert_eq!(got_a[row], a as i32, "{name}: argmax");
+                    let g = got_h[row];
+                    assert!(g.is_finite(), "{name}: entropy {g}");
+                    let max_abs = p.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
+                    let limit = 1e-5 * h.abs() + 8.0 * f32::EPSILON * max_abs + 1e-7;
+                    assert!((g - h).abs() <= limit, "{name}: entropy {g} vs {h} (limit {limit})");
+                }
+                _ => {
+                    assert_eq!(got_a[row], -1, "{name}: an invalid row must give argmax -1");
+                    assert!(got_h[row].is_nan(), "{name}: an invalid row must give entropy NaN");
+                }
+            }
+        }
+        assert_eq!(got_a[2], 3, "the first of two equal maxima wins");
+    }
+}
+
+pub fn check_row_softmax(e: &dyn Exec) {
+    for spec in specs(e, Family::RowSoftmax) {
+        let Op::RowSoftmax(r) = spec.op else { unreachable!() };
+        let v = r.vocab as usize;
+        let rows = 3usize;
+        if rows * v > e.max_work() {
+            continue;
+        }
+        let mut rng = Rng::new(11);
+        let mut logits = rng.vec(rows * v, 12.0);
+        logits[v + 5] = 40.0; // a peaked row
+        let mut want = logits.clone();
+        for row in want.chunks_mut(v) {
+            softmax_row(row);
+            for x in row.iter_mut() {
+                *x = to_bf16(*x);
+            }
+        }
+        let mut bufs = [hb(&logits), nan_bf16(rows * v)];
+        e.launch(&mut bufs, &|b| ops::plan_row_softmax(&spec, b[0], b[1], rows).unwrap());
+        // Every element within one bf16 ulp. The fraction that differs at all grows with the
+        // vocabulary: the oracle's softmax_row sums 262144 exponentials sequentially in float32
+        // (relative error ~1e-4 seen), the kernel in a tree, so their 1/sum differ by more than
+        // the reduction order alone would suggest and flip ~3% of the bf16 roundings.
+        let max_mismatch = if v > 65_536 { 0.10 } else { 0.02 };
+        let tol = Tol { ulps: 1.0, atol: 0.0, max_mismatch };
+        compare(&spec.kernel_name(), &bufs[1].bf16(), &want, tol);
+    }
+}
+
+pub fn check_attention(e: &dyn Exec) {
+    for spec in specs(e, Family::Attention) {
+        let Op::Attention(a) = spec.op else { unreachable!() };
+        let (d, hq, hkv) = (a.head_dim as usize, a.q_heads as usize, a.kv_heads as usize);
+        let shape = AttentionShape { heads: hq, kv_heads: hkv, head_dim: d };
+        // (q_len, kv_len, q_pos0, k_pos0, window): short, and long enough to span several
+        // 64-key tiles; queries at the end of the keys, as in the model.
+        let cases: Vec<(usize, usize, usize, usize, Option<usize>)> = match a.mask {
+            MaskKind::Causal => vec![(5, 9, 4, 0, None), (1, 1, 0, 0, None), (37, 200, 163, 0, None)],
+            MaskKind::CausalSliding => {
+                vec![(6, 11, 7, 2, Some(4)), (40, 300, 1260, 1000, Some(100)), (3, 3, 0, 0, Some(1024))]
+            }
+            MaskKind::Bidirectional => vec![(4, 10, 6, 0, None), (16, 271, 1280, 1024, None)],
+        };
+        for (case, &(s, l, q_pos0, k_pos0, window)) in cases.iter().enumerate() {
+            if s * hq * l * d > e.max_work() {
+                continue;
+            }
+            let name = format!("{} case {case}", spec.kernel_name());
+            let mut rng = Rng::new(50 + case as u64);
+            let q = rng.vec(s * hq * d, 1.0);
+            let k = rng.vec(l * hkv * d, 1.0);
+            let v = rng.vec(l * hkv * d, 1.0);
+            let mask = match a.mask {
+                MaskKind::Bidirectional => Mask::Bidirectional,
+                _ => Mask::Causal { window },
+            };
+            let mut want = vec![0.0f32; q.len()];
+            cpu_attention(&q, q_pos0, &k, &v, k_pos0, shape, mask, BF16, &mut want);
+            // The weighted mass sum_j p_j |v_j| / denom of each output: a flipped rounding of
+            // one p_j moves the output by up to 2^-8 of it, however much the signed sum cancels.
+            let v_abs: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+            let mut mass = vec![0.0f32; q.len()];
+            cpu_attention(&q, q_pos0, &k, &v_abs, k_pos0, shape, mask, Precision::F32, &mut mass);
+
+            let mut bufs = [hb(&q), hb(&k), hb(&v), nan_bf16(q.len())];
+            e.launch(&mut bufs, &|b| {
+                ops::plan_attention(&spec, b[0], b[1], b[2], b[3], s, l, q_pos0, k_pos0, window).unwrap()
+            });
+            let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
+            compare_scaled(&name, &bufs[3].bf16(), &want, Some(&mass), tol);
+        }
+    }
+}
+
+pub fn check_linear(e: &dyn Exec) {
+    for spec in specs(e, Family::Linear) {
+        let Op::Linear(l) = spec.op else { unreachable!() };
+        let (n, k) = (l.n as usize, l.k as usize);
+        if 5 * n * k > e.max_work() {
+            continue;
+        }
+        let w = big_bf16(n * k, 0.05, n as u64 + k as u64);
+        let wm = Bf16Matrix { rows: n, cols: k, data: &w };
+        for rows in [1usize, 5] {
+            let name = format!("{} rows={rows}", spec.kernel_name());
+            let x = Rng::new(rows as u64).vec(rows * k, 1.0);
+            let mut want = vec![0.0f32; rows * n];
+            cpu_linear(&x, rows, &wm, &mut want, BF16);
+            let mut bufs = [hb(&x), Host::Bf16(w.clone()), nan_bf16(rows * n)];
+            e.launch(&mut bufs, &|b| ops::plan_linear(&spec, b[0], b[1], b[2], rows).unwrap());
+            // fp32 sums in another order: |error| ~ eps * sum |x_i w_i|.
+            let tol = Tol { ulps: 1.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.02 };
+            compare(&name, &bufs[2].bf16(), &want, tol);
+        }
+    }
+}
+
+/// The routing of `tokens` tokens to `top_k` distinct experts, with weights.
+pub fn routing(rng: &mut Rng, tokens: usize, top_k: usize, experts: usize) -> (Vec<i32>, Vec<f32>) {
+    let mut ids = Vec::new();
+    let mut weights = Vec::new();
+    for _ in 0..tokens {
+        let mut chosen: Vec<usize> = Vec::new();
+        while chosen.len() < top_k {
+            let e = rng.below(experts);
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        for e in chosen {
+            ids.push(e as i32);
+            weights.push(0.75 + 0.5 * rng.uniform());
+        }
+    }
+    (ids, weights)
+}
+
+pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
+    for spec in specs(e, Family::GroupedGemm) {
+        let Op::GroupedGemm(g) = spec.op else { unreachable!() };
+        if g.fuse != GemmFuse::Geglu {
+            continue;
+        }
+        let (n, k, half) = (g.n as usize, g.k as usize, g.n as usize / 2);
+        let (tokens, top_k, num_experts) = (5usize, 2usize, 4usize);
+        if tokens * top_k * n * k > e.max_work() {
+            continue;
+        }
+        let mut rng = Rng::new(9);
+        let w = big_bf16(num_experts * n * k, 0.05, 77);
+        let x = rng.vec(tokens * k, 1.0);
+        let (ids, _) = routing(&mut rng, tokens, top_k, num_experts);
+
+        let mut want = vec![0.0f32; tokens * top_k * half];
+        for (pair, &ex) in ids.iter().enumerate() {
+            let t = pair / top_k;
+            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex as usize * n * k..(ex as usize + 1) * n * k] };
+            let mut gu = vec![0.0f32; n];
+            cpu_linear(&x[t * k..(t + 1) * k], 1, &m, &mut gu, BF16);
+            cpu_geglu(&gu[..half], &gu[half..], &mut want[pair * half..(pair + 1) * half], BF16);
+        }
+        let routing = Routing { tokens, top_k, num_experts };
+        let mut bufs = [hb(&x), Host::I32(ids.clone()), Host::Bf16(w.clone()), nan_bf16(tokens * top_k * half)];
+        e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(&spec, b[0], b[1], b[2], b[3], routing).unwrap());
+        let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
+        compare(&spec.kernel_name(), &bufs[3].bf16(), &want, tol);
+
+        // An expert id out of range writes NaN for that pair only.
+        let bad: Vec<i32> =
+            ids.iter().enumerate().map(|(i, &ex)| if i == 1 { num_experts as i32 } else { ex }).collect();
+        let mut bufs = [hb(&x), Host::I32(bad), Host::Bf16(w.clone()), hb(&vec![0.0; tokens * top_k * half])];
+        e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(&spec, b[0], b[1], b[2], b[3], routing).unwrap());
+        let got = bufs[3].bf16();
+        assert!(got[half..2 * half].iter().all(|v| v.is_nan()));
+        assert!(got[..half].iter().chain(&got[2 * half..]).all(|v| v.is_finite()));
+    }
+}
+
+/// The whole expert block (geglu then combine) against `dgemma-cpu`'s `experts_forward`.
+pub fn check_moe_experts(e: &dyn Exec) {
+    struct Bank<'a> {
+        gu: Vec<Bf16Matrix<'a>>,
+        down: Vec<Bf16Matrix<'a>>,
+    }
+    impl ExpertBank for Bank<'_> {
+        fn num_experts(&self) -> usize {
+            self.gu.len()
+        }
+        fn gate_up(&self, e: usize) -> &dyn Matrix {
+            &self.gu[e]
+        }
+        fn down(&self, e: usize) -> &dyn Matrix {
+            &self.down[e]
+        }
+    }
+
+    let all = specs(e, Family::GroupedGemm);
+    for up in all.iter().filter(|s| matches!(s.op, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu)) {
+        let Op::GroupedGemm(gu) = up.op else { unreachable!() };
+        let (hidden, inter) = (gu.k as usize, gu.n as usize / 2);
+        let down = all
+            .iter()
+            .find(|s| {
+                matches!(s.op, Op::GroupedGemm(g)
+                    if g.fuse == GemmFuse::Combine && g.n as usize == hidden && g.k as usize == inter)
+            })
+            .expect("a matching combine kernel");
+        for (tokens, top_k, num_experts) in [(3usize, 2usize, 8usize), (9, 8, 16)] {
+            if tokens * top_k * 3 * hidden * inter > e.max_work() {
+                continue;
+            }
+            let name = format!("{} + {} tokens={tokens} top_k={top_k}", up.kernel_name(), down.kernel_name());
+            let mut rng = Rng::new(tokens as u64);
+            let w_gu = big_bf16(num_experts * 2 * inter * hidden, 0.05, 5);
+            let w_down = big_bf16(num_experts * hidden * inter, 0.05, 6);
+            let x = rng.vec(tokens * hidden, 1.0);
+            let (ids, weights) = routing(&mut rng, tokens, top_k, num_experts);
+
+            let bank = Bank {
+                gu: (0..num_experts)
+                    .map(|ex| Bf16Matrix {
+                        rows: 2 * inter,
+                        cols: hidden,
+                        data: &w_gu[ex * 2 * inter * hidden..(ex + 1) * 2 * inter * hidden],
+                    })
+                    .collect(),
+                down: (0..num_experts)
+                    .map(|ex| Bf16Matrix {
+                        rows: hidden,
+                        cols: inter,
+                        data: &w_down[ex * hidden * inter..(ex + 1) * hidden * inter],
+                    })
+                    .collect(),
+            };
+            let cpu_routing =
+                CpuRouting { top_k, experts: ids.iter().map(|&x| x as usize).collect(), weights: weights.clone() };
+            let mut want = vec![0.0f32; tokens * hidden];
+            experts_forward(&x, tokens, &cpu_routing, &bank, BF16, &mut want);
+            // The CPU activations, pair by pair (what experts_forward computes inside).
+            let mut cpu_act = vec![0.0f32; tokens * top_k * inter];
+            for (pair, &ex) in ids.iter().enumerate() {
+                let t = pair / top_k;
+                let mut gu = vec![0.0f32; 2 * inter];
+                cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, &bank.gu[ex as usize], &mut gu, BF16);
+                cpu_geglu(&gu[..inter], &gu[inter..], &mut cpu_act[pair * inter..(pair + 1) * inter], BF16);
+            }
+            // The combine of `act`, as experts_forward does it: y_j = bf16(act_j . W_down[e_j]),
+            // out = bf16(sum_j y_j * w_j) in slot order. Also returns max_j |y_j w_j| per output.
+            let combine = |act: &[f32]| -> (Vec<f32>, Vec<f32>) {
+                let mut out = vec![0.0f32; tokens * hidden];
+                let mut scale = vec![0.0f32; tokens * hidden];
+                for (pair, &ex) in ids.iter().enumerate() {
+                    let t = pair / top_k;
+                    let mut y = vec![0.0f32; hidden];
+                    cpu_linear(&act[pair * inter..(pair + 1) * inter], 1, &bank.down[ex as usize], &mut y, BF16);
+                    for c in 0..hidden {
+                        out[t * hidden + c] += y[c] * weights[pair];
+                        scale[t * hidden + c] = scale[t * hidden + c].max((y[c] * weights[pair]).abs());
+                    }
+                }
+                (out.into_iter().map(to_bf16).collect(), scale)
+            };
+            let (cpu_out, scale) = combine(&cpu_act);
+            compare(&format!("{name}: CPU stages vs experts_forward"), &cpu_out, &want, EXACT);
+
+            let routing = Routing { tokens, top_k, num_experts };
+            let mut bufs = [hb(&x), Host::I32(ids.clone()), Host::Bf16(w_gu.clone()), nan_bf16(tokens * top_k * inter)];
+            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(up, b[0], b[1], b[2], b[3], routing).unwrap());
+            let act = bufs[3].clone();
+            let gpu_act = act.bf16();
+            let gemm_tol = Tol { ulps: 2.0, atol: 2e-6 * hidden as f32 * 0.05, max_mismatch: 0.03 };
+            compare(&format!("{name}: activations"), &gpu_act, &cpu_act, gemm_tol);
+            let mut bufs = [
+                act,
+                Host::I32(ids.clone()),
+                Host::F32(weights.clone()),
+                Host::Bf16(w_down.clone()),
+                nan_bf16(tokens * hidden),
+            ];
+            e.launch(&mut bufs, &|b| {
+                ops::plan_grouped_gemm_combine(down, b[0], b[1], b[2], b[3], b[4], routing).unwrap()
+            });
+            let got = bufs[4].bf16();
+            // The combine alone, on the kernel's own activations: only the dot products' order
+            // differs, so each y_j may flip one rounding (at |y_j w_j|).
+            let (want_from_gpu_act, gpu_scale) = combine(&gpu_act);
+            let tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.03 };
+            compare_scaled(&format!("{name}: combine"), &got, &want_from_gpu_act, Some(&gpu_scale), tol);
+            // End to end against experts_forward: activations that differ (a flipped rounding)
+            // propagate through the down projection by at most sum |d act| * max|w_down| * w_j.
+            let max_wd = w_down.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            let mut slack = vec![0.0f32; tokens * hidden];
+            for pair in 0..tokens * top_k {
+                let t = pair / top_k;
+                let d: f32 = (0..inter).map(|i| (gpu_act[pair * inter + i] - cpu_act[pair * inter + i]).abs()).sum();
+                for s in &mut slack[t * hidden..(t + 1) * hidden] {
+                    *s += d * max_wd * weights[pair].abs();
+                }
+            }
+            let tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.10 };
+            compare_with(&name, &got, &want, Some(&scale), Some(&slack), tol);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Every kernel of the fatbin on the GPU against the CPU oracle (the checks live in
+//! `common/mod.rs`, shared with the CPU-emulator tests).
+//!
+//! These tests need a CUDA GPU (H100/H200, or an sm_120 card) and a build with nvcc:
+//!
+//! ```text
+//! tools/install-cuda-toolchain.sh && export NVCC=$PWD/.tools/cuda/nvidia/cu13/bin/nvcc
+//! cargo test -p dgemma-cuda --test gpu_kernels -- --include-ignored
+//! ```
+//!
+//! They are `#[ignore]`d so that `cargo test` passes on machines without a GPU. Run with
+//! `--include-ignored` on such a machine they FAIL (opening the device fails); they never pass
+//! silently.
+
+mod common;
+
+use common::{Exec, Host};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use dgemma_codegen::{supported_specs, Arch, Op};
+use dgemma_cuda::ops::{self, Buf, LaunchPlan, RmsNormArgs};
+use dgemma_cuda::{bf16, Device};
+
+fn device() -> Device {
+    if !dgemma::kernels::HAVE_KERNELS {
+        panic!("dgemma was built without CUDA kernels ({}): set NVCC and rebuild", dgemma::kernels::NOT_BUILT_REASON);
+    }
+    Device::open(0, dgemma::kernels::FATBIN).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"))
+}
+
+struct Gpu(Device);
+
+enum Mem {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+    I32(CudaSlice<i32>),
+}
+
+impl Exec for Gpu {
+    fn arch(&self) -> Arch {
+        self.0.arch()
+    }
+    fn max_work(&self) -> usize {
+        usize::MAX
+    }
+    fn launch(&self, bufs: &mut [Host], plan: &dyn Fn(&[Buf]) -> LaunchPlan) {
+        let dev = &self.0;
+        let mems: Vec<Mem> = bufs
+            .iter()
+            .map(|h| match h {
+                Host::Bf16(v) => Mem::Bf16(dev.upload(v).unwrap()),
+                Host::F32(v) => Mem::F32(dev.upload(v).unwrap()),
+                Host::I32(v) => Mem::I32(dev.upload(v).unwrap()),
+            })
+            .collect();
+        // One stream: launches and copies are ordered, so the pointers can be used directly.
+        let stream = dev.stream();
+        let addrs: Vec<Buf> = mems
+            .iter()
+            .map(|m| match m {
+                Mem::Bf16(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
+                Mem::F32(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
+                Mem::I32(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
+            })
+            .collect();
+        let plan = plan(&addrs);
+        // SAFETY: the addresses are the live device buffers above, with their lengths.
+        unsafe { ops::run(dev, &plan) }.unwrap_or_else(|e| panic!("{}: {e}", plan.spec.kernel_name()));
+        for (h, m) in bufs.iter_mut().zip(&mems) {
+            *h = match m {
+                Mem::Bf16(s) => Host::Bf16(dev.download(s).unwrap()),
+                Mem::F32(s) => Host::F32(dev.download(s).unwrap()),
+                Mem::I32(s) => Host::I32(dev.download(s).unwrap()),
+            };
+        }
+    }
+}
+
+fn gpu() -> Gpu {
+    Gpu(device())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_indexed_kernel_loads() {
+    let dev = device();
+    eprintln!("{dev:?}");
+    assert_eq!(dgemma::kernels::KERNEL_NAMES.len(), supported_specs().len());
+    for name in dgemma::kernels::KERNEL_NAMES {
+        assert!(dev.has_kernel(name), "{name} is in the index but not in the module");
+    }
+    assert!(!dev.has_kernel("no_such_kernel"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kernels_of_another_arch_are_refused() {
+    let dev = device();
+    let other = supported_specs().into_iter().find(|s| !s.target.runs_on(dev.arch())).expect("an arch-specific spec");
+    let err = dev.function(&other).unwrap_err();
+    assert!(err.to_string().contains("has no body"), "{err}");
+    // Its twin for this arch (or the portable spec) is what `resolve` picks.
+    let resolved = dev.resolve(other.op).unwrap();
+    assert!(resolved.target.runs_on(dev.arch()), "{resolved:?}");
+}
+
+/// The typed wrappers (device buffers in, launch on the device's stream) agree with the
+/// plan path the shared checks use.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn typed_wrappers_work() {
+    let dev = device();
+    let spec = supported_specs()
+        .into_iter()
+        .find(|s| matches!(s.op, Op::RmsNorm(r) if r.width == 64 && r.has_scale && r.fuse_residual_add && !r.fuse_input_add))
+        .unwrap();
+    let rows = 3;
+    let mut rng = common::Rng::new(1);
+    let (x, w, h) = (rng.vec(rows * 64, 2.0), rng.vec(64, 1.0), rng.vec(rows * 64, 1.0));
+    let to = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+    let xd = dev.upload(&to(&x)).unwrap();
+    let wd = dev.upload(&to(&w)).unwrap();
+    let mut out = dev.upload(&to(&h)).unwrap();
+    ops::rms_norm(
+        &dev,
+        &spec,
+        RmsNormArgs { x: Some(&xd), x_add: None, weight: Some(&wd), out: &mut out, rows, eps: 1e-6, layer_scalar: 1.0 },
+    )
+    .unwrap();
+    let typed: Vec<f32> = dev.download(&out).unwrap().iter().map(|v| v.to_f32()).collect();
+
+    let mut bufs = [common::hb(&x), common::hb(&w), common::hb(&h)];
+    Gpu(device()).launch(&mut bufs, &|b| {
+        ops::plan_rms_norm(&spec, Some(b[0]), None, Some(b[1]), b[2], rows, 1e-6, 1.0).unwrap()
+    });
+    assert_eq!(typed, bufs[2].bf16());
+
+    // Views work as buffers: normalise the second row only, in place.
+    let mut out = dev.upload(&to(&h)).unwrap();
+    let spec = supported_specs()
+        .into_iter()
+        .find(|s| matches!(s.op, Op::RmsNorm(r) if r.width == 64 && !r.has_scale && !r.fuse_input_add))
+        .unwrap();
+    let mut row1 = out.slice_mut(64..128);
+    ops::rms_norm(
+        &dev,
+        &spec,
+        RmsNormArgs { x: None, x_add: None, weight: None, out: &mut row1, rows: 1, eps: 1e-6, layer_scalar: 1.0 },
+    )
+    .unwrap();
+    let got: Vec<f32> = dev.download(&out).unwrap().iter().map(|v| v.to_f32()).collect();
+    assert_eq!(got[..64], h[..64]);
+    assert_eq!(got[128..], h[128..]);
+    assert_ne!(got[64..128], h[64..128]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_matches_cpu() {
+    common::check_rms_norm(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_matches_cpu_bitwise() {
+    common::check_rope(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_matches_cpu_bitwise() {
+    common::check_embedding(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn geglu_matches_cpu() {
+    common::check_geglu(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn softcap_matches_cpu() {
+    common::check_softcap(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn row_softmax_entropy_argmax_matches_sampler() {
+    common::check_row_softmax_entropy_argmax(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn row_softmax_matches_cpu() {
+    common::check_row_softmax(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_matches_cpu() {
+    common::check_attention(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_matches_cpu() {
+    common::check_linear(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn grouped_gemm_geglu_matches_cpu() {
+    common::check_grouped_gemm_geglu(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn moe_experts_match_cpu() {
+    common::check_moe_experts(&gpu());
+}

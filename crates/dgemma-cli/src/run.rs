@@ -133,10 +133,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut noise = SeededNoise::new(a.seed, settings.vocab_size);
     let mut printer = Printer { decoder: StreamDecoder::new(&tokenizer, !a.show_special), error: None };
     let gen = generate(backend.as_mut(), &prompt, &settings, &mut noise, &mut printer)?;
-    println!();
     if let Some(e) = printer.error {
         return Err(e.into());
     }
+    // Flush what the decoder held back (a trailing run of byte-fallback tokens).
+    println!("{}", printer.decoder.finish()?);
 
     let st = &gen.stats;
     eprintln!(

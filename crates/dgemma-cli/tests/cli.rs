@@ -49,7 +49,7 @@ fn verify_passes_a_committed_case_and_fails_a_corrupted_one() {
     let case = std::fs::read_dir(&cases)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("float32") && p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| p.to_string_lossy().contains("-f32") && p.extension().is_some_and(|x| x == "safetensors"))
         .min()
         .expect("a float32 case is committed");
     let model_name = case_model(&case);

@@ -2,6 +2,7 @@
 # The test suite, as CI runs it: installs the pinned CUDA 13.0 compiler wheels (no GPU needed)
 # so that build.rs compiles every kernel for sm_90a and sm_120, then runs every test of the
 # workspace. GPU tests are #[ignore]d here; tools/gpu-suite.sh runs them on a GPU host.
+# Extra arguments go to the workspace `cargo test` (e.g. `tools/test.sh --no-fail-fast`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,3 +11,6 @@ if [ -z "${NVCC:-}" ]; then
     export NVCC="$root/.tools/cuda/nvidia/cu13/bin/nvcc"
 fi
 cargo test --workspace --locked "$@"
+# The generated CUDA kernels, executed on the CPU by dgemma-cuda's emulator and compared with
+# the CPU backend's ops (the same checks the GPU suite runs on a real GPU).
+cargo test -p dgemma-cuda --features emulator --test emulated_kernels --locked

@@ -16,7 +16,8 @@ pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DGEMMA_MODEL") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default");
+    dir.canonicalize().unwrap_or(dir)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -100,6 +100,7 @@ fn keys_values(l: &CpuLayer, x: &[f32], tokens: usize, rope: &RopeTable, eps: f3
     (k, v)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// One transformer layer over `h` (`[tokens, H]`) at positions `pos0..`, in place.
 /// With `kv_only` (the encoder's last layer) it stops after appending K/V.
 fn layer(w: &CpuWeights, l: &CpuLayer, h: &mut [f32], tokens: usize, pos0: usize, cache: CacheUse, scalar: f32, kv_only: bool) {

@@ -61,7 +61,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn has(&self, name: &str) -> bool {
-        self.st.names().iter().any(|n| *n == name)
+        self.st.names().contains(&name)
     }
 
     fn ids(&self, name: &str) -> Result<Vec<u32>> {

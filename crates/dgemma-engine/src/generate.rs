@@ -1,4 +1,5 @@
-//! The block-diffusion generation loop (model-spec sections 4 and 5), over any [`Backend`].
+//! One generation's settings, statistics and result, and [`generate`], which runs the
+//! block-diffusion loop ([`Generator`]) over any [`Backend`] to the end.
 //!
 //! ```text
 //! encode(prompt)
@@ -17,8 +18,9 @@
 
 use crate::error::{EngineError, Result};
 use dgemma_model::{Backend, Precision};
-use dgemma_sampler::{denoise_step_in_place, NoiseSource, SamplerSettings, StableAndConfident, TorchDevice};
-use std::time::{Duration, Instant};
+use crate::generator::Generator;
+use dgemma_sampler::{NoiseSource, SamplerSettings, TorchDevice};
+use std::time::Duration;
 
 /// Everything one generation needs besides the prompt and the noise.
 #[derive(Clone, Debug)]
@@ -127,7 +129,7 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
-/// Runs a whole generation for one prompt on a fresh cache.
+/// Runs a whole generation for one prompt on a fresh cache: [`Generator`] run to the end.
 pub fn generate(
     backend: &mut dyn Backend,
     prompt: &[u32],
@@ -135,96 +137,7 @@ pub fn generate(
     noise: &mut dyn NoiseSource,
     observer: &mut dyn Observer,
 ) -> Result<Generation> {
-    settings.validate()?;
-    if prompt.is_empty() {
-        return Err(EngineError::InvalidRequest("the prompt is empty (it needs at least a BOS token)".into()));
-    }
-    let needed = prompt.len() + settings.canvases() * settings.canvas_length;
-    if needed > settings.context_length {
-        return Err(EngineError::InvalidRequest(format!(
-            "the prompt ({} tokens) plus {} canvas(es) of {} tokens needs {needed} positions, over the model's \
-             context of {} (max_position_embeddings); shorten the prompt or lower max_new_tokens",
-            prompt.len(),
-            settings.canvases(),
-            settings.canvas_length,
-            settings.context_length
-        )));
-    }
-    let (c, v) = (settings.canvas_length, settings.vocab_size);
-    let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
-    backend.reset();
-    let t = Instant::now();
-    backend.encode(prompt)?;
-    stats.prefill_time = t.elapsed();
-
-    let mut ids = prompt.to_vec();
-    let mut canvas = vec![0u32; c];
-    let mut logits = vec![0.0f32; c * v];
-    let mut sc = vec![0.0f32; c * v];
-    let mut stopping = StableAndConfident::new(settings.sampler.stability_threshold, settings.sampler.confidence_threshold)?;
-    let mut finish = FinishReason::MaxNewTokens;
-    let n = settings.sampler.max_denoising_steps;
-
-    for block in 0..settings.canvases() {
-        if block > 0 {
-            let t = Instant::now();
-            let committed = ids[ids.len() - c..].to_vec();
-            backend.encode(&committed)?;
-            stats.commit_time += t.elapsed();
-        }
-        noise.init_canvas(block, &mut canvas)?;
-        stopping.reset();
-        let mut have_sc = false;
-        let mut argmax = canvas.clone();
-        let mut steps = 0;
-        for s in 0..n {
-            let cur_step = n - s;
-            let t = Instant::now();
-            backend.denoise(&canvas, have_sc.then_some(sc.as_slice()), &mut logits)?;
-            stats.denoise_time += t.elapsed();
-            let t = Instant::now();
-            let out = denoise_step_in_place(&settings.sampler, &mut stopping, noise, block, cur_step, &canvas, &mut logits)?;
-            // Self-conditioning input of the next step: the processed logits in the model dtype.
-            sc.copy_from_slice(&logits);
-            if settings.precision == Precision::Bf16 {
-                for x in sc.iter_mut() {
-                    *x = half::bf16::from_f32(*x).to_f32();
-                }
-            }
-            have_sc = true;
-            canvas = out.next_canvas;
-            argmax = out.argmax_canvas;
-            stats.sample_time += t.elapsed();
-            steps += 1;
-            observer.on_step(block, s, &argmax, out.accepted);
-            if out.finished {
-                break;
-            }
-        }
-        stats.steps_per_canvas.push(steps);
-        stats.canvases += 1;
-
-        // Commit: pad everything after the first EOS of this canvas; stop on EOS or length.
-        let start = ids.len();
-        ids.extend_from_slice(&argmax);
-        let mut done = false;
-        if let Some(first) = ids[start..].iter().position(|t| settings.eos_token_ids.contains(t)) {
-            finish = FinishReason::Eos(ids[start + first]);
-            for t in &mut ids[start + first + 1..] {
-                *t = settings.pad_token_id;
-            }
-            done = true;
-        }
-        if ids.len() - prompt.len() >= settings.max_new_tokens {
-            done = true;
-        }
-        stats.new_tokens += ids[start..].iter().filter(|&&t| t != settings.pad_token_id).count();
-        observer.on_canvas(block, &ids[start..]);
-        if done {
-            break;
-        }
-    }
-    Ok(Generation { ids, prompt_len: prompt.len(), finish, stats })
+    Generator::new(prompt, settings.clone(), noise)?.run_to_end(backend, observer)
 }
 
 impl GenerationSettings {

@@ -5,7 +5,9 @@
 pub mod case;
 pub mod error;
 pub mod generate;
+pub mod generator;
 pub mod verify;
 
 pub use error::{EngineError, Result};
+pub use generator::{Generator, Pass};
 pub use generate::{generate, FinishReason, Generation, GenerationSettings, GenerationStats, Observer, Silent};

@@ -62,6 +62,19 @@ pub trait NoiseSource {
     fn renoise(&mut self, block: usize, step: usize, out: &mut [u32]) -> Result<()>;
 }
 
+/// A borrowed noise source is a noise source (lets a generation borrow the caller's tape).
+impl<N: NoiseSource + ?Sized> NoiseSource for &mut N {
+    fn init_canvas(&mut self, block: usize, out: &mut [u32]) -> Result<()> {
+        (**self).init_canvas(block, out)
+    }
+    fn sample(&mut self, block: usize, step: usize, processed_logits: &[f32], vocab: usize, out: &mut [u32]) -> Result<()> {
+        (**self).sample(block, step, processed_logits, vocab, out)
+    }
+    fn renoise(&mut self, block: usize, step: usize, out: &mut [u32]) -> Result<()> {
+        (**self).renoise(block, step, out)
+    }
+}
+
 const TAG_INIT: u32 = 1;
 const TAG_SAMPLE: u32 = 2;
 const TAG_RENOISE: u32 = 3;

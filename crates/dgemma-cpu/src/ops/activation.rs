@@ -5,7 +5,7 @@
 
 use crate::precision::{round, Precision};
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_4;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const KAPPA: f32 = 0.044715;
 
 /// gelu_tanh of one value in float32.

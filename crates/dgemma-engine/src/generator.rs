@@ -1,0 +1,299 @@
+//! [`Generator`]: the block-diffusion loop (model-spec sections 4 and 5) as a state machine that
+//! runs **one forward pass per call**, so a scheduler can interleave many requests.
+//! [`generate`](crate::generate::generate) is this machine run to the end.
+//!
+//! ```text
+//! Prefill  --encode(prompt)-->                      Denoise(block 0, step 0)
+//! Denoise  --denoise + sample, not finished-->      Denoise(step + 1)
+//! Denoise  --denoise + sample, finished/last step-> commit --> Encode(block + 1) | Done
+//! Encode   --encode(committed canvas)-->            Denoise(block + 1, step 0)
+//! ```
+//!
+//! Per canvas: `noise.init_canvas`, then for `cur_step = N, N-1, ..`: a decoder pass, the
+//! sampler step (`dgemma_sampler::denoise_step_in_place`: sample, accept, renoise, stop), the
+//! self-conditioning input `round_to_model_dtype(logits / T)`; after the last executed step the
+//! argmax canvas is committed (pad after the first EOS; stop on EOS or max_new_tokens) and, if
+//! generation goes on, re-encoded at the positions it was denoised at. The last canvas is
+//! never encoded.
+
+use crate::error::EngineError;
+use crate::generate::{FinishReason, Generation, GenerationSettings, GenerationStats, Observer};
+use dgemma_model::{Backend, Precision};
+use dgemma_sampler::{denoise_step_in_place, NoiseSource, SeededNoise, StableAndConfident};
+use std::time::Instant;
+
+/// What one [`Generator::advance`] call ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// An encoder pass: the prompt (prefill) or the previous committed canvas.
+    Encode,
+    /// A decoder pass and the sampler step after it (and the commit when the canvas ended).
+    Denoise,
+    /// Nothing: the generation had already finished.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Prefill,
+    Encode,
+    Denoise,
+    Done,
+}
+
+/// One request's generation, advanced one forward pass at a time.
+///
+/// The generator does not own a backend: each [`advance`](Self::advance) is given the backend
+/// holding this request's KV cache (always the same one for a given generator), and a logits
+/// scratch buffer that may be shared by every generator stepped on the same thread.
+pub struct Generator<N: NoiseSource> {
+    settings: GenerationSettings,
+    noise: N,
+    prompt_len: usize,
+    ids: Vec<u32>,
+    canvas: Vec<u32>,
+    argmax: Vec<u32>,
+    /// Self-conditioning logits of the previous step (allocated on the first decoder pass,
+    /// freed when the generation ends).
+    sc: Vec<f32>,
+    have_sc: bool,
+    stopping: StableAndConfident,
+    block: usize,
+    /// Index of the next step within the block (0 = `cur_step = N`).
+    step: usize,
+    phase: Phase,
+    finish: FinishReason,
+    stats: GenerationStats,
+}
+
+impl Generator<SeededNoise> {
+    /// [`Generator::new`] with [`SeededNoise`]: the same seed gives the same output.
+    pub fn seeded(prompt: &[u32], settings: GenerationSettings, seed: u64) -> Result<Self, EngineError> {
+        let noise = SeededNoise::new(seed, settings.vocab_size);
+        Generator::new(prompt, settings, noise)
+    }
+}
+
+impl<N: NoiseSource> Generator<N> {
+    /// A generation of `prompt` with `settings` and the given noise. Refuses a bad request
+    /// before any compute (settings, empty prompt, context length).
+    pub fn new(prompt: &[u32], settings: GenerationSettings, noise: N) -> Result<Self, EngineError> {
+        settings.validate()?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "the prompt is empty (it needs at least a BOS token)".into(),
+            ));
+        }
+        let needed = prompt.len() + settings.canvases() * settings.canvas_length;
+        if needed > settings.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt ({} tokens) plus {} canvas(es) of {} tokens needs {needed} positions, over the model's \
+                 context of {} (max_position_embeddings); shorten the prompt or lower max_new_tokens",
+                prompt.len(),
+                settings.canvases(),
+                settings.canvas_length,
+                settings.context_length
+            )));
+        }
+        let stopping = StableAndConfident::new(
+            settings.sampler.stability_threshold,
+            settings.sampler.confidence_threshold,
+        )?;
+        Ok(Generator {
+            canvas: vec![0; settings.canvas_length],
+            argmax: Vec::new(),
+            sc: Vec::new(),
+            have_sc: false,
+            stopping,
+            block: 0,
+            step: 0,
+            phase: Phase::Prefill,
+            finish: FinishReason::MaxNewTokens,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                ..Default::default()
+            },
+            prompt_len: prompt.len(),
+            ids: prompt.to_vec(),
+            noise,
+            settings,
+        })
+    }
+
+    pub fn settings(&self) -> &GenerationSettings {
+        &self.settings
+    }
+
+    /// True once the last canvas has been committed.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+
+    /// Prompt followed by every canvas committed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Runs one forward pass (and the sampler step / commit that follows a decoder pass).
+    /// `observer` receives `on_step` after every denoising step and `on_canvas` after every
+    /// commit, exactly as with `generate`. Returns which pass ran; check
+    /// [`is_done`](Self::is_done) afterwards. After an error the generator must be dropped.
+    pub fn advance(
+        &mut self,
+        backend: &mut dyn Backend,
+        logits: &mut Vec<f32>,
+        observer: &mut dyn Observer,
+    ) -> Result<Pass, EngineError> {
+        match self.phase {
+            Phase::Done => Ok(Pass::None),
+            Phase::Prefill => {
+                backend.reset();
+                let t = Instant::now();
+                backend.encode(&self.ids)?;
+                self.stats.prefill_time = t.elapsed();
+                self.begin_block()?;
+                Ok(Pass::Encode)
+            }
+            Phase::Encode => {
+                let t = Instant::now();
+                let c = self.settings.canvas_length;
+                backend.encode(&self.ids[self.ids.len() - c..])?;
+                self.stats.commit_time += t.elapsed();
+                self.begin_block()?;
+                Ok(Pass::Encode)
+            }
+            Phase::Denoise => {
+                self.denoise(backend, logits, observer)?;
+                Ok(Pass::Denoise)
+            }
+        }
+    }
+
+    /// Advances until done and returns the result (the one-shot `generate` on this machine).
+    pub fn run_to_end(
+        mut self,
+        backend: &mut dyn Backend,
+        observer: &mut dyn Observer,
+    ) -> Result<Generation, EngineError> {
+        let mut logits = Vec::new();
+        while !self.is_done() {
+            self.advance(backend, &mut logits, observer)?;
+        }
+        Ok(self.into_generation().expect("the generation is done"))
+    }
+
+    /// The result, once [`is_done`](Self::is_done); `None` before.
+    pub fn into_generation(self) -> Option<Generation> {
+        let done = self.is_done();
+        done.then_some(Generation {
+            ids: self.ids,
+            prompt_len: self.prompt_len,
+            finish: self.finish,
+            stats: self.stats,
+        })
+    }
+
+    fn begin_block(&mut self) -> Result<(), EngineError> {
+        self.noise.init_canvas(self.block, &mut self.canvas)?;
+        self.stopping.reset();
+        self.have_sc = false;
+        self.argmax.clone_from(&self.canvas);
+        self.step = 0;
+        self.phase = Phase::Denoise;
+        Ok(())
+    }
+
+    fn denoise(
+        &mut self,
+        backend: &mut dyn Backend,
+        logits: &mut Vec<f32>,
+        observer: &mut dyn Observer,
+    ) -> Result<(), EngineError> {
+        let (c, v) = (self.settings.canvas_length, self.settings.vocab_size);
+        let n = self.settings.sampler.max_denoising_steps;
+        let cur_step = n - self.step;
+        logits.resize(c * v, 0.0);
+        let t = Instant::now();
+        backend.denoise(
+            &self.canvas,
+            self.have_sc.then_some(self.sc.as_slice()),
+            logits,
+        )?;
+        self.stats.denoise_time += t.elapsed();
+        let t = Instant::now();
+        let out = denoise_step_in_place(
+            &self.settings.sampler,
+            &mut self.stopping,
+            &mut self.noise,
+            self.block,
+            cur_step,
+            &self.canvas,
+            logits,
+        )?;
+        // Self-conditioning input of the next step: the processed logits in the model dtype.
+        self.sc.resize(c * v, 0.0);
+        self.sc.copy_from_slice(logits);
+        if self.settings.precision == Precision::Bf16 {
+            for x in self.sc.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+        self.have_sc = true;
+        self.canvas = out.next_canvas;
+        self.argmax = out.argmax_canvas;
+        self.stats.sample_time += t.elapsed();
+        observer.on_step(self.block, self.step, &self.argmax, out.accepted);
+        self.step += 1;
+        if out.finished || self.step == n {
+            self.commit(observer);
+        }
+        Ok(())
+    }
+
+    /// Commit: pad everything after the first EOS of this canvas; stop on EOS or length.
+    fn commit(&mut self, observer: &mut dyn Observer) {
+        let s = &self.settings;
+        self.stats.steps_per_canvas.push(self.step);
+        self.stats.canvases += 1;
+        let start = self.ids.len();
+        self.ids.extend_from_slice(&self.argmax);
+        let mut done = false;
+        if let Some(first) = self.ids[start..]
+            .iter()
+            .position(|t| s.eos_token_ids.contains(t))
+        {
+            self.finish = FinishReason::Eos(self.ids[start + first]);
+            for t in &mut self.ids[start + first + 1..] {
+                *t = s.pad_token_id;
+            }
+            done = true;
+        }
+        if self.ids.len() - self.prompt_len >= s.max_new_tokens {
+            done = true;
+        }
+        self.stats.new_tokens += self.ids[start..]
+            .iter()
+            .filter(|&&t| t != s.pad_token_id)
+            .count();
+        observer.on_canvas(self.block, &self.ids[start..]);
+        if done {
+            self.phase = Phase::Done;
+            // Free the per-request buffers now; the ids and stats stay.
+            self.sc = Vec::new();
+            self.canvas = Vec::new();
+            self.argmax = Vec::new();
+        } else {
+            self.phase = Phase::Encode;
+            self.block += 1;
+        }
+    }
+}

@@ -1,0 +1,842 @@
+//! [`Engine`]: loads a model once and serves many requests through a scheduler thread.
+
+use crate::error::{Result, RuntimeError};
+use dgemma_engine::{Generator, Pass};
+use dgemma_sampler::SeededNoise;
+use crate::request::{PreparedRequest, Prompt, Request};
+use dgemma_cpu::CpuBackend;
+use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats, Observer};
+use dgemma_model::checkpoint::Checkpoint;
+use dgemma_model::tensor::DType;
+use dgemma_model::weights::ModelWeights;
+use dgemma_model::{Backend, Precision};
+use dgemma_tokenizer::{chat_prompt_ids, raw_prompt_ids, ChatTemplate, StreamDecoder, Tokenizer};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Checkpoints at least this large get their pages read in at load.
+const PREFETCH_BYTES: u64 = 1 << 30;
+
+/// Which executor runs the forward passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// The CPU reference backend (`dgemma-cpu`).
+    #[default]
+    Cpu,
+}
+
+/// How to load and run the engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub backend: BackendKind,
+    /// Numeric mode; `None` picks bf16 for bf16/f16 checkpoints and float32 for float32 ones.
+    pub precision: Option<Precision>,
+    /// Most requests generating at once. Further requests wait in a FIFO queue (admission
+    /// control queues, it never rejects for load). Each active request holds one KV cache.
+    pub max_concurrent: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            backend: BackendKind::Cpu,
+            precision: None,
+            max_concurrent: 4,
+        }
+    }
+}
+
+/// Timing and counts of one finished request.
+#[derive(Clone, Debug, Default)]
+pub struct RequestStats {
+    /// The generation loop's own statistics (canvases, steps per canvas, pass times).
+    pub generation: GenerationStats,
+    /// From `submit` until the scheduler admitted the request.
+    pub queue_time: Duration,
+    /// From admission until the last event (includes time spent on other requests' passes).
+    pub run_time: Duration,
+}
+
+/// The final result of a request.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The prompt ids the request ran with.
+    pub prompt_ids: Vec<u32>,
+    /// Every committed canvas (pad after the first EOS), without the prompt.
+    pub ids: Vec<u32>,
+    /// The text of `ids` (the concatenation of every [`Event::Canvas`] text).
+    pub text: String,
+    pub reason: FinishReason,
+    pub stats: RequestStats,
+}
+
+/// What a [`RequestHandle`] yields. A request yields any number of `Draft` and `Canvas` events
+/// and then exactly one final event: `Finished`, `Cancelled` or `Error`.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// After every denoising step, when the request asked for drafts: the argmax canvas.
+    Draft {
+        block: usize,
+        step: usize,
+        ids: Vec<u32>,
+        accepted: usize,
+    },
+    /// A committed canvas (pad after the first EOS) and the text that became complete with it.
+    Canvas {
+        index: usize,
+        ids: Vec<u32>,
+        text: String,
+    },
+    /// The request finished.
+    Finished(Completion),
+    /// The request was cancelled; its KV cache is freed.
+    Cancelled,
+    /// The request failed (or the engine shut down); other requests are not affected.
+    Error(RuntimeError),
+}
+
+impl Event {
+    /// True for `Finished`, `Cancelled` and `Error`.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Event::Finished(_) | Event::Cancelled | Event::Error(_)
+        )
+    }
+}
+
+/// Counters of an engine since it was loaded ([`Engine::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests accepted by `submit`.
+    pub submitted: u64,
+    /// Requests `submit` refused (invalid request).
+    pub rejected: u64,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+    /// Requests waiting for a slot now.
+    pub queued: usize,
+    /// Requests generating now.
+    pub active: usize,
+    /// Backends (KV caches) built so far; at most `max_concurrent`, reused between requests.
+    pub backends: usize,
+    pub encoder_passes: u64,
+    pub decoder_passes: u64,
+    pub canvases: u64,
+    /// Non-pad tokens committed by finished requests.
+    pub new_tokens: u64,
+    /// Time the scheduler spent running passes.
+    pub busy_time: Duration,
+}
+
+/// Cancels a request from any thread (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A submitted request: its event stream and its cancel switch.
+///
+/// Dropping the handle before the final event cancels the request.
+pub struct RequestHandle {
+    id: u64,
+    events: Receiver<Event>,
+    cancel: CancelToken,
+    done: bool,
+}
+
+impl RequestHandle {
+    /// The engine-wide id of the request (1, 2, ...).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks the scheduler to stop the request. It stops before its next forward pass, frees its
+    /// KV cache and sends [`Event::Cancelled`] (unless it already finished).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A token that cancels this request from another thread.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// The next event, waiting for it; `None` after the final event.
+    pub fn next_event(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = self
+            .events
+            .recv()
+            .unwrap_or(Event::Error(RuntimeError::ShutDown));
+        self.done = e.is_final();
+        Some(e)
+    }
+
+    /// The next event if one arrives within `timeout`; `Ok(None)` after the final event,
+    /// `Err(())` on timeout.
+    #[allow(clippy::result_unit_err)]
+    pub fn next_event_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> std::result::Result<Option<Event>, ()> {
+        if self.done {
+            return Ok(None);
+        }
+        let e = match self.events.recv_timeout(timeout) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => return Err(()),
+            Err(RecvTimeoutError::Disconnected) => Event::Error(RuntimeError::ShutDown),
+        };
+        self.done = e.is_final();
+        Ok(Some(e))
+    }
+
+    /// An event that is already waiting, without blocking.
+    pub fn try_next_event(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = match self.events.try_recv() {
+            Ok(e) => e,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => Event::Error(RuntimeError::ShutDown),
+        };
+        self.done = e.is_final();
+        Some(e)
+    }
+
+    /// Waits for the end of the request, skipping the streamed events.
+    pub fn wait(mut self) -> Result<Completion> {
+        while let Some(e) = self.next_event() {
+            match e {
+                Event::Finished(c) => return Ok(c),
+                Event::Cancelled => return Err(RuntimeError::Cancelled),
+                Event::Error(e) => return Err(e),
+                Event::Draft { .. } | Event::Canvas { .. } => {}
+            }
+        }
+        Err(RuntimeError::ShutDown)
+    }
+}
+
+impl Iterator for RequestHandle {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.next_event()
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel.cancel();
+        }
+    }
+}
+
+/// The model, loaded once and shared by every request.
+struct Model {
+    dir: PathBuf,
+    checkpoint: Checkpoint,
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    defaults: GenerationSettings,
+    precision: Precision,
+    backend: BackendKind,
+}
+
+impl Model {
+    fn new_backend(&self) -> Box<dyn Backend + Send> {
+        match self.backend {
+            // Cheap: the big matrices stay in the shared memory map (`TensorRef` holds an `Arc`
+            // of it); only the norm and router vectors are widened to f32 per backend.
+            BackendKind::Cpu => Box::new(CpuBackend::new(
+                &self.checkpoint.config.text,
+                &self.weights,
+                self.precision,
+            )),
+        }
+    }
+}
+
+struct Shared {
+    model: Model,
+    options: EngineOptions,
+    stats: Mutex<EngineStats>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, EngineStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Job {
+    prepared: PreparedRequest,
+    events: Sender<Event>,
+    cancel: CancelToken,
+    submitted: Instant,
+}
+
+enum Command {
+    Submit(Box<Job>),
+    Shutdown,
+}
+
+/// A loaded model and its scheduler. `Engine` is `Send + Sync`: share it (e.g. in an `Arc`)
+/// and call [`submit`](Self::submit) from any thread.
+///
+/// ```
+/// use dgemma_runtime::{Engine, EngineOptions, Event, Request};
+/// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../reference/models/tiny-default");
+/// let engine = Engine::load(dir, EngineOptions { max_concurrent: 2, ..Default::default() })?;
+///
+/// // Stream one request ...
+/// let mut handle = engine.submit(Request::chat("Hello!").max_new_tokens(32).seed(7))?;
+/// let mut streamed = String::new();
+/// while let Some(event) = handle.next_event() {
+///     match event {
+///         Event::Canvas { text, .. } => streamed.push_str(&text),
+///         Event::Finished(done) => assert_eq!(done.text, streamed),
+///         Event::Draft { .. } => {}
+///         Event::Cancelled | Event::Error(_) => unreachable!(),
+///     }
+/// }
+///
+/// // ... or wait for another: the same seed gives the same ids, whatever else is running.
+/// let a = engine.submit(Request::chat("Hello!").max_new_tokens(32).seed(7))?;
+/// let b = engine.submit(Request::chat("Bonjour").max_new_tokens(16).seed(1))?;
+/// let (a, _b) = (a.wait()?, b.wait()?);
+/// assert!(a.ids.len() % 16 == 0);
+///
+/// // Bad requests are refused up front, with the reason.
+/// let err = engine.submit(Request::ids(vec![])).err().unwrap();
+/// assert!(err.to_string().contains("empty"));
+/// assert_eq!(engine.stats().completed, 3);
+/// # Ok::<(), dgemma_runtime::RuntimeError>(())
+/// ```
+pub struct Engine {
+    shared: Arc<Shared>,
+    commands: Sender<Command>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Loads the checkpoint, weights, tokenizer and chat template in `model_dir` once and
+    /// starts the scheduler thread.
+    pub fn load(model_dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine> {
+        let dir = model_dir.as_ref().to_path_buf();
+        if options.max_concurrent == 0 {
+            return Err(RuntimeError::InvalidOptions(
+                "max_concurrent must be at least 1".into(),
+            ));
+        }
+        let load_err = |m: String| RuntimeError::Load {
+            path: dir.clone(),
+            message: m,
+        };
+        let checkpoint = Checkpoint::open(&dir).map_err(|e| load_err(e.to_string()))?;
+        let weights = ModelWeights::load(&checkpoint).map_err(|e| load_err(e.to_string()))?;
+        if checkpoint.total_bytes() >= PREFETCH_BYTES {
+            checkpoint.prefetch(&mut |_, _| {});
+        }
+        let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| load_err(e.to_string()))?;
+        let template = ChatTemplate::from_dir(&dir).map_err(|e| load_err(e.to_string()))?;
+        let precision = options
+            .precision
+            .unwrap_or(match weights.embed_tokens.dtype {
+                DType::F32 => Precision::F32,
+                _ => Precision::Bf16,
+            });
+        let defaults = GenerationSettings::from_checkpoint(
+            &checkpoint.config,
+            &checkpoint.generation,
+            precision,
+        );
+        let model = Model {
+            dir,
+            checkpoint,
+            weights,
+            tokenizer,
+            template,
+            defaults,
+            precision,
+            backend: options.backend,
+        };
+        let shared = Arc::new(Shared {
+            model,
+            options,
+            stats: Mutex::new(EngineStats::default()),
+            next_id: AtomicU64::new(1),
+        });
+        let (commands, rx) = mpsc::channel();
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("dgemma-scheduler".into())
+            .spawn(move || scheduler(&worker_shared, rx))
+            .map_err(|e| {
+                RuntimeError::InvalidOptions(format!("cannot start the scheduler thread: {e}"))
+            })?;
+        Ok(Engine {
+            shared,
+            commands,
+            worker: Some(worker),
+        })
+    }
+
+    /// The model directory.
+    pub fn model_dir(&self) -> &Path {
+        &self.shared.model.dir
+    }
+
+    /// The numeric mode the backends run in.
+    pub fn precision(&self) -> Precision {
+        self.shared.model.precision
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.shared.options
+    }
+
+    /// The settings a request without overrides runs with (from the checkpoint).
+    pub fn default_settings(&self) -> &GenerationSettings {
+        &self.shared.model.defaults
+    }
+
+    /// The tokenizer (e.g. to build [`Prompt::Ids`] or decode drafts).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.model.tokenizer
+    }
+
+    /// Validates `request` and resolves it into prompt ids and complete settings, without
+    /// running it. `submit` does exactly this first.
+    pub fn prepare(&self, request: &Request) -> Result<PreparedRequest> {
+        let m = &self.shared.model;
+        let bad = |msg: String| Err(RuntimeError::InvalidRequest(msg));
+        let tok_err = |e: dgemma_tokenizer::Error| {
+            RuntimeError::InvalidRequest(format!("cannot tokenize the prompt: {e}"))
+        };
+        let vocab = m.defaults.vocab_size;
+        let prompt_ids = match &request.prompt {
+            Prompt::Chat {
+                user,
+                system,
+                thinking,
+            } => {
+                if user.trim().is_empty() {
+                    return bad("the prompt is empty: the user message has no text".into());
+                }
+                chat_prompt_ids(
+                    &m.tokenizer,
+                    m.template.as_ref(),
+                    user,
+                    system.as_deref(),
+                    *thinking,
+                )
+                .map_err(tok_err)?
+            }
+            Prompt::Text(text) => {
+                if text.is_empty() {
+                    return bad("the prompt is empty: the text has no characters".into());
+                }
+                raw_prompt_ids(&m.tokenizer, text).map_err(tok_err)?
+            }
+            Prompt::Ids(ids) => {
+                if ids.is_empty() {
+                    return bad(
+                        "the prompt is empty: no token ids (it needs at least a BOS token)".into(),
+                    );
+                }
+                if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab)
+                {
+                    return bad(format!("prompt id {id} at position {i} is outside the vocabulary of {vocab} tokens"));
+                }
+                ids.clone()
+            }
+        };
+        let mut settings = m.defaults.clone();
+        if let Some(n) = request.max_new_tokens {
+            settings.max_new_tokens = n;
+        }
+        if let Some(n) = request.max_denoising_steps {
+            settings.sampler.max_denoising_steps = n;
+        }
+        let (o, s) = (&request.sampler, &mut settings.sampler);
+        if let Some(v) = o.entropy_bound {
+            s.entropy_bound = v;
+        }
+        if let Some(v) = o.t_min {
+            s.t_min = v;
+        }
+        if let Some(v) = o.t_max {
+            s.t_max = v;
+        }
+        if let Some(v) = o.stability_threshold {
+            s.stability_threshold = v;
+        }
+        if let Some(v) = o.confidence_threshold {
+            s.confidence_threshold = v;
+        }
+        if let Some(stop) = &request.stop_ids {
+            if let Some(&id) = stop.iter().find(|&&id| id as usize >= vocab) {
+                return bad(format!(
+                    "stop id {id} is outside the vocabulary of {vocab} tokens"
+                ));
+            }
+            settings.eos_token_ids = stop.clone();
+        }
+        // The same checks as the generation loop (settings, context length), before any compute.
+        Generator::seeded(&prompt_ids, settings.clone(), request.seed).map_err(|e| match e {
+            dgemma_engine::EngineError::InvalidRequest(m) => RuntimeError::InvalidRequest(m),
+            other => RuntimeError::InvalidRequest(other.to_string()),
+        })?;
+        Ok(PreparedRequest {
+            prompt_ids,
+            settings,
+            seed: request.seed,
+            stream_drafts: request.stream_drafts,
+            skip_special_tokens: request.skip_special_tokens,
+        })
+    }
+
+    /// Validates `request` (see [`prepare`](Self::prepare)) and queues it. An invalid request
+    /// is refused here with [`RuntimeError::InvalidRequest`]; it never reaches the scheduler.
+    pub fn submit(&self, request: Request) -> Result<RequestHandle> {
+        let prepared = match self.prepare(&request) {
+            Ok(p) => p,
+            Err(e) => {
+                self.shared.stats().rejected += 1;
+                return Err(e);
+            }
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let cancel = CancelToken(Arc::new(AtomicBool::new(false)));
+        let job = Job {
+            prepared,
+            events: tx,
+            cancel: cancel.clone(),
+            submitted: Instant::now(),
+        };
+        {
+            let mut st = self.shared.stats();
+            st.submitted += 1;
+            st.queued += 1;
+        }
+        if self.commands.send(Command::Submit(Box::new(job))).is_err() {
+            let mut st = self.shared.stats();
+            st.queued -= 1;
+            return Err(RuntimeError::ShutDown);
+        }
+        Ok(RequestHandle {
+            id,
+            events: rx,
+            cancel,
+            done: false,
+        })
+    }
+
+    /// Submits and waits: the one-call way to run a single request.
+    pub fn generate(&self, request: Request) -> Result<Completion> {
+        self.submit(request)?.wait()
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats().clone()
+    }
+}
+
+impl Drop for Engine {
+    /// Stops the scheduler: requests still queued or running end with
+    /// [`RuntimeError::ShutDown`].
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Buffers what the generator reports during one pass.
+#[derive(Default)]
+struct Collect {
+    drafts: bool,
+    steps: Vec<(usize, usize, Vec<u32>, usize)>,
+    canvases: Vec<(usize, Vec<u32>)>,
+}
+
+impl Observer for Collect {
+    fn on_step(&mut self, block: usize, step: usize, draft: &[u32], accepted: usize) {
+        if self.drafts {
+            self.steps.push((block, step, draft.to_vec(), accepted));
+        }
+    }
+    fn on_canvas(&mut self, block: usize, tokens: &[u32]) {
+        self.canvases.push((block, tokens.to_vec()));
+    }
+}
+
+/// A request holding a backend.
+struct Active<'m> {
+    job: Job,
+    gen: Generator<SeededNoise>,
+    backend: Box<dyn Backend + Send>,
+    decoder: StreamDecoder<'m>,
+    text: String,
+    admitted: Instant,
+}
+
+enum Outcome {
+    Running,
+    Finished,
+    Cancelled,
+    Failed,
+}
+
+impl Active<'_> {
+    /// One forward pass and the events it produced.
+    fn step(&mut self, logits: &mut Vec<f32>, stats: &Mutex<EngineStats>) -> Outcome {
+        let mut obs = Collect {
+            drafts: self.job.prepared.stream_drafts,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let pass = self.gen.advance(self.backend.as_mut(), logits, &mut obs);
+        {
+            let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
+            st.busy_time += t.elapsed();
+            match pass {
+                Ok(Pass::Encode) => st.encoder_passes += 1,
+                Ok(Pass::Denoise) => st.decoder_passes += 1,
+                _ => {}
+            }
+            st.canvases += obs.canvases.len() as u64;
+        }
+        if let Err(e) = pass {
+            let _ = self
+                .job
+                .events
+                .send(Event::Error(RuntimeError::Generation(e.to_string())));
+            return Outcome::Failed;
+        }
+        let mut delivered = true;
+        for (block, step, ids, accepted) in obs.steps {
+            delivered &= self
+                .job
+                .events
+                .send(Event::Draft {
+                    block,
+                    step,
+                    ids,
+                    accepted,
+                })
+                .is_ok();
+        }
+        let last = obs.canvases.len().saturating_sub(1);
+        for (i, (index, ids)) in obs.canvases.into_iter().enumerate() {
+            let text = self.decoder.push(&ids).and_then(|mut t| {
+                if self.gen.is_done() && i == last {
+                    t.push_str(&self.decoder.finish()?);
+                }
+                Ok(t)
+            });
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = self
+                        .job
+                        .events
+                        .send(Event::Error(RuntimeError::Generation(format!(
+                            "decoding canvas {index}: {e}"
+                        ))));
+                    return Outcome::Failed;
+                }
+            };
+            self.text.push_str(&text);
+            delivered &= self
+                .job
+                .events
+                .send(Event::Canvas { index, ids, text })
+                .is_ok();
+        }
+        if !delivered {
+            // Nobody listens any more: same as a cancel.
+            return Outcome::Cancelled;
+        }
+        if !self.gen.is_done() {
+            return Outcome::Running;
+        }
+        Outcome::Finished
+    }
+}
+
+/// The scheduler: admits queued requests up to `max_concurrent`, then runs one forward pass of
+/// every active request per round (round-robin), so a finished request leaves at once and the
+/// next queued one starts in the next round.
+fn scheduler(shared: &Shared, rx: Receiver<Command>) {
+    let model = &shared.model;
+    let max = shared.options.max_concurrent;
+    let mut free: Vec<Box<dyn Backend + Send>> = Vec::new();
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut active: Vec<Active<'_>> = Vec::new();
+    // One logits buffer for every request: passes run one at a time on this thread.
+    let mut logits: Vec<f32> = Vec::new();
+    let mut shutdown = false;
+
+    let stats = || shared.stats();
+    'outer: loop {
+        // Intake: block only when there is nothing to run.
+        if active.is_empty() && queue.is_empty() {
+            // Nothing in flight: drop the scratch (the memory of a whole canvas of logits).
+            logits = Vec::new();
+            match rx.recv() {
+                Ok(Command::Submit(job)) => queue.push_back(*job),
+                Ok(Command::Shutdown) | Err(_) => break 'outer,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Command::Submit(job)) => queue.push_back(*job),
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    shutdown = true;
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if shutdown {
+            break 'outer;
+        }
+        // Requests cancelled while queued leave without ever taking a slot.
+        queue.retain(|job| {
+            if job.cancel.is_cancelled() {
+                let _ = job.events.send(Event::Cancelled);
+                let mut st = stats();
+                st.queued -= 1;
+                st.cancelled += 1;
+                false
+            } else {
+                true
+            }
+        });
+        // Admission.
+        while active.len() < max {
+            let Some(job) = queue.pop_front() else { break };
+            let gen = match Generator::seeded(
+                &job.prepared.prompt_ids,
+                job.prepared.settings.clone(),
+                job.prepared.seed,
+            ) {
+                Ok(g) => g,
+                Err(e) => {
+                    // `submit` validated the request, so this is not expected; report it anyway.
+                    let _ = job
+                        .events
+                        .send(Event::Error(RuntimeError::InvalidRequest(e.to_string())));
+                    let mut st = stats();
+                    st.queued -= 1;
+                    st.failed += 1;
+                    continue;
+                }
+            };
+            let backend = free.pop().unwrap_or_else(|| {
+                stats().backends += 1;
+                model.new_backend()
+            });
+            let decoder = StreamDecoder::new(&model.tokenizer, job.prepared.skip_special_tokens);
+            {
+                let mut st = stats();
+                st.queued -= 1;
+                st.active += 1;
+            }
+            active.push(Active {
+                job,
+                gen,
+                backend,
+                decoder,
+                text: String::new(),
+                admitted: Instant::now(),
+            });
+        }
+        // One round: one pass per active request.
+        let mut i = 0;
+        while i < active.len() {
+            let a = &mut active[i];
+            let outcome = if a.job.cancel.is_cancelled() {
+                Outcome::Cancelled
+            } else {
+                a.step(&mut logits, &shared.stats)
+            };
+            if let Outcome::Running = outcome {
+                i += 1;
+                continue;
+            }
+            let mut a = active.swap_remove(i);
+            let mut st = stats();
+            st.active -= 1;
+            match outcome {
+                Outcome::Running => unreachable!(),
+                Outcome::Cancelled => {
+                    let _ = a.job.events.send(Event::Cancelled);
+                    st.cancelled += 1;
+                }
+                Outcome::Failed => st.failed += 1,
+                Outcome::Finished => {
+                    let gen = a.gen.into_generation().expect("finished");
+                    st.completed += 1;
+                    st.new_tokens += gen.stats.new_tokens as u64;
+                    let completion = Completion {
+                        ids: gen.ids[gen.prompt_len..].to_vec(),
+                        prompt_ids: a.job.prepared.prompt_ids,
+                        text: std::mem::take(&mut a.text),
+                        reason: gen.finish,
+                        stats: RequestStats {
+                            generation: gen.stats,
+                            queue_time: a.admitted - a.job.submitted,
+                            run_time: a.admitted.elapsed(),
+                        },
+                    };
+                    let _ = a.job.events.send(Event::Finished(completion));
+                }
+            }
+            drop(st);
+            // Free the KV cache now and keep the (empty) backend for the next request.
+            a.backend.reset();
+            free.push(a.backend);
+            // swap_remove moved the last request to `i`: do not advance.
+        }
+    }
+    // Shut down: whatever is still queued or running ends with an error.
+    let mut st = stats();
+    for job in queue.drain(..) {
+        let _ = job.events.send(Event::Error(RuntimeError::ShutDown));
+        st.queued -= 1;
+        st.failed += 1;
+    }
+    for a in active.drain(..) {
+        let _ = a.job.events.send(Event::Error(RuntimeError::ShutDown));
+        st.active -= 1;
+        st.failed += 1;
+    }
+}

@@ -1,0 +1,66 @@
+//! dgemma-runtime: an embeddable DiffusionGemma runtime.
+//!
+//! Load a model once with [`Engine::load`], then [`Engine::submit`] any number of
+//! [`Request`]s from any thread. Each request has its own prompt, settings and seed, and its
+//! own event stream ([`RequestHandle`]): optional per-step drafts, every committed canvas with
+//! its text, then one final [`Event::Finished`], [`Event::Cancelled`] or [`Event::Error`].
+//! [`RequestHandle::cancel`] stops a request before its next forward pass and frees its KV
+//! cache. Invalid requests (empty or too long prompt, invalid settings) are refused by
+//! `submit` with [`RuntimeError::InvalidRequest`] and never disturb the others.
+//!
+//! # Scheduling
+//!
+//! One scheduler thread owns every backend. At most [`EngineOptions::max_concurrent`] requests
+//! are active; the rest wait in a FIFO queue. Each round runs **one** forward pass (prefill,
+//! one denoising step, or the re-encode of a committed canvas) of every active request, so
+//! requests progress together, a finished or cancelled request leaves at once and a queued one
+//! is admitted in the next round. A request is stepped by [`Generator`], dgemma-engine's
+//! generation loop as a state machine (`dgemma_engine::generate` runs the same machine to the
+//! end), and the noise is counter-based (keyed by seed,
+//! block, step and position), so a request's output does not depend on what else runs.
+//!
+//! **Not batched yet:** each active request runs its own forward passes on its own backend
+//! (one KV cache each); the scheduler interleaves them, it does not fuse several canvases into
+//! one forward. True batching needs a batched backend API (several sequences' canvases in one
+//! decoder pass, a paged KV cache sized from device memory), which the CUDA backend is to
+//! provide; the scheduler is the place where it plugs in. Backends are built lazily, at most
+//! `max_concurrent` of them, and reused (their cache is cleared between requests). On the CPU
+//! backend they share the memory-mapped weights.
+//!
+//! ```no_run
+//! use dgemma_runtime::{Engine, EngineOptions, Event, Request};
+//! let engine = Engine::load("path/to/model", EngineOptions::default())?;
+//! let mut handle = engine.submit(Request::chat("Write a haiku").max_new_tokens(256).seed(1))?;
+//! for event in &mut handle {
+//!     match event {
+//!         Event::Canvas { text, .. } => print!("{text}"),
+//!         Event::Finished(done) => println!("\n{} tokens", done.stats.generation.new_tokens),
+//!         Event::Error(e) => eprintln!("{e}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok::<(), dgemma_runtime::RuntimeError>(())
+//! ```
+//! (A runnable version on the bundled tiny model is on [`Engine`] and in
+//! `examples/stream.rs`.)
+
+mod engine;
+mod error;
+mod request;
+
+pub use engine::{
+    BackendKind, CancelToken, Completion, Engine, EngineOptions, EngineStats, Event, RequestHandle,
+    RequestStats,
+};
+pub use error::{Result, RuntimeError};
+pub use dgemma_engine::{Generator, Pass};
+pub use request::{PreparedRequest, Prompt, Request, SamplerOverrides};
+
+pub use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats};
+pub use dgemma_model::Precision;
+
+/// The bundled tiny model (random weights, vocab 512, canvas 16) in this source tree, for
+/// examples and tests.
+pub fn bundled_tiny_model() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default")
+}

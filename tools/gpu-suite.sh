@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# The GPU suite: runs what tools/gpu-bundle.sh put in .bundle/ on a GPU host (no Rust needed there),
+# from the repo root:
+#
+#   bash tools/gpu-suite.sh
+#
+# 1. nvidia-smi: device name, driver, memory (none: the run goes on and says so).
+# 2. Unpacks .bundle/bin.tar.xz into a temp dir and checks each executable's sha256.
+# 3. Maps the build root: test executables reach their data through absolute paths compiled in
+#    (env!("CARGO_MANIFEST_DIR") under the build machine's checkout, e.g. /work/main, and the CLI
+#    tests run env!("CARGO_BIN_EXE_dgemma") = <build root>/target/release/dgemma). If that root does
+#    not exist here, it becomes a symlink to this checkout for the run (removed at the end) and the
+#    bundled dgemma is put where the CLI tests look for it. DGEMMA_SUITE_NO_LINK=1 skips this.
+# 4. Runs every bundled test executable with --include-ignored (the GPU tests are #[ignore]d) in its
+#    package directory, with DGEMMA_REPO=<this checkout>, a per-executable timeout and one budget for
+#    the whole suite; GPU executables first. Counts passed/failed from libtest's output.
+# 5. Runs the bundled `dgemma info` on each reference model and `dgemma verify` on every case of
+#    .bundle/reference/cases, and each bench executable once in criterion's --test mode.
+# 6. Writes <device-slug>-<date>-<commit>.json and .md (tools/results.py; contract in
+#    benches/results/README.md) into $OUT when set, else benches/results/; with $OUT also <stem>.log
+#    (the output of every failed step). Prints the table last.
+#
+# Exit status: 0 all records passed, 1 results written with failures, 2 no bundle / setup error.
+# Environment: DGEMMA_SUITE_BUDGET_S (whole suite, default 540), DGEMMA_SUITE_TIMEOUT_S (per
+# executable, overrides the manifest's 300 s GPU / 180 s other), DGEMMA_SUITE_JOBS (non-GPU
+# executables run at once, default cores/4 capped at 4), DGEMMA_BUNDLE (default <repo>/.bundle),
+# DGEMMA_SUITE_NO_LINK=1, DGEMMA_SUITE_ONLY (regex on executable names).
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export DGEMMA_SUITE_ROOT="$root"
+export PYTHONUNBUFFERED=1
+exec python3 - "$@" <<'EOF'
+import atexit
+import concurrent.futures as cf
+import datetime, hashlib, json, os, re, shutil, signal, socket, struct, subprocess, sys, tarfile, tempfile, time
+
+T0 = time.monotonic()
+root = os.environ["DGEMMA_SUITE_ROOT"]
+sys.path.insert(0, os.path.join(root, "tools"))
+import results  # tools/results.py
+
+bundle = os.environ.get("DGEMMA_BUNDLE", os.path.join(root, ".bundle"))
+budget = float(os.environ.get("DGEMMA_SUITE_BUDGET_S", "540"))
+deadline = T0 + budget
+out_env = os.environ.get("OUT")
+out_dir = out_env or os.path.join(root, "benches", "results")
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+manifest_path = os.path.join(bundle, "manifest.json")
+if not os.path.exists(manifest_path):
+    print(f"gpu-suite: no bundle at {bundle}: run tools/gpu-bundle.sh on the build machine and carry .bundle", file=sys.stderr)
+    sys.exit(2)
+manifest = json.load(open(manifest_path))
+records, failures_log, meta = [], [], {}
+
+def rec(*a, **k):
+    records.append(results.make_record(*a, **k))
+
+# ---- 1. the GPU ----------------------------------------------------------------------------
+gpus, device, driver = [], "no GPU", None
+for fields in ("name,driver_version,memory.total,compute_cap", "name,driver_version,memory.total"):
+    try:
+        p = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        meta["nvidia_smi"] = f"not usable: {e}"
+        break
+    if p.returncode == 0 and p.stdout.strip():
+        gpus = [[x.strip() for x in l.split(",")] for l in p.stdout.strip().splitlines()]
+        break
+    meta["nvidia_smi"] = f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[:300]}"
+if gpus:
+    device, driver = gpus[0][0], gpus[0][1]
+    meta["gpu"] = "; ".join(", ".join(g) for g in gpus)
+    meta.pop("nvidia_smi", None)
+meta.update({"driver": driver, "host": socket.gethostname(), "dirty": manifest.get("dirty"),
+             "built": manifest.get("built"), "build_root": manifest.get("build_root"),
+             "rustc": manifest.get("rustc"), "nvcc": manifest.get("nvcc"), "repo": root})
+log(f"device: {device}; driver {driver}; {len(gpus)} GPU(s)" + (f" ({meta.get('nvidia_smi')})" if not gpus else ""))
+rec("gpu_suite.gpus", len(gpus), "gpus", target=1, passed=len(gpus) >= 1,
+    note=meta.get("gpu") or meta.get("nvidia_smi", "nvidia-smi found no GPU"))
+
+# ---- 2. unpack -----------------------------------------------------------------------------
+tmp = tempfile.mkdtemp(prefix="dgemma-suite-")
+made_link = None
+
+def same(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+def cleanup():
+    """Removes what this run made: the temp dir and the build-root symlink (if it made one)."""
+    global made_link
+    if made_link and os.path.islink(made_link) and same(made_link, root):
+        os.unlink(made_link)
+    made_link = None
+    shutil.rmtree(tmp, ignore_errors=True)
+
+atexit.register(cleanup)
+with tarfile.open(os.path.join(bundle, manifest.get("archive", "bin.tar.xz")), "r:xz") as t:
+    try:
+        t.extractall(tmp, filter="data")
+    except TypeError:  # Python without extraction filters
+        t.extractall(tmp)
+bad_sha = []
+for e in manifest["executables"]:
+    path = os.path.join(tmp, e["file"])
+    e["path"] = path
+    if hashlib.sha256(open(path, "rb").read()).hexdigest() != e["sha256"]:
+        bad_sha.append(e["name"])
+    os.chmod(path, 0o755)
+if bad_sha:
+    log(f"WARNING: sha256 mismatch: {bad_sha}")
+cli = next(e for e in manifest["executables"] if e["kind"] == "cli")
+log(f"bundle: commit {manifest['commit']}{' (dirty)' if manifest.get('dirty') else ''}, "
+    f"{len(manifest['executables'])} executables, built {manifest.get('built')} in {manifest.get('build_root')}")
+
+# ---- 3. the build root ---------------------------------------------------------------------
+build_root = manifest["build_root"]
+if same(build_root, root):
+    path_fix = "same: the build root is this checkout"
+elif os.environ.get("DGEMMA_SUITE_NO_LINK") == "1":
+    path_fix = f"none (DGEMMA_SUITE_NO_LINK=1): tests look under {build_root}"
+elif os.path.lexists(build_root):
+    path_fix = f"none: {build_root} exists and is another directory; tests read data there"
+else:
+    try:
+        os.makedirs(os.path.dirname(build_root), exist_ok=True)
+        os.symlink(root, build_root)
+        made_link = build_root
+        path_fix = f"symlink {build_root} -> {root} for the run"
+    except OSError as e:
+        path_fix = f"none: could not link {build_root} -> {root}: {e}"
+if made_link or same(build_root, root):
+    # The CLI tests run the dgemma binary at its build path; the reference data must be there.
+    want = cli.get("exe_at_build") or manifest.get("cli_exe_at_build")
+    if want and not os.path.exists(want):
+        os.makedirs(os.path.dirname(want), exist_ok=True)
+        shutil.copy2(cli["path"], want)
+        path_fix += f"; bundled dgemma installed at {want}"
+    for d in manifest.get("reference", []):
+        if not os.path.exists(os.path.join(root, d)) and os.path.exists(os.path.join(bundle, d)):
+            shutil.copytree(os.path.join(bundle, d), os.path.join(root, d))
+            path_fix += f"; {d} restored from the bundle"
+meta["path_fix"] = path_fix
+log(f"paths: {path_fix}")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+env = dict(os.environ, DGEMMA_REPO=root, DGEMMA_BUNDLE=bundle, RUST_BACKTRACE="1")
+env.pop("DGEMMA_MODEL", None)
+
+def run(argv, cwd, timeout):
+    """(returncode or None on timeout, combined output, seconds)."""
+    t = time.monotonic()
+    try:
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        return -1, f"could not start {argv[0]}: {e}\n", 0.0
+    try:
+        outb, _ = p.communicate(timeout=max(1.0, timeout))
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the process group this call started
+        except OSError:
+            pass
+        outb, _ = p.communicate()
+        rc = None
+    return rc, outb.decode("utf-8", "replace"), time.monotonic() - t
+
+def remaining(reserve=15.0):
+    return deadline - time.monotonic() - reserve
+
+SUMMARY = re.compile(r"^test result: (\w+)\. (\d+) passed; (\d+) failed; (\d+) ignored")
+LINE = re.compile(r"^test (\S+) \.\.\. (ok|FAILED|ignored)\s*$")
+
+def run_tests(e):
+    name, expected = e["name"], e["tests"]
+    cwd = os.path.join(root, e["package_dir"])
+    if not os.path.isdir(cwd):
+        cwd = root
+    limit = float(os.environ.get("DGEMMA_SUITE_TIMEOUT_S") or e.get("timeout_s", 180))
+    limit = min(limit, remaining())
+    if limit < 5:
+        return dict(e=e, rc=None, passed=0, failed=expected, secs=0.0, note="not run: suite budget spent", out="")
+    rc, out, secs = run([e["path"], "--include-ignored"], cwd, limit)
+    ok_lines = [m.group(1) for m in map(LINE.match, out.splitlines()) if m and m.group(2) == "ok"]
+    failed_lines = [m.group(1) for m in map(LINE.match, out.splitlines()) if m and m.group(2) == "FAILED"]
+    summ = [m for m in map(SUMMARY.match, out.splitlines()) if m]
+    if summ and rc is not None:
+        passed, failed = int(summ[-1].group(2)), int(summ[-1].group(3))
+        note = ""
+    else:
+        passed = len(ok_lines)
+        failed = max(expected - passed, len(failed_lines))
+        note = (f"timed out after {limit:.0f} s" if rc is None else f"exit {rc} without a libtest summary") + \
+               f"; {passed + len(failed_lines)} of {expected} finished"
+    if failed_lines:
+        names = ", ".join(failed_lines[:6]) + (f" (+{len(failed_lines) - 6})" if len(failed_lines) > 6 else "")
+        note = (note + "; " if note else "") + f"failed: {names}"
+    if rc not in (0, 101, None) and summ:
+        note = (note + "; " if note else "") + f"exit {rc}"
+    return dict(e=e, rc=rc, passed=passed, failed=failed, secs=secs, note=note, out=out)
+
+test_results = []
+def finish(r):
+    e = r["e"]
+    ok = r["rc"] == 0 and r["failed"] == 0 and r["passed"] == e["tests"]
+    log(f"{'PASS' if ok else 'FAIL'} {e['name']}: {r['passed']}/{e['tests']} passed, {r['failed']} failed "
+        f"({r['secs']:.1f} s){'; ' + r['note'] if r['note'] else ''}")
+    if not ok:
+        failures_log.append(f"===== {e['name']} ({e['what']}): rc {r['rc']}, {r['note']}\n{r['out'][-20000:]}\n")
+    test_results.append((r, ok))
+
+# ---- 4a. GPU test executables, one at a time -----------------------------------------------
+only = os.environ.get("DGEMMA_SUITE_ONLY")
+tests = [e for e in manifest["executables"] if e["kind"] == "test" and (not only or re.search(only, e["name"]))]
+for e in [e for e in tests if e.get("gpu")]:
+    log(f"running {e['name']} (GPU, {e['tests']} tests)")
+    finish(run_tests(e))
+
+# ---- 5. dgemma info and verify (quick; before the long CPU tests) ---------------------------
+ref = os.path.join(bundle, "reference")
+models_dir, cases_dir = os.path.join(ref, "models"), os.path.join(ref, "cases")
+kernels = None
+for model in sorted(os.listdir(models_dir)) if os.path.isdir(models_dir) else []:
+    rc, out, secs = run([cli["path"], "info", "--model", os.path.join(models_dir, model)], root, min(60, max(1, remaining())))
+    line = next((l for l in out.splitlines() if l.startswith("cuda kernels:")), "")
+    m = re.match(r"cuda kernels: (\d+) embedded", line)
+    if m:
+        kernels = int(m.group(1))
+    if rc != 0:
+        failures_log.append(f"===== dgemma info --model {model}: rc {rc}\n{out[-5000:]}\n")
+    rec(f"dgemma.info.{model}", 1 if rc == 0 else 0, "runs", target=1, passed=rc == 0,
+        note=(line[:160] if rc == 0 else (out.strip().splitlines() or ["timed out"])[-1][:160]))
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma info --model {model} ({secs:.1f} s)")
+rec("dgemma.kernels_embedded", kernels or 0, "kernels", passed=bool(kernels),
+    note=manifest.get("kernels", "")[:200])
+
+def case_model(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)).get("__metadata__", {}).get("model")
+
+CHECK = re.compile(r"^\s+(\S+)\s+(?:max\|err\| (\S+))?\s*(?:argmax (\S+)%)?\s+(PASS|FAIL)\b")
+cases = sorted(f for f in os.listdir(cases_dir) if f.endswith(".safetensors")) if os.path.isdir(cases_dir) else []
+for case in cases:
+    stem = case[: -len(".safetensors")]
+    path = os.path.join(cases_dir, case)
+    try:
+        model = case_model(path)
+    except (OSError, ValueError, struct.error) as ex:
+        model, out = None, f"unreadable case: {ex}"
+    if not model:
+        rec(f"verify.{stem}", 0, "checks", passed=False, note="the case names no model")
+        continue
+    rc, out, secs = run([cli["path"], "verify", "--model", os.path.join(models_dir, model), "--case", path],
+                        root, min(120, max(1, remaining())))
+    checks = [m for m in map(CHECK.match, out.splitlines()) if m]
+    npass = sum(1 for c in checks if c.group(4) == "PASS")
+    errs = [(float(c.group(2)), c.group(1)) for c in checks if c.group(2)]
+    if rc == 0:
+        note = f"{model}; worst max|err| {max(errs)[0]:.3g} ({max(errs)[1]})" if errs else model
+    elif rc is None:
+        note = f"{model}; timed out"
+    else:
+        bad = [c.group(1) for c in checks if c.group(4) == "FAIL"]
+        last = (out.strip().splitlines() or [""])[-1]
+        note = f"{model}; exit {rc}; " + (f"failed: {', '.join(bad)}" if bad else last[:160])
+        failures_log.append(f"===== dgemma verify {case} (model {model}): rc {rc}\n{out[-5000:]}\n")
+    rec(f"verify.{stem}", npass, "checks", target=len(checks) if checks else None, passed=rc == 0, note=note)
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma verify {stem}: {npass}/{len(checks)} checks ({secs:.1f} s)")
+
+# ---- 4b. the other test executables, a few at a time ----------------------------------------
+others = [e for e in tests if not e.get("gpu")]
+jobs = int(os.environ.get("DGEMMA_SUITE_JOBS") or max(1, min(4, (os.cpu_count() or 1) // 4)))
+log(f"running {len(others)} more test executables, {jobs} at a time")
+with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+    for r in pool.map(run_tests, others):
+        finish(r)
+
+# ---- 5b. bench executables: criterion --test runs each benchmark once ------------------------
+for e in [e for e in manifest["executables"] if e["kind"] == "bench" and (not only or re.search(only, e["name"]))]:
+    cwd = os.path.join(root, e["package_dir"])
+    _, lst, _ = run([e["path"], "--list"], cwd, min(30, max(1, remaining())))
+    n = sum(1 for l in lst.splitlines() if l.endswith(": benchmark"))
+    rc, out, secs = run([e["path"], "--test"], cwd, min(120, max(1, remaining())))
+    ok = sum(1 for l in out.splitlines() if l.strip() == "Success")
+    passed = rc == 0 and ok == n
+    if not passed:
+        failures_log.append(f"===== {e['name']} --test: rc {rc}\n{out[-5000:]}\n")
+    rec(f"gpu_suite.bench_smoke.{e['name']}", ok, "benchmarks", target=n, passed=passed,
+        note="criterion --test (each benchmark once, not timed)" + ("" if rc == 0 else f"; exit {rc}"))
+    log(f"{'PASS' if passed else 'FAIL'} {e['name']} --test: {ok}/{n} ({secs:.1f} s)")
+
+# ---- 6. records and files ------------------------------------------------------------------
+tp = sum(r["passed"] for r, _ in test_results)
+tf = sum(r["failed"] for r, _ in test_results)
+texp = sum(r["e"]["tests"] for r, _ in test_results)
+gp = sum(r["passed"] for r, _ in test_results if r["e"].get("gpu"))
+gf = sum(r["failed"] for r, _ in test_results if r["e"].get("gpu"))
+gexp = sum(r["e"]["tests"] for r, _ in test_results if r["e"].get("gpu"))
+head = [
+    results.make_record("gpu_suite.tests_passed", tp, "tests", target=texp, passed=tp == texp,
+                        note=f"{len(test_results)} test executables, --include-ignored"),
+    results.make_record("gpu_suite.tests_failed", tf, "tests", target=0, passed=tf == 0),
+    results.make_record("gpu_suite.gpu_tests_passed", gp, "tests", target=gexp, passed=gp == gexp and gexp > 0,
+                        note=", ".join(r["e"]["name"] for r, _ in test_results if r["e"].get("gpu"))),
+    results.make_record("gpu_suite.gpu_tests_failed", gf, "tests", target=0, passed=gf == 0),
+]
+per_bin = [results.make_record(f"gpu_suite.test.{r['e']['name']}", r["passed"], "tests", target=r["e"]["tests"],
+                               passed=ok, note=(f"{r['secs']:.1f} s" + (f"; {r['note']}" if r["note"] else "")))
+           for r, ok in test_results]
+wall = time.monotonic() - T0
+records = records[:1] + head + per_bin + records[1:]
+records.append(results.make_record("gpu_suite.wall_s", round(wall, 1), "s", target=budget, passed=wall <= budget))
+meta["wall_s"] = round(wall, 1)
+if bad_sha:
+    meta["sha256_mismatch"] = bad_sha
+
+commit = manifest.get("commit") or "unknown"
+jp, mp, doc = results.write_results(records, device, commit, out_dir, meta=meta,
+                                    title=f"dgemma GPU suite on {device}")
+if out_env:
+    with open(os.path.splitext(jp)[0] + ".log", "w") as f:
+        f.write("".join(failures_log) or "nothing failed\n")
+    log_path = os.path.splitext(jp)[0] + ".log"
+else:
+    log_path = os.path.join(tempfile.gettempdir(), os.path.basename(os.path.splitext(jp)[0]) + ".log")
+    with open(log_path, "w") as f:
+        f.write("".join(failures_log) or "nothing failed\n")
+cleanup()
+errs = results.check_results(doc, jp)
+print()
+print(open(mp).read())
+print(f"results: {jp}\ntable:   {mp}\nlog:     {log_path}")
+if errs:
+    print("results file INVALID:\n  " + "\n  ".join(errs))
+    sys.exit(2)
+nfail = sum(1 for r in doc["records"] if r["passed"] is False)
+print(f"{nfail} record(s) failed; suite took {wall:.0f} s of its {budget:.0f} s budget")
+sys.exit(1 if nfail else 0)
+EOF

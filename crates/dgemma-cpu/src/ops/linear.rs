@@ -103,18 +103,7 @@ pub fn linear(x: &[f32], tokens: usize, w: &dyn Matrix, out: &mut [f32], precisi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::ops::test_values::pseudo;
 
     #[test]
     fn matches_naive_float64_product() {

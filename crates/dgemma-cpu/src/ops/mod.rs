@@ -12,3 +12,6 @@ pub mod norm;
 pub mod rope;
 pub mod softmax;
 pub mod topk;
+
+#[cfg(test)]
+pub(crate) mod test_values;

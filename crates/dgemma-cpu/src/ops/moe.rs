@@ -131,6 +131,7 @@ pub fn experts_forward(x: &[f32], tokens: usize, routing: &Routing, bank: &dyn E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_values::pseudo;
     use crate::ops::activation::gelu_tanh;
     use crate::ops::linear::DenseMatrix;
 
@@ -148,18 +149,6 @@ mod tests {
         fn down(&self, e: usize) -> &dyn Matrix {
             &self.down[e]
         }
-    }
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]

@@ -58,15 +58,27 @@ pub struct RunArgs {
     /// Print special tokens (EOS, pad, turn markers) in the output.
     #[arg(long)]
     pub show_special: bool,
+    /// Show the draft (argmax) canvas after every denoising step on stderr, as it converges.
+    #[arg(long)]
+    pub visual: bool,
 }
 
-/// Streams committed canvases as text.
+/// Streams committed canvases as text (and, with `--visual`, every draft on stderr).
 struct Printer<'a> {
     decoder: StreamDecoder<'a>,
     error: Option<String>,
+    /// Tokenizer and special-token policy for the draft view, when `--visual` is on.
+    visual: Option<(&'a Tokenizer, bool)>,
 }
 
 impl Observer for Printer<'_> {
+    fn on_step(&mut self, block: usize, step: usize, draft: &[u32], accepted: usize) {
+        let Some((tok, skip_special)) = self.visual else { return };
+        let text = tok.decode(draft, skip_special).unwrap_or_else(|e| format!("<{e}>"));
+        let line: String = text.chars().map(|c| if c == '\n' { '⏎' } else { c }).take(100).collect();
+        eprintln!("[canvas {block} step {step:>2} accepted {accepted:>3}] {line}");
+    }
+
     fn on_canvas(&mut self, _block: usize, tokens: &[u32]) {
         match self.decoder.push(tokens) {
             Ok(text) => {
@@ -131,7 +143,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         a.seed
     );
     let mut noise = SeededNoise::new(a.seed, settings.vocab_size);
-    let mut printer = Printer { decoder: StreamDecoder::new(&tokenizer, !a.show_special), error: None };
+    let mut printer = Printer {
+        decoder: StreamDecoder::new(&tokenizer, !a.show_special),
+        error: None,
+        visual: a.visual.then_some((&tokenizer, !a.show_special)),
+    };
     let gen = generate(backend.as_mut(), &prompt, &settings, &mut noise, &mut printer)?;
     if let Some(e) = printer.error {
         return Err(e.into());

@@ -27,6 +27,9 @@ fn run_on_the_bundled_model_streams_text_and_reports_stats() {
     // Same seed, same output; the chat template's thinking mode changes the prompt.
     let again = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "Why is the sky blue?"]);
     assert_eq!(text(&again.stdout), stdout);
+    let visual = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "--visual", "Why is the sky blue?"]);
+    assert_eq!(text(&visual.stdout), stdout, "--visual must not change the output");
+    assert!(text(&visual.stderr).contains("[canvas 0 step  0"), "{}", text(&visual.stderr));
     let thinking = dgemma(&["run", "--max-new-tokens", "40", "--seed", "3", "--thinking", "Why is the sky blue?"]);
     assert!(thinking.status.success());
     assert!(text(&thinking.stderr).contains("prompt"), "{}", text(&thinking.stderr));

@@ -10,10 +10,19 @@ use dgemma::model::weights::ModelWeights;
 use dgemma::sampler::{denoise_step_in_place, SamplerSettings, SeededNoise, StableAndConfident};
 use dgemma::{generate, Backend, GenerationSettings, Precision};
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The repository root: `$DGEMMA_REPO` when set and not empty (a bench executable built on one
+/// machine and run from another checkout), else the compile-time source tree.
+fn repo_root() -> PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).into(),
+    }
+}
 
 fn tiny() -> (Checkpoint, ModelWeights) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/models/tiny-default");
+    let dir = repo_root().join("reference/models/tiny-default");
     let ck = Checkpoint::open(&dir).expect("bundled model");
     let w = ModelWeights::load(&ck).expect("bundled weights");
     (ck, w)

@@ -10,8 +10,17 @@ use dgemma::model::weights::ModelWeights;
 use dgemma::GenerationSettings;
 use std::path::{Path, PathBuf};
 
+/// The repository root: `$DGEMMA_REPO` when set and not empty (test executables built on one
+/// machine and run from another checkout), else the compile-time source tree.
+fn repo_root() -> PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).into(),
+    }
+}
+
 fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("reference")
+    repo_root().join("reference")
 }
 
 fn case_files() -> Vec<PathBuf> {

@@ -228,8 +228,9 @@ manifest = {
     "dirty": os.environ["dirty"] == "true",
     "built": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ"),
     "build_host": os.uname().nodename,
-    # Test executables locate data through env!("CARGO_MANIFEST_DIR") = absolute paths under this
-    # root (and the CLI tests run env!("CARGO_BIN_EXE_dgemma")); gpu-suite.sh maps it on the host.
+    # Where it was built (informational): test executables fall back to data paths under this root
+    # (env!("CARGO_MANIFEST_DIR")) unless $DGEMMA_REPO is set, and the CLI tests to
+    # env!("CARGO_BIN_EXE_dgemma") unless $DGEMMA_BIN is; gpu-suite.sh sets both on the host.
     "build_root": root,
     "cli_exe_at_build": kept[0]["exe_at_build"] if kept[0]["name"] == "dgemma" else None,
     "rustc": os.environ["RUSTC_VERSION"],

@@ -6,14 +6,16 @@
 #
 # 1. nvidia-smi: device name, driver, memory (none: the run goes on and says so).
 # 2. Unpacks .bundle/bin.tar.xz into a temp dir and checks each executable's sha256.
-# 3. Maps the build root: test executables reach their data through absolute paths compiled in
-#    (env!("CARGO_MANIFEST_DIR") under the build machine's checkout, e.g. /work/main, and the CLI
-#    tests run env!("CARGO_BIN_EXE_dgemma") = <build root>/target/release/dgemma). If that root does
-#    not exist here, it becomes a symlink to this checkout for the run (removed at the end) and the
-#    bundled dgemma is put where the CLI tests look for it. DGEMMA_SUITE_NO_LINK=1 skips this.
+# 3. Data paths: every test, bench and library path derived from env!("CARGO_MANIFEST_DIR") takes
+#    the repository root from $DGEMMA_REPO first, and the CLI tests run $DGEMMA_BIN before
+#    env!("CARGO_BIN_EXE_dgemma"), so the executables need nothing at the build machine's paths:
+#    the suite sets DGEMMA_REPO=<this checkout> and DGEMMA_BIN=<the bundled dgemma>, and copies
+#    reference/{models,cases,tokenizer} from the bundle into the checkout where it lacks them.
+#    (Bundles built before those overrides existed read their data under manifest.json's
+#    build_root and fail here unless that path holds a checkout.)
 # 4. Runs every bundled test executable with --include-ignored (the GPU tests are #[ignore]d) in its
-#    package directory, with DGEMMA_REPO=<this checkout>, a per-executable timeout and one budget for
-#    the whole suite; GPU executables first. Counts passed/failed from libtest's output.
+#    package directory, with DGEMMA_REPO and DGEMMA_BIN as above, a per-executable timeout and one
+#    budget for the whole suite; GPU executables first. Counts passed/failed from libtest's output.
 # 5. Runs the bundled `dgemma info` on each reference model and `dgemma verify` on every case of
 #    .bundle/reference/cases, and each bench executable once in criterion's --test mode.
 # 6. Writes <device-slug>-<date>-<commit>.json and .md (tools/results.py; contract in
@@ -24,7 +26,7 @@
 # Environment: DGEMMA_SUITE_BUDGET_S (whole suite, default 540), DGEMMA_SUITE_TIMEOUT_S (per
 # executable, overrides the manifest's 300 s GPU / 180 s other), DGEMMA_SUITE_JOBS (non-GPU
 # executables run at once, default cores/4 capped at 4), DGEMMA_BUNDLE (default <repo>/.bundle),
-# DGEMMA_SUITE_NO_LINK=1, DGEMMA_SUITE_ONLY (regex on executable names).
+# DGEMMA_SUITE_ONLY (regex on executable names).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -85,20 +87,9 @@ rec("gpu_suite.gpus", len(gpus), "gpus", target=1, passed=len(gpus) >= 1,
 
 # ---- 2. unpack -----------------------------------------------------------------------------
 tmp = tempfile.mkdtemp(prefix="dgemma-suite-")
-made_link = None
-
-def same(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 def cleanup():
-    """Removes what this run made: the temp dir and the build-root symlink (if it made one)."""
-    global made_link
-    if made_link and os.path.islink(made_link) and same(made_link, root):
-        os.unlink(made_link)
-    made_link = None
+    """Removes what this run made: the temp dir with the unpacked executables."""
     shutil.rmtree(tmp, ignore_errors=True)
 
 atexit.register(cleanup)
@@ -120,39 +111,23 @@ cli = next(e for e in manifest["executables"] if e["kind"] == "cli")
 log(f"bundle: commit {manifest['commit']}{' (dirty)' if manifest.get('dirty') else ''}, "
     f"{len(manifest['executables'])} executables, built {manifest.get('built')} in {manifest.get('build_root')}")
 
-# ---- 3. the build root ---------------------------------------------------------------------
-build_root = manifest["build_root"]
-if same(build_root, root):
-    path_fix = "same: the build root is this checkout"
-elif os.environ.get("DGEMMA_SUITE_NO_LINK") == "1":
-    path_fix = f"none (DGEMMA_SUITE_NO_LINK=1): tests look under {build_root}"
-elif os.path.lexists(build_root):
-    path_fix = f"none: {build_root} exists and is another directory; tests read data there"
-else:
-    try:
-        os.makedirs(os.path.dirname(build_root), exist_ok=True)
-        os.symlink(root, build_root)
-        made_link = build_root
-        path_fix = f"symlink {build_root} -> {root} for the run"
-    except OSError as e:
-        path_fix = f"none: could not link {build_root} -> {root}: {e}"
-if made_link or same(build_root, root):
-    # The CLI tests run the dgemma binary at its build path; the reference data must be there.
-    want = cli.get("exe_at_build") or manifest.get("cli_exe_at_build")
-    if want and not os.path.exists(want):
-        os.makedirs(os.path.dirname(want), exist_ok=True)
-        shutil.copy2(cli["path"], want)
-        path_fix += f"; bundled dgemma installed at {want}"
-    for d in manifest.get("reference", []):
-        if not os.path.exists(os.path.join(root, d)) and os.path.exists(os.path.join(bundle, d)):
-            shutil.copytree(os.path.join(bundle, d), os.path.join(root, d))
-            path_fix += f"; {d} restored from the bundle"
+# ---- 3. data paths -------------------------------------------------------------------------
+# The executables take the repository root from DGEMMA_REPO and the CLI tests the binary from
+# DGEMMA_BIN (both set in `env` below), so nothing is needed at the build root; no symlink.
+path_fix = f"DGEMMA_REPO={root}, DGEMMA_BIN=<bundled dgemma>"
+build_root = manifest.get("build_root")
+if build_root and os.path.realpath(build_root) != os.path.realpath(root):
+    path_fix += f" (built in {build_root})"
+for d in manifest.get("reference", []):
+    if not os.path.exists(os.path.join(root, d)) and os.path.exists(os.path.join(bundle, d)):
+        shutil.copytree(os.path.join(bundle, d), os.path.join(root, d))
+        path_fix += f"; {d} restored from the bundle"
 meta["path_fix"] = path_fix
 log(f"paths: {path_fix}")
 
 
 # ---- helpers -------------------------------------------------------------------------------
-env = dict(os.environ, DGEMMA_REPO=root, DGEMMA_BUNDLE=bundle, RUST_BACKTRACE="1")
+env = dict(os.environ, DGEMMA_REPO=root, DGEMMA_BIN=cli["path"], DGEMMA_BUNDLE=bundle, RUST_BACKTRACE="1")
 env.pop("DGEMMA_MODEL", None)
 
 def run(argv, cwd, timeout):

@@ -26,8 +26,17 @@ const PINNED: &[&str] = &[
     "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
 ];
 
+/// `codegen/` in the repository: under `$DGEMMA_REPO` when set and not empty (test executables
+/// built on one machine and run from another checkout), else the compile-time source tree.
+fn crate_dir() -> PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("codegen"),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+    crate_dir().join("tests/golden")
 }
 
 fn bless() -> bool {

@@ -7,9 +7,8 @@ use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn crate_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::crate_dir;
 
 fn gcc() -> Option<&'static str> {
     let ok = Command::new("gcc")
@@ -74,7 +73,7 @@ fn c_example_generates_text() {
     let lib = lib_dir();
     let exe = tmp("generate");
     compile(gcc, &crate_dir().join("examples/generate.c"), &exe, &lib);
-    let model = crate_dir().join("../../reference/models/tiny-default");
+    let model = dgemma_runtime::bundled_tiny_model();
     let o = Command::new(&exe)
         .arg(&model)
         .arg("Hello from C")

@@ -8,10 +8,11 @@ use dgemma_capi::{
     DGEMMA_FINISH_NONE,
 };
 use std::collections::BTreeMap;
-use std::path::Path;
+
+mod common;
 
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+    std::fs::read_to_string(common::crate_dir().join(rel)).unwrap()
 }
 
 /// Drops `/* */` and `//` comments (enough for our own files: no comment markers in strings

@@ -11,13 +11,23 @@ use std::path::{Path, PathBuf};
 /// Checkpoints at least this large get their pages read in up front, with a progress bar.
 const PREFETCH_BYTES: u64 = 1 << 30;
 
-/// The bundled tiny model (random weights), used when `--model` is not given.
+/// The model used when `--model` is not given: `$DGEMMA_MODEL`, else the bundled tiny model
+/// (random weights) in the repository (see [`repo_root`]).
 pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DGEMMA_MODEL") {
         return PathBuf::from(dir);
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default");
+    let dir = repo_root().join("reference/models/tiny-default");
     dir.canonicalize().unwrap_or(dir)
+}
+
+/// The repository root: `$DGEMMA_REPO` when set and not empty (a binary built on one machine
+/// and run from another checkout), else the source tree this binary was compiled from.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -3,12 +3,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository root: `$DGEMMA_REPO` when set and not empty (test executables built on one
+/// machine and run from another checkout), else the compile-time source tree.
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
+/// The `dgemma` binary under test: `$DGEMMA_BIN` when set and not empty, else the one cargo built.
+fn dgemma_bin() -> PathBuf {
+    match std::env::var_os("DGEMMA_BIN") {
+        Some(bin) if !bin.is_empty() => bin.into(),
+        _ => env!("CARGO_BIN_EXE_dgemma").into(),
+    }
 }
 
 fn dgemma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dgemma")).args(args).env_remove("DGEMMA_MODEL").output().expect("dgemma runs")
+    Command::new(dgemma_bin()).args(args).env_remove("DGEMMA_MODEL").output().expect("dgemma runs")
 }
 
 fn text(b: &[u8]) -> String {

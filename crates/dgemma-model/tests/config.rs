@@ -8,11 +8,8 @@ use dgemma_model::{
 };
 use serde_json::{json, Value};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::fixture;
 
 /// config.json written by transformers 5.23 `DiffusionGemmaConfig.save_pretrained` (per_layer_config).
 fn real_per_layer() -> ModelConfig {

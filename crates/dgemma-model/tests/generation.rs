@@ -1,16 +1,13 @@
 //! generation_config.json: defaults, the int-or-list eos field, and rejected settings.
 
-use std::path::PathBuf;
+mod common;
+use common::fixture;
 
 use dgemma_model::{GenerationConfig, ModelConfig};
 use serde_json::{json, Value};
 
 fn model() -> ModelConfig {
-    ModelConfig::from_file(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/diffusiongemma-26b-a4b.config.json"),
-    )
-    .unwrap()
+    ModelConfig::from_file(fixture("diffusiongemma-26b-a4b.config.json")).unwrap()
 }
 
 fn parse(v: &Value) -> dgemma_model::Result<GenerationConfig> {
@@ -19,8 +16,7 @@ fn parse(v: &Value) -> dgemma_model::Result<GenerationConfig> {
 
 #[test]
 fn real_generation_config() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/diffusiongemma-26b-a4b.generation_config.json");
+    let path = fixture("diffusiongemma-26b-a4b.generation_config.json");
     let g = GenerationConfig::from_file(&path, &model()).unwrap();
     assert_eq!(g.max_new_tokens, Some(256));
     assert_eq!(g.max_denoising_steps, 48);

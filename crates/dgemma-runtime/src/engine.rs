@@ -308,7 +308,7 @@ enum Command {
 ///
 /// ```
 /// use dgemma_runtime::{Engine, EngineOptions, Event, Request};
-/// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../reference/models/tiny-default");
+/// # let dir = dgemma_runtime::bundled_tiny_model();
 /// let engine = Engine::load(dir, EngineOptions { max_concurrent: 2, ..Default::default() })?;
 ///
 /// // Stream one request ...

@@ -60,7 +60,17 @@ pub use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationSt
 pub use dgemma_model::Precision;
 
 /// The bundled tiny model (random weights, vocab 512, canvas 16) in this source tree, for
-/// examples and tests.
+/// examples and tests: `reference/models/tiny-default` under `$DGEMMA_REPO` (the repository root)
+/// when that is set and not empty, else under the source tree this crate was compiled from.
 pub fn bundled_tiny_model() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/models/tiny-default")
+    repo_root().join("reference/models/tiny-default")
+}
+
+/// The repository root: `$DGEMMA_REPO` when set and not empty (executables built on one machine
+/// and run from another checkout), else the compile-time source tree.
+fn repo_root() -> std::path::PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }

@@ -8,9 +8,18 @@ use dgemma_tokenizer::Tokenizer;
 
 pub mod hf_expected;
 
+/// The repository root: `$DGEMMA_REPO` when set and not empty (test executables built on one
+/// machine and run from another checkout), else the compile-time source tree.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("DGEMMA_REPO") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
 /// `reference/tokenizer` in the workspace.
 pub fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/tokenizer")
+    repo_root().join("reference/tokenizer")
 }
 
 pub fn tok() -> &'static Tokenizer {

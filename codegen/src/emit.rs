@@ -101,6 +101,19 @@ const GROUPED_COMBINE: &[Param] = &[
     p("int", "top_k"),
     p("int", "num_experts"),
 ];
+const ROUTER: &[Param] = &[
+    p(BF16_IN, "h"),
+    p(BF16_IN, "scale"),
+    p(BF16_IN, "proj"),
+    p(BF16_IN, "per_expert_scale"),
+    p("int*", "experts"),
+    p("float*", "weights"),
+    p("float", "eps"),
+    p("float", "root"),
+    p("int", "tokens"),
+];
+const SOFT_EMBEDDING: &[Param] =
+    &[p(BF16_IN, "probs"), p(BF16_IN, "table"), p(BF16_OUT, "out"), p("float", "scale"), p("int", "rows")];
 
 /// The kernel's parameters, in launch order.
 pub fn params(spec: &KernelSpec) -> &'static [Param] {
@@ -118,6 +131,8 @@ pub fn params(spec: &KernelSpec) -> &'static [Param] {
             GemmFuse::Geglu => GROUPED_GEGLU,
             GemmFuse::Combine => GROUPED_COMBINE,
         },
+        Op::Router(_) => ROUTER,
+        Op::SoftEmbedding(_) => SOFT_EMBEDDING,
     }
 }
 
@@ -151,6 +166,10 @@ fn template_call(spec: &KernelSpec) -> String {
                 GemmFuse::Combine => "grouped_gemm_combine",
             };
             format!("dgemma::{f}<{}, {}, {}>", g.n, g.k, g.warps)
+        }
+        Op::Router(r) => format!("dgemma::router<{}, {}, {}, {t}>", r.hidden, r.experts, r.top_k),
+        Op::SoftEmbedding(e) => {
+            format!("dgemma::soft_embedding<{}, {}, {}, {t}>", e.hidden, e.vocab, e.rows_per_block)
         }
     }
 }

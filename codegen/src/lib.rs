@@ -25,5 +25,5 @@ pub use emit::{emit, emit_unity, file_name, params, Param, FATBIN_ARCHS, GENCODE
 pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, SUPPORTED_MODELS};
 pub use spec::{
     Arch, Attention, Dtype, Embedding, Family, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope,
-    RowSoftmax, RowSoftmaxEntropyArgmax, Target,
+    Router, RowSoftmax, RowSoftmaxEntropyArgmax, SoftEmbedding, Target,
 };

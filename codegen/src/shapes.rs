@@ -6,8 +6,8 @@
 //! two can not disagree.
 
 use crate::spec::{
-    Arch, Attention, Embedding, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope, RowSoftmax,
-    RowSoftmaxEntropyArgmax,
+    Arch, Attention, Embedding, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope, Router,
+    RowSoftmax, RowSoftmaxEntropyArgmax, SoftEmbedding,
 };
 
 /// Attention shape of one layer type.
@@ -114,6 +114,21 @@ pub fn grouped_gemm_spec(n: u32, k: u32, fuse: GemmFuse, arch: Arch) -> KernelSp
     KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, warps: 8 }), arch)
 }
 
+/// The MoE router (norm, projection, softmax, top-k, weights; one block per token).
+pub fn router_spec(hidden: u32, experts: u32, top_k: u32) -> KernelSpec {
+    KernelSpec::portable(Op::Router(Router { hidden, experts, top_k }))
+}
+
+/// The self-conditioning soft embedding `probs [C, vocab] @ E [vocab, hidden]`. Each block
+/// covers `rows_per_block` canvas rows, so the table is streamed `ceil(C / rows_per_block)`
+/// times: 16 rows for a real vocabulary (16 passes over the 1.5 GB table for a 256-token
+/// canvas, and 16 x 11 column tiles = 176 blocks to fill an H100's 132 SMs), 8 for the tiny
+/// test models.
+pub fn soft_embedding_spec(hidden: u32, vocab: u32) -> KernelSpec {
+    let rows_per_block = if vocab >= 65_536 { 16 } else { 8 };
+    KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding { hidden, vocab, rows_per_block }))
+}
+
 /// An RMSNorm spec.
 pub fn rmsnorm_spec(
     width: u32,
@@ -147,7 +162,8 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         rmsnorm_spec(h, true, false, true, false),
         // post_feedforward_layernorm(d + e), the residual add, the layer scalar.
         rmsnorm_spec(h, true, true, true, true),
-        // The router's norm; the decoder's post-norm of the self-conditioning block.
+        // The decoder's input norm (no scale), without and with the self-conditioning signal
+        // added first.
         rmsnorm_spec(h, false, false, false, false),
         rmsnorm_spec(h, false, true, false, false),
         KernelSpec::portable(Op::Embedding(Embedding { hidden: h })),
@@ -155,6 +171,8 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         KernelSpec::portable(Op::Softcap),
         KernelSpec::portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: s.vocab })),
         KernelSpec::portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab })),
+        router_spec(h, s.experts, s.top_k),
+        soft_embedding_spec(h, s.vocab),
     ];
     for (layer, encoder_mask) in [(s.sliding, MaskKind::CausalSliding), (s.full, MaskKind::Causal)] {
         let d = layer.head_dim;
@@ -175,7 +193,6 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
             v.push(linear_spec(width, h, arch)); // gate_proj, up_proj
             v.push(linear_spec(h, width, arch)); // down_proj
         }
-        v.push(linear_spec(s.experts, h, arch)); // router.proj
         v.push(linear_spec(s.vocab, h, arch)); // lm_head (tied embedding)
         v.push(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch));
         v.push(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch));
@@ -244,6 +261,8 @@ mod tests {
             "linear_n2816_k8192_r4_w8_bf16_sm120",
             "grouped_gemm_n1408_k2816_geglu_w8_bf16_sm90a",
             "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
+            "router_h2816_e128_k8_bf16",
+            "soft_embedding_h2816_v262144_r16_bf16",
         ] {
             assert!(names.iter().any(|n| n == want), "missing {want}");
         }
@@ -258,6 +277,21 @@ mod tests {
                 let twin = KernelSpec { target: Target::Only(other), ..spec };
                 assert!(supported_specs().contains(&twin), "{} has no {other:?} twin", spec.kernel_name());
             }
+        }
+    }
+
+    #[test]
+    fn router_and_soft_embedding_for_every_shape() {
+        for (name, shape) in SUPPORTED_MODELS {
+            let specs = specs_for_model(shape);
+            let router = Op::Router(Router { hidden: shape.hidden, experts: shape.experts, top_k: shape.top_k });
+            assert!(specs.iter().any(|s| s.op == router), "{name}: no router");
+            assert!(
+                specs.iter().any(
+                    |s| matches!(s.op, Op::SoftEmbedding(e) if e.hidden == shape.hidden && e.vocab == shape.vocab)
+                ),
+                "{name}: no soft embedding"
+            );
         }
     }
 }

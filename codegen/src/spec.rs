@@ -219,6 +219,34 @@ pub struct GroupedGemm {
     pub warps: u32,
 }
 
+/// The MoE router, one token per block (model-spec 3.4; `dgemma-cpu` `ops::moe::route`):
+///
+/// ```text
+/// r       = bf16(bf16(bf16(rmsnorm_noscale(h)) * scale) * root)     root = hidden^-0.5 (host)
+/// logit_e = bf16(r . proj[e])                                        fp32, the CPU's dot order
+/// p       = softmax(logits)                                          fp32, softmax_row's order
+/// experts = top_k(p)                                                 torch's CPU order, ties too
+/// w_j     = p[e_j] / sum_j p[e_j] * per_expert_scale[e_j]            fp32
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Router {
+    pub hidden: u32,
+    pub experts: u32,
+    pub top_k: u32,
+}
+
+/// The decoder's self-conditioning input (model-spec 3.7; `dgemma-cpu` `model::soft_embeddings`):
+/// `out[c, h] = bf16(bf16(sum_v probs[c, v] * E[v, h]) * scale)`, probs `[rows, vocab]` bf16,
+/// E `[vocab, hidden]` bf16, fp32 accumulation. Tile parameter: each block computes
+/// `rows_per_block` rows for one tile of hidden columns (two columns per thread), so the
+/// embedding table is read `ceil(rows / rows_per_block)` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SoftEmbedding {
+    pub hidden: u32,
+    pub vocab: u32,
+    pub rows_per_block: u32,
+}
+
 /// An op family and its compile-time parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
@@ -234,6 +262,8 @@ pub enum Op {
     Attention(Attention),
     Linear(Linear),
     GroupedGemm(GroupedGemm),
+    Router(Router),
+    SoftEmbedding(SoftEmbedding),
 }
 
 /// The op families, in the order the heuristics table lists them.
@@ -249,10 +279,12 @@ pub enum Family {
     Attention,
     Linear,
     GroupedGemm,
+    Router,
+    SoftEmbedding,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 12] = [
         Family::RmsNorm,
         Family::Rope,
         Family::Embedding,
@@ -263,6 +295,8 @@ impl Family {
         Family::Attention,
         Family::Linear,
         Family::GroupedGemm,
+        Family::Router,
+        Family::SoftEmbedding,
     ];
 
     /// The hand-written template under `csrc/` that implements the family.
@@ -277,6 +311,8 @@ impl Family {
             Family::Attention => "attention.cuh",
             Family::Linear => "linear.cuh",
             Family::GroupedGemm => "grouped_gemm.cuh",
+            Family::Router => "router.cuh",
+            Family::SoftEmbedding => "soft_embedding.cuh",
         }
     }
 }
@@ -316,6 +352,8 @@ impl KernelSpec {
             Op::Attention(_) => Family::Attention,
             Op::Linear(_) => Family::Linear,
             Op::GroupedGemm(_) => Family::GroupedGemm,
+            Op::Router(_) => Family::Router,
+            Op::SoftEmbedding(_) => Family::SoftEmbedding,
         }
     }
 
@@ -355,6 +393,10 @@ impl KernelSpec {
             .unwrap(),
             Op::Linear(l) => write!(s, "linear_n{}_k{}_r{}_w{}", l.n, l.k, l.rows_per_warp, l.warps).unwrap(),
             Op::GroupedGemm(g) => write!(s, "grouped_gemm_n{}_k{}_{}_w{}", g.n, g.k, g.fuse.suffix(), g.warps).unwrap(),
+            Op::Router(r) => write!(s, "router_h{}_e{}_k{}", r.hidden, r.experts, r.top_k).unwrap(),
+            Op::SoftEmbedding(e) => {
+                write!(s, "soft_embedding_h{}_v{}_r{}", e.hidden, e.vocab, e.rows_per_block).unwrap()
+            }
         }
         s.push('_');
         s.push_str(self.dtype.suffix());
@@ -378,6 +420,11 @@ impl KernelSpec {
             Op::Attention(a) => a.threads,
             Op::Linear(l) => 32 * l.warps,
             Op::GroupedGemm(g) => 32 * g.warps,
+            // About 8 elements of the row per thread (loading and scaling it, as RMSNorm) and 8
+            // threads per expert logit (the CPU dot's 8 accumulators).
+            Op::Router(r) => next_pow2_clamped(r.hidden.div_ceil(8), 32, 256),
+            // Two hidden columns per thread, at most 128 threads (256 columns) per tile.
+            Op::SoftEmbedding(e) => next_pow2_clamped(e.hidden.div_ceil(2), 32, 128),
         }
     }
 
@@ -412,6 +459,19 @@ impl KernelSpec {
             Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n % 2 != 0 => {
                 fail("a GeGLU grouped GEMM needs an even n (gate rows then up rows)")
             }
+            Op::Router(r) if r.hidden == 0 || r.experts == 0 || r.top_k == 0 || r.top_k > r.experts => {
+                fail("hidden and experts must be positive and top_k in 1..=experts")
+            }
+            // Static shared memory: the normalised row (fp32) and three words per expert.
+            Op::Router(r) if 4 * r.hidden as u64 + 12 * r.experts as u64 > 40 * 1024 => {
+                fail("the router's row and expert arrays must fit 40 KiB of shared memory")
+            }
+            Op::SoftEmbedding(e) if e.hidden == 0 || e.hidden % 2 != 0 || e.vocab == 0 => {
+                fail("hidden must be positive and even (column pairs), vocab positive")
+            }
+            Op::SoftEmbedding(e) if e.rows_per_block == 0 || e.rows_per_block > 32 => {
+                fail("rows_per_block must be in 1..=32")
+            }
             _ => Ok(()),
         }
     }
@@ -444,6 +504,22 @@ mod tests {
     }
 
     #[test]
+    fn router_and_soft_embedding_names_and_blocks() {
+        let router = KernelSpec::portable(Op::Router(Router { hidden: 2816, experts: 128, top_k: 8 }));
+        assert_eq!(router.kernel_name(), "router_h2816_e128_k8_bf16");
+        assert_eq!(router.block_threads(), 256);
+        router.validate().unwrap();
+        let tiny = KernelSpec::portable(Op::Router(Router { hidden: 48, experts: 6, top_k: 3 }));
+        assert_eq!(tiny.block_threads(), 32);
+        tiny.validate().unwrap();
+        let soft =
+            KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding { hidden: 2816, vocab: 262_144, rows_per_block: 16 }));
+        assert_eq!(soft.kernel_name(), "soft_embedding_h2816_v262144_r16_bf16");
+        assert_eq!(soft.block_threads(), 128);
+        soft.validate().unwrap();
+    }
+
+    #[test]
     fn compute_capability_mapping() {
         assert_eq!(Arch::from_compute_capability(9, 0), Some(Arch::Sm90a));
         assert_eq!(Arch::from_compute_capability(12, 0), Some(Arch::Sm120));
@@ -473,6 +549,11 @@ mod tests {
                 threads: 48,
             }),
             Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, warps: 4 }),
+            Op::Router(Router { hidden: 64, experts: 8, top_k: 9 }),
+            Op::Router(Router { hidden: 64, experts: 8, top_k: 0 }),
+            Op::Router(Router { hidden: 16384, experts: 128, top_k: 8 }),
+            Op::SoftEmbedding(SoftEmbedding { hidden: 63, vocab: 512, rows_per_block: 4 }),
+            Op::SoftEmbedding(SoftEmbedding { hidden: 64, vocab: 512, rows_per_block: 33 }),
         ];
         for op in bad {
             assert!(KernelSpec::portable(op).validate().is_err(), "{op:?}");

@@ -24,6 +24,8 @@ const PINNED: &[&str] = &[
     "linear_n262144_k2816_r4_w8_bf16_sm90a",
     "grouped_gemm_n1408_k2816_geglu_w8_bf16_sm90a",
     "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
+    "router_h2816_e128_k8_bf16",
+    "soft_embedding_h2816_v262144_r16_bf16",
 ];
 
 /// `codegen/` in the repository: under `$DGEMMA_REPO` when set and not empty (test executables

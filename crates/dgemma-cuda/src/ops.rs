@@ -785,6 +785,144 @@ pub fn grouped_gemm_combine(
     unsafe { run(dev, &plan_grouped_gemm_combine(spec, ab, eb, wtb, wb, ob, routing)?) }
 }
 
+// ---------------------------------------------------------------------------------------------
+// MoE router
+
+/// Buffers of a router launch: `h [tokens, hidden]` (the pre-norm residual), `scale [hidden]`,
+/// `proj [experts, hidden]`, `per_expert_scale [experts]`; outputs `experts` and `weights`
+/// `[tokens, top_k]`. `root` is `(hidden as f64).powf(-0.5) as f32`, as the CPU computes it.
+pub struct RouterArgs<'a> {
+    pub h: &'a dyn DevicePtr<bf16>,
+    pub scale: &'a dyn DevicePtr<bf16>,
+    pub proj: &'a dyn DevicePtr<bf16>,
+    pub per_expert_scale: &'a dyn DevicePtr<bf16>,
+    pub experts: &'a mut dyn DevicePtrMut<i32>,
+    pub weights: &'a mut dyn DevicePtrMut<f32>,
+    pub tokens: usize,
+    pub eps: f32,
+    pub root: f32,
+}
+
+/// Routes `tokens` rows of `h`: `experts[t * top_k + j]` and its fp32 weight
+/// `weights[t * top_k + j]`, bit for bit `dgemma_cpu::ops::moe::route` up to the GPU's expf.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_router(
+    spec: &KernelSpec,
+    h: Buf,
+    scale: Buf,
+    proj: Buf,
+    per_expert_scale: Buf,
+    experts: Buf,
+    weights: Buf,
+    tokens: usize,
+    eps: f32,
+    root: f32,
+) -> Result<LaunchPlan> {
+    const OP: &str = "router";
+    let r = expect_op(OP, spec, |o| if let Op::Router(r) = o { Some(r) } else { None })?;
+    let (hid, e, k) = (r.hidden as usize, r.experts as usize, r.top_k as usize);
+    need(OP, "h", h, tokens * hid)?;
+    need(OP, "scale", scale, hid)?;
+    need(OP, "proj", proj, e * hid)?;
+    need(OP, "per_expert_scale", per_expert_scale, e)?;
+    need(OP, "experts", experts, tokens * k)?;
+    need(OP, "weights", weights, tokens * k)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(args(OP, format!("eps = {eps}")));
+    }
+    if !(root.is_finite() && root > 0.0) {
+        return Err(args(OP, format!("root = {root}")));
+    }
+    int(OP, "tokens * top_k", tokens * k)?;
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "tokens", tokens)?, 1, 1),
+        vec![
+            Arg::Ptr(h.ptr),
+            Arg::Ptr(scale.ptr),
+            Arg::Ptr(proj.ptr),
+            Arg::Ptr(per_expert_scale.ptr),
+            Arg::Ptr(experts.ptr),
+            Arg::Ptr(weights.ptr),
+            Arg::F32(eps),
+            Arg::F32(root),
+            Arg::I32(int(OP, "tokens", tokens)?),
+        ],
+    )
+}
+
+pub fn router(dev: &Device, spec: &KernelSpec, a: RouterArgs<'_>) -> Result<()> {
+    let (hb, _g0) = dev_in!(dev, a.h);
+    let (sb, _g1) = dev_in!(dev, a.scale);
+    let (pb, _g2) = dev_in!(dev, a.proj);
+    let (psb, _g3) = dev_in!(dev, a.per_expert_scale);
+    let (eb, _g4) = dev_out!(dev, a.experts);
+    let (wb, _g5) = dev_out!(dev, a.weights);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_router(spec, hb, sb, pb, psb, eb, wb, a.tokens, a.eps, a.root)?) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-conditioning soft embedding
+
+/// `out[c] = bf16(bf16(sum_v probs[c, v] * table[v]) * scale)` for `rows` canvas rows:
+/// `probs [rows, vocab]`, `table [vocab, hidden]` (4-byte aligned: the kernel reads column
+/// pairs), `out [rows, hidden]`. `scale` is the embedding scale `bf16(sqrt(hidden))`.
+pub fn plan_soft_embedding(
+    spec: &KernelSpec,
+    probs: Buf,
+    table: Buf,
+    out: Buf,
+    scale: f32,
+    rows: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "soft_embedding";
+    let e = expect_op(OP, spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
+    let (hid, v) = (e.hidden as usize, e.vocab as usize);
+    need(OP, "probs", probs, rows * v)?;
+    need(OP, "table", table, v * hid)?;
+    need(OP, "out", out, rows * hid)?;
+    if !table.ptr.is_multiple_of(4) {
+        return Err(args(OP, format!("table at {:#x} is not 4-byte aligned", table.ptr)));
+    }
+    if !scale.is_finite() {
+        return Err(args(OP, format!("scale = {scale}")));
+    }
+    let columns_per_block = 2 * spec.block_threads() as usize;
+    let grid = (
+        grid_dim(OP, "row groups", rows.div_ceil(e.rows_per_block as usize))?,
+        grid_yz(OP, "column tiles", hid.div_ceil(columns_per_block))?,
+        1,
+    );
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![
+            Arg::Ptr(probs.ptr),
+            Arg::Ptr(table.ptr),
+            Arg::Ptr(out.ptr),
+            Arg::F32(scale),
+            Arg::I32(int(OP, "rows", rows)?),
+        ],
+    )
+}
+
+pub fn soft_embedding(
+    dev: &Device,
+    spec: &KernelSpec,
+    probs: &dyn DevicePtr<bf16>,
+    table: &dyn DevicePtr<bf16>,
+    out: &mut dyn DevicePtrMut<bf16>,
+    scale: f32,
+    rows: usize,
+) -> Result<()> {
+    let (pb, _g0) = dev_in!(dev, probs);
+    let (tb, _g1) = dev_in!(dev, table);
+    let (ob, _g2) = dev_out!(dev, out);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_soft_embedding(spec, pb, tb, ob, scale, rows)?) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,6 +983,8 @@ mod tests {
                     GemmFuse::Geglu => plan_grouped_gemm_geglu(&spec, big, big, big, big, routing),
                     GemmFuse::Combine => plan_grouped_gemm_combine(&spec, big, big, big, big, big, routing),
                 },
+                Op::Router(_) => plan_router(&spec, big, big, big, big, big, big, 3, 1e-6, 0.1),
+                Op::SoftEmbedding(_) => plan_soft_embedding(&spec, big, big, big, 53.0, 3),
             };
             let plan = plan.unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
             assert_eq!(plan.block, spec.block_threads());
@@ -880,6 +1020,54 @@ mod tests {
             specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::CausalSliding)).unwrap();
         assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, None).is_err());
         assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, Some(4)).is_ok());
+    }
+
+    #[test]
+    fn router_plan_checks_its_buffers() {
+        let spec = supported_specs().into_iter().find(|s| matches!(s.op, Op::Router(_))).unwrap();
+        let Op::Router(r) = spec.op else { unreachable!() };
+        let (h, e, k, t) = (r.hidden as usize, r.experts as usize, r.top_k as usize, 5usize);
+        let ok = [buf(t * h), buf(h), buf(e * h), buf(e), buf(t * k), buf(t * k)];
+        let plan =
+            |b: [Buf; 6], eps: f32, root: f32| plan_router(&spec, b[0], b[1], b[2], b[3], b[4], b[5], t, eps, root);
+        let good = plan(ok, 1e-6, 0.125).unwrap();
+        assert_eq!(good.grid, (t as u32, 1, 1));
+        assert_eq!(good.args[6..], [Arg::F32(1e-6), Arg::F32(0.125), Arg::I32(t as i32)]);
+        // Each buffer one element short is refused.
+        for i in 0..6 {
+            let mut short = ok;
+            short[i].len -= 1;
+            assert!(plan(short, 1e-6, 0.125).is_err(), "buffer {i}");
+        }
+        assert!(plan(ok, f32::NAN, 0.125).is_err());
+        assert!(plan(ok, -1.0, 0.125).is_err());
+        assert!(plan(ok, 1e-6, 0.0).is_err());
+        assert!(plan(ok, 1e-6, f32::INFINITY).is_err());
+        // No tokens: an empty grid (run() then launches nothing).
+        assert_eq!(plan_router(&spec, ok[0], ok[1], ok[2], ok[3], ok[4], ok[5], 0, 1e-6, 0.125).unwrap().grid.0, 0);
+        let norm = supported_specs().into_iter().find(|s| matches!(s.op, Op::RmsNorm(_))).unwrap();
+        assert!(plan_router(&norm, ok[0], ok[1], ok[2], ok[3], ok[4], ok[5], t, 1e-6, 0.125).is_err());
+    }
+
+    #[test]
+    fn soft_embedding_plan_checks_its_buffers() {
+        let spec =
+            supported_specs().into_iter().find(|s| matches!(s.op, Op::SoftEmbedding(e) if e.hidden == 2816)).unwrap();
+        let Op::SoftEmbedding(e) = spec.op else { unreachable!() };
+        let (h, v, rows) = (e.hidden as usize, e.vocab as usize, 37usize);
+        let (probs, table, out) = (buf(rows * v), buf(v * h), buf(rows * h));
+        let plan = plan_soft_embedding(&spec, probs, table, out, 53.0, rows).unwrap();
+        // 37 rows in groups of rows_per_block; 2816 columns in tiles of two per thread.
+        let tile = 2 * spec.block_threads() as usize;
+        assert_eq!(plan.grid, (rows.div_ceil(e.rows_per_block as usize) as u32, h.div_ceil(tile) as u32, 1));
+        assert!(plan_soft_embedding(&spec, buf(rows * v - 1), table, out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, probs, buf(v * h - 1), out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, probs, table, buf(rows * h - 1), 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, probs, table, out, f32::NAN, rows).is_err());
+        // The kernel reads column pairs as 32-bit words: a table view at an odd element is refused.
+        let odd = Buf { ptr: 0x1002, len: v * h };
+        assert!(plan_soft_embedding(&spec, probs, odd, out, 53.0, rows).is_err());
+        assert!(plan_embedding(&spec, buf(1), table, out, 53.0, 1).is_err());
     }
 
     #[test]

@@ -99,6 +99,16 @@ fn moe_experts_match_cpu() {
 }
 
 #[test]
+fn router_matches_cpu_exactly() {
+    common::check_router(&Emu);
+}
+
+#[test]
+fn soft_embedding_matches_cpu() {
+    common::check_soft_embedding(&Emu);
+}
+
+#[test]
 fn the_emulator_refuses_other_arch_kernels() {
     let spec = dgemma_codegen::supported_specs()
         .into_iter()

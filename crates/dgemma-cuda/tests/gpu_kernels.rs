@@ -218,3 +218,15 @@ fn grouped_gemm_geglu_matches_cpu() {
 fn moe_experts_match_cpu() {
     common::check_moe_experts(&gpu());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn router_matches_cpu_exactly() {
+    common::check_router(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn soft_embedding_matches_cpu() {
+    common::check_soft_embedding(&gpu());
+}

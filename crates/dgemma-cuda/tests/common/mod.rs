@@ -19,10 +19,11 @@ use dgemma_codegen::{supported_specs, Arch, Family, GemmFuse, KernelSpec, MaskKi
 use dgemma_cpu::ops::activation::geglu as cpu_geglu;
 use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask};
 use dgemma_cpu::ops::linear::{linear as cpu_linear, Matrix};
-use dgemma_cpu::ops::moe::{experts_forward, ExpertBank, Routing as CpuRouting};
-use dgemma_cpu::ops::norm::rms_norm as cpu_rms_norm;
+use dgemma_cpu::ops::moe::{experts_forward, route, ExpertBank, Router as CpuRouter, Routing as CpuRouting};
+use dgemma_cpu::ops::norm::{rms_norm as cpu_rms_norm, rms_norm_row};
 use dgemma_cpu::ops::rope::{apply_rope, RopeTable};
 use dgemma_cpu::ops::softmax::{softcap as cpu_softcap, softmax_row};
+use dgemma_cpu::ops::topk::topk_torch_cpu;
 use dgemma_cpu::precision::{to_bf16, Precision};
 use dgemma_cuda::bf16;
 use dgemma_cuda::ops::{self, Buf, LaunchPlan, Routing};
@@ -784,5 +785,300 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.10 };
             compare_with(&name, &got, &want, Some(&scale), Some(&slack), tol);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE router
+
+/// The router's probabilities per token, `[tokens, experts]`, computed with `route`'s own steps
+/// (rms_norm_row, the rounded scale and root, the bf16 linear, softmax_row), and its logits.
+fn router_probs(x: &[f32], tokens: usize, scale: &[f32], proj: &Bf16Matrix, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let h = scale.len();
+    let root = (h as f64).powf(-0.5) as f32;
+    let mut r = x.to_vec();
+    for row in r.chunks_mut(h) {
+        rms_norm_row(row, None, eps, BF16);
+        for (v, &s) in row.iter_mut().zip(scale) {
+            *v = to_bf16(to_bf16(*v * s) * root);
+        }
+    }
+    let mut logits = vec![0.0f32; tokens * proj.rows];
+    cpu_linear(&r, tokens, proj, &mut logits, BF16);
+    let mut p = logits.clone();
+    for row in p.chunks_mut(proj.rows) {
+        softmax_row(row);
+    }
+    (logits, p)
+}
+
+/// `route`'s weights for the experts `chosen` of one token: p / (sum of the chosen p, in slot
+/// order) * per_expert_scale.
+fn router_weights(p: &[f32], chosen: &[usize], per_expert_scale: &[f32]) -> Vec<f32> {
+    let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+    chosen.iter().map(|&e| p[e] / sum * per_expert_scale[e]).collect()
+}
+
+/// Runs the router kernel on `tokens` rows of `x` and compares it with `dgemma_cpu`'s `route`.
+/// Returns the CPU's routing.
+///
+/// Tolerance. The kernel performs `route`'s float32 operations in `route`'s order (see
+/// csrc/router.cuh), so the logits are the CPU's bit for bit and the experts must match EXACTLY,
+/// tie order included. The one permitted source of difference is exp: the GPU's expf is within
+/// 2 ulp of glibc's (the emulator uses glibc's, so it is bit-exact there), which moves the
+/// probabilities, hence the weights, by a few float32 ulps (allowed: 8 ulps relative). Only if two
+/// experts have DIFFERENT logits whose CPU probabilities are nevertheless within 8 ulps of each
+/// other could that swap their order; such a swap is accepted (and reported). Equal logits give
+/// equal probabilities on both sides, so true ties are never excused.
+#[allow(clippy::too_many_arguments)]
+fn router_case(
+    e: &dyn Exec,
+    spec: &KernelSpec,
+    name: &str,
+    x: &[f32],
+    tokens: usize,
+    scale: &[f32],
+    proj: &[bf16],
+    per_expert_scale: &[f32],
+    eps: f32,
+) -> CpuRouting {
+    let Op::Router(r) = spec.op else { unreachable!() };
+    let (h, ne, k) = (r.hidden as usize, r.experts as usize, r.top_k as usize);
+    let root = (h as f64).powf(-0.5) as f32;
+    let pm = Bf16Matrix { rows: ne, cols: h, data: proj };
+    let router = CpuRouter { proj: &pm, scale, per_expert_scale };
+    let want = route(x, tokens, &router, k, eps, BF16);
+
+    // route's steps, spelled out, reproduce it exactly (the probabilities feed the tolerance).
+    let (logits, p) = router_probs(x, tokens, scale, &pm, eps);
+    for t in 0..tokens {
+        let pt = &p[t * ne..(t + 1) * ne];
+        let chosen = topk_torch_cpu(pt, k);
+        assert_eq!(chosen, want.experts[t * k..(t + 1) * k], "{name}: CPU stages vs route, token {t}");
+        let w = router_weights(pt, &chosen, per_expert_scale);
+        for (a, b) in w.iter().zip(&want.weights[t * k..(t + 1) * k]) {
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{name}: CPU stages vs route");
+        }
+    }
+
+    let mut bufs = [
+        hb(x),
+        hb(scale),
+        Host::Bf16(proj.to_vec()),
+        hb(per_expert_scale),
+        Host::I32(vec![i32::MIN; tokens * k]),
+        nan_f32(tokens * k),
+    ];
+    e.launch(&mut bufs, &|b| ops::plan_router(spec, b[0], b[1], b[2], b[3], b[4], b[5], tokens, eps, root).unwrap());
+    let (got_e, got_w) = (bufs[4].i32(), bufs[5].f32());
+    let close = |a: f32, b: f32| (a - b).abs() <= 8.0 * f32::EPSILON * a.abs().max(b.abs());
+    let mut swapped = 0;
+    for t in 0..tokens {
+        let (lt, pt) = (&logits[t * ne..(t + 1) * ne], &p[t * ne..(t + 1) * ne]);
+        let mut chosen = Vec::with_capacity(k);
+        for j in 0..k {
+            let (g, w) = (got_e[t * k + j], want.experts[t * k + j]);
+            assert!(g >= 0 && (g as usize) < ne, "{name}: token {t} slot {j}: expert {g}");
+            let g = g as usize;
+            if g != w {
+                assert!(
+                    lt[g] != lt[w] && close(pt[g], pt[w]),
+                    "{name}: token {t} slot {j}: expert {g} (logit {}, p {}), the CPU chose {w} (logit {}, p {}); \
+                     got {:?}, want {:?}",
+                    lt[g],
+                    pt[g],
+                    lt[w],
+                    pt[w],
+                    &got_e[t * k..(t + 1) * k],
+                    &want.experts[t * k..(t + 1) * k]
+                );
+                swapped += 1;
+            }
+            chosen.push(g);
+        }
+        // The weights of the experts the kernel chose (the CPU's weights when it chose the same).
+        let want_w = router_weights(pt, &chosen, per_expert_scale);
+        for (j, (&g, &w)) in got_w[t * k..(t + 1) * k].iter().zip(&want_w).enumerate() {
+            let ok = if w.is_nan() { g.is_nan() } else { g.to_bits() == w.to_bits() || close(g, w) };
+            assert!(ok, "{name}: token {t} slot {j}: weight {g}, expected {w}");
+        }
+    }
+    if swapped > 0 {
+        eprintln!("{name}: {swapped} slots hold an expert whose probability is within 8 ulps of the CPU's choice");
+    }
+    want
+}
+
+pub fn check_router(e: &dyn Exec) {
+    let eps = 1e-6f32;
+    for spec in specs(e, Family::Router) {
+        let Op::Router(r) = spec.op else { unreachable!() };
+        let (h, ne, k) = (r.hidden as usize, r.experts as usize, r.top_k as usize);
+        let mut rng = Rng::new(h as u64 * 1000 + ne as u64);
+        let scale: Vec<f32> = (0..h).map(|_| to_bf16(1.0 + 0.5 * rng.uniform())).collect();
+        let per_expert_scale: Vec<f32> = (0..ne).map(|_| to_bf16(1.0 + 0.5 * rng.uniform())).collect();
+
+        // Random weights: logits of order 1 on a bf16 grid, so some ties occur naturally. Token 1
+        // holds a NaN (NaN logits and probabilities: the CPU comparator's order, NaN weights);
+        // token 2 is zero (every logit 0, every probability equal: a full tie).
+        let tokens = 37usize;
+        if tokens * ne * h <= e.max_work() {
+            let proj: Vec<bf16> = rng.vec(ne * h, 1.0).into_iter().map(bf16::from_f32).collect();
+            let mut x = rng.vec(tokens * h, 4.0);
+            x[h + h / 3] = f32::NAN;
+            x[2 * h..3 * h].fill(0.0);
+            let name = format!("{} random", spec.kernel_name());
+            let want = router_case(e, &spec, &name, &x, tokens, &scale, &proj, &per_expert_scale, eps);
+            assert!(want.weights[k..2 * k].iter().all(|w| w.is_nan()), "{name}: the NaN token");
+            assert!(want.weights[2 * k..3 * k].iter().all(|w| w.is_finite()), "{name}: the zero token");
+        }
+
+        // Deliberate ties: every proj row is a copy of one of `distinct` rows, so experts tie in
+        // groups (identical rows give identical logits on both sides, whatever the arithmetic)
+        // and the top-k cuts through the groups. The kernel must reproduce torch's CPU order
+        // (libstdc++'s introselect + insertion sort), not just pick the right set.
+        let tokens = 24usize;
+        if tokens * ne * h > e.max_work() {
+            continue;
+        }
+        let (mut straddled, mut not_index_order) = (0, 0);
+        for distinct in [2usize, 3, 5] {
+            let rows: Vec<Vec<f32>> = (0..distinct).map(|_| rng.vec(h, 1.0)).collect();
+            let copy: Vec<usize> = (0..ne).map(|i| if i < distinct { i } else { rng.below(distinct) }).collect();
+            let proj: Vec<bf16> = copy.iter().flat_map(|&c| rows[c].iter().map(|&v| bf16::from_f32(v))).collect();
+            let x = rng.vec(tokens * h, 4.0);
+            let name = format!("{} ties of {distinct} rows", spec.kernel_name());
+            let want = router_case(e, &spec, &name, &x, tokens, &scale, &proj, &per_expert_scale, eps);
+            // The test means something: ties straddle the k-th place, and torch's order is not
+            // simply "lower index first among equals".
+            let (_, p) = router_probs(&x, tokens, &scale, &Bf16Matrix { rows: ne, cols: h, data: &proj }, eps);
+            for t in 0..tokens {
+                let pt = &p[t * ne..(t + 1) * ne];
+                let mut by_index: Vec<usize> = (0..ne).collect();
+                by_index.sort_by(|&a, &b| pt[b].total_cmp(&pt[a]).then(a.cmp(&b)));
+                if k < ne && pt[by_index[k - 1]] == pt[by_index[k]] {
+                    straddled += 1;
+                }
+                if by_index[..k] != want.experts[t * k..(t + 1) * k] {
+                    not_index_order += 1;
+                }
+            }
+        }
+        assert!(straddled > 0, "{}: no tie straddles the k-th place", spec.kernel_name());
+        assert!(not_index_order > 0, "{}: torch's order always equals index order here", spec.kernel_name());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-conditioning soft embedding
+
+/// `soft_embeddings`' formula on bf16 probs (dgemma-cpu model.rs, single-threaded): per output,
+/// `a += p * e` over v in float32 (skipping p == 0), then `bf16(bf16(a) * scale)`. Also returns
+/// `sum_v |p e|` per output (the scale of the summation error).
+fn soft_embedding_reference(probs: &[f32], rows: usize, table: &[bf16], h: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let v = table.len() / h;
+    let mut out = vec![0.0f32; rows * h];
+    let mut mass = vec![0.0f32; rows * h];
+    let threads = std::thread::available_parallelism().map_or(4, |p| p.get()).min(h);
+    let cols = h.div_ceil(threads);
+    // Columns are independent: split them across threads, each running the CPU's loop order.
+    let parts: Vec<(usize, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..h)
+            .step_by(cols)
+            .map(|c0| {
+                s.spawn(move || {
+                    let c1 = (c0 + cols).min(h);
+                    let w = c1 - c0;
+                    let (mut acc, mut abs) = (vec![0.0f32; rows * w], vec![0.0f32; rows * w]);
+                    for id in 0..v {
+                        let e = &table[id * h + c0..id * h + c1];
+                        for c in 0..rows {
+                            let pc = probs[c * v + id];
+                            if pc != 0.0 {
+                                for (j, ev) in e.iter().enumerate() {
+                                    let ev = ev.to_f32();
+                                    acc[c * w + j] += pc * ev;
+                                    abs[c * w + j] += (pc * ev).abs();
+                                }
+                            }
+                        }
+                    }
+                    (c0, acc, abs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (c0, acc, abs) in parts {
+        let w = acc.len() / rows.max(1);
+        for c in 0..rows {
+            for j in 0..w {
+                out[c * h + c0 + j] = to_bf16(to_bf16(acc[c * w + j]) * scale);
+                mass[c * h + c0 + j] = abs[c * w + j];
+            }
+        }
+    }
+    (out, mass)
+}
+
+pub fn check_soft_embedding(e: &dyn Exec) {
+    for spec in specs(e, Family::SoftEmbedding) {
+        let Op::SoftEmbedding(se) = spec.op else { unreachable!() };
+        let (h, v, group) = (se.hidden as usize, se.vocab as usize, se.rows_per_block as usize);
+        if v * h > e.max_work() {
+            continue;
+        }
+        let scale = to_bf16((h as f32).sqrt());
+        let table = big_bf16(v * h, 0.05, h as u64 + v as u64);
+
+        // Probabilities as the decoder gets them: bf16(softmax(bf16 logits)) (the RowSoftmax
+        // kernel's output and soft_embeddings' own first step), broad rows and a peaked one, over
+        // a partial last group of rows.
+        for rows in [1usize, group + 3] {
+            if rows * v * h > e.max_work() {
+                continue;
+            }
+            let name = format!("{} rows={rows}", spec.kernel_name());
+            let mut rng = Rng::new(rows as u64 + 5);
+            let mut logits = rng.vec(rows * v, 12.0);
+            logits[(rows - 1) * v + 7] = 40.0;
+            let mut probs = logits.clone();
+            for row in probs.chunks_mut(v) {
+                softmax_row(row);
+                for x in row.iter_mut() {
+                    *x = to_bf16(*x);
+                }
+            }
+            let (want, mass) = soft_embedding_reference(&probs, rows, &table, h, scale);
+            let mut bufs = [hb(&probs), Host::Bf16(table.clone()), nan_bf16(rows * h)];
+            e.launch(&mut bufs, &|b| ops::plan_soft_embedding(&spec, b[0], b[1], b[2], scale, rows).unwrap());
+            // The float32 sums run in another order (ascending v with FMAs here; the CPU splits v
+            // across threads): they differ by a small multiple of eps * sqrt(V) * sum |p e|,
+            // which flips the first rounding now and then. One flip is an ulp of the sum, times
+            // the scale, rounded again: two ulps of the output. The slack covers a sum that
+            // cancels to far below sum |p e| (a few sigma of the two orders' rounding walk).
+            let slack: Vec<f32> = mass.iter().map(|m| 8.0 * f32::EPSILON * (v as f32).sqrt() * m * scale).collect();
+            let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.05 };
+            compare_with(&name, &bufs[2].bf16(), &want, None, Some(&slack), tol);
+        }
+
+        // One-hot rows: out = bf16(E[id] * scale) exactly, whatever the summation order (the
+        // embedding kernel's result): catches any indexing slip bit for bit.
+        let ids = [0usize, v - 1, 3, v / 2, 3];
+        let rows = ids.len();
+        if rows * v * h > e.max_work() {
+            continue;
+        }
+        let mut probs = vec![0.0f32; rows * v];
+        for (c, &id) in ids.iter().enumerate() {
+            probs[c * v + id] = 1.0;
+        }
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| table[id * h..(id + 1) * h].iter().map(|x| to_bf16(x.to_f32() * scale)))
+            .collect();
+        let mut bufs = [hb(&probs), Host::Bf16(table.clone()), nan_bf16(rows * h)];
+        e.launch(&mut bufs, &|b| ops::plan_soft_embedding(&spec, b[0], b[1], b[2], scale, rows).unwrap());
+        compare(&format!("{} one-hot", spec.kernel_name()), &bufs[2].bf16(), &want, EXACT);
     }
 }

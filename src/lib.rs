@@ -10,9 +10,12 @@
 //!   stopping rule, noise sources.
 //! * [`tokenizer`] (`dgemma-tokenizer`): tokenizer.json and the chat template.
 //! * [`engine`] (`dgemma-engine`): the block-diffusion generation loop and reference checks.
+//! * [`gpu`] (`dgemma-gpu`): the CUDA backend; [`cuda::open_device`] opens a GPU with the
+//!   kernels embedded in this build ([`kernels`]).
 
 pub use dgemma_cpu as cpu;
 pub use dgemma_engine as engine;
+pub use dgemma_gpu as gpu;
 pub use dgemma_model as model;
 pub use dgemma_sampler as sampler;
 pub use dgemma_tokenizer as tokenizer;
@@ -22,4 +25,5 @@ pub use dgemma_model::{Backend, Precision};
 
 /// The git commit this library was built from ("unknown" outside a checkout).
 pub const GIT_COMMIT: &str = env!("DGEMMA_GIT_COMMIT");
+pub mod cuda;
 pub mod kernels;

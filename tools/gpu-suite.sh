@@ -219,10 +219,13 @@ for model in sorted(os.listdir(models_dir)) if os.path.isdir(models_dir) else []
 rec("dgemma.kernels_embedded", kernels or 0, "kernels", passed=bool(kernels),
     note=manifest.get("kernels", "")[:200])
 
-def case_model(path):
+def case_meta(path):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n)).get("__metadata__", {}).get("model")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+def case_model(path):
+    return case_meta(path).get("model")
 
 CHECK = re.compile(r"^\s+(\S+)\s+(?:max\|err\| (\S+))?\s*(?:argmax (\S+)%)?\s+(PASS|FAIL)\b")
 cases = sorted(f for f in os.listdir(cases_dir) if f.endswith(".safetensors")) if os.path.isdir(cases_dir) else []
@@ -252,6 +255,31 @@ for case in cases:
         failures_log.append(f"===== dgemma verify {case} (model {model}): rc {rc}\n{out[-5000:]}\n")
     rec(f"verify.{stem}", npass, "checks", target=len(checks) if checks else None, passed=rc == 0, note=note)
     log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma verify {stem}: {npass}/{len(checks)} checks ({secs:.1f} s)")
+    # The CUDA backend computes in bf16: it answers the bf16 cases (float32 ones are the CPU's).
+    if case_meta(path).get("dtype") != "bfloat16":
+        continue
+    rc, out, secs = run([cli["path"], "verify", "--backend", "cuda", "--model", os.path.join(models_dir, model),
+                         "--case", path], root, min(180, max(1, remaining())))
+    checks = [m for m in map(CHECK.match, out.splitlines()) if m]
+    npass = sum(1 for c in checks if c.group(4) == "PASS")
+    errs = [(float(c.group(2)), c.group(1)) for c in checks if c.group(2)]
+    note = f"{model}; --backend cuda" + (f"; worst max|err| {max(errs)[0]:.3g} ({max(errs)[1]})" if errs else "")
+    if rc != 0:
+        note += f"; exit {rc}; " + (out.strip().splitlines() or ["timed out"])[-1][:160]
+        failures_log.append(f"===== dgemma verify --backend cuda {case} (model {model}): rc {rc}\n{out[-5000:]}\n")
+    rec(f"verify_cuda.{stem}", npass, "checks", target=len(checks) if checks else None, passed=rc == 0, note=note)
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma verify --backend cuda {stem}: {npass}/{len(checks)} checks ({secs:.1f} s)")
+
+# dgemma run on the GPU, on the bundled model.
+tiny = os.path.join(models_dir, "tiny-default")
+if os.path.isdir(tiny):
+    rc, out, secs = run([cli["path"], "run", "--backend", "cuda", "--model", tiny, "--seed", "7", "Why is the sky blue?"],
+                        root, min(120, max(1, remaining())))
+    last = (out.strip().splitlines() or ["(no output)"])[-1][:160]
+    if rc != 0:
+        failures_log.append(f"===== dgemma run --backend cuda: rc {rc}\n{out[-5000:]}\n")
+    rec("dgemma.run_cuda.tiny-default", 1 if rc == 0 else 0, "runs", target=1, passed=rc == 0, note=last)
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma run --backend cuda ({secs:.1f} s): {last}")
 
 # ---- 4b. the other test executables, a few at a time ----------------------------------------
 others = [e for e in tests if not e.get("gpu")]

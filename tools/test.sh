@@ -14,3 +14,5 @@ cargo test --workspace --locked "$@"
 # The generated CUDA kernels, executed on the CPU by dgemma-cuda's emulator and compared with
 # the CPU backend's ops (the same checks the GPU suite runs on a real GPU).
 cargo test -p dgemma-cuda --features emulator --test emulated_kernels --locked
+# The CUDA backend's plans on the emulator, against the CPU backend and the bf16 cases.
+cargo test -p dgemma-gpu --features emulator --test emulated_backend --locked

@@ -43,7 +43,7 @@ pub fn info(a: InfoArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let k = &dgemma::kernels::KERNEL_NAMES;
     if dgemma::kernels::HAVE_KERNELS {
         println!(
-            "cuda kernels: {} embedded for {} ({} bytes, nvcc {}); the CUDA backend that runs them is not wired yet",
+            "cuda kernels: {} embedded for {} ({} bytes, nvcc {})",
             k.len(),
             dgemma::kernels::ARCHS.join(", "),
             dgemma::kernels::FATBIN.len(),
@@ -52,7 +52,7 @@ pub fn info(a: InfoArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         println!("cuda kernels: none embedded ({})", dgemma::kernels::NOT_BUILT_REASON);
     }
-    println!("backends: cpu (float32, bf16)");
+    println!("backends: cpu (float32, bf16), cuda (bf16; --backend cuda)");
     println!("build: dgemma {} (commit {})", env!("CARGO_PKG_VERSION"), dgemma::GIT_COMMIT);
     Ok(ExitCode::SUCCESS)
 }

@@ -70,9 +70,42 @@ pub fn precision(arg: PrecisionArg, weights: &ModelWeights) -> Precision {
     }
 }
 
-pub fn backend(kind: BackendKind, loaded: &Loaded, precision: Precision) -> Result<Box<dyn Backend>, Box<dyn std::error::Error>> {
+/// The backend `kind` for `loaded`. `context` is the most positions the run will reach (the
+/// CUDA backend sizes its KV cache for it up front).
+pub fn backend(
+    kind: BackendKind,
+    loaded: &Loaded,
+    precision: Precision,
+    context: usize,
+) -> Result<Box<dyn Backend>, Box<dyn std::error::Error>> {
+    let cfg = &loaded.checkpoint.config;
     match kind {
-        BackendKind::Cpu => Ok(Box::new(CpuBackend::new(&loaded.checkpoint.config.text, &loaded.weights, precision))),
-        BackendKind::Cuda => Err("the CUDA backend is not part of this build yet (it arrives with issue #3); use --backend cpu".into()),
+        BackendKind::Cpu => Ok(Box::new(CpuBackend::new(&cfg.text, &loaded.weights, precision))),
+        BackendKind::Cuda => {
+            if precision != Precision::Bf16 {
+                return Err(format!(
+                    "the CUDA backend computes in bf16 only; {} was asked for (use --precision bf16, or --backend cpu)",
+                    precision.name()
+                )
+                .into());
+            }
+            let dev = dgemma::cuda::open_device(0)?;
+            let context = context.min(cfg.text.max_position_embeddings);
+            let options = dgemma::gpu::GpuOptions::new(context, cfg.canvas_length);
+            let mut bar = (dgemma::gpu::weights::DeviceWeights::bytes_needed(&loaded.weights) >= PREFETCH_BYTES as usize)
+                .then(|| Progress::new("uploading"));
+            let backend = dgemma::gpu::GpuBackend::new(
+                dgemma::gpu::GpuExecutor::new(dev),
+                &cfg.text,
+                &loaded.weights,
+                options,
+                &mut |done, total| {
+                    if let Some(b) = bar.as_mut() {
+                        b.update(done as u64, total as u64)
+                    }
+                },
+            )?;
+            Ok(Box::new(backend))
+        }
     }
 }

@@ -98,8 +98,6 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = &loaded.checkpoint.config;
     let gen_cfg = &loaded.checkpoint.generation;
     let precision = load::precision(a.precision, &loaded.weights);
-    let mut backend = load::backend(a.backend, &loaded, precision)?;
-
     let prompt = if a.no_chat {
         raw_prompt_ids(&tokenizer, &a.prompt)?
     } else {
@@ -130,6 +128,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(v) = a.confidence_threshold {
         s.confidence_threshold = v;
     }
+
+    let context = prompt.len() + settings.canvases() * settings.canvas_length;
+    let mut backend = load::backend(a.backend, &loaded, precision, context)?;
 
     eprintln!(
         "dgemma: {} | backend {} ({}) | prompt {} tokens | up to {} canvas(es) of {} | {} steps max | seed {}",

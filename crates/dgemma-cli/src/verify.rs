@@ -22,8 +22,12 @@ pub struct VerifyArgs {
 pub fn verify(a: VerifyArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let case = Case::open(&a.case)?;
     let loaded = load::open(&a.model)?;
-    let mut backend = load::backend(a.backend, &loaded, case.precision)?;
     let settings = GenerationSettings::from_checkpoint(&loaded.checkpoint.config, &loaded.checkpoint.generation, case.precision);
+    // Positions the case reaches: the prompt, then its passes or its trace's canvases.
+    let c = settings.canvas_length;
+    let new_tokens = case.trace.as_ref().map_or(c, |t| t.max_new_tokens.div_ceil(c) * c);
+    let context = case.prompt_ids.len() + new_tokens.max(c);
+    let mut backend = load::backend(a.backend, &loaded, case.precision, context)?;
     let checks = verify_case(&case, backend.as_mut(), &settings)?;
     println!("case {} ({}, backend {})", a.case.display(), case.precision.name(), backend.name());
     let mut failed = 0;

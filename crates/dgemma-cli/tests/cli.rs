@@ -92,9 +92,19 @@ fn verify_passes_a_committed_case_and_fails_a_corrupted_one() {
 
 #[test]
 fn the_cuda_backend_and_bad_paths_give_clear_errors() {
-    let out = dgemma(&["run", "--backend", "cuda", "hello"]);
+    // Without a usable GPU (or kernels) --backend cuda is a clear error; with one it runs.
+    let out = dgemma(&["run", "--backend", "cuda", "--max-new-tokens", "16", "hello"]);
+    let gpu_usable = dgemma::kernels::HAVE_KERNELS && dgemma::gpu::Device::count() > 0;
+    if gpu_usable {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("backend cuda"), "{}", text(&out.stderr));
+    } else {
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("CUDA"), "{}", text(&out.stderr));
+    }
+    let out = dgemma(&["run", "--backend", "cuda", "--precision", "f32", "hello"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("CUDA"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("bf16 only"), "{}", text(&out.stderr));
     let out = dgemma(&["info", "--model", "/nonexistent/model"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("/nonexistent/model"), "{}", text(&out.stderr));

@@ -25,6 +25,11 @@ pub enum CudaError {
     UnsupportedArch { name: String, major: i32, minor: i32 },
     #[error("kernel `{0}` is not in the loaded fatbin (built for other model shapes?)")]
     MissingKernel(String),
+    #[error(
+        "out of GPU memory allocating {bytes} bytes for {what} ({free} of {total} bytes free): use a shorter \
+         context, fewer canvases, or a GPU with more memory"
+    )]
+    OutOfMemory { what: String, bytes: usize, free: usize, total: usize },
     #[error("{op}: {msg}")]
     Args { op: &'static str, msg: String },
     #[error("CUDA driver error in {what}: {source}")]

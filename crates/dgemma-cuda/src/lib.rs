@@ -24,6 +24,7 @@ pub mod device;
 #[cfg(feature = "emulator")]
 pub mod emu;
 pub mod error;
+pub mod exec;
 pub mod ops;
 
 pub use cudarc;
@@ -31,4 +32,7 @@ pub use device::{Device, DeviceBuffer};
 pub use dgemma_codegen as codegen;
 pub use dgemma_codegen::{Arch, KernelSpec, Op};
 pub use error::{CudaError, Result};
+#[cfg(feature = "emulator")]
+pub use exec::EmuExecutor;
+pub use exec::{Executor, GpuExecutor, Region, Step};
 pub use half::bf16;

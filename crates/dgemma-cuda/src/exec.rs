@@ -1,0 +1,386 @@
+//! Executors: where a forward pass's memory lives and its steps run.
+//!
+//! A forward pass is planned once, as data: a list of [`Step`]s (kernel [`LaunchPlan`]s and
+//! device-to-device copies) over fixed addresses in [`Region`]s the backend allocated up front.
+//! An [`Executor`] owns that memory and runs step lists. Two implement it:
+//!
+//! * [`GpuExecutor`]: a [`Device`]; steps go to its stream with no allocation and no host sync,
+//!   and a step list can be captured once as a CUDA graph and replayed ([`Executor::record`],
+//!   [`Executor::replay`]);
+//! * `EmuExecutor` (feature `emulator`): host memory and the CPU kernel emulator, so the very
+//!   same plans run, and are checked against the CPU backend, on machines without a GPU.
+//!
+//! Because a plan refers to buffers, never to their contents, a replayed graph reads whatever
+//! the buffers hold at replay time (the canvas, the self-conditioning input, positions).
+
+use cudarc::driver::{result as cu, sys, CudaGraph, CudaSlice};
+use dgemma_codegen::{Arch, KernelSpec, Op};
+
+use crate::device::{guard, Device};
+use crate::error::{args, Context, CudaError, Result};
+use crate::ops::{self, Buf, LaunchPlan};
+
+/// A byte range of executor memory (a device address on a GPU, a host address on the emulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl Region {
+    /// The region seen as `elem_size`-byte elements (what plan functions check lengths in).
+    pub fn buf(self, elem_size: usize) -> Buf {
+        Buf { ptr: self.ptr, len: self.bytes / elem_size }
+    }
+    /// As bf16 (or any 2-byte) elements.
+    pub fn b16(self) -> Buf {
+        self.buf(2)
+    }
+    /// As f32 / i32 elements.
+    pub fn b32(self) -> Buf {
+        self.buf(4)
+    }
+    /// `bytes` bytes starting `offset` bytes in.
+    pub fn sub(self, offset: usize, bytes: usize) -> Result<Region> {
+        if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
+            return Err(args("region", format!("[{offset}, +{bytes}) is outside a region of {} bytes", self.bytes)));
+        }
+        Ok(Region { ptr: self.ptr + offset as u64, bytes })
+    }
+}
+
+/// One step of a planned pass.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    Launch(LaunchPlan),
+    /// `dst = src` (same size, non-overlapping).
+    Copy { src: Region, dst: Region },
+}
+
+impl Step {
+    /// A short label (kernel name or `copy`), for errors and profiles.
+    pub fn label(&self) -> String {
+        match self {
+            Step::Launch(p) => p.spec.kernel_name(),
+            Step::Copy { src, .. } => format!("copy {} bytes", src.bytes),
+        }
+    }
+}
+
+/// Plain data that may be copied to and from executor memory byte for byte.
+pub trait Pod: bytemuck::Pod {}
+impl<T: bytemuck::Pod> Pod for T {}
+
+/// Memory and execution of planned passes.
+pub trait Executor {
+    /// What runs the steps ("NVIDIA H100 80GB HBM3 (sm_90a)", "CPU emulator").
+    fn describe(&self) -> String;
+    /// The arch whose arch-specific kernels run here.
+    fn arch(&self) -> Arch;
+    /// True if the kernel image has `spec`'s kernel.
+    fn has_kernel(&self, spec: &KernelSpec) -> bool;
+    /// A new zero-filled region; `what` names it in the out-of-memory error.
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<Region>;
+    /// Copies host bytes into a region (which must be at least as large).
+    fn upload_bytes(&mut self, dst: Region, src: &[u8]) -> Result<()>;
+    /// Copies a region back to the host; waits for all queued work first.
+    fn download_bytes(&mut self, src: Region, dst: &mut [u8]) -> Result<()>;
+    /// Queues `steps` in order.
+    ///
+    /// # Safety
+    /// Every address in the steps must lie in live regions of this executor, holding what the
+    /// plan functions were told (the backend's planner guarantees it).
+    unsafe fn run(&mut self, steps: &[Step]) -> Result<()>;
+    /// Records `steps` once (a CUDA graph on a GPU) and returns a handle for [`Executor::replay`].
+    ///
+    /// # Safety
+    /// As [`Executor::run`], for every later replay too: the regions must outlive the recording.
+    unsafe fn record(&mut self, steps: &[Step]) -> Result<usize>;
+    /// Queues a recorded step list again.
+    fn replay(&mut self, graph: usize) -> Result<()>;
+    /// Drops every recording.
+    fn forget_recordings(&mut self);
+    /// Waits for queued work.
+    fn synchronize(&mut self) -> Result<()>;
+
+    /// The spec that runs `op` here: this arch's variant if the image has it, else the portable one.
+    fn resolve(&self, op: Op) -> Result<KernelSpec> {
+        let specific = KernelSpec::for_arch(op, self.arch());
+        if self.has_kernel(&specific) {
+            return Ok(specific);
+        }
+        let portable = KernelSpec::portable(op);
+        if self.has_kernel(&portable) {
+            return Ok(portable);
+        }
+        Err(CudaError::MissingKernel(specific.kernel_name()))
+    }
+
+    /// Copies typed host data into a region.
+    fn upload<T: Pod>(&mut self, dst: Region, src: &[T]) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.upload_bytes(dst, bytemuck::cast_slice(src))
+    }
+
+    /// A new region holding `src`.
+    fn alloc_from<T: Pod>(&mut self, src: &[T], what: &str) -> Result<Region>
+    where
+        Self: Sized,
+    {
+        let r = self.alloc(std::mem::size_of_val(src), what)?;
+        self.upload(r, src)?;
+        Ok(r)
+    }
+
+    /// Reads a region as `T`s.
+    fn download<T: Pod>(&mut self, src: Region) -> Result<Vec<T>>
+    where
+        Self: Sized,
+    {
+        let mut out = vec![T::zeroed(); src.bytes / std::mem::size_of::<T>()];
+        self.download_bytes(src, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+fn check_host_len(op: &'static str, region: Region, host: usize) -> Result<()> {
+    if host > region.bytes {
+        return Err(args(op, format!("{host} bytes do not fit a region of {}", region.bytes)));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU
+
+/// A [`Device`] as an executor. Memory is freed when the executor is dropped.
+pub struct GpuExecutor {
+    dev: Device,
+    arena: Vec<CudaSlice<u8>>,
+    graphs: Vec<CudaGraph>,
+}
+
+impl GpuExecutor {
+    pub fn new(dev: Device) -> GpuExecutor {
+        GpuExecutor { dev, arena: Vec::new(), graphs: Vec::new() }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Bytes allocated through this executor.
+    pub fn allocated_bytes(&self) -> usize {
+        self.arena.iter().map(|s| s.len()).sum()
+    }
+
+    unsafe fn run_steps(&self, steps: &[Step]) -> Result<()> {
+        let stream = self.dev.stream().cu_stream();
+        for step in steps {
+            match step {
+                Step::Launch(plan) => ops::run(&self.dev, plan)?,
+                Step::Copy { src, dst } => {
+                    if src.bytes != dst.bytes {
+                        return Err(args("copy", format!("{} bytes into {}", src.bytes, dst.bytes)));
+                    }
+                    guard("copy", || cu::memcpy_dtod_async(dst.ptr, src.ptr, src.bytes, stream).ctx("cuMemcpyDtoDAsync"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Executor for GpuExecutor {
+    fn describe(&self) -> String {
+        format!("{} ({})", self.dev.name(), self.dev.arch().nvcc_name())
+    }
+
+    fn arch(&self) -> Arch {
+        self.dev.arch()
+    }
+
+    fn has_kernel(&self, spec: &KernelSpec) -> bool {
+        self.dev.has_kernel(&spec.kernel_name())
+    }
+
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<Region> {
+        let dev = &self.dev;
+        let slice = guard("alloc", || match dev.alloc_zeros::<u8>(bytes.max(1)) {
+            Ok(s) => Ok(s),
+            Err(CudaError::Driver { source, .. })
+                if source.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY =>
+            {
+                let (free, total) = dev.context().mem_get_info().unwrap_or((0, 0));
+                Err(CudaError::OutOfMemory { what: what.to_string(), bytes, free, total })
+            }
+            Err(e) => Err(e),
+        })?;
+        let (ptr, _sync) = cudarc::driver::DevicePtr::device_ptr(&slice, dev.stream());
+        drop(_sync);
+        self.arena.push(slice);
+        Ok(Region { ptr, bytes })
+    }
+
+    fn upload_bytes(&mut self, dst: Region, src: &[u8]) -> Result<()> {
+        check_host_len("upload", dst, src.len())?;
+        let stream = self.dev.stream().cu_stream();
+        // Synchronous on purpose: `src` may be dropped as soon as this returns.
+        guard("upload", || unsafe {
+            cu::memcpy_htod_async(dst.ptr, src, stream).ctx("cuMemcpyHtoDAsync")?;
+            cu::stream::synchronize(stream).ctx("synchronizing an upload")
+        })
+    }
+
+    fn download_bytes(&mut self, src: Region, dst: &mut [u8]) -> Result<()> {
+        check_host_len("download", src, dst.len())?;
+        let stream = self.dev.stream().cu_stream();
+        guard("download", || unsafe {
+            cu::memcpy_dtoh_async(dst, src.ptr, stream).ctx("cuMemcpyDtoHAsync")?;
+            cu::stream::synchronize(stream).ctx("synchronizing a download")
+        })
+    }
+
+    unsafe fn run(&mut self, steps: &[Step]) -> Result<()> {
+        self.run_steps(steps)
+    }
+
+    unsafe fn record(&mut self, steps: &[Step]) -> Result<usize> {
+        let stream = self.dev.stream().clone();
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        guard("graph capture", || stream.begin_capture(mode).ctx("cuStreamBeginCapture"))?;
+        let ran = self.run_steps(steps);
+        let graph = guard("graph capture", || {
+            stream.end_capture(sys::CUgraphInstantiate_flags(0)).ctx("cuStreamEndCapture")
+        });
+        ran?;
+        let graph = graph?.ok_or_else(|| args("graph capture", "the capture recorded nothing"))?;
+        self.graphs.push(graph);
+        Ok(self.graphs.len() - 1)
+    }
+
+    fn replay(&mut self, graph: usize) -> Result<()> {
+        let g = self.graphs.get(graph).ok_or_else(|| args("replay", format!("no recording {graph}")))?;
+        guard("graph launch", || g.launch().ctx("cuGraphLaunch"))
+    }
+
+    fn forget_recordings(&mut self) {
+        self.graphs.clear();
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.dev.synchronize()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU emulator
+
+/// Host memory and the kernel emulator ([`crate::emu`]) as an executor.
+#[cfg(feature = "emulator")]
+#[derive(Default)]
+pub struct EmuExecutor {
+    /// u64 words, so every region is 8-byte aligned.
+    arena: Vec<Box<[u64]>>,
+    recordings: Vec<Vec<Step>>,
+    /// Steps run so far (launches and copies), for tests of replay.
+    pub steps_run: usize,
+}
+
+#[cfg(feature = "emulator")]
+impl EmuExecutor {
+    pub fn new() -> EmuExecutor {
+        EmuExecutor::default()
+    }
+
+    fn contains(&self, r: Region) -> bool {
+        self.arena.iter().any(|a| {
+            let (lo, hi) = (a.as_ptr() as u64, a.as_ptr() as u64 + 8 * a.len() as u64);
+            r.ptr >= lo && r.ptr + r.bytes as u64 <= hi
+        })
+    }
+
+    fn checked(&self, op: &'static str, r: Region) -> Result<()> {
+        if !self.contains(r) {
+            return Err(args(op, format!("{r:?} is not inside one emulator allocation")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "emulator")]
+impl Executor for EmuExecutor {
+    fn describe(&self) -> String {
+        "CPU emulator (sm_90a kernels)".into()
+    }
+
+    fn arch(&self) -> Arch {
+        crate::emu::ARCH
+    }
+
+    fn has_kernel(&self, spec: &KernelSpec) -> bool {
+        dgemma_codegen::supported_specs().contains(spec)
+    }
+
+    fn alloc(&mut self, bytes: usize, _what: &str) -> Result<Region> {
+        let words = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        let ptr = words.as_ptr() as u64;
+        self.arena.push(words);
+        Ok(Region { ptr, bytes })
+    }
+
+    fn upload_bytes(&mut self, dst: Region, src: &[u8]) -> Result<()> {
+        check_host_len("upload", dst, src.len())?;
+        self.checked("upload", dst)?;
+        // SAFETY: dst lies inside one live allocation of this executor (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download_bytes(&mut self, src: Region, dst: &mut [u8]) -> Result<()> {
+        check_host_len("download", src, dst.len())?;
+        self.checked("download", src)?;
+        // SAFETY: src lies inside one live allocation of this executor (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    unsafe fn run(&mut self, steps: &[Step]) -> Result<()> {
+        for step in steps {
+            match step {
+                Step::Launch(plan) => crate::emu::run(plan)?,
+                Step::Copy { src, dst } => {
+                    if src.bytes != dst.bytes {
+                        return Err(args("copy", format!("{} bytes into {}", src.bytes, dst.bytes)));
+                    }
+                    self.checked("copy", *src)?;
+                    self.checked("copy", *dst)?;
+                    std::ptr::copy(src.ptr as *const u8, dst.ptr as *mut u8, src.bytes);
+                }
+            }
+            self.steps_run += 1;
+        }
+        Ok(())
+    }
+
+    unsafe fn record(&mut self, steps: &[Step]) -> Result<usize> {
+        self.recordings.push(steps.to_vec());
+        Ok(self.recordings.len() - 1)
+    }
+
+    fn replay(&mut self, graph: usize) -> Result<()> {
+        let steps = self.recordings.get(graph).cloned().ok_or_else(|| args("replay", format!("no recording {graph}")))?;
+        // SAFETY: recorded under `record`'s contract.
+        unsafe { self.run(&steps) }
+    }
+
+    fn forget_recordings(&mut self) {
+        self.recordings.clear();
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Which compiled kernel runs each op of a model: the heuristics table of `dgemma-codegen`
+//! ([`dgemma_codegen::shapes`]) applied to this model's shapes, resolved once against the
+//! executor's kernel image. A model whose shapes have no compiled kernel is refused here, before
+//! any weight is uploaded, with the name of the missing kernel.
+
+use dgemma_cuda::codegen::shapes::{
+    attention_spec, grouped_gemm_spec, linear_spec, rmsnorm_spec, router_spec, soft_embedding_spec,
+};
+use dgemma_cuda::codegen::{
+    Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope, RowSoftmax, SUPPORTED_MODELS,
+};
+use dgemma_cuda::Executor;
+use dgemma_model::config::{LayerSpec, TextConfig};
+
+use crate::error::{backend_error, Result};
+
+/// The kernel shape of a text config.
+pub fn model_shape(cfg: &TextConfig) -> ModelShape {
+    let layer = |head_dim: usize, kv_heads: usize, rope: &dgemma_model::RopeSpec| LayerAttention {
+        head_dim: head_dim as u32,
+        kv_heads: kv_heads as u32,
+        rotary_pairs: rope.rotary_pairs(head_dim) as u32,
+    };
+    ModelShape {
+        vocab: cfg.vocab_size as u32,
+        hidden: cfg.hidden_size as u32,
+        heads: cfg.num_attention_heads as u32,
+        sliding: layer(cfg.head_dim, cfg.num_key_value_heads, &cfg.rope_sliding),
+        full: layer(cfg.global_head_dim, cfg.num_global_key_value_heads, &cfg.rope_full),
+        experts: cfg.num_experts as u32,
+        top_k: cfg.top_k_experts as u32,
+        moe_width: cfg.moe_intermediate_size as u32,
+        dense_width: cfg.intermediate_size as u32,
+        self_cond_width: cfg.self_conditioning_size as u32,
+    }
+}
+
+/// Kernels of one attention layer type.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionKernels {
+    pub q_proj: KernelSpec,
+    pub kv_proj: KernelSpec,
+    pub o_proj: KernelSpec,
+    /// q_norm / k_norm (per head, with scale).
+    pub head_norm: KernelSpec,
+    /// v_norm (per head, no scale).
+    pub value_norm: KernelSpec,
+    pub rope: KernelSpec,
+    /// Causal (full layers) or causal-sliding (sliding layers).
+    pub encoder: KernelSpec,
+    pub decoder: KernelSpec,
+}
+
+/// Every kernel a forward pass of the model launches.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernels {
+    /// `round(norm(x) * w)`: input/pre-feedforward norms, post_feedforward_layernorm_1/_2, final norm.
+    pub norm: KernelSpec,
+    /// `h = round(h + round(norm(x) * w))`: post-attention norm and residual.
+    pub norm_residual: KernelSpec,
+    /// `h = round(round(h + round(norm(round(d + e)) * w)) * layer_scalar)`: the layer's end.
+    pub norm_layer_end: KernelSpec,
+    /// `round(norm(x))`: the decoder's input norm without self-conditioning.
+    pub norm_plain: KernelSpec,
+    /// `round(norm(round(x + s)))`: the decoder's input norm after self-conditioning.
+    pub norm_plain_add: KernelSpec,
+    pub embedding: KernelSpec,
+    pub geglu: KernelSpec,
+    pub softcap: KernelSpec,
+    pub sc_softmax: KernelSpec,
+    pub soft_embedding: KernelSpec,
+    pub router: KernelSpec,
+    pub dense_up: KernelSpec,
+    pub dense_down: KernelSpec,
+    pub sc_up: KernelSpec,
+    pub sc_down: KernelSpec,
+    pub lm_head: KernelSpec,
+    pub experts_gate_up: KernelSpec,
+    pub experts_down: KernelSpec,
+    pub sliding: AttentionKernels,
+    pub full: AttentionKernels,
+}
+
+impl Kernels {
+    /// Resolves every kernel of `cfg` against `exec`'s image (refusing a model whose shapes were
+    /// not compiled in).
+    pub fn resolve(cfg: &TextConfig, exec: &dyn Executor) -> Result<Kernels> {
+        let s = model_shape(cfg);
+        let arch = exec.arch();
+        let check = |spec: KernelSpec| -> Result<KernelSpec> {
+            if exec.has_kernel(&spec) {
+                return Ok(spec);
+            }
+            let known: Vec<&str> = SUPPORTED_MODELS.iter().map(|(n, _)| *n).collect();
+            Err(backend_error(format!(
+                "no compiled kernel `{}` for this model's shapes (the kernel image covers {}; add the shape to \
+                 SUPPORTED_MODELS in codegen/src/shapes.rs and rebuild)",
+                spec.kernel_name(),
+                known.join(", ")
+            )))
+        };
+        let portable = |op: Op| check(KernelSpec::portable(op));
+        let h = s.hidden;
+        let attention = |l: LayerAttention, encoder_mask: MaskKind| -> Result<AttentionKernels> {
+            let d = l.head_dim;
+            Ok(AttentionKernels {
+                q_proj: check(linear_spec(s.heads * d, h, arch))?,
+                kv_proj: check(linear_spec(l.kv_heads * d, h, arch))?,
+                o_proj: check(linear_spec(h, s.heads * d, arch))?,
+                head_norm: check(rmsnorm_spec(d, true, false, false, false))?,
+                value_norm: check(rmsnorm_spec(d, false, false, false, false))?,
+                rope: portable(Op::Rope(Rope { head_dim: d, rotary_pairs: l.rotary_pairs }))?,
+                encoder: check(attention_spec(d, s.heads, l.kv_heads, encoder_mask))?,
+                decoder: check(attention_spec(d, s.heads, l.kv_heads, MaskKind::Bidirectional))?,
+            })
+        };
+        Ok(Kernels {
+            norm: check(rmsnorm_spec(h, true, false, false, false))?,
+            norm_residual: check(rmsnorm_spec(h, true, false, true, false))?,
+            norm_layer_end: check(rmsnorm_spec(h, true, true, true, true))?,
+            norm_plain: check(rmsnorm_spec(h, false, false, false, false))?,
+            norm_plain_add: check(rmsnorm_spec(h, false, true, false, false))?,
+            embedding: portable(Op::Embedding(Embedding { hidden: h }))?,
+            geglu: portable(Op::Geglu)?,
+            softcap: portable(Op::Softcap)?,
+            sc_softmax: portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab }))?,
+            soft_embedding: check(soft_embedding_spec(h, s.vocab))?,
+            router: check(router_spec(h, s.experts, s.top_k))?,
+            dense_up: check(linear_spec(s.dense_width, h, arch))?,
+            dense_down: check(linear_spec(h, s.dense_width, arch))?,
+            sc_up: check(linear_spec(s.self_cond_width, h, arch))?,
+            sc_down: check(linear_spec(h, s.self_cond_width, arch))?,
+            lm_head: check(linear_spec(s.vocab, h, arch))?,
+            experts_gate_up: check(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch))?,
+            experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch))?,
+            sliding: attention(s.sliding, MaskKind::CausalSliding)?,
+            full: attention(s.full, MaskKind::Causal)?,
+        })
+    }
+
+    /// The attention kernels of a layer.
+    pub fn attention(&self, layer: &LayerSpec) -> &AttentionKernels {
+        match layer.kind {
+            dgemma_model::LayerKind::Sliding => &self.sliding,
+            dgemma_model::LayerKind::Full => &self.full,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! dgemma-gpu: the CUDA backend of dgemma.
+//!
+//! * [`kernels`]: which compiled kernel runs each op of a model (the codegen heuristics table
+//!   resolved against the kernel image; unknown shapes are refused by name).
+//! * [`weights`]: the checkpoint uploaded to executor memory as bf16, with progress.
+//! * [`plan`]: the encoder and decoder passes as static step lists over preallocated buffers
+//!   (the KV cache, the workspace), mirroring `dgemma-cpu`'s model line by line.
+//! * [`backend`]: [`GpuBackend`], a [`dgemma_model::Backend`] that records each decoder pass
+//!   once (a CUDA graph) and replays it for every denoising step of a canvas.
+//!
+//! The executor is a type parameter: [`dgemma_cuda::GpuExecutor`] on a GPU, and with the
+//! `emulator` feature `dgemma_cuda::EmuExecutor`, which runs the very same plans on the CPU
+//! kernel emulator, so the whole backend is tested against the CPU backend without a GPU
+//! (`tests/emulated_backend.rs`).
+
+pub mod backend;
+pub mod error;
+pub mod kernels;
+pub mod plan;
+pub mod weights;
+
+pub use backend::{GpuBackend, GpuOptions};
+pub use dgemma_cuda::{Device, Executor, GpuExecutor};
+#[cfg(feature = "emulator")]
+pub use dgemma_cuda::EmuExecutor;

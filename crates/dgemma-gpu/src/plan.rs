@@ -1,0 +1,426 @@
+//! The forward passes as static step lists (model-spec 3.2-3.7), written straight through.
+//!
+//! [`Planner::encode`] and [`Planner::denoise`] turn a pass (its token count and first position)
+//! into a list of [`Step`]s over the preallocated [`Workspace`], [`KvCache`] and
+//! [`DeviceWeights`]: no allocation, no host value read back, so a list runs as it is or is
+//! recorded once as a CUDA graph and replayed. Inputs are read from fixed buffers
+//! (`Workspace::ids`, `Workspace::sc_logits`), so a replay sees whatever they hold.
+//!
+//! Each step mirrors one line of the CPU backend (`dgemma-cpu/src/model.rs`), with the same bf16
+//! rounding points; the fused norms are documented in `csrc/rmsnorm.cuh`.
+//!
+//! The KV cache keeps every position of every layer (`[capacity, kv_heads * head_dim]` per layer
+//! for K and for V). The encoder writes the new tokens' K/V in place; the decoder writes its
+//! canvas's K/V into the rows right after the cache (`len .. len + C`), where the commit will
+//! put them, so attention always reads one contiguous key range. Sliding layers read only the
+//! last `window - 1` cached positions, as the CPU's trimmed cache holds.
+
+use dgemma_cuda::ops::{self, Buf, Routing};
+use dgemma_cuda::{Executor, Region, Step};
+use dgemma_model::config::{LayerKind, TextConfig};
+
+use crate::error::{backend_error, cuda, Result};
+use crate::kernels::{AttentionKernels, Kernels};
+use crate::weights::{DeviceWeights, LayerRegions};
+
+/// Scratch buffers for passes of up to `max_tokens` rows (`canvas` for the decoder-only ones).
+pub struct Workspace {
+    pub max_tokens: usize,
+    pub canvas: usize,
+    /// Token ids of the pass (i32 `[max_tokens]`): the prompt chunk, the commit or the canvas.
+    pub ids: Region,
+    /// The previous step's processed logits, bf16 `[canvas, V]` (self-conditioning input).
+    pub sc_logits: Region,
+    /// Softcapped f32 logits `[canvas, V]`: the decoder's output.
+    pub logits: Region,
+    /// Absolute positions 0..capacity (i32), read by RoPE at offset `pos0`.
+    positions: Region,
+    /// RoPE tables `[capacity, rotary_pairs]` bf16 of the sliding and the full layers.
+    rope_sliding: (Region, Region),
+    rope_full: (Region, Region),
+    h: Region,
+    a: Region,
+    attn: Region,
+    d: Region,
+    e: Region,
+    moe: Region,
+    q: Region,
+    ctx: Region,
+    gate: Region,
+    up: Region,
+    act: Region,
+    experts: Region,
+    expert_weights: Region,
+    moe_act: Region,
+    probs: Region,
+    soft: Region,
+    logits_bf16: Region,
+}
+
+/// Per-layer K and V, `[capacity, kv_heads * head_dim]` bf16 each.
+pub struct KvCache {
+    pub capacity: usize,
+    pub k: Vec<Region>,
+    pub v: Vec<Region>,
+}
+
+fn rope_tables(exec: &mut dyn Executor, inv_freq: &[f32], pairs: usize, capacity: usize) -> Result<(Region, Region)> {
+    let mut cos = Vec::with_capacity(capacity * pairs);
+    let mut sin = Vec::with_capacity(capacity * pairs);
+    for p in 0..capacity {
+        for &f in &inv_freq[..pairs] {
+            // The CPU's RopeTable: angle = float32(p) * inv_freq, cos/sin in f32, rounded to bf16.
+            let angle = p as f32 * f;
+            cos.push(half::bf16::from_f32(angle.cos()));
+            sin.push(half::bf16::from_f32(angle.sin()));
+        }
+    }
+    let upload = |exec: &mut dyn Executor, v: &[half::bf16], what: &str| -> Result<Region> {
+        let r = exec.alloc(2 * v.len(), what).map_err(cuda)?;
+        exec.upload_bytes(r, bytemuck::cast_slice(v)).map_err(cuda)?;
+        Ok(r)
+    };
+    Ok((upload(exec, &cos, "RoPE cos table")?, upload(exec, &sin, "RoPE sin table")?))
+}
+
+impl Workspace {
+    /// Allocates everything a pass of up to `max_tokens` rows needs; the decoder's vocab-wide
+    /// buffers are sized for `canvas` rows.
+    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, max_tokens: usize, canvas: usize, capacity: usize) -> Result<Workspace> {
+        let (t, h, v, c) = (max_tokens, cfg.hidden_size, cfg.vocab_size, canvas);
+        let heads = cfg.num_attention_heads;
+        let head_dim = cfg.head_dim.max(cfg.global_head_dim);
+        let inter = cfg.intermediate_size.max(cfg.self_conditioning_size);
+        let k = cfg.top_k_experts;
+        let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
+        let ws_ids = alloc(4 * t, "token ids")?;
+        let sc_logits = alloc(2 * c * v, "self-conditioning logits")?;
+        let logits = alloc(4 * c * v, "logits")?;
+        let h_buf = alloc(2 * t * h, "hidden states")?;
+        let a = alloc(2 * t * h, "normed hidden states")?;
+        let attn = alloc(2 * t * h, "attention output")?;
+        let d = alloc(2 * t * h, "dense MLP output")?;
+        let e = alloc(2 * t * h, "MoE input")?;
+        let moe = alloc(2 * t * h, "MoE output")?;
+        let q = alloc(2 * t * heads * head_dim, "queries")?;
+        let ctx = alloc(2 * t * heads * head_dim, "attention context")?;
+        let gate = alloc(2 * t * inter, "MLP gate")?;
+        let up = alloc(2 * t * inter, "MLP up")?;
+        let act = alloc(2 * t * inter, "MLP activation")?;
+        let experts = alloc(4 * t * k, "routed experts")?;
+        let expert_weights = alloc(4 * t * k, "routing weights")?;
+        let moe_act = alloc(2 * t * k * cfg.moe_intermediate_size, "expert activations")?;
+        let probs = alloc(2 * c * v, "self-conditioning probabilities")?;
+        let soft = alloc(2 * c * h, "soft embeddings")?;
+        let logits_bf16 = alloc(2 * c * v, "bf16 logits")?;
+        let positions: Vec<i32> = (0..capacity as i32).collect();
+        let pos_region = exec.alloc(4 * capacity, "positions").map_err(cuda)?;
+        exec.upload_bytes(pos_region, bytemuck::cast_slice(&positions)).map_err(cuda)?;
+        let sliding_pairs = cfg.rope_sliding.rotary_pairs(cfg.head_dim);
+        let full_pairs = cfg.rope_full.rotary_pairs(cfg.global_head_dim);
+        let rope_sliding = rope_tables(exec, &cfg.rope_sliding.inv_freq(cfg.head_dim), sliding_pairs, capacity)?;
+        let rope_full = rope_tables(exec, &cfg.rope_full.inv_freq(cfg.global_head_dim), full_pairs, capacity)?;
+        Ok(Workspace {
+            max_tokens,
+            canvas,
+            ids: ws_ids,
+            sc_logits,
+            logits,
+            positions: pos_region,
+            rope_sliding,
+            rope_full,
+            h: h_buf,
+            a,
+            attn,
+            d,
+            e,
+            moe,
+            q,
+            ctx,
+            gate,
+            up,
+            act,
+            experts,
+            expert_weights,
+            moe_act,
+            probs,
+            soft,
+            logits_bf16,
+        })
+    }
+}
+
+impl KvCache {
+    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, capacity: usize) -> Result<KvCache> {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for i in 0..cfg.num_hidden_layers {
+            let bytes = 2 * capacity * cfg.layer(i).kv_dim();
+            k.push(exec.alloc(bytes, &format!("layer {i} key cache")).map_err(cuda)?);
+            v.push(exec.alloc(bytes, &format!("layer {i} value cache")).map_err(cuda)?);
+        }
+        Ok(KvCache { capacity, k, v })
+    }
+
+    /// Bytes per cached position over all layers.
+    pub fn bytes_per_position(cfg: &TextConfig) -> usize {
+        (0..cfg.num_hidden_layers).map(|i| 2 * 2 * cfg.layer(i).kv_dim()).sum()
+    }
+}
+
+/// Which pass a layer runs in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Causal over the cache and the new tokens; `kv_only` on the last layer, whose output is
+    /// discarded.
+    Encoder { kv_only: bool },
+    Decoder,
+}
+
+/// Builds step lists over fixed buffers.
+pub struct Planner<'a> {
+    pub cfg: &'a TextConfig,
+    pub kernels: &'a Kernels,
+    pub weights: &'a DeviceWeights,
+    pub ws: &'a Workspace,
+    pub kv: &'a KvCache,
+}
+
+/// `rows` rows of `row_elems` bf16 elements starting at row `row0` of `r`.
+fn rows16(r: Region, row0: usize, rows: usize, row_elems: usize) -> Result<Buf> {
+    Ok(r.sub(2 * row0 * row_elems, 2 * rows * row_elems).map_err(cuda)?.b16())
+}
+
+impl Planner<'_> {
+    fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps as f32
+    }
+
+    /// `round(sqrt(H))` in bf16 (53.0 for hidden 2816).
+    fn embed_scale(&self) -> f32 {
+        half::bf16::from_f32((self.cfg.hidden_size as f64).sqrt() as f32).to_f32()
+    }
+
+    fn check_pass(&self, tokens: usize, pos0: usize, limit: usize, what: &str) -> Result<()> {
+        if tokens == 0 || tokens > limit {
+            return Err(backend_error(format!("{what} of {tokens} tokens: the workspace holds 1..={limit}")));
+        }
+        if pos0 + tokens > self.kv.capacity {
+            return Err(backend_error(format!(
+                "{what} would reach position {}, over the KV cache's {} positions",
+                pos0 + tokens,
+                self.kv.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encoder pass over `ws.ids[..tokens]` at positions `pos0..`: writes their K/V into the cache.
+    pub fn encode(&self, tokens: usize, pos0: usize) -> Result<Vec<Step>> {
+        self.check_pass(tokens, pos0, self.ws.max_tokens, "an encoder pass")?;
+        let mut s = Vec::new();
+        self.embed(&mut s, tokens)?;
+        let n = self.weights.layers.len();
+        for (i, l) in self.weights.layers.iter().enumerate() {
+            self.layer(&mut s, i, l, tokens, pos0, Pass::Encoder { kv_only: i + 1 == n })?;
+        }
+        Ok(s)
+    }
+
+    /// Decoder pass over the canvas `ws.ids[..tokens]` at positions `pos0..` (with the
+    /// self-conditioning input `ws.sc_logits` when `self_conditioning`): writes `ws.logits`.
+    pub fn denoise(&self, tokens: usize, pos0: usize, self_conditioning: bool) -> Result<Vec<Step>> {
+        self.check_pass(tokens, pos0, self.ws.canvas, "a decoder pass")?;
+        let (ws, w, k) = (self.ws, self.weights, self.kernels);
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let eps = self.eps();
+        let hb = rows16(ws.h, 0, tokens, h)?;
+        let mut s = Vec::new();
+        self.embed(&mut s, tokens)?;
+        if self_conditioning {
+            // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)); signal = MLP(pre_norm(soft)).
+            let probs = rows16(ws.probs, 0, tokens, v)?;
+            s.push(launch(ops::plan_row_softmax(&k.sc_softmax, rows16(ws.sc_logits, 0, tokens, v)?, probs, tokens))?);
+            let soft = rows16(ws.soft, 0, tokens, h)?;
+            s.push(launch(ops::plan_soft_embedding(&k.soft_embedding, probs, w.embed.b16(), soft, self.embed_scale(), tokens))?);
+            s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(w.sc_pre_norm.b16()), soft, tokens, eps, 1.0))?);
+            let d = self.mlp(&mut s, tokens, soft, w.sc_gate, w.sc_up, w.sc_down, (k.sc_up, k.sc_down))?;
+            // h = round(norm(round(h + signal))), no scale.
+            s.push(launch(ops::plan_rms_norm(&k.norm_plain_add, Some(hb), Some(d), None, hb, tokens, eps, 1.0))?);
+        } else {
+            // No signal: the block adds exactly zero.
+            s.push(launch(ops::plan_rms_norm(&k.norm_plain, None, None, None, hb, tokens, eps, 1.0))?);
+        }
+        for (i, l) in w.layers.iter().enumerate() {
+            self.layer(&mut s, i, l, tokens, pos0, Pass::Decoder)?;
+        }
+        let a = rows16(ws.a, 0, tokens, h)?;
+        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(w.final_norm.b16()), a, tokens, eps, 1.0))?);
+        let logits16 = rows16(ws.logits_bf16, 0, tokens, v)?;
+        s.push(launch(ops::plan_linear(&k.lm_head, a, w.lm_head.b16(), logits16, tokens))?);
+        let cap = self
+            .cfg
+            .final_logit_softcapping
+            .ok_or_else(|| backend_error("models without final_logit_softcapping are not supported yet"))?;
+        let logits = ws.logits.sub(0, 4 * tokens * v).map_err(cuda)?.b32();
+        s.push(launch(ops::plan_softcap(&k.softcap, logits16, logits, cap as f32, tokens * v))?);
+        Ok(s)
+    }
+
+    /// `h = round(E[ids] * round(sqrt(H)))`.
+    fn embed(&self, s: &mut Vec<Step>, tokens: usize) -> Result<()> {
+        let ws = self.ws;
+        let ids = ws.ids.sub(0, 4 * tokens).map_err(cuda)?.b32();
+        let out = rows16(ws.h, 0, tokens, self.cfg.hidden_size)?;
+        s.push(launch(ops::plan_embedding(&self.kernels.embedding, ids, self.weights.embed.b16(), out, self.embed_scale(), tokens))?);
+        Ok(())
+    }
+
+    /// `down(round(gelu(gate(x))) * up(x))` into `ws.d`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &self,
+        s: &mut Vec<Step>,
+        tokens: usize,
+        x: Buf,
+        gate_w: Region,
+        up_w: Region,
+        down_w: Region,
+        (up_k, down_k): (dgemma_cuda::KernelSpec, dgemma_cuda::KernelSpec),
+    ) -> Result<Buf> {
+        let ws = self.ws;
+        let inter = gate_w.bytes / 2 / self.cfg.hidden_size;
+        let gate = rows16(ws.gate, 0, tokens, inter)?;
+        let up = rows16(ws.up, 0, tokens, inter)?;
+        let act = rows16(ws.act, 0, tokens, inter)?;
+        let d = rows16(ws.d, 0, tokens, self.cfg.hidden_size)?;
+        s.push(launch(ops::plan_linear(&up_k, x, gate_w.b16(), gate, tokens))?);
+        s.push(launch(ops::plan_linear(&up_k, x, up_w.b16(), up, tokens))?);
+        s.push(launch(ops::plan_geglu(&self.kernels.geglu, gate, up, inter, act, inter, tokens))?);
+        s.push(launch(ops::plan_linear(&down_k, act, down_w.b16(), d, tokens))?);
+        Ok(d)
+    }
+
+    /// One transformer layer over `ws.h` (`tokens` rows at positions `pos0..`), in place.
+    fn layer(&self, s: &mut Vec<Step>, index: usize, l: &LayerRegions, tokens: usize, pos0: usize, pass: Pass) -> Result<()> {
+        let (ws, k) = (self.ws, self.kernels);
+        let spec = &l.spec;
+        let ak: &AttentionKernels = k.attention(spec);
+        let (hid, eps) = (self.cfg.hidden_size, self.eps());
+        let (heads, kv_heads, dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let kv_width = kv_heads * dim;
+        let hb = rows16(ws.h, 0, tokens, hid)?;
+        let a = rows16(ws.a, 0, tokens, hid)?;
+        let (cos, sin) = match spec.kind {
+            LayerKind::Sliding => ws.rope_sliding,
+            LayerKind::Full => ws.rope_full,
+        };
+        let positions = ws.positions.sub(4 * pos0, 4 * tokens).map_err(cuda)?.b32();
+
+        // Keys and values of the new tokens, written into the cache rows pos0.. in place.
+        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.input_layernorm.b16()), a, tokens, eps, 1.0))?);
+        let (kc, vc) = (self.kv.k[index], self.kv.v[index]);
+        let k_new = rows16(kc, pos0, tokens, kv_width)?;
+        let v_new = rows16(vc, pos0, tokens, kv_width)?;
+        s.push(launch(ops::plan_linear(&ak.kv_proj, a, l.k_proj.b16(), k_new, tokens))?);
+        match l.v_proj {
+            Some(vp) => s.push(launch(ops::plan_linear(&ak.kv_proj, a, vp.b16(), v_new, tokens))?),
+            // K = V on full layers: V is the raw k_proj output, before k_norm and RoPE.
+            None => s.push(Step::Copy {
+                src: kc.sub(2 * pos0 * kv_width, 2 * tokens * kv_width).map_err(cuda)?,
+                dst: vc.sub(2 * pos0 * kv_width, 2 * tokens * kv_width).map_err(cuda)?,
+            }),
+        }
+        let kv_rows = tokens * kv_heads;
+        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.k_norm.b16()), k_new, kv_rows, eps, 1.0))?);
+        s.push(launch(ops::plan_rope(&ak.rope, k_new, cos.b16(), sin.b16(), positions, tokens, kv_heads))?);
+        s.push(launch(ops::plan_rms_norm(&ak.value_norm, None, None, None, v_new, kv_rows, eps, 1.0))?);
+        if pass == (Pass::Encoder { kv_only: true }) {
+            return Ok(());
+        }
+
+        // Queries and attention over one contiguous key range of the cache.
+        let q = rows16(ws.q, 0, tokens, heads * dim)?;
+        s.push(launch(ops::plan_linear(&ak.q_proj, a, l.q_proj.b16(), q, tokens))?);
+        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.q_norm.b16()), q, tokens * heads, eps, 1.0))?);
+        s.push(launch(ops::plan_rope(&ak.rope, q, cos.b16(), sin.b16(), positions, tokens, heads))?);
+        let window = spec.sliding_window;
+        // Sliding layers see the last window - 1 cached positions (and, causally, the new ones).
+        let k_start = match window {
+            Some(w) => pos0.saturating_sub(w.saturating_sub(1)),
+            None => 0,
+        };
+        let kv_len = pos0 + tokens - k_start;
+        let (attn_kernel, mask_window) = match pass {
+            Pass::Encoder { .. } => (&ak.encoder, window),
+            Pass::Decoder => (&ak.decoder, None),
+        };
+        let ctx = rows16(ws.ctx, 0, tokens, heads * dim)?;
+        s.push(launch(ops::plan_attention(
+            attn_kernel,
+            q,
+            rows16(kc, k_start, kv_len, kv_width)?,
+            rows16(vc, k_start, kv_len, kv_width)?,
+            ctx,
+            tokens,
+            kv_len,
+            pos0,
+            k_start,
+            mask_window,
+        ))?);
+        let attn = rows16(ws.attn, 0, tokens, hid)?;
+        s.push(launch(ops::plan_linear(&ak.o_proj, ctx, l.o_proj.b16(), attn, tokens))?);
+        // h = round(h + post_attention_layernorm(attn)).
+        s.push(launch(ops::plan_rms_norm(&k.norm_residual, Some(attn), None, Some(l.post_attention_layernorm.b16()), hb, tokens, eps, 1.0))?);
+
+        // Dense branch: d = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h))).
+        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.pre_feedforward_layernorm.b16()), a, tokens, eps, 1.0))?);
+        let d = self.mlp(s, tokens, a, l.mlp_gate, l.mlp_up, l.mlp_down, (k.dense_up, k.dense_down))?;
+        s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_1.b16()), d, tokens, eps, 1.0))?);
+
+        // MoE branch: the router and the experts both read the pre-norm residual h.
+        let top_k = self.cfg.top_k_experts;
+        let experts = ws.experts.sub(0, 4 * tokens * top_k).map_err(cuda)?.b32();
+        let weights = ws.expert_weights.sub(0, 4 * tokens * top_k).map_err(cuda)?.b32();
+        let root = (hid as f64).powf(-0.5) as f32;
+        s.push(launch(ops::plan_router(
+            &k.router,
+            hb,
+            l.router_scale.b16(),
+            l.router_proj.b16(),
+            l.router_per_expert_scale.b16(),
+            experts,
+            weights,
+            tokens,
+            eps,
+            root,
+        ))?);
+        let e = rows16(ws.e, 0, tokens, hid)?;
+        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.pre_feedforward_layernorm_2.b16()), e, tokens, eps, 1.0))?);
+        let routing = Routing { tokens, top_k, num_experts: self.cfg.num_experts };
+        let moe_act = rows16(ws.moe_act, 0, tokens * top_k, self.cfg.moe_intermediate_size)?;
+        s.push(launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, experts, l.experts_gate_up.b16(), moe_act, routing))?);
+        let moe = rows16(ws.moe, 0, tokens, hid)?;
+        s.push(launch(ops::plan_grouped_gemm_combine(
+            &k.experts_down,
+            moe_act,
+            experts,
+            weights,
+            l.experts_down.b16(),
+            moe,
+            routing,
+        ))?);
+        s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_2.b16()), moe, tokens, eps, 1.0))?);
+
+        // h = round(round(h + post_feedforward_layernorm(round(d + moe))) * layer_scalar).
+        let scalar = match pass {
+            Pass::Encoder { .. } => l.encoder_layer_scalar,
+            Pass::Decoder => l.layer_scalar,
+        };
+        s.push(launch(ops::plan_rms_norm(&k.norm_layer_end, Some(d), Some(moe), Some(l.post_feedforward_layernorm.b16()), hb, tokens, eps, scalar))?);
+        Ok(())
+    }
+}
+
+fn launch(plan: dgemma_cuda::Result<ops::LaunchPlan>) -> Result<Step> {
+    plan.map(Step::Launch).map_err(cuda)
+}

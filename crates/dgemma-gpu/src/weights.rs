@@ -1,0 +1,200 @@
+//! The checkpoint's tensors in executor memory, as bf16.
+//!
+//! A bf16 tensor is copied straight from the memory-mapped file; an f32 or f16 tensor is
+//! rounded to bf16 on the host first (what `from_pretrained(dtype=torch.bfloat16)` does, and
+//! what the CPU backend's bf16 mode reads). Uploads go in chunks of at most 64 MiB, reporting
+//! progress after each.
+
+use dgemma_cuda::{Executor, Region};
+use dgemma_model::config::{LayerSpec, TextConfig};
+use dgemma_model::tensor::{DType, TensorRef};
+use dgemma_model::weights::ModelWeights;
+use half::bf16;
+
+use crate::error::{cuda, Result};
+
+/// Bytes per upload chunk.
+const CHUNK: usize = 64 << 20;
+
+/// Progress of a weight upload: `(bytes done, bytes total)`.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// One layer's tensors.
+pub struct LayerRegions {
+    pub spec: LayerSpec,
+    pub q_proj: Region,
+    pub k_proj: Region,
+    pub v_proj: Option<Region>,
+    pub o_proj: Region,
+    pub q_norm: Region,
+    pub k_norm: Region,
+    pub input_layernorm: Region,
+    pub post_attention_layernorm: Region,
+    pub pre_feedforward_layernorm: Region,
+    pub post_feedforward_layernorm_1: Region,
+    pub pre_feedforward_layernorm_2: Region,
+    pub post_feedforward_layernorm_2: Region,
+    pub post_feedforward_layernorm: Region,
+    pub mlp_gate: Region,
+    pub mlp_up: Region,
+    pub mlp_down: Region,
+    pub router_proj: Region,
+    pub router_scale: Region,
+    pub router_per_expert_scale: Region,
+    /// `[E, 2I, H]`, gate rows first.
+    pub experts_gate_up: Region,
+    /// `[E, H, I]`.
+    pub experts_down: Region,
+    /// bf16-rounded, like the activations.
+    pub layer_scalar: f32,
+    pub encoder_layer_scalar: f32,
+}
+
+/// The whole text model.
+pub struct DeviceWeights {
+    /// `[V, H]`: embedding, tied LM head and the soft-embedding matrix.
+    pub embed: Region,
+    /// The LM head (the embedding when tied).
+    pub lm_head: Region,
+    pub final_norm: Region,
+    pub sc_pre_norm: Region,
+    pub sc_gate: Region,
+    pub sc_up: Region,
+    pub sc_down: Region,
+    pub layers: Vec<LayerRegions>,
+    /// Bytes uploaded.
+    pub bytes: usize,
+}
+
+/// The bf16 bytes of a tensor (borrowed when the file is bf16 already).
+fn bf16_bytes(t: &TensorRef, start: usize, count: usize) -> std::borrow::Cow<'_, [u8]> {
+    match t.dtype {
+        DType::BF16 => std::borrow::Cow::Borrowed(&t.bytes()[2 * start..2 * (start + count)]),
+        DType::F32 | DType::F16 => {
+            let mut wide = vec![0.0f32; count];
+            t.read_f32(start, &mut wide);
+            let narrow: Vec<bf16> = wide.iter().map(|&x| bf16::from_f32(x)).collect();
+            std::borrow::Cow::Owned(bytemuck::cast_slice(&narrow).to_vec())
+        }
+    }
+}
+
+struct Uploader<'a> {
+    exec: &'a mut dyn Executor,
+    done: usize,
+    total: usize,
+    progress: Progress<'a>,
+}
+
+impl Uploader<'_> {
+    fn tensor(&mut self, t: &TensorRef) -> Result<Region> {
+        let n = t.numel();
+        let region = self.exec.alloc(2 * n, &t.name).map_err(cuda)?;
+        let per_chunk = CHUNK / 2;
+        let mut start = 0;
+        while start < n {
+            let count = per_chunk.min(n - start);
+            let bytes = bf16_bytes(t, start, count);
+            let dst = region.sub(2 * start, 2 * count).map_err(cuda)?;
+            self.exec.upload_bytes(dst, &bytes).map_err(cuda)?;
+            start += count;
+            self.done += 2 * count;
+            (self.progress)(self.done, self.total);
+        }
+        Ok(region)
+    }
+}
+
+fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+impl DeviceWeights {
+    /// Bytes [`DeviceWeights::upload`] will allocate for `w`.
+    pub fn bytes_needed(w: &ModelWeights) -> usize {
+        all_tensors(w).iter().map(|t| 2 * t.numel()).sum()
+    }
+
+    /// Uploads every tensor of `w`.
+    pub fn upload(cfg: &TextConfig, w: &ModelWeights, exec: &mut dyn Executor, progress: Progress) -> Result<DeviceWeights> {
+        let total = Self::bytes_needed(w);
+        let mut up = Uploader { exec, done: 0, total, progress };
+        let embed = up.tensor(&w.embed_tokens)?;
+        let lm_head = match &w.lm_head {
+            Some(t) => up.tensor(t)?,
+            None => embed,
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for (i, l) in w.layers.iter().enumerate() {
+            layers.push(LayerRegions {
+                spec: cfg.layer(i),
+                q_proj: up.tensor(&l.q_proj)?,
+                k_proj: up.tensor(&l.k_proj)?,
+                v_proj: l.v_proj.as_ref().map(|t| up.tensor(t)).transpose()?,
+                o_proj: up.tensor(&l.o_proj)?,
+                q_norm: up.tensor(&l.q_norm)?,
+                k_norm: up.tensor(&l.k_norm)?,
+                input_layernorm: up.tensor(&l.input_layernorm)?,
+                post_attention_layernorm: up.tensor(&l.post_attention_layernorm)?,
+                pre_feedforward_layernorm: up.tensor(&l.pre_feedforward_layernorm)?,
+                post_feedforward_layernorm_1: up.tensor(&l.post_feedforward_layernorm_1)?,
+                pre_feedforward_layernorm_2: up.tensor(&l.pre_feedforward_layernorm_2)?,
+                post_feedforward_layernorm_2: up.tensor(&l.post_feedforward_layernorm_2)?,
+                post_feedforward_layernorm: up.tensor(&l.post_feedforward_layernorm)?,
+                mlp_gate: up.tensor(&l.mlp_gate)?,
+                mlp_up: up.tensor(&l.mlp_up)?,
+                mlp_down: up.tensor(&l.mlp_down)?,
+                router_proj: up.tensor(&l.router_proj)?,
+                router_scale: up.tensor(&l.router_scale)?,
+                router_per_expert_scale: up.tensor(&l.router_per_expert_scale)?,
+                experts_gate_up: up.tensor(&l.experts_gate_up)?,
+                experts_down: up.tensor(&l.experts_down)?,
+                layer_scalar: round_bf16(l.layer_scalar),
+                encoder_layer_scalar: round_bf16(l.encoder_layer_scalar),
+            });
+        }
+        Ok(DeviceWeights {
+            embed,
+            lm_head,
+            final_norm: up.tensor(&w.final_norm)?,
+            sc_pre_norm: up.tensor(&w.sc_pre_norm)?,
+            sc_gate: up.tensor(&w.sc_gate)?,
+            sc_up: up.tensor(&w.sc_up)?,
+            sc_down: up.tensor(&w.sc_down)?,
+            layers,
+            bytes: up.done,
+        })
+    }
+}
+
+/// Every tensor [`DeviceWeights::upload`] copies (the embedding once when the head is tied).
+fn all_tensors(w: &ModelWeights) -> Vec<&TensorRef> {
+    let mut v = vec![&w.embed_tokens, &w.final_norm, &w.sc_pre_norm, &w.sc_gate, &w.sc_up, &w.sc_down];
+    v.extend(w.lm_head.as_ref());
+    for l in &w.layers {
+        v.extend([
+            &l.q_proj,
+            &l.k_proj,
+            &l.o_proj,
+            &l.q_norm,
+            &l.k_norm,
+            &l.input_layernorm,
+            &l.post_attention_layernorm,
+            &l.pre_feedforward_layernorm,
+            &l.post_feedforward_layernorm_1,
+            &l.pre_feedforward_layernorm_2,
+            &l.post_feedforward_layernorm_2,
+            &l.post_feedforward_layernorm,
+            &l.mlp_gate,
+            &l.mlp_up,
+            &l.mlp_down,
+            &l.router_proj,
+            &l.router_scale,
+            &l.router_per_expert_scale,
+            &l.experts_gate_up,
+            &l.experts_down,
+        ]);
+        v.extend(l.v_proj.as_ref());
+    }
+    v
+}

@@ -1,0 +1,36 @@
+//! The GPU backend's plans run on the CPU kernel emulator, checked against the CPU backend and
+//! the transformers cases (the bodies live in `common/mod.rs`, shared with `gpu_backend.rs`):
+//!
+//! ```text
+//! cargo test -p dgemma-gpu --features emulator --test emulated_backend
+//! ```
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use dgemma_gpu::EmuExecutor;
+
+#[test]
+fn logits_match_the_cpu_backend() {
+    common::check_logits_match_cpu(EmuExecutor::new);
+}
+
+#[test]
+fn prefill_chunking_is_exact() {
+    common::check_prefill_chunking_is_exact(EmuExecutor::new);
+}
+
+#[test]
+fn replay_sees_new_canvas_and_self_conditioning() {
+    common::check_replay_sees_new_inputs(EmuExecutor::new);
+}
+
+#[test]
+fn bf16_reference_cases_pass() {
+    common::check_bf16_cases(EmuExecutor::new);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    common::check_bad_input(EmuExecutor::new);
+}

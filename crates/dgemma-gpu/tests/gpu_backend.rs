@@ -1,0 +1,48 @@
+//! The GPU backend on a real GPU, with the checks of `emulated_backend.rs` (`common/mod.rs`).
+//! `#[ignore]`d: without a GPU they FAIL when forced (opening the device fails), never pass.
+//!
+//! ```text
+//! cargo test -p dgemma-gpu --test gpu_backend -- --include-ignored
+//! ```
+
+mod common;
+
+use dgemma_gpu::{Device, GpuExecutor};
+
+fn gpu() -> GpuExecutor {
+    if !dgemma::kernels::HAVE_KERNELS {
+        panic!("dgemma was built without CUDA kernels ({}): set NVCC and rebuild", dgemma::kernels::NOT_BUILT_REASON);
+    }
+    let dev = Device::open(0, dgemma::kernels::FATBIN).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"));
+    GpuExecutor::new(dev)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn logits_match_the_cpu_backend() {
+    common::check_logits_match_cpu(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_chunking_is_exact() {
+    common::check_prefill_chunking_is_exact(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn replay_sees_new_canvas_and_self_conditioning() {
+    common::check_replay_sees_new_inputs(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_reference_cases_pass() {
+    common::check_bf16_cases(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bad_input_is_a_clear_error() {
+    common::check_bad_input(gpu);
+}

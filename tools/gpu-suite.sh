@@ -281,6 +281,24 @@ if os.path.isdir(tiny):
     rec("dgemma.run_cuda.tiny-default", 1 if rc == 0 else 0, "runs", target=1, passed=rc == 0, note=last)
     log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma run --backend cuda ({secs:.1f} s): {last}")
 
+# ---- 5c. dgemma bench: the CUDA backend on synthetic 26B-A4B weights -------------------------
+if remaining() > 120 and not only:
+    bench_json = os.path.join(tmp, "bench.json")
+    rc, out, secs = run([cli["path"], "bench", "--synthetic", "26b", "--contexts", "1024,4096,32768",
+                         "--prompt", "4096", "--iters", "3", "--json", bench_json], root, min(240, remaining(60)))
+    if rc == 0 and os.path.exists(bench_json):
+        for r in json.load(open(bench_json))["records"]:
+            if r["value"] is None:
+                rec(f"bench.{r['name']}", 0, r["unit"], passed=False, note=r.get("note"))
+                continue
+            rec(r["name"], r["value"], r["unit"], floor=r.get("floor"), target=r.get("target"),
+                passed=r.get("passed"), note=r.get("note"))
+    else:
+        failures_log.append(f"===== dgemma bench --synthetic 26b: rc {rc}\n{out[-5000:]}\n")
+        rec("dgemma.bench_26b", 0, "runs", target=1, passed=False,
+            note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma bench --synthetic 26b ({secs:.1f} s)")
+
 # ---- 4b. the other test executables, a few at a time ----------------------------------------
 others = [e for e in tests if not e.get("gpu")]
 jobs = int(os.environ.get("DGEMMA_SUITE_JOBS") or max(1, min(4, (os.cpu_count() or 1) // 4)))

@@ -3,7 +3,9 @@
 //! * `dgemma run [--model DIR] "prompt"`: generate, streaming each committed canvas.
 //! * `dgemma info --model DIR`: the parsed config, tensor count and bytes.
 //! * `dgemma verify --model DIR --case FILE`: check the engine against a transformers dump.
+//! * `dgemma bench [--synthetic 26b | --model DIR]`: CUDA backend timings against the floor.
 
+mod bench;
 mod info;
 mod load;
 mod progress;
@@ -28,6 +30,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Check the engine against a reference case file made by transformers.
     Verify(verify::VerifyArgs),
+    /// Time the CUDA backend (steps per context, prefill, commit, tokens/s) against the memory floor.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Info(a) => info::info(a),
         Command::Verify(a) => verify::verify(a),
+        Command::Bench(a) => bench::bench(a),
     };
     match result {
         Ok(code) => code,

@@ -102,6 +102,13 @@ pub trait Executor {
     fn forget_recordings(&mut self);
     /// Waits for queued work.
     fn synchronize(&mut self) -> Result<()>;
+    /// Starts timing the work queued from now on (a CUDA event on a GPU).
+    fn timer_start(&mut self) -> Result<()>;
+    /// Milliseconds the work queued since [`Executor::timer_start`] took to execute (waits for
+    /// it): CUDA events on a GPU, wall-clock time on the emulator.
+    fn timer_stop(&mut self) -> Result<f64>;
+    /// Bytes allocated through this executor.
+    fn allocated_bytes(&self) -> usize;
 
     /// The spec that runs `op` here: this arch's variant if the image has it, else the portable one.
     fn resolve(&self, op: Op) -> Result<KernelSpec> {
@@ -160,20 +167,16 @@ pub struct GpuExecutor {
     dev: Device,
     arena: Vec<CudaSlice<u8>>,
     graphs: Vec<CudaGraph>,
+    timer: Option<cudarc::driver::CudaEvent>,
 }
 
 impl GpuExecutor {
     pub fn new(dev: Device) -> GpuExecutor {
-        GpuExecutor { dev, arena: Vec::new(), graphs: Vec::new() }
+        GpuExecutor { dev, arena: Vec::new(), graphs: Vec::new(), timer: None }
     }
 
     pub fn device(&self) -> &Device {
         &self.dev
-    }
-
-    /// Bytes allocated through this executor.
-    pub fn allocated_bytes(&self) -> usize {
-        self.arena.iter().map(|s| s.len()).sum()
     }
 
     unsafe fn run_steps(&self, steps: &[Step]) -> Result<()> {
@@ -273,6 +276,26 @@ impl Executor for GpuExecutor {
     fn synchronize(&mut self) -> Result<()> {
         self.dev.synchronize()
     }
+
+    fn timer_start(&mut self) -> Result<()> {
+        let stream = self.dev.stream().clone();
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.timer = Some(guard("event", || stream.record_event(timing).ctx("cuEventRecord"))?);
+        Ok(())
+    }
+
+    fn timer_stop(&mut self) -> Result<f64> {
+        let start = self.timer.take().ok_or_else(|| args("timer", "timer_stop without timer_start"))?;
+        let stream = self.dev.stream().clone();
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let end = guard("event", || stream.record_event(timing).ctx("cuEventRecord"))?;
+        let ms = guard("event", || start.elapsed_ms(&end).ctx("cuEventElapsedTime"))?;
+        Ok(ms as f64)
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.arena.iter().map(|s| s.len()).sum()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,6 +308,7 @@ pub struct EmuExecutor {
     /// u64 words, so every region is 8-byte aligned.
     arena: Vec<Box<[u64]>>,
     recordings: Vec<Vec<Step>>,
+    timer: Option<std::time::Instant>,
     /// Steps run so far (launches and copies), for tests of replay.
     pub steps_run: usize,
 }
@@ -382,5 +406,19 @@ impl Executor for EmuExecutor {
 
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    fn timer_start(&mut self) -> Result<()> {
+        self.timer = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn timer_stop(&mut self) -> Result<f64> {
+        let start = self.timer.take().ok_or_else(|| args("timer", "timer_stop without timer_start"))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.arena.iter().map(|a| 8 * a.len()).sum()
     }
 }

@@ -40,6 +40,22 @@ impl GpuOptions {
     }
 }
 
+fn check_options(cfg: &TextConfig, options: &GpuOptions) -> Result<()> {
+    if options.canvas == 0 || options.prefill_chunk == 0 || options.context == 0 {
+        return Err(Error::InvalidArgument(format!("GPU backend sizes must be positive: {options:?}")));
+    }
+    if options.context > cfg.max_position_embeddings {
+        return Err(Error::InvalidArgument(format!(
+            "a context of {} positions exceeds the model's max_position_embeddings ({})",
+            options.context, cfg.max_position_embeddings
+        )));
+    }
+    if cfg.final_logit_softcapping.is_none() {
+        return Err(backend_error("models without final_logit_softcapping are not supported yet"));
+    }
+    Ok(())
+}
+
 /// Key of a recorded decoder pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct DenoiseKey {
@@ -67,20 +83,22 @@ impl<X: Executor> GpuBackend<X> {
     /// Uploads `weights` and allocates the cache and workspace. Refuses a model whose kernels
     /// were not compiled, and sizes that do not fit the model.
     pub fn new(mut exec: X, cfg: &TextConfig, weights: &ModelWeights, options: GpuOptions, progress: Progress) -> Result<Self> {
-        if options.canvas == 0 || options.prefill_chunk == 0 || options.context == 0 {
-            return Err(Error::InvalidArgument(format!("GPU backend sizes must be positive: {options:?}")));
-        }
-        if options.context > cfg.max_position_embeddings {
-            return Err(Error::InvalidArgument(format!(
-                "a context of {} positions exceeds the model's max_position_embeddings ({})",
-                options.context, cfg.max_position_embeddings
-            )));
-        }
-        if cfg.final_logit_softcapping.is_none() {
-            return Err(backend_error("models without final_logit_softcapping are not supported yet"));
-        }
+        check_options(cfg, &options)?;
         let kernels = Kernels::resolve(cfg, &exec)?;
         let weights = DeviceWeights::upload(cfg, weights, &mut exec, progress)?;
+        Self::with_weights(exec, cfg, kernels, weights, options)
+    }
+
+    /// A backend on random weights of `cfg`'s shapes, generated in executor memory (benchmarks:
+    /// the full-size model without a checkpoint). Its outputs mean nothing.
+    pub fn synthetic(mut exec: X, cfg: &TextConfig, seed: u64, options: GpuOptions, progress: Progress) -> Result<Self> {
+        check_options(cfg, &options)?;
+        let kernels = Kernels::resolve(cfg, &exec)?;
+        let weights = DeviceWeights::synthetic(cfg, &mut exec, seed, progress)?;
+        Self::with_weights(exec, cfg, kernels, weights, options)
+    }
+
+    fn with_weights(mut exec: X, cfg: &TextConfig, kernels: Kernels, weights: DeviceWeights, options: GpuOptions) -> Result<Self> {
         let max_tokens = options.prefill_chunk.max(options.canvas);
         let ws = Workspace::new(cfg, &mut exec, max_tokens, options.canvas, options.context)?;
         let kv = KvCache::new(cfg, &mut exec, options.context)?;
@@ -169,6 +187,39 @@ impl<X: Executor> GpuBackend<X> {
     fn forget_recordings(&mut self) {
         self.recorded.clear();
         self.exec.forget_recordings();
+    }
+
+    /// Benchmarks: queues one decoder pass of `tokens` rows over whatever the workspace holds
+    /// (no upload, no download, no sync), recording it on first use.
+    pub fn queue_denoise(&mut self, tokens: usize, self_conditioning: bool) -> Result<()> {
+        self.run_denoise(DenoiseKey { tokens, pos0: self.len, self_conditioning })
+    }
+
+    /// Benchmarks: queues one encoder pass of `tokens` rows of `ws.ids` at the cache's end and
+    /// advances the cache (no upload, no sync).
+    pub fn queue_encode(&mut self, tokens: usize) -> Result<()> {
+        let steps = self.planner().encode(tokens, self.len)?;
+        // SAFETY: the planner only addresses regions of this backend.
+        unsafe { self.exec.run(&steps) }.map_err(cuda)?;
+        self.len += tokens;
+        self.forget_recordings();
+        Ok(())
+    }
+
+    /// Benchmarks: declares the first `len` cache positions filled (with whatever they hold), so
+    /// a step at a long context can be timed without encoding that context first.
+    pub fn assume_cache_len(&mut self, len: usize) -> Result<()> {
+        if len > self.kv.capacity {
+            return Err(Error::InvalidInput(format!("{len} positions exceed the cache's {}", self.kv.capacity)));
+        }
+        self.len = len;
+        self.forget_recordings();
+        Ok(())
+    }
+
+    /// Bytes of executor memory held by the cache for one position over all layers.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        KvCache::bytes_per_position(&self.cfg)
     }
 }
 

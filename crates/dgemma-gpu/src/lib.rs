@@ -7,6 +7,8 @@
 //!   (the KV cache, the workspace), mirroring `dgemma-cpu`'s model line by line.
 //! * [`backend`]: [`GpuBackend`], a [`dgemma_model::Backend`] that records each decoder pass
 //!   once (a CUDA graph) and replays it for every denoising step of a canvas.
+//! * [`bench`]: end-to-end timings (steps per context, prefill, commit, tokens/s, TTFT) against
+//!   the memory floor, in the results contract (`dgemma bench`).
 //!
 //! The executor is a type parameter: [`dgemma_cuda::GpuExecutor`] on a GPU, and with the
 //! `emulator` feature `dgemma_cuda::EmuExecutor`, which runs the very same plans on the CPU
@@ -14,6 +16,7 @@
 //! (`tests/emulated_backend.rs`).
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod kernels;
 pub mod plan;

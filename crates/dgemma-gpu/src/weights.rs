@@ -167,6 +167,112 @@ impl DeviceWeights {
     }
 }
 
+/// Values of synthetic weights: matrices uniform in +-0.03 (about the spread of the trained
+/// projections), scales around 1, so activations stay finite through 30 layers and the router
+/// spreads tokens over the experts.
+const SYNTHETIC_MATRIX: f32 = 0.03;
+
+/// Fills executor memory from a repeating host pattern (64 MiB), uploaded chunk by chunk.
+struct Filler<'a> {
+    exec: &'a mut dyn Executor,
+    matrix: Vec<bf16>,
+    scale: Vec<bf16>,
+    done: usize,
+    total: usize,
+    progress: Progress<'a>,
+}
+
+impl Filler<'_> {
+    fn tensor(&mut self, shape: &[usize], what: &str) -> Result<Region> {
+        let n: usize = shape.iter().product();
+        let region = self.exec.alloc(2 * n, what).map_err(cuda)?;
+        // Vectors (norm and router scales) are scales: values near 1.
+        let pattern = if shape.len() == 1 { &self.scale } else { &self.matrix };
+        let mut start = 0;
+        while start < n {
+            let count = pattern.len().min(n - start);
+            let dst = region.sub(2 * start, 2 * count).map_err(cuda)?;
+            self.exec.upload_bytes(dst, bytemuck::cast_slice(&pattern[..count])).map_err(cuda)?;
+            start += count;
+            self.done += 2 * count;
+            (self.progress)(self.done, self.total);
+        }
+        Ok(region)
+    }
+}
+
+impl DeviceWeights {
+    /// Random weights of `cfg`'s exact shapes, made without a checkpoint (benchmarks of the
+    /// full-size model on a GPU: no 50 GB file needed). Deterministic in `seed`.
+    pub fn synthetic(cfg: &TextConfig, exec: &mut dyn Executor, seed: u64, progress: Progress) -> Result<DeviceWeights> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        // An odd length, so consecutive rows of a matrix see different values.
+        let len = (32 << 20) - 7;
+        let matrix = (0..len).map(|_| bf16::from_f32(uniform() * SYNTHETIC_MATRIX)).collect();
+        let scale = (0..(1 << 20) + 3).map(|_| bf16::from_f32(1.0 + 0.1 * uniform())).collect();
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (e, moe, dense, sc) =
+            (cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.self_conditioning_size);
+        let layer_bytes = |i: usize| {
+            let l = cfg.layer(i);
+            let attn = 2 * l.q_dim() * h + if l.k_eq_v { 1 } else { 2 } * l.kv_dim() * h + 2 * l.head_dim;
+            let mlp = 3 * dense * h + e * h + e * 3 * moe * h;
+            2 * (attn + mlp + 8 * h + e)
+        };
+        let total = 2 * (v * h + 2 * h + 3 * sc * h) + (0..cfg.num_hidden_layers).map(layer_bytes).sum::<usize>();
+        let mut f = Filler { exec, matrix, scale, done: 0, total, progress };
+        let embed = f.tensor(&[v, h], "embedding")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let spec = cfg.layer(i);
+            let (q, kv, d) = (spec.q_dim(), spec.kv_dim(), spec.head_dim);
+            layers.push(LayerRegions {
+                spec,
+                q_proj: f.tensor(&[q, h], "q_proj")?,
+                k_proj: f.tensor(&[kv, h], "k_proj")?,
+                v_proj: if spec.k_eq_v { None } else { Some(f.tensor(&[kv, h], "v_proj")?) },
+                o_proj: f.tensor(&[h, q], "o_proj")?,
+                q_norm: f.tensor(&[d], "q_norm")?,
+                k_norm: f.tensor(&[d], "k_norm")?,
+                input_layernorm: f.tensor(&[h], "norm")?,
+                post_attention_layernorm: f.tensor(&[h], "norm")?,
+                pre_feedforward_layernorm: f.tensor(&[h], "norm")?,
+                post_feedforward_layernorm_1: f.tensor(&[h], "norm")?,
+                pre_feedforward_layernorm_2: f.tensor(&[h], "norm")?,
+                post_feedforward_layernorm_2: f.tensor(&[h], "norm")?,
+                post_feedforward_layernorm: f.tensor(&[h], "norm")?,
+                mlp_gate: f.tensor(&[dense, h], "mlp gate")?,
+                mlp_up: f.tensor(&[dense, h], "mlp up")?,
+                mlp_down: f.tensor(&[h, dense], "mlp down")?,
+                router_proj: f.tensor(&[e, h], "router")?,
+                router_scale: f.tensor(&[h], "router scale")?,
+                router_per_expert_scale: f.tensor(&[e], "per-expert scale")?,
+                experts_gate_up: f.tensor(&[e, 2 * moe, h], "experts gate_up")?,
+                experts_down: f.tensor(&[e, h, moe], "experts down")?,
+                layer_scalar: 1.0,
+                encoder_layer_scalar: 1.0,
+            });
+        }
+        Ok(DeviceWeights {
+            embed,
+            lm_head: embed,
+            final_norm: f.tensor(&[h], "final norm")?,
+            sc_pre_norm: f.tensor(&[h], "self-conditioning norm")?,
+            sc_gate: f.tensor(&[sc, h], "self-conditioning gate")?,
+            sc_up: f.tensor(&[sc, h], "self-conditioning up")?,
+            sc_down: f.tensor(&[h, sc], "self-conditioning down")?,
+            layers,
+            bytes: f.done,
+        })
+    }
+}
+
 /// Every tensor [`DeviceWeights::upload`] copies (the embedding once when the head is tied).
 fn all_tensors(w: &ModelWeights) -> Vec<&TensorRef> {
     let mut v = vec![&w.embed_tokens, &w.final_norm, &w.sc_pre_norm, &w.sc_gate, &w.sc_up, &w.sc_down];

@@ -34,3 +34,8 @@ fn bf16_reference_cases_pass() {
 fn bad_input_is_a_clear_error() {
     common::check_bad_input(EmuExecutor::new);
 }
+
+#[test]
+fn synthetic_weights_and_the_bench_driver_work() {
+    common::check_synthetic_bench(EmuExecutor::new);
+}

@@ -233,3 +233,33 @@ pub fn check_bad_input<X: Executor>(make: impl Fn() -> X) {
     g.denoise(&ids(c, v, 2), None, &mut out).unwrap();
     assert!(out.iter().all(|x| x.is_finite()));
 }
+
+/// Synthetic weights of the tiny model's shapes give finite logits, and the benchmark driver
+/// produces every record with a finite value and floor.
+pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let mut exec = make();
+    let gbs = dgemma_gpu::bench::copy_bandwidth(&mut exec, 1 << 16, 2).unwrap();
+    assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
+    let mut options = GpuOptions::new(256, c);
+    options.prefill_chunk = 32;
+    let mut g = GpuBackend::synthetic(exec, cfg, 3, options, &mut |_, _| {}).unwrap();
+    assert!(g.weight_bytes() > 0);
+    g.encode(&ids(20, v, 1)).unwrap();
+    let mut out = vec![f32::NAN; c * v];
+    g.denoise(&ids(c, v, 2), None, &mut out).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()), "synthetic weights gave non-finite logits");
+    let plan = dgemma_gpu::bench::BenchPlan { contexts: vec![32, 128, 1000], prompt: 64, iters: 1, steps: vec![16] };
+    let records = dgemma_gpu::bench::run(&mut g, &plan, gbs).unwrap();
+    let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    for want in ["prefill.bf16.tokens64", "commit.bf16.c16", "step.bf16.c1.ctx32", "step.bf16.c1.ctx128", "tokens_per_s.bf16.steps16", "ttft.bf16.prompt64.steps16"] {
+        let r = records.iter().find(|r| r.name == want).unwrap_or_else(|| panic!("no {want} in {names:?}"));
+        assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
+    }
+    // A context beyond the cache is reported as not run, not timed.
+    let r = records.iter().find(|r| r.name == "step.bf16.c1.ctx1000").unwrap();
+    assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
+    assert!(r.to_json().contains("\"value\": null"), "{}", r.to_json());
+}

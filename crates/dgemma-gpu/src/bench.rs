@@ -1,0 +1,173 @@
+//! End-to-end timings of the backend (what `dgemma bench` reports), in the records of the
+//! results contract (`benches/results/README.md`): name, value, unit, floor, ratio, target.
+//!
+//! Every figure is timed by the executor (CUDA events on a GPU) around work queued with no host
+//! sync inside: a denoising step is one replay of the recorded decoder pass (canvas with
+//! self-conditioning), a prefill is the encoder over `prompt` tokens in chunks, a commit is the
+//! encoder over one canvas. Steps at a long context are timed over a cache declared filled
+//! ([`GpuBackend::assume_cache_len`]): attention reads the same bytes whatever the cache holds.
+//!
+//! The floor of a step is the bytes it must read (every weight once, plus the KV cache it
+//! attends over) at the device-to-device copy bandwidth measured in the same run.
+
+use dgemma_cuda::{Executor, Step};
+
+use crate::backend::GpuBackend;
+use crate::error::{cuda, Result};
+
+/// One figure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+    pub floor: Option<f64>,
+    pub target: Option<f64>,
+    pub note: String,
+}
+
+impl Record {
+    fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Record {
+        Record { name: name.into(), value, unit, floor: None, target: None, note: String::new() }
+    }
+
+    /// value / floor (> 1 = slower than the floor for times).
+    pub fn ratio_to_floor(&self) -> Option<f64> {
+        self.floor.map(|f| self.value / f)
+    }
+
+    /// The record as a JSON object of the results contract.
+    pub fn to_json(&self) -> String {
+        let num = |x: Option<f64>| x.filter(|v| v.is_finite()).map_or("null".to_string(), |v| format!("{v:.6}"));
+        let passed = match (self.target, self.unit) {
+            (Some(t), "ms") => format!("{}", self.value <= t),
+            (Some(t), _) => format!("{}", self.value >= t),
+            (None, _) => "null".into(),
+        };
+        format!(
+            "{{\"name\": \"{}\", \"value\": {}, \"unit\": \"{}\", \"floor\": {}, \"ratio_to_floor\": {}, \"target\": {}, \
+             \"passed\": {passed}, \"note\": \"{}\"}}",
+            self.name,
+            num(Some(self.value)),
+            self.unit,
+            num(self.floor),
+            num(self.ratio_to_floor()),
+            num(self.target),
+            self.note.replace('\\', "\\\\").replace('"', "'")
+        )
+    }
+}
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    /// Contexts (cache positions) at which a denoising step is timed.
+    pub contexts: Vec<usize>,
+    /// Prompt length of the prefill and TTFT figures.
+    pub prompt: usize,
+    /// Timed repetitions per figure (after one warm-up).
+    pub iters: usize,
+    /// Denoising steps per canvas for the tokens/s and TTFT figures.
+    pub steps: Vec<usize>,
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + bytes written, over `bytes` each way).
+pub fn copy_bandwidth<X: Executor>(exec: &mut X, bytes: usize, iters: usize) -> Result<f64> {
+    let src = exec.alloc(bytes, "bandwidth probe (source)").map_err(cuda)?;
+    let dst = exec.alloc(bytes, "bandwidth probe (destination)").map_err(cuda)?;
+    let copy = vec![Step::Copy { src, dst }; iters.max(1)];
+    // SAFETY: both regions were just allocated by this executor.
+    unsafe { exec.run(&copy[..1]) }.map_err(cuda)?;
+    exec.timer_start().map_err(cuda)?;
+    // SAFETY: as above.
+    unsafe { exec.run(&copy) }.map_err(cuda)?;
+    let ms = exec.timer_stop().map_err(cuda)?;
+    Ok(2.0 * bytes as f64 * copy.len() as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// Mean milliseconds of `f`'s queued work over `iters` back-to-back runs after one warm-up,
+/// timed by the executor (events around the whole batch: no host sync between runs).
+fn mean_ms<X: Executor>(b: &mut GpuBackend<X>, iters: usize, mut f: impl FnMut(&mut GpuBackend<X>) -> Result<()>) -> Result<f64> {
+    f(b)?; // warm-up (and recording)
+    b.executor_mut().synchronize().map_err(cuda)?;
+    b.executor_mut().timer_start().map_err(cuda)?;
+    for _ in 0..iters.max(1) {
+        f(b)?;
+    }
+    Ok(b.executor_mut().timer_stop().map_err(cuda)? / iters.max(1) as f64)
+}
+
+/// Times `plan` on `backend` (a fresh one: the cache is reset). `bandwidth_gbs` is the measured
+/// copy bandwidth the floors use; `canvas` the canvas length.
+pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth_gbs: f64) -> Result<Vec<Record>> {
+    let canvas = backend.options().canvas;
+    let weight_bytes = backend.weight_bytes() as f64;
+    let kv_per_pos = backend.kv_bytes_per_position() as f64;
+    let floor_ms = |bytes: f64| bytes / (bandwidth_gbs * 1e9) * 1e3;
+    let mut out = Vec::new();
+
+    // Prefill of the prompt, then the commit of one canvas after it.
+    use dgemma_model::Backend;
+    backend.reset();
+    let prompt = plan.prompt.min(backend.options().context.saturating_sub(2 * canvas));
+    let prefill = mean_ms(backend, plan.iters, |b| {
+        b.reset();
+        b.queue_encode(prompt.min(b.options().prefill_chunk))?;
+        let mut left = prompt - prompt.min(b.options().prefill_chunk);
+        while left > 0 {
+            let n = left.min(b.options().prefill_chunk);
+            b.queue_encode(n)?;
+            left -= n;
+        }
+        Ok(())
+    })?;
+    let mut r = Record::new(format!("prefill.bf16.tokens{prompt}"), prefill, "ms");
+    r.floor = Some(floor_ms(weight_bytes));
+    r.note = format!("{prompt} tokens in chunks of {}", backend.options().prefill_chunk);
+    out.push(r);
+    let commit = mean_ms(backend, plan.iters, |b| {
+        b.assume_cache_len(prompt)?;
+        b.queue_encode(canvas)
+    })?;
+    let mut r = Record::new(format!("commit.bf16.c{canvas}"), commit, "ms");
+    r.floor = Some(floor_ms(weight_bytes));
+    out.push(r);
+
+    // One denoising step (with self-conditioning) at each context.
+    let mut step_at_prompt = None;
+    for &ctx in &plan.contexts {
+        if ctx + canvas > backend.options().context {
+            let mut r = Record::new(format!("step.bf16.c1.ctx{ctx}"), f64::NAN, "ms");
+            r.note = format!("not run: the cache was sized for {} positions", backend.options().context);
+            out.push(r);
+            continue;
+        }
+        backend.assume_cache_len(ctx)?;
+        let ms = mean_ms(backend, plan.iters, |b| b.queue_denoise(canvas, true))?;
+        let mut r = Record::new(format!("step.bf16.c1.ctx{ctx}"), ms, "ms");
+        r.floor = Some(floor_ms(weight_bytes + kv_per_pos * ctx as f64));
+        r.note = "one canvas, self-conditioning on, replayed recording".into();
+        if ctx == prompt {
+            step_at_prompt = Some(ms);
+        }
+        out.push(r);
+    }
+    let step = match step_at_prompt {
+        Some(ms) => ms,
+        None => {
+            backend.assume_cache_len(prompt)?;
+            mean_ms(backend, plan.iters, |b| b.queue_denoise(canvas, true))?
+        }
+    };
+    for &steps in &plan.steps {
+        let canvas_ms = steps as f64 * step + commit;
+        let mut r = Record::new(format!("tokens_per_s.bf16.steps{steps}"), canvas as f64 / canvas_ms * 1e3, "tokens/s");
+        r.note = format!("{canvas} tokens per canvas, {steps} steps of {step:.3} ms + commit {commit:.3} ms, context {prompt}");
+        out.push(r);
+        let mut r = Record::new(format!("ttft.bf16.prompt{prompt}.steps{steps}"), prefill + canvas_ms, "ms");
+        r.note = "prefill + the first canvas's steps + its commit".into();
+        out.push(r);
+    }
+    backend.reset();
+    Ok(out)
+}

@@ -115,6 +115,21 @@ const ROUTER: &[Param] = &[
 const SOFT_EMBEDDING: &[Param] =
     &[p(BF16_IN, "probs"), p(BF16_IN, "table"), p(BF16_OUT, "out"), p("float", "scale"), p("int", "rows")];
 
+const GUMBEL_SAMPLE: &[Param] =
+    &[p("const unsigned int*", "params"), p("const float*", "processed"), p("int*", "sampled"), p("int", "rows")];
+const SAMPLER_CANVAS: &[Param] = &[
+    p("const unsigned int*", "params"),
+    p("const float*", "entropy"),
+    p("const int*", "sampled"),
+    p("const int*", "argmax"),
+    p("int*", "next_canvas"),
+    p("int*", "accepted"),
+    p("int*", "history"),
+    p("unsigned int*", "status"),
+    p("int", "vocab"),
+    p("int", "canvas"),
+];
+
 /// The kernel's parameters, in launch order.
 pub fn params(spec: &KernelSpec) -> &'static [Param] {
     match spec.op {
@@ -133,6 +148,8 @@ pub fn params(spec: &KernelSpec) -> &'static [Param] {
         },
         Op::Router(_) => ROUTER,
         Op::SoftEmbedding(_) => SOFT_EMBEDDING,
+        Op::GumbelSample(_) => GUMBEL_SAMPLE,
+        Op::SamplerCanvas(_) => SAMPLER_CANVAS,
     }
 }
 
@@ -171,6 +188,8 @@ fn template_call(spec: &KernelSpec) -> String {
         Op::SoftEmbedding(e) => {
             format!("dgemma::soft_embedding<{}, {}, {}, {t}>", e.hidden, e.vocab, e.rows_per_block)
         }
+        Op::GumbelSample(g) => format!("dgemma::gumbel_sample<{}, {t}>", g.vocab),
+        Op::SamplerCanvas(c) => format!("dgemma::sampler_canvas<{}, {t}>", c.max_canvas),
     }
 }
 

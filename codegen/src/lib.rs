@@ -22,8 +22,8 @@ pub mod shapes;
 pub mod spec;
 
 pub use emit::{emit, emit_unity, file_name, params, Param, FATBIN_ARCHS, GENCODES};
-pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, SUPPORTED_MODELS};
+pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, SAMPLER_MAX_CANVAS, SUPPORTED_MODELS};
 pub use spec::{
-    Arch, Attention, Dtype, Embedding, Family, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope,
-    Router, RowSoftmax, RowSoftmaxEntropyArgmax, SoftEmbedding, Target,
+    Arch, Attention, Dtype, Embedding, Family, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, Op,
+    RmsNorm, Rope, Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding, Target,
 };

@@ -6,8 +6,8 @@
 //! two can not disagree.
 
 use crate::spec::{
-    Arch, Attention, Embedding, GemmFuse, GroupedGemm, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope, Router,
-    RowSoftmax, RowSoftmaxEntropyArgmax, SoftEmbedding,
+    Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope,
+    Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
 };
 
 /// Attention shape of one layer type.
@@ -129,6 +129,21 @@ pub fn soft_embedding_spec(hidden: u32, vocab: u32) -> KernelSpec {
     KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding { hidden, vocab, rows_per_block }))
 }
 
+/// The largest canvas (`canvas_length`, HF's default and the 26B checkpoint's 256) the device
+/// sampler handles. [`ModelShape`] does not carry the canvas length, so every shape gets the same
+/// [`sampler_canvas_spec`]; the tiny models' canvases (16 and 8) run on it with idle threads.
+pub const SAMPLER_MAX_CANVAS: u32 = 256;
+
+/// The Gumbel-max categorical draw over the processed logits (one block per canvas row).
+pub fn gumbel_sample_spec(vocab: u32) -> KernelSpec {
+    KernelSpec::portable(Op::GumbelSample(GumbelSample { vocab }))
+}
+
+/// The per-canvas sampler step (renoise, acceptance, next canvas, stopping): one block.
+pub fn sampler_canvas_spec() -> KernelSpec {
+    KernelSpec::portable(Op::SamplerCanvas(SamplerCanvas { max_canvas: SAMPLER_MAX_CANVAS }))
+}
+
 /// An RMSNorm spec.
 pub fn rmsnorm_spec(
     width: u32,
@@ -173,6 +188,8 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         KernelSpec::portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab })),
         router_spec(h, s.experts, s.top_k),
         soft_embedding_spec(h, s.vocab),
+        gumbel_sample_spec(s.vocab),
+        sampler_canvas_spec(),
     ];
     for (layer, encoder_mask) in [(s.sliding, MaskKind::CausalSliding), (s.full, MaskKind::Causal)] {
         let d = layer.head_dim;
@@ -263,6 +280,8 @@ mod tests {
             "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
             "router_h2816_e128_k8_bf16",
             "soft_embedding_h2816_v262144_r16_bf16",
+            "gumbel_sample_v262144_bf16",
+            "sampler_canvas_c256_bf16",
         ] {
             assert!(names.iter().any(|n| n == want), "missing {want}");
         }
@@ -291,6 +310,19 @@ mod tests {
                     |s| matches!(s.op, Op::SoftEmbedding(e) if e.hidden == shape.hidden && e.vocab == shape.vocab)
                 ),
                 "{name}: no soft embedding"
+            );
+        }
+    }
+
+    #[test]
+    fn device_sampler_for_every_shape() {
+        for (name, shape) in SUPPORTED_MODELS {
+            let specs = specs_for_model(shape);
+            let gumbel = Op::GumbelSample(GumbelSample { vocab: shape.vocab });
+            assert!(specs.iter().any(|s| s.op == gumbel), "{name}: no gumbel sample");
+            assert!(
+                specs.iter().any(|s| matches!(s.op, Op::SamplerCanvas(c) if c.max_canvas >= 256)),
+                "{name}: no sampler canvas for a 256-position canvas"
             );
         }
     }

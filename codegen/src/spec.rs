@@ -247,6 +247,26 @@ pub struct SoftEmbedding {
     pub rows_per_block: u32,
 }
 
+/// The sampler's categorical draw on the device (one block per canvas row): over processed logits
+/// `P [rows, vocab]` (f32, already divided by T), `sampled[r] = argmax_v (P[r, v] + g(seed, block,
+/// step, r, v))` with first-index ties, bit for bit `dgemma_sampler::SeededNoise::sample`; -1 for
+/// a row holding NaN / +inf or only -inf (the CPU's error). Seed, block and step are read from the
+/// sampler params buffer in device memory (`csrc/sampler.cuh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GumbelSample {
+    pub vocab: u32,
+}
+
+/// The rest of a denoising step's sampler on the device, one block for the whole canvas:
+/// renoise draws, the entropy-bound acceptance mask (`accept_mask_on`, TorchDevice::Cuda), the
+/// next canvas, and the stable-and-confident stopping rule with its argmax history kept in
+/// device memory. `max_canvas` is the largest canvas length the kernel handles (compile-time:
+/// one position per thread); the actual canvas length is a run-time argument `<= max_canvas`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SamplerCanvas {
+    pub max_canvas: u32,
+}
+
 /// An op family and its compile-time parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
@@ -264,6 +284,8 @@ pub enum Op {
     GroupedGemm(GroupedGemm),
     Router(Router),
     SoftEmbedding(SoftEmbedding),
+    GumbelSample(GumbelSample),
+    SamplerCanvas(SamplerCanvas),
 }
 
 /// The op families, in the order the heuristics table lists them.
@@ -281,10 +303,12 @@ pub enum Family {
     GroupedGemm,
     Router,
     SoftEmbedding,
+    GumbelSample,
+    SamplerCanvas,
 }
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 14] = [
         Family::RmsNorm,
         Family::Rope,
         Family::Embedding,
@@ -297,6 +321,8 @@ impl Family {
         Family::GroupedGemm,
         Family::Router,
         Family::SoftEmbedding,
+        Family::GumbelSample,
+        Family::SamplerCanvas,
     ];
 
     /// The hand-written template under `csrc/` that implements the family.
@@ -313,6 +339,7 @@ impl Family {
             Family::GroupedGemm => "grouped_gemm.cuh",
             Family::Router => "router.cuh",
             Family::SoftEmbedding => "soft_embedding.cuh",
+            Family::GumbelSample | Family::SamplerCanvas => "sampler.cuh",
         }
     }
 }
@@ -354,6 +381,8 @@ impl KernelSpec {
             Op::GroupedGemm(_) => Family::GroupedGemm,
             Op::Router(_) => Family::Router,
             Op::SoftEmbedding(_) => Family::SoftEmbedding,
+            Op::GumbelSample(_) => Family::GumbelSample,
+            Op::SamplerCanvas(_) => Family::SamplerCanvas,
         }
     }
 
@@ -397,6 +426,8 @@ impl KernelSpec {
             Op::SoftEmbedding(e) => {
                 write!(s, "soft_embedding_h{}_v{}_r{}", e.hidden, e.vocab, e.rows_per_block).unwrap()
             }
+            Op::GumbelSample(g) => write!(s, "gumbel_sample_v{}", g.vocab).unwrap(),
+            Op::SamplerCanvas(c) => write!(s, "sampler_canvas_c{}", c.max_canvas).unwrap(),
         }
         s.push('_');
         s.push_str(self.dtype.suffix());
@@ -425,6 +456,10 @@ impl KernelSpec {
             Op::Router(r) => next_pow2_clamped(r.hidden.div_ceil(8), 32, 256),
             // Two hidden columns per thread, at most 128 threads (256 columns) per tile.
             Op::SoftEmbedding(e) => next_pow2_clamped(e.hidden.div_ceil(2), 32, 128),
+            // One Philox block (4 vocab ids) per thread and iteration, about 4 iterations each.
+            Op::GumbelSample(g) => next_pow2_clamped(g.vocab.div_ceil(16), 32, 1024),
+            // One canvas position per thread.
+            Op::SamplerCanvas(c) => next_pow2_clamped(c.max_canvas, 32, 1024),
         }
     }
 
@@ -471,6 +506,10 @@ impl KernelSpec {
             }
             Op::SoftEmbedding(e) if e.rows_per_block == 0 || e.rows_per_block > 32 => {
                 fail("rows_per_block must be in 1..=32")
+            }
+            Op::GumbelSample(g) if g.vocab == 0 => fail("vocab must be positive"),
+            Op::SamplerCanvas(c) if c.max_canvas == 0 || c.max_canvas > 1024 => {
+                fail("max_canvas must be in 1..=1024 (one position per thread)")
             }
             _ => Ok(()),
         }
@@ -520,6 +559,20 @@ mod tests {
     }
 
     #[test]
+    fn sampler_names_and_blocks() {
+        let g = KernelSpec::portable(Op::GumbelSample(GumbelSample { vocab: 262_144 }));
+        assert_eq!(g.kernel_name(), "gumbel_sample_v262144_bf16");
+        assert_eq!(g.block_threads(), 1024);
+        g.validate().unwrap();
+        assert_eq!(KernelSpec::portable(Op::GumbelSample(GumbelSample { vocab: 320 })).block_threads(), 32);
+        let c = KernelSpec::portable(Op::SamplerCanvas(SamplerCanvas { max_canvas: 256 }));
+        assert_eq!(c.kernel_name(), "sampler_canvas_c256_bf16");
+        assert_eq!(c.block_threads(), 256);
+        c.validate().unwrap();
+        assert_eq!(KernelSpec::portable(Op::SamplerCanvas(SamplerCanvas { max_canvas: 16 })).block_threads(), 32);
+    }
+
+    #[test]
     fn compute_capability_mapping() {
         assert_eq!(Arch::from_compute_capability(9, 0), Some(Arch::Sm90a));
         assert_eq!(Arch::from_compute_capability(12, 0), Some(Arch::Sm120));
@@ -554,6 +607,9 @@ mod tests {
             Op::Router(Router { hidden: 16384, experts: 128, top_k: 8 }),
             Op::SoftEmbedding(SoftEmbedding { hidden: 63, vocab: 512, rows_per_block: 4 }),
             Op::SoftEmbedding(SoftEmbedding { hidden: 64, vocab: 512, rows_per_block: 33 }),
+            Op::GumbelSample(GumbelSample { vocab: 0 }),
+            Op::SamplerCanvas(SamplerCanvas { max_canvas: 0 }),
+            Op::SamplerCanvas(SamplerCanvas { max_canvas: 1025 }),
         ];
         for op in bad {
             assert!(KernelSpec::portable(op).validate().is_err(), "{op:?}");

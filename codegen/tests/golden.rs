@@ -26,6 +26,8 @@ const PINNED: &[&str] = &[
     "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
     "router_h2816_e128_k8_bf16",
     "soft_embedding_h2816_v262144_r16_bf16",
+    "gumbel_sample_v262144_bf16",
+    "sampler_canvas_c256_bf16",
 ];
 
 /// `codegen/` in the repository: under `$DGEMMA_REPO` when set and not empty (test executables

@@ -276,6 +276,35 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfl
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+
+// Bit casts and integer intrinsics (the device sampler: Philox, uniform ids, the Gumbel bound).
+inline int __float_as_int(float f)
+{
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline unsigned __float_as_uint(float f)
+{
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u)
+{
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// Round to nearest even, as the x86 conversion in the default rounding mode.
+inline float __uint2float_rn(unsigned u) { return (float)u; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b)
+{
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -923,6 +923,202 @@ pub fn soft_embedding(
     unsafe { run(dev, &plan_soft_embedding(spec, pb, tb, ob, scale, rows)?) }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Device sampler (csrc/sampler.cuh)
+
+/// Words (u32) of the sampler params buffer the two sampler kernels read from device memory.
+pub const SAMPLER_PARAMS_WORDS: usize = 8;
+/// Words (u32) of the sampler status buffer `sampler_canvas` writes.
+pub const SAMPLER_STATUS_WORDS: usize = 4;
+/// Status error bit: an entropy is NaN (dgemma-sampler: `SamplerError::NanEntropy`).
+pub const SAMPLER_ERR_NAN_ENTROPY: u32 = 1;
+/// Status error bit: a sampled id is outside `0..vocab` (`gumbel_sample` wrote -1 for a logits row
+/// with NaN / +inf or only -inf: the CPU's `NonFiniteLogit` / `NoFiniteLogit`).
+pub const SAMPLER_ERR_SAMPLE: u32 = 2;
+/// Status error bit: an argmax id is outside `0..vocab` (-1 from the row pass: an invalid row).
+pub const SAMPLER_ERR_ARGMAX: u32 = 4;
+/// Status error bit: bad params (step >= 2^24, entropy bound not finite and > 0, NaN confidence
+/// threshold, canvas or vocab out of range).
+pub const SAMPLER_ERR_PARAMS: u32 = 8;
+
+/// The sampler params buffer (`SAMPLER_PARAMS_WORDS` u32 words in device memory, layout in
+/// `csrc/sampler.cuh`): everything that changes between steps or requests, so that one captured
+/// graph serves every step. `block` and `step` key the noise as in `dgemma_sampler::SeededNoise`
+/// (`step` = `max_denoising_steps - cur_step`, 0 on a block's first step, which also restarts the
+/// stability history). `temperature` is carried for the row pass; the sampler kernels do not read it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerParams {
+    pub seed: u64,
+    pub block: u32,
+    pub step: u32,
+    pub temperature: f32,
+    pub entropy_bound: f32,
+    pub confidence_threshold: f32,
+    pub stability_threshold: u32,
+}
+
+impl SamplerParams {
+    /// The buffer's words: `[seed lo, seed hi, block, step, T bits, bound bits, confidence bits,
+    /// stability]`.
+    pub fn to_words(&self) -> [u32; SAMPLER_PARAMS_WORDS] {
+        [
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+            self.block,
+            self.step,
+            self.temperature.to_bits(),
+            self.entropy_bound.to_bits(),
+            self.confidence_threshold.to_bits(),
+            self.stability_threshold,
+        ]
+    }
+}
+
+/// The status `sampler_canvas` writes per step (`SAMPLER_STATUS_WORDS` u32 words: finished,
+/// accepted count, mean entropy bits, error bits).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerStatus {
+    /// Stable and confident: the block loop stops after this step (never with an error).
+    pub finished: bool,
+    /// Accepted positions (0 with an error).
+    pub accepted: u32,
+    /// float32 mean of the entropies, `StableAndConfident::mean_entropy`.
+    pub mean_entropy: f32,
+    /// `SAMPLER_ERR_*` bits; 0 = the step is valid.
+    pub error: u32,
+}
+
+impl SamplerStatus {
+    pub fn from_words(w: [u32; SAMPLER_STATUS_WORDS]) -> SamplerStatus {
+        SamplerStatus { finished: w[0] != 0, accepted: w[1], mean_entropy: f32::from_bits(w[2]), error: w[3] }
+    }
+}
+
+/// The Gumbel-max categorical draw, `sampled[r] = argmax_v (processed[r, v] + g(seed, block, step,
+/// r, v))` (first index on ties; -1 for a row with NaN / +inf or only -inf), bit for bit
+/// `SeededNoise::sample`: `params [SAMPLER_PARAMS_WORDS]` u32, `processed [rows, vocab]` f32
+/// (logits / T), `sampled [rows]` i32.
+pub fn plan_gumbel_sample(
+    spec: &KernelSpec,
+    params: Buf,
+    processed: Buf,
+    sampled: Buf,
+    rows: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "gumbel_sample";
+    let g = expect_op(OP, spec, |o| if let Op::GumbelSample(g) = o { Some(g) } else { None })?;
+    need(OP, "params", params, SAMPLER_PARAMS_WORDS)?;
+    need(OP, "processed", processed, rows * g.vocab as usize)?;
+    need(OP, "sampled", sampled, rows)?;
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "rows", rows)?, 1, 1),
+        vec![Arg::Ptr(params.ptr), Arg::Ptr(processed.ptr), Arg::Ptr(sampled.ptr), Arg::I32(int(OP, "rows", rows)?)],
+    )
+}
+
+pub fn gumbel_sample(
+    dev: &Device,
+    spec: &KernelSpec,
+    params: &dyn DevicePtr<u32>,
+    processed: &dyn DevicePtr<f32>,
+    sampled: &mut dyn DevicePtrMut<i32>,
+    rows: usize,
+) -> Result<()> {
+    let (pb, _g0) = dev_in!(dev, params);
+    let (xb, _g1) = dev_in!(dev, processed);
+    let (sb, _g2) = dev_out!(dev, sampled);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_gumbel_sample(spec, pb, xb, sb, rows)?) }
+}
+
+/// Buffers of the per-canvas sampler step (all `[canvas]` unless noted): `params
+/// [SAMPLER_PARAMS_WORDS]` u32; inputs `entropy` f32, `sampled` and `argmax` i32; outputs
+/// `next_canvas` i32, `accepted` i32 (0 / 1), `status [SAMPLER_STATUS_WORDS]` u32 (see
+/// [`SamplerStatus`]); state `history [canvas + 1]` i32 (the previous argmax canvas and a run
+/// counter, owned by the kernel: keep it between the steps of a block, no initialisation needed).
+pub struct SamplerCanvasArgs<'a> {
+    pub params: &'a dyn DevicePtr<u32>,
+    pub entropy: &'a dyn DevicePtr<f32>,
+    pub sampled: &'a dyn DevicePtr<i32>,
+    pub argmax: &'a dyn DevicePtr<i32>,
+    pub next_canvas: &'a mut dyn DevicePtrMut<i32>,
+    pub accepted: &'a mut dyn DevicePtrMut<i32>,
+    pub history: &'a mut dyn DevicePtrMut<i32>,
+    pub status: &'a mut dyn DevicePtrMut<u32>,
+    pub vocab: usize,
+    pub canvas: usize,
+}
+
+/// Renoise, entropy-bound acceptance (TorchDevice::Cuda), next canvas and the stable-and-confident
+/// stopping rule for one canvas of `canvas <= max_canvas` positions, one block; bit for bit
+/// dgemma-sampler's `step_core` with `SeededNoise` (see `csrc/sampler.cuh`). `next_canvas` may be
+/// the `sampled` buffer; no other buffers may alias.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_sampler_canvas(
+    spec: &KernelSpec,
+    params: Buf,
+    entropy: Buf,
+    sampled: Buf,
+    argmax: Buf,
+    next_canvas: Buf,
+    accepted: Buf,
+    history: Buf,
+    status: Buf,
+    vocab: usize,
+    canvas: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "sampler_canvas";
+    let c = expect_op(OP, spec, |o| if let Op::SamplerCanvas(c) = o { Some(c) } else { None })?;
+    if canvas == 0 || canvas > c.max_canvas as usize {
+        return Err(args(OP, format!("canvas = {canvas}, the kernel handles 1..={}", c.max_canvas)));
+    }
+    if vocab == 0 || vocab > u32::MAX as usize {
+        return Err(args(OP, format!("vocab = {vocab}")));
+    }
+    need(OP, "params", params, SAMPLER_PARAMS_WORDS)?;
+    for (what, b) in [
+        ("entropy", entropy),
+        ("sampled", sampled),
+        ("argmax", argmax),
+        ("next_canvas", next_canvas),
+        ("accepted", accepted),
+    ] {
+        need(OP, what, b, canvas)?;
+    }
+    need(OP, "history", history, canvas + 1)?;
+    need(OP, "status", status, SAMPLER_STATUS_WORDS)?;
+    LaunchPlan::new(
+        spec,
+        (1, 1, 1),
+        vec![
+            Arg::Ptr(params.ptr),
+            Arg::Ptr(entropy.ptr),
+            Arg::Ptr(sampled.ptr),
+            Arg::Ptr(argmax.ptr),
+            Arg::Ptr(next_canvas.ptr),
+            Arg::Ptr(accepted.ptr),
+            Arg::Ptr(history.ptr),
+            Arg::Ptr(status.ptr),
+            Arg::I32(int(OP, "vocab", vocab)?),
+            Arg::I32(int(OP, "canvas", canvas)?),
+        ],
+    )
+}
+
+pub fn sampler_canvas(dev: &Device, spec: &KernelSpec, a: SamplerCanvasArgs<'_>) -> Result<()> {
+    let (pb, _g0) = dev_in!(dev, a.params);
+    let (eb, _g1) = dev_in!(dev, a.entropy);
+    let (sb, _g2) = dev_in!(dev, a.sampled);
+    let (ab, _g3) = dev_in!(dev, a.argmax);
+    let (nb, _g4) = dev_out!(dev, a.next_canvas);
+    let (mb, _g5) = dev_out!(dev, a.accepted);
+    let (hb, _g6) = dev_out!(dev, a.history);
+    let (stb, _g7) = dev_out!(dev, a.status);
+    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
+    unsafe { run(dev, &plan_sampler_canvas(spec, pb, eb, sb, ab, nb, mb, hb, stb, a.vocab, a.canvas)?) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,6 +1181,8 @@ mod tests {
                 },
                 Op::Router(_) => plan_router(&spec, big, big, big, big, big, big, 3, 1e-6, 0.1),
                 Op::SoftEmbedding(_) => plan_soft_embedding(&spec, big, big, big, 53.0, 3),
+                Op::GumbelSample(_) => plan_gumbel_sample(&spec, big, big, big, 3),
+                Op::SamplerCanvas(_) => plan_sampler_canvas(&spec, big, big, big, big, big, big, big, big, 512, 16),
             };
             let plan = plan.unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
             assert_eq!(plan.block, spec.block_threads());
@@ -1068,6 +1266,58 @@ mod tests {
         let odd = Buf { ptr: 0x1002, len: v * h };
         assert!(plan_soft_embedding(&spec, probs, odd, out, 53.0, rows).is_err());
         assert!(plan_embedding(&spec, buf(1), table, out, 53.0, 1).is_err());
+    }
+
+    #[test]
+    fn sampler_plans_check_their_buffers() {
+        let g = supported_specs().into_iter().find(|s| matches!(s.op, Op::GumbelSample(g) if g.vocab == 320)).unwrap();
+        let p = buf(SAMPLER_PARAMS_WORDS);
+        let plan = plan_gumbel_sample(&g, p, buf(5 * 320), buf(5), 5).unwrap();
+        assert_eq!(plan.grid, (5, 1, 1));
+        assert!(plan_gumbel_sample(&g, buf(SAMPLER_PARAMS_WORDS - 1), buf(5 * 320), buf(5), 5).is_err());
+        assert!(plan_gumbel_sample(&g, p, buf(5 * 320 - 1), buf(5), 5).is_err());
+        assert!(plan_gumbel_sample(&g, p, buf(5 * 320), buf(4), 5).is_err());
+
+        let c = supported_specs().into_iter().find(|s| matches!(s.op, Op::SamplerCanvas(_))).unwrap();
+        let Op::SamplerCanvas(sc) = c.op else { unreachable!() };
+        let n = 16usize;
+        let ok = [p, buf(n), buf(n), buf(n), buf(n), buf(n), buf(n + 1), buf(SAMPLER_STATUS_WORDS)];
+        let plan = |b: [Buf; 8], vocab: usize, canvas: usize| {
+            plan_sampler_canvas(&c, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], vocab, canvas)
+        };
+        let good = plan(ok, 512, n).unwrap();
+        assert_eq!(good.grid, (1, 1, 1));
+        assert_eq!(good.args[8..], [Arg::I32(512), Arg::I32(n as i32)]);
+        for i in 0..8 {
+            let mut short = ok;
+            short[i].len -= 1;
+            assert!(plan(short, 512, n).is_err(), "buffer {i}");
+        }
+        assert!(plan(ok, 0, n).is_err());
+        assert!(plan(ok, 512, 0).is_err());
+        let big = [buf(1 << 20); 8];
+        assert!(plan(big, 512, sc.max_canvas as usize).is_ok());
+        assert!(plan(big, 512, sc.max_canvas as usize + 1).is_err());
+        assert!(plan_gumbel_sample(&c, p, p, p, 1).is_err());
+    }
+
+    #[test]
+    fn sampler_params_words() {
+        let p = SamplerParams {
+            seed: 0x1234_5678_9abc_def0,
+            block: 3,
+            step: 7,
+            temperature: 0.5,
+            entropy_bound: 0.1,
+            confidence_threshold: f32::NEG_INFINITY,
+            stability_threshold: 1,
+        };
+        assert_eq!(
+            p.to_words(),
+            [0x9abc_def0, 0x1234_5678, 3, 7, 0.5f32.to_bits(), 0.1f32.to_bits(), f32::NEG_INFINITY.to_bits(), 1]
+        );
+        let s = SamplerStatus::from_words([1, 9, 0.25f32.to_bits(), 0]);
+        assert_eq!(s, SamplerStatus { finished: true, accepted: 9, mean_entropy: 0.25, error: 0 });
     }
 
     #[test]

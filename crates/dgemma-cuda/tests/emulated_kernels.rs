@@ -120,3 +120,18 @@ fn the_emulator_refuses_other_arch_kernels() {
     let err = unsafe { dgemma_cuda::emu::run(&plan) }.unwrap_err();
     assert!(err.to_string().contains("no body"), "{err}");
 }
+
+#[test]
+fn gumbel_sample_matches_sampler_bitwise() {
+    common::check_gumbel_sample(&Emu);
+}
+
+#[test]
+fn sampler_canvas_matches_sampler_bitwise() {
+    common::check_sampler_canvas(&Emu);
+}
+
+#[test]
+fn device_sampler_matches_denoise_step() {
+    common::check_sampler_end_to_end(&Emu);
+}

@@ -230,3 +230,21 @@ fn router_matches_cpu_exactly() {
 fn soft_embedding_matches_cpu() {
     common::check_soft_embedding(&gpu());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gumbel_sample_matches_sampler_bitwise() {
+    common::check_gumbel_sample(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sampler_canvas_matches_sampler_bitwise() {
+    common::check_sampler_canvas(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn device_sampler_matches_denoise_step() {
+    common::check_sampler_end_to_end(&gpu());
+}

@@ -1082,3 +1082,532 @@ pub fn check_soft_embedding(e: &dyn Exec) {
         compare(&format!("{} one-hot", spec.kernel_name()), &bufs[2].bf16(), &want, EXACT);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Device sampler: gumbel_sample and sampler_canvas against dgemma-sampler (bit for bit)
+
+use dgemma_cuda::ops::{SamplerParams, SamplerStatus, SAMPLER_STATUS_WORDS};
+use dgemma_sampler::{
+    accept_mask_on, AcceptScratch, NoiseSource, SamplerSettings, SeededNoise, StableAndConfident, TorchDevice,
+};
+
+/// A u32 buffer as the executors carry it (i32 words, same bits).
+pub fn words(w: &[u32]) -> Host {
+    Host::I32(w.iter().map(|&x| x as i32).collect())
+}
+
+fn params_host(p: &SamplerParams) -> Host {
+    words(&p.to_words())
+}
+
+fn status_of(h: &Host) -> SamplerStatus {
+    let w = h.i32();
+    assert_eq!(w.len(), SAMPLER_STATUS_WORDS);
+    SamplerStatus::from_words([w[0] as u32, w[1] as u32, w[2] as u32, w[3] as u32])
+}
+
+/// Status words poisoned with garbage (a kernel that skips one fails the comparisons).
+fn poisoned_status() -> Host {
+    Host::I32(vec![0x7fc0_dead; SAMPLER_STATUS_WORDS])
+}
+
+fn sampler_params(seed: u64, block: u32, step: u32, bound: f32, confidence: f32, stability: u32) -> SamplerParams {
+    SamplerParams {
+        seed,
+        block,
+        step,
+        temperature: 0.6,
+        entropy_bound: bound,
+        confidence_threshold: confidence,
+        stability_threshold: stability,
+    }
+}
+
+/// Runs gumbel_sample over `rows` rows of `processed`.
+fn run_gumbel(e: &dyn Exec, spec: &KernelSpec, p: &SamplerParams, processed: &[f32], rows: usize) -> Vec<i32> {
+    let mut bufs = [params_host(p), Host::F32(processed.to_vec()), Host::I32(vec![i32::MIN; rows])];
+    e.launch(&mut bufs, &|b| ops::plan_gumbel_sample(spec, b[0], b[1], b[2], rows).unwrap());
+    bufs[2].i32().to_vec()
+}
+
+/// The next float32 above a finite `x`.
+fn next_up(x: f32) -> f32 {
+    if x == 0.0 {
+        f32::from_bits(1)
+    } else if x > 0.0 {
+        f32::from_bits(x.to_bits() + 1)
+    } else {
+        f32::from_bits(x.to_bits() - 1)
+    }
+}
+
+/// The definition, without the CPU's pruning: first index of max_v fl(P[v] + g_v).
+fn gumbel_brute(noise: &SeededNoise, block: usize, step: usize, pos: usize, row: &[f32]) -> i32 {
+    let mut best = f32::NEG_INFINITY;
+    let mut best_i = usize::MAX;
+    for (v, &x) in row.iter().enumerate() {
+        let s = x + noise.gumbel(block, step, pos, v).unwrap();
+        if s > best || (s == best && v < best_i) {
+            best = s;
+            best_i = v;
+        }
+    }
+    best_i as i32
+}
+
+pub fn check_gumbel_sample(e: &dyn Exec) {
+    for spec in specs(e, Family::GumbelSample) {
+        let Op::GumbelSample(g) = spec.op else { unreachable!() };
+        let v = g.vocab as usize;
+        let rows = if v >= 65_536 { 4 } else { 16 };
+        // Each id costs a Philox quarter and (unless pruned) two logarithms: ~50 "work" units.
+        if rows * v * 50 > e.max_work() {
+            eprintln!("{}: skipped (work limit)", spec.kernel_name());
+            continue;
+        }
+        let mut rng = Rng::new(v as u64 + 11);
+        // Valid rows of several kinds: broad at three temperatures' scales, peaked, all equal (the
+        // Gumbel noise alone decides), huge equal values (fl(P + g) ties often: the first index
+        // must win), two equal maxima, half -inf, a single finite entry.
+        let mut processed = vec![0.0f32; rows * v];
+        for r in 0..rows {
+            let row = &mut processed[r * v..(r + 1) * v];
+            match r % 8 {
+                0 => row.iter_mut().for_each(|x| *x = rng.uniform() * 2.0),
+                1 => row.iter_mut().for_each(|x| *x = rng.uniform() * 20.0),
+                2 => {
+                    row.iter_mut().for_each(|x| *x = rng.uniform() * 10.0);
+                    row[rng.below(v)] = 60.0;
+                }
+                3 => row.iter_mut().for_each(|x| *x = 0.0),
+                4 => row.iter_mut().for_each(|x| *x = 1_048_576.0 + 0.5 * (rng.below(3) as f32)),
+                5 => {
+                    row.iter_mut().for_each(|x| *x = rng.uniform());
+                    row[1] = 3.0;
+                    row[v - 1] = 3.0;
+                }
+                6 => {
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x = if i % 2 == 0 { f32::NEG_INFINITY } else { rng.uniform() * 5.0 };
+                    }
+                }
+                _ => {
+                    row.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                    row[v / 3] = -7.0;
+                }
+            }
+        }
+        for (seed, block, step) in [(0x0123_4567_89ab_cdefu64, 2usize, 5usize), (7, 0, 0), (u64::MAX, 41, 47)] {
+            let name = format!("{} seed={seed:#x} block={block} step={step}", spec.kernel_name());
+            let p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
+            let got = run_gumbel(e, &spec, &p, &processed, rows);
+            let mut noise = SeededNoise::new(seed, v);
+            let mut want = vec![0u32; rows];
+            noise.sample(block, step, &processed, v, &mut want).unwrap();
+            for r in 0..rows {
+                assert_eq!(got[r], want[r] as i32, "{name}: row {r} (kind {})", r % 8);
+            }
+            // The definition (no pruning) agrees too, on the small vocabularies.
+            if v <= 4096 {
+                for r in 0..rows {
+                    let brute = gumbel_brute(&noise, block, step, r, &processed[r * v..(r + 1) * v]);
+                    assert_eq!(brute, want[r] as i32, "{name}: row {r}: the CPU's pruning changed the draw");
+                }
+            }
+        }
+
+        // Probes of the Gumbel values' bits: rows with two finite entries v1 < v2 whose sums
+        // fl(P + g) tie exactly (v1 must win) or differ by one float32 ulp (v2 must win). A
+        // device g one ulp off in either direction flips one of the two.
+        for (seed, block, step) in [(0x0123_4567_89ab_cdefu64, 2usize, 5usize), (7, 0, 0), (u64::MAX, 41, 47)] {
+            let noise = SeededNoise::new(seed, v);
+            let probes = if v >= 65_536 { 32 } else { 1024 };
+            let mut probe = vec![f32::NEG_INFINITY; probes * v];
+            let mut expect = vec![-2i32; probes];
+            for r in 0..probes {
+                let v1 = rng.below(v - 1);
+                let v2 = v1 + 1 + rng.below(v - 1 - v1);
+                let g1 = noise.gumbel(block, step, r, v1).unwrap();
+                let g2 = noise.gumbel(block, step, r, v2).unwrap();
+                if !(g1.is_finite() && g2.is_finite()) {
+                    continue;
+                }
+                let target = if r % 2 == 0 { g1 } else { next_up(g1) };
+                let c0 = target - g2;
+                let found =
+                    (-16i32..=16).map(|d| f32::from_bits((c0.to_bits() as i32 + d) as u32)).find(|&c| c + g2 == target);
+                let Some(c) = found else { continue };
+                probe[r * v + v1] = 0.0;
+                probe[r * v + v2] = c;
+                expect[r] = if target == g1 { v1 as i32 } else { v2 as i32 };
+            }
+            // Rows without a probe: one finite entry.
+            for r in 0..probes {
+                if expect[r] == -2 {
+                    probe[r * v + r % v] = 1.0;
+                    expect[r] = (r % v) as i32;
+                }
+            }
+            let p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
+            let got = run_gumbel(e, &spec, &p, &probe, probes);
+            let mut want = vec![0u32; probes];
+            SeededNoise::new(seed, v).sample(block, step, &probe, v, &mut want).unwrap();
+            let want: Vec<i32> = want.iter().map(|&x| x as i32).collect();
+            assert_eq!(want, expect, "{}: probe construction (test bug)", spec.kernel_name());
+            assert_eq!(got, want, "{} seed={seed:#x}: Gumbel probes", spec.kernel_name());
+        }
+
+        // Invalid rows (the CPU errors): NaN, +inf, all -inf give -1; a valid row next to them
+        // is unaffected.
+        let rows = 4;
+        let mut bad: Vec<f32> = (0..rows * v).map(|_| rng.uniform() * 3.0).collect();
+        bad[v / 2] = f32::NAN;
+        bad[v + v - 1] = f32::INFINITY;
+        bad[2 * v..3 * v].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        let p = sampler_params(99, 1, 3, 0.1, 0.005, 1);
+        let got = run_gumbel(e, &spec, &p, &bad, rows);
+        let noise = SeededNoise::new(99, v);
+        assert_eq!(got[..3], [-1, -1, -1], "{}: invalid rows", spec.kernel_name());
+        // Row 3 alone, as the CPU sees it: position 3 of block 1, step 3.
+        let want = gumbel_brute(&noise, 1, 3, 3, &bad[3 * v..]);
+        assert_eq!(got[3], want, "{}: the valid row next to invalid ones", spec.kernel_name());
+    }
+}
+
+/// What step_core does after the row statistics and the sample, for one canvas: renoise, the
+/// acceptance mask (TorchDevice::Cuda), the next canvas and the stopping rule.
+struct CanvasWant {
+    next: Vec<i32>,
+    mask: Vec<i32>,
+    accepted: u32,
+    mean: f32,
+    finished: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_canvas(
+    seed: u64,
+    vocab: usize,
+    block: usize,
+    step: usize,
+    bound: f32,
+    entropy: &[f32],
+    sampled: &[i32],
+    argmax: &[i32],
+    stop: &mut StableAndConfident,
+) -> CanvasWant {
+    let c = entropy.len();
+    let mut noise = SeededNoise::new(seed, vocab);
+    let mut renoise = vec![0u32; c];
+    noise.renoise(block, step, &mut renoise).unwrap();
+    let mut mask = vec![false; c];
+    let accepted =
+        accept_mask_on(TorchDevice::Cuda, entropy, bound, &mut mask, &mut AcceptScratch::default()).unwrap() as u32;
+    let next = (0..c).map(|p| if mask[p] { sampled[p] } else { renoise[p] as i32 }).collect();
+    if step == 0 {
+        stop.reset(); // the engine resets per block; the kernel restarts its history on step 0
+    }
+    let am: Vec<u32> = argmax.iter().map(|&a| a as u32).collect();
+    let (finished, mean) = stop.update(&am, entropy).unwrap();
+    CanvasWant { next, mask: mask.iter().map(|&m| m as i32).collect(), accepted, mean, finished }
+}
+
+/// Device state of one canvas across steps: the history buffer (kernel-owned) lives here.
+struct DeviceCanvas<'a> {
+    spec: &'a KernelSpec,
+    vocab: usize,
+    history: Host,
+}
+
+struct CanvasGot {
+    next: Vec<i32>,
+    mask: Vec<i32>,
+    status: SamplerStatus,
+}
+
+impl DeviceCanvas<'_> {
+    fn step(&mut self, e: &dyn Exec, p: &SamplerParams, entropy: &[f32], sampled: &[i32], argmax: &[i32]) -> CanvasGot {
+        let c = entropy.len();
+        let (vocab, spec) = (self.vocab, self.spec);
+        let mut bufs = [
+            params_host(p),
+            Host::F32(entropy.to_vec()),
+            Host::I32(sampled.to_vec()),
+            Host::I32(argmax.to_vec()),
+            Host::I32(vec![i32::MIN; c]),
+            Host::I32(vec![i32::MIN; c]),
+            self.history.clone(),
+            poisoned_status(),
+        ];
+        e.launch(&mut bufs, &|b| {
+            ops::plan_sampler_canvas(spec, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], vocab, c).unwrap()
+        });
+        self.history = bufs[6].clone();
+        CanvasGot { next: bufs[4].i32().to_vec(), mask: bufs[5].i32().to_vec(), status: status_of(&bufs[7]) }
+    }
+}
+
+fn assert_canvas(name: &str, got: &CanvasGot, want: &CanvasWant) {
+    assert_eq!(got.status.error, 0, "{name}: error bits");
+    assert_eq!(got.mask, want.mask, "{name}: acceptance mask");
+    assert_eq!(got.next, want.next, "{name}: next canvas");
+    assert_eq!(got.status.accepted, want.accepted, "{name}: accepted count");
+    assert_eq!(got.status.mean_entropy.to_bits(), want.mean.to_bits(), "{name}: mean entropy");
+    assert_eq!(got.status.finished, want.finished, "{name}: finished");
+}
+
+pub fn check_sampler_canvas(e: &dyn Exec) {
+    for spec in specs(e, Family::SamplerCanvas) {
+        let Op::SamplerCanvas(sc) = spec.op else { unreachable!() };
+        let max_c = sc.max_canvas as usize;
+
+        // Single steps at several shapes, entropies broad or tied (quantised, -0.0 and 0.0 mixed),
+        // several bounds (one that accepts everything, one that accepts only the first rank).
+        for (case, (c, vocab)) in
+            [(16usize, 512usize), (8, 320), (max_c, 262_144), (1, 512), (max_c.min(100), 320)].into_iter().enumerate()
+        {
+            for (kind, bound) in [(0usize, 0.1f32), (1, 1.0), (2, 1e9), (3, 1e-7), (4, 0.35)] {
+                let name = format!("{} C={c} V={vocab} kind={kind} bound={bound}", spec.kernel_name());
+                let mut rng = Rng::new((case * 10 + kind) as u64);
+                let entropy: Vec<f32> = (0..c)
+                    .map(|i| match kind {
+                        0 | 2 => (rng.uniform() + 1.0) * 3.0,
+                        1 | 4 => {
+                            let q = rng.below(5) as f32 * 0.0625;
+                            if q == 0.0 && i % 2 == 1 {
+                                -0.0
+                            } else {
+                                q
+                            }
+                        }
+                        _ => (rng.uniform() + 1.0) * 1e-3,
+                    })
+                    .collect();
+                let sampled: Vec<i32> = (0..c).map(|_| rng.below(vocab) as i32).collect();
+                let argmax: Vec<i32> = (0..c).map(|_| rng.below(vocab) as i32).collect();
+                let seed = 0xfeed_0000 + case as u64;
+                let (block, step) = (case, kind + 1);
+                let p = sampler_params(seed, block as u32, step as u32, bound, 0.5, 1);
+                // A fresh canvas state at step > 0: compare against a CPU history holding the same
+                // previous canvas (set both up with a step 0 first).
+                let mut stop = StableAndConfident::new(1, 0.5).unwrap();
+                let mut dev = DeviceCanvas { spec: &spec, vocab, history: Host::I32(vec![i32::MIN; c + 1]) };
+                let p0 = SamplerParams { step: 0, ..p };
+                let w0 = cpu_canvas(seed, vocab, block, 0, bound, &entropy, &sampled, &argmax, &mut stop);
+                let g0 = dev.step(e, &p0, &entropy, &sampled, &argmax);
+                assert_canvas(&format!("{name} step 0"), &g0, &w0);
+                let want = cpu_canvas(seed, vocab, block, step, bound, &entropy, &sampled, &argmax, &mut stop);
+                let got = dev.step(e, &p, &entropy, &sampled, &argmax);
+                assert_canvas(&name, &got, &want);
+                // Low mean entropy and the same argmax twice: finished with threshold 1.
+                assert_eq!(got.status.finished, want.mean < 0.5, "{name}");
+            }
+        }
+
+        // Ties: every entropy equal; the mask is a prefix of the positions.
+        let c = 16;
+        let entropy = vec![0.04f32; c];
+        let sampled: Vec<i32> = (0..c as i32).map(|i| 100 + i).collect();
+        let argmax = sampled.clone();
+        let mut stop = StableAndConfident::new(1, 0.005).unwrap();
+        let mut dev = DeviceCanvas { spec: &spec, vocab: 512, history: Host::I32(vec![0; c + 1]) };
+        let p = sampler_params(5, 0, 0, 0.1, 0.005, 1);
+        let want = cpu_canvas(5, 512, 0, 0, 0.1, &entropy, &sampled, &argmax, &mut stop);
+        let got = dev.step(e, &p, &entropy, &sampled, &argmax);
+        assert_canvas("ties", &got, &want);
+        assert_eq!(got.mask[..4], [1, 1, 1, 0], "ties: positions 0..3 accepted (cum - H <= 0.1)");
+
+        check_sampler_canvas_history(e, &spec);
+        check_sampler_canvas_errors(e, &spec);
+    }
+}
+
+/// Multi-step sequences: the stability history across steps and blocks, thresholds 0..=3.
+fn check_sampler_canvas_history(e: &dyn Exec, spec: &KernelSpec) {
+    let (c, vocab) = (16usize, 512usize);
+    let mut rng = Rng::new(77);
+    let canvases: Vec<Vec<i32>> = (0..3).map(|_| (0..c).map(|_| rng.below(vocab) as i32).collect()).collect();
+    let (a, b, d) = (&canvases[0], &canvases[1], &canvases[2]);
+    // Argmax sequence of one block; the last step differs from A in one position only.
+    let mut a1 = a.clone();
+    a1[c - 1] = (a1[c - 1] + 1) % vocab as i32;
+    let seq: Vec<&Vec<i32>> = vec![a, a, b, b, b, a, a, a, a, d, &a1, a, a];
+    let low: Vec<f32> = (0..c).map(|i| (i % 3) as f32 * 1e-3).collect();
+    let high: Vec<f32> = (0..c).map(|i| 0.5 + (i % 4) as f32 * 0.25).collect();
+    for stability in 0..=3u32 {
+        for confidence in [0.005f32, f32::NEG_INFINITY, 10.0] {
+            let name = format!("{} history K={stability} conf={confidence}", spec.kernel_name());
+            let mut stop = StableAndConfident::new(stability as usize, confidence).unwrap();
+            // The history buffer starts as garbage that looks like a long run of canvas A: step 0
+            // must ignore it.
+            let mut poisoned: Vec<i32> = a.clone();
+            poisoned.push(1000);
+            let mut dev = DeviceCanvas { spec, vocab, history: Host::I32(poisoned) };
+            let mut finished_steps = Vec::new();
+            for block in 0..2usize {
+                for (step, am) in seq.iter().enumerate() {
+                    let h = if (step + block) % 5 == 4 { &high } else { &low };
+                    let sampled: Vec<i32> = (0..c).map(|_| rng.below(vocab) as i32).collect();
+                    let p = sampler_params(11, block as u32, step as u32, 0.1, confidence, stability);
+                    let want = cpu_canvas(11, vocab, block, step, 0.1, h, &sampled, am, &mut stop);
+                    let got = dev.step(e, &p, h, &sampled, am);
+                    assert_canvas(&format!("{name} block {block} step {step}"), &got, &want);
+                    if want.finished {
+                        finished_steps.push((block, step));
+                    }
+                }
+            }
+            // The sequence exercises both outcomes where it can.
+            if stability > 0 && confidence == 10.0 {
+                assert!(!finished_steps.is_empty(), "{name}: never finished");
+                assert!(!finished_steps.contains(&(0, 0)) && !finished_steps.contains(&(1, 0)), "{name}");
+            }
+        }
+    }
+}
+
+/// Errors (the CPU returns Err): flagged in the status, never finished, history untouched.
+fn check_sampler_canvas_errors(e: &dyn Exec, spec: &KernelSpec) {
+    let (c, vocab) = (8usize, 320usize);
+    let entropy: Vec<f32> = (0..c).map(|i| i as f32 * 0.01).collect();
+    let sampled: Vec<i32> = (0..c as i32).collect();
+    let argmax: Vec<i32> = (0..c as i32).collect();
+    let ok = sampler_params(3, 1, 2, 0.1, 10.0, 1);
+    let mut nan_h = entropy.clone();
+    nan_h[5] = f32::NAN;
+    let mut bad_sample = sampled.clone();
+    bad_sample[2] = -1;
+    let mut bad_argmax = argmax.clone();
+    bad_argmax[7] = vocab as i32;
+    type Case<'a> = (&'a str, SamplerParams, Vec<f32>, Vec<i32>, Vec<i32>, u32);
+    let cases: Vec<Case> = vec![
+        ("NaN entropy", ok, nan_h, sampled.clone(), argmax.clone(), ops::SAMPLER_ERR_NAN_ENTROPY),
+        ("sample -1", ok, entropy.clone(), bad_sample, argmax.clone(), ops::SAMPLER_ERR_SAMPLE),
+        ("argmax >= vocab", ok, entropy.clone(), sampled.clone(), bad_argmax, ops::SAMPLER_ERR_ARGMAX),
+        ("bound 0", SamplerParams { entropy_bound: 0.0, ..ok }, entropy.clone(), sampled.clone(), argmax.clone(), 8),
+        (
+            "bound NaN",
+            SamplerParams { entropy_bound: f32::NAN, ..ok },
+            entropy.clone(),
+            sampled.clone(),
+            argmax.clone(),
+            8,
+        ),
+        ("step 2^24", SamplerParams { step: 1 << 24, ..ok }, entropy.clone(), sampled.clone(), argmax.clone(), 8),
+        (
+            "confidence NaN",
+            SamplerParams { confidence_threshold: f32::NAN, ..ok },
+            entropy.clone(),
+            sampled.clone(),
+            argmax.clone(),
+            ops::SAMPLER_ERR_PARAMS,
+        ),
+    ];
+    for (what, p, h, s, a, bit) in cases {
+        let name = format!("{} error: {what}", spec.kernel_name());
+        // Previous step: the same argmax, so a successful step would be stable and finished.
+        let mut history: Vec<i32> = argmax.clone();
+        history.push(5);
+        let mut dev = DeviceCanvas { spec, vocab, history: Host::I32(history.clone()) };
+        let got = dev.step(e, &p, &h, &s, &a);
+        assert_eq!(got.status.error, bit, "{name}: error bits");
+        assert!(!got.status.finished, "{name}: finished");
+        assert_eq!(got.status.accepted, 0, "{name}: accepted");
+        assert_eq!(got.mask, vec![0; c], "{name}: mask");
+        assert_eq!(dev.history.i32(), &history[..], "{name}: the history must not change");
+        if p.step < (1 << 24) {
+            let mut renoise = vec![0u32; c];
+            SeededNoise::new(3, vocab).renoise(1, p.step as usize, &mut renoise).unwrap();
+            let want: Vec<i32> = renoise.iter().map(|&r| r as i32).collect();
+            assert_eq!(got.next, want, "{name}: next canvas = renoise");
+        }
+    }
+    // The same inputs without an error: finished (stable, mean 0.035 < 10).
+    let mut history: Vec<i32> = argmax.clone();
+    history.push(5);
+    let mut dev = DeviceCanvas { spec, vocab, history: Host::I32(history) };
+    let got = dev.step(e, &ok, &entropy, &sampled, &argmax);
+    assert_eq!(got.status.error, 0);
+    assert!(got.status.finished);
+    assert_eq!(dev.history.i32()[c], 6, "the run counter grows");
+}
+
+/// Whole denoising steps: dgemma-sampler's `denoise_step` (SeededNoise, TorchDevice::Cuda) on raw
+/// logits, then the two kernels on its processed logits, entropies and argmax: the sample, the
+/// next canvas, the mask, the count, the mean and the stop decision agree bit for bit, step
+/// after step (the device history carried across), over two blocks.
+pub fn check_sampler_end_to_end(e: &dyn Exec) {
+    let canvas_spec = specs(e, Family::SamplerCanvas)[0];
+    for gspec in specs(e, Family::GumbelSample) {
+        let Op::GumbelSample(g) = gspec.op else { unreachable!() };
+        let v = g.vocab as usize;
+        let c = if v >= 65_536 { 2 } else { 16 };
+        let steps = if v >= 65_536 { 3 } else { 8 };
+        if 2 * steps * c * v * 60 > e.max_work() {
+            eprintln!("{}: end-to-end skipped (work limit)", gspec.kernel_name());
+            continue;
+        }
+        let settings = SamplerSettings { max_denoising_steps: steps, ..SamplerSettings::default() };
+        let seed = 0x5eed_0000 + v as u64;
+        let mut noise = SeededNoise::new(seed, v);
+        let mut stop = StableAndConfident::new(settings.stability_threshold, settings.confidence_threshold).unwrap();
+        let mut dev = DeviceCanvas { spec: &canvas_spec, vocab: v, history: Host::I32(vec![-7; c + 1]) };
+        let mut rng = Rng::new(v as u64);
+        let mut finished_any = false;
+        for block in 0..2usize {
+            stop.reset();
+            let mut canvas = vec![0u32; c];
+            noise.init_canvas(block, &mut canvas).unwrap();
+            // Broad logits for most positions; from the middle on, peaked and constant ones so the
+            // argmax settles and the mean entropy falls under the threshold.
+            let peaked: Vec<f32> =
+                (0..c * v).map(|i| if i % v == (i / v * 37) % v { 40.0 } else { rng.uniform() }).collect();
+            for (step, cur_step) in (1..=steps).rev().enumerate() {
+                let raw: Vec<f32> =
+                    if step >= steps / 2 { peaked.clone() } else { (0..c * v).map(|_| rng.uniform() * 8.0).collect() };
+                let mut processed = vec![0.0f32; c * v];
+                let out = dgemma_sampler::denoise_step(
+                    &settings,
+                    &mut stop,
+                    &mut noise,
+                    block,
+                    cur_step,
+                    &canvas,
+                    &raw,
+                    &mut processed,
+                )
+                .unwrap();
+                let name = format!("{} end-to-end V={v} block {block} step {step}", gspec.kernel_name());
+                let p = sampler_params(
+                    seed,
+                    block as u32,
+                    step as u32,
+                    settings.entropy_bound,
+                    settings.confidence_threshold,
+                    settings.stability_threshold as u32,
+                );
+                let sampled = run_gumbel(e, &gspec, &p, &processed, c);
+                let want_sampled: Vec<i32> = out.sampled.iter().map(|&x| x as i32).collect();
+                assert_eq!(sampled, want_sampled, "{name}: sampled");
+                let argmax: Vec<i32> = out.argmax_canvas.iter().map(|&x| x as i32).collect();
+                let got = dev.step(e, &p, &out.entropies, &sampled, &argmax);
+                let want = CanvasWant {
+                    next: out.next_canvas.iter().map(|&x| x as i32).collect(),
+                    mask: out.accepted_mask.iter().map(|&m| m as i32).collect(),
+                    accepted: out.accepted as u32,
+                    mean: out.mean_entropy,
+                    finished: out.finished,
+                };
+                assert_canvas(&name, &got, &want);
+                canvas = out.next_canvas;
+                if out.finished {
+                    finished_any = true;
+                    break;
+                }
+            }
+        }
+        if v < 65_536 {
+            assert!(finished_any, "{}: the peaked steps should finish a block", gspec.kernel_name());
+        }
+    }
+}

@@ -4,9 +4,14 @@
 //!   loads a kernel fatbin handed in by the caller (normally `dgemma::kernels::FATBIN`, built by
 //!   the root crate's build.rs). [`Device::open`] never panics: a machine without a driver, a
 //!   missing device, an empty image or an unsupported GPU are [`CudaError`]s.
-//! * [`ops`]: a typed launch wrapper per kernel family (RMSNorm, RoPE, embedding, GeGLU, softcap,
-//!   the sampler's row statistics, the self-conditioning softmax, attention, dense and grouped
-//!   GEMMs), each checking its buffers against the [`KernelSpec`] it launches.
+//! * [`ops`]: per kernel family a pure plan function (`plan_*`: buffer checks, grid, arguments
+//!   in the generated signature's order) and a typed launch wrapper. Families: RMSNorm, RoPE,
+//!   embedding, GeGLU, softcap, the sampler's row statistics, the self-conditioning softmax and
+//!   soft embedding, attention, dense and grouped GEMMs, the MoE router, the Gumbel-max draw and
+//!   the canvas sampler step.
+//! * [`exec`]: [`Executor`]s own memory and run planned passes (lists of [`Step`]s):
+//!   [`GpuExecutor`] on a device (CUDA-graph record and replay, event timers) and, with the
+//!   `emulator` feature, `EmuExecutor` on the CPU kernel emulator.
 //!
 //! Kernel names and launch geometry come from `dgemma-codegen` (re-exported as [`codegen`]), so
 //! the runtime and the generated kernels share one definition. This crate holds no model logic:

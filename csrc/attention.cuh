@@ -2,7 +2,12 @@
 //
 // CPU oracle: crates/dgemma-cpu/src/ops/attention.rs (attention). Model-spec 3.3, 3.6, 3.7.
 //
-// Shapes: q [q_len, Q_HEADS, HEAD_DIM], k and v [kv_len, KV_HEADS, HEAD_DIM], out like q.
+// Shapes: q [q_len, Q_HEADS, HEAD_DIM], out like q; k and v [kv_rows, KV_HEADS, HEAD_DIM], a ring
+// of kv_rows rows (the whole cache of a layer) holding the key at absolute position p in row
+// p % kv_rows. The kernel reads kv_len <= kv_rows keys: key j (absolute position k_pos0 + j) from
+// row (k_pos0 + j) % kv_rows. A cache that keeps every position is the ring with kv_rows >= every
+// position (p % kv_rows == p); a contiguous buffer of exactly the kv_len keys is kv_rows = kv_len
+// with k_pos0 a multiple of kv_len (e.g. 0).
 // Query head h reads kv head h / (Q_HEADS / KV_HEADS). Scale 1.0 (q and k are RMS-normalised
 // upstream), no logit softcap. Positions are absolute: query i sits at q_pos0 + i, key j at
 // k_pos0 + j, and key j is visible to query i when
@@ -37,7 +42,7 @@ enum class Mask { Causal, CausalSliding, Bidirectional };
 
 template <int HEAD_DIM, int Q_HEADS, int KV_HEADS, Mask MASK, int KEY_TILE, int THREADS>
 __device__ __forceinline__ void attention(const bf16* q, const bf16* k, const bf16* v, bf16* out, int q_len,
-                                          int kv_len, int q_pos0, int k_pos0, int window)
+                                          int kv_len, int kv_rows, int q_pos0, int k_pos0, int window)
 {
     static_assert(Q_HEADS % KV_HEADS == 0, "GQA needs Q_HEADS to be a multiple of KV_HEADS");
     static_assert(THREADS % 32 == 0, "whole warps");
@@ -72,9 +77,12 @@ __device__ __forceinline__ void attention(const bf16* q, const bf16* k, const bf
     for (int d = threadIdx.x; d < HEAD_DIM; d += THREADS) q_s[d] = f32(qrow[d]);
     __syncthreads();
 
+    // Ring row of key j (absolute position k_pos0 + j).
+    auto row = [&](int j) -> size_t { return (size_t)((k_pos0 + j) % kv_rows); };
+
     // Score of key j, computed by one whole warp; every lane gets it.
     auto score = [&](int j) -> float {
-        const bf16* krow = k + ((size_t)j * KV_HEADS + kvh) * HEAD_DIM;
+        const bf16* krow = k + (row(j) * KV_HEADS + kvh) * HEAD_DIM;
         float acc = 0.0f;
         for (int d = lane; d < HEAD_DIM; d += 32) acc = fmaf(q_s[d], f32(krow[d]), acc);
         return warp_sum(acc);
@@ -107,7 +115,7 @@ __device__ __forceinline__ void attention(const bf16* q, const bf16* k, const bf
         __syncthreads();
         for (int jj = 0; jj < n; ++jj) {
             const float p = p_s[jj];
-            const bf16* vrow = v + ((size_t)(t0 + jj) * KV_HEADS + kvh) * HEAD_DIM;
+            const bf16* vrow = v + (row(t0 + jj) * KV_HEADS + kvh) * HEAD_DIM;
 #pragma unroll
             for (int u = 0; u < DPT; ++u) {
                 const int d = threadIdx.x + u * THREADS;

@@ -133,6 +133,18 @@ __device__ __forceinline__ void block_argmax(float& v, int& i, float* vs, int* i
     }
 }
 
+// The sampler params buffer (8 x 32-bit words in device memory, written by the host before each
+// denoising step; ops.rs `SamplerParams`). Kernels read per-step values from it, so one captured
+// graph serves every step. Layout documented in sampler.cuh.
+constexpr int SAMPLER_P_SEED_LO = 0;
+constexpr int SAMPLER_P_SEED_HI = 1;
+constexpr int SAMPLER_P_BLOCK = 2;
+constexpr int SAMPLER_P_STEP = 3;
+constexpr int SAMPLER_P_TEMPERATURE = 4;
+constexpr int SAMPLER_P_ENTROPY_BOUND = 5;
+constexpr int SAMPLER_P_CONFIDENCE = 6;
+constexpr int SAMPLER_P_STABILITY = 7;
+
 // Body of an arch-specific kernel launched on the wrong arch: fail loudly (the launch returns
 // CUDA_ERROR_LAUNCH_FAILED / an illegal-instruction error) rather than compute garbage.
 __device__ __noinline__ void trap_wrong_arch() { __trap(); }

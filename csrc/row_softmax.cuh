@@ -5,7 +5,10 @@
 //    and entropy.rs (argmax, entropy; torch.distributions.Categorical(logits=P).entropy()).
 //    Model-spec 4.2. Per row of VOCAB fp32 logits (already soft-capped):
 //
-//      P      = logits / temperature                       fp32 division (bit-identical)
+//      P      = logits / T                                 fp32 division (bit-identical), T read
+//                                                           from the sampler params buffer
+//                                                           (word SAMPLER_P_TEMPERATURE), so one
+//                                                           recorded graph serves every step
 //      argmax = first index of max(P)                       (bit-identical; -1 if the row holds
 //                                                            NaN or +inf, or is all -inf)
 //      m      = max(P);  lse = log(sum(exp(P - m))) + m
@@ -32,7 +35,7 @@
 namespace dgemma {
 
 template <int VOCAB, int THREADS>
-__device__ __forceinline__ void row_softmax_entropy_argmax(const float* logits, float temperature, float* processed,
+__device__ __forceinline__ void row_softmax_entropy_argmax(const float* logits, const unsigned int* params, float* processed,
                                                            bf16* processed_bf16, int* argmax, float* entropy,
                                                            int rows)
 {
@@ -43,6 +46,7 @@ __device__ __forceinline__ void row_softmax_entropy_argmax(const float* logits, 
     if (row >= rows) return;
     const size_t base = (size_t)row * VOCAB;
     const float* l = logits + base;
+    const float temperature = __uint_as_float(params[SAMPLER_P_TEMPERATURE]);
 
     // Pass 1: P, its maximum and first argmax, and whether the row is valid.
     float best = -f32_inf();

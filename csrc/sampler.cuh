@@ -13,7 +13,7 @@
 //   [1] seed, high 32 bits       Philox key k1          /
 //   [2] block index              counter word c2        \  per step
 //   [3] step index within block  0 = first executed step (N - cur_step), < 2^24
-//   [4] temperature (f32 bits)   not read here (reserved for the row pass)  /
+//   [4] temperature (f32 bits)   read by row_softmax_entropy_argmax        /
 //   [5] entropy_bound (f32 bits)            \
 //   [6] confidence_threshold (f32 bits)      }  per request (settings)
 //   [7] stability_threshold (u32)           /
@@ -82,15 +82,7 @@
 
 namespace dgemma {
 
-// Params words.
-constexpr int SAMPLER_P_SEED_LO = 0;
-constexpr int SAMPLER_P_SEED_HI = 1;
-constexpr int SAMPLER_P_BLOCK = 2;
-constexpr int SAMPLER_P_STEP = 3;
-constexpr int SAMPLER_P_TEMPERATURE = 4;
-constexpr int SAMPLER_P_ENTROPY_BOUND = 5;
-constexpr int SAMPLER_P_CONFIDENCE = 6;
-constexpr int SAMPLER_P_STABILITY = 7;
+// Params words: SAMPLER_P_* in common.cuh (the row pass reads the temperature too).
 // Status words and error bits.
 constexpr int SAMPLER_S_FINISHED = 0;
 constexpr int SAMPLER_S_ACCEPTED = 1;

@@ -29,6 +29,7 @@ Usage:
     results.py write --records RECORDS.jsonl --device D --commit C [--date ISO]
                      [--meta-json FILE] [--out-dir DIR] [--title TEXT]
     results.py md FILE.json          # print the markdown table of a results file
+                                     # (tools/plots.py FILE.json writes it beside the file, with plots)
     results.py --check FILE.json...  # validate against the contract (exit 1 on any problem)
     results.py slug "NVIDIA H100 80GB HBM3"   # -> nvidia-h100-80gb-hbm3
 
@@ -123,6 +124,40 @@ def _fmt(x):
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
+# Published figures of other engines that a record can be read against (shared/docs/peers.md 2.1).
+# (record-name regex, low, high, unit, source). The table shows them in an "anchor" column,
+# with value / anchor for a time (> 1: slower than the anchor) and anchor / value for a rate.
+ANCHORS = [
+    (r"^step\.bf16\.c1\.ctx4096$", 8.6, 8.6, "ms",
+     "vLLM FP8, 1xH100, bs 1, 4K context: 8.6 ms per forward of 256 tokens"),
+    (r"^commit\.bf16\.c256(\.ctx4096)?$", 8.6, 8.6, "ms",
+     "vLLM FP8, 1xH100: 8.6 ms per forward of 256 tokens"),
+    (r"^step\.bf16\.c1\.ctx65536$", 41.0, 41.0, "ms",
+     "third-party vLLM study, H100, FA4: ~41 ms per step at 64K"),
+    (r"^tokens_per_s\.bf16\.steps16$", 1757.0, 1757.0, "tokens/s",
+     "vLLM FP8, 1xH100, 4K prompt, 16 steps: 1,757 tok/s in-canvas"),
+    (r"^ttft\.bf16\.prompt4096\.steps16$", 322.0, 426.0, "ms",
+     "vLLM FP8, 1xH100, 4K prompt, 16 steps: TTFT 322 ms median / 426 ms mean"),
+]
+
+
+def anchor(rec):
+    """(text, ratio) of the published figure a record compares with, or None. The ratio is
+    value / anchor for times (ms, s) and anchor / value for rates, so > 1 means behind the anchor;
+    against a range it is taken at the range's lenient end (the slower time, the lower rate)."""
+    for pattern, lo, hi, unit, source in ANCHORS:
+        if not re.match(pattern, str(rec.get("name", ""))):
+            continue
+        v = rec.get("value")
+        ratio = None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 \
+                and rec.get("unit") == unit:
+            ratio = v / hi if unit in ("ms", "s") else lo / v
+        figure = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+        return f"{figure} {unit} ({source})", ratio
+    return None
+
+
 def markdown(doc, title=None):
     recs = doc["records"]
     failed = [r for r in recs if r.get("passed") is False]
@@ -138,21 +173,24 @@ def markdown(doc, title=None):
     if keep:
         show = lambda v: str(v).lower() if isinstance(v, bool) else _fmt(v)
         lines += [" · ".join(f"{k}: {show(meta[k])}" for k in keep), ""]
+    # The anchor column appears only when a record has a published figure to compare with.
+    anchors = [anchor(r) for r in recs]
+    with_anchor = any(anchors)
     lines += [
-        "| name | value | unit | floor | ratio | target | passed | note |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |",
+        "| name | value | unit | floor | ratio | target | " + ("anchor | x anchor | " if with_anchor else "")
+        + "passed | note |",
+        "| --- | ---: | --- | ---: | ---: | ---: | " + ("--- | ---: | " if with_anchor else "") + "--- | --- |",
     ]
-    for r in recs:
+    for r, a in zip(recs, anchors):
         note = r.get("note", "")
         if len(note) > 120:
             note = note[:117] + "..."
-        lines.append(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                _fmt(r["name"]), _fmt(r["value"]), _fmt(r["unit"]), _fmt(r["floor"]),
-                _fmt(r["ratio_to_floor"]), _fmt(r["target"]),
-                "" if r["passed"] is None else _fmt(r["passed"]), _fmt(note),
-            )
-        )
+        cells = [_fmt(r["name"]), _fmt(r["value"]), _fmt(r["unit"]), _fmt(r["floor"]),
+                 _fmt(r["ratio_to_floor"]), _fmt(r["target"])]
+        if with_anchor:
+            cells += [_fmt(a[0]) if a else "", _fmt(round(a[1], 3)) if a and a[1] is not None else ""]
+        cells += ["" if r["passed"] is None else _fmt(r["passed"]), _fmt(note)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

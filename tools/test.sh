@@ -10,6 +10,8 @@ if [ -z "${NVCC:-}" ]; then
     bash tools/install-cuda-toolchain.sh
     export NVCC="$root/.tools/cuda/nvidia/cu13/bin/nvcc"
 fi
+# The results tools: tables with anchors and the step plots (Python 3 standard library only).
+python3 tools/test_plots.py
 cargo test --workspace --locked "$@"
 # The generated CUDA kernels, executed on the CPU by dgemma-cuda's emulator and compared with
 # the CPU backend's ops (the same checks the GPU suite runs on a real GPU).

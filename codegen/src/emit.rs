@@ -62,7 +62,7 @@ const GEGLU: &[Param] = &[
 const SOFTCAP: &[Param] = &[p(BF16_IN, "logits"), p("float*", "out"), p("float", "cap"), p("long long", "n")];
 const ROW_SOFTMAX_ENTROPY_ARGMAX: &[Param] = &[
     p("const float*", "logits"),
-    p("float", "temperature"),
+    p("const unsigned int*", "params"),
     p("float*", "processed"),
     p(BF16_OUT, "processed_bf16"),
     p("int*", "argmax"),
@@ -77,6 +77,7 @@ const ATTENTION: &[Param] = &[
     p(BF16_OUT, "out"),
     p("int", "q_len"),
     p("int", "kv_len"),
+    p("int", "kv_rows"),
     p("int", "q_pos0"),
     p("int", "k_pos0"),
     p("int", "window"),
@@ -129,6 +130,10 @@ const SAMPLER_CANVAS: &[Param] = &[
     p("int", "vocab"),
     p("int", "canvas"),
 ];
+/// `src` is read as 16-byte vectors (`vectors` of them; 16-byte aligned); `out[0]` is written only
+/// by a thread whose fold equals `sentinel`.
+const READ_BANDWIDTH: &[Param] =
+    &[p("const unsigned int*", "src"), p("long long", "vectors"), p("int", "sentinel"), p("unsigned int*", "out")];
 
 /// The kernel's parameters, in launch order.
 pub fn params(spec: &KernelSpec) -> &'static [Param] {
@@ -150,6 +155,7 @@ pub fn params(spec: &KernelSpec) -> &'static [Param] {
         Op::SoftEmbedding(_) => SOFT_EMBEDDING,
         Op::GumbelSample(_) => GUMBEL_SAMPLE,
         Op::SamplerCanvas(_) => SAMPLER_CANVAS,
+        Op::ReadBandwidth(_) => READ_BANDWIDTH,
     }
 }
 
@@ -190,6 +196,7 @@ fn template_call(spec: &KernelSpec) -> String {
         }
         Op::GumbelSample(g) => format!("dgemma::gumbel_sample<{}, {t}>", g.vocab),
         Op::SamplerCanvas(c) => format!("dgemma::sampler_canvas<{}, {t}>", c.max_canvas),
+        Op::ReadBandwidth(r) => format!("dgemma::read_bandwidth<{t}, {}>", r.unroll),
     }
 }
 

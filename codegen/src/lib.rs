@@ -25,5 +25,6 @@ pub use emit::{emit, emit_unity, file_name, params, Param, FATBIN_ARCHS, GENCODE
 pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, SAMPLER_MAX_CANVAS, SUPPORTED_MODELS};
 pub use spec::{
     Arch, Attention, Dtype, Embedding, Family, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, Op,
-    RmsNorm, Rope, Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding, Target,
+    ReadBandwidth, RmsNorm, Rope, Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
+    Target,
 };

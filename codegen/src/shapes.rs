@@ -7,7 +7,7 @@
 
 use crate::spec::{
     Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope,
-    Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
+    ReadBandwidth, Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
 };
 
 /// Attention shape of one layer type.
@@ -144,6 +144,13 @@ pub fn sampler_canvas_spec() -> KernelSpec {
     KernelSpec::portable(Op::SamplerCanvas(SamplerCanvas { max_canvas: SAMPLER_MAX_CANVAS }))
 }
 
+/// The HBM read-bandwidth probe (the floor of memory-bound figures; no model op): 256 threads,
+/// four independent 16-byte loads in flight per thread and iteration. Shape-independent, so
+/// [`supported_specs`] carries it once whatever the models.
+pub fn read_bandwidth_spec() -> KernelSpec {
+    KernelSpec::portable(Op::ReadBandwidth(ReadBandwidth { threads: 256, unroll: 4 }))
+}
+
 /// An RMSNorm spec.
 pub fn rmsnorm_spec(
     width: u32,
@@ -217,9 +224,12 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     sort_dedup(v)
 }
 
-/// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`]: what build.rs compiles.
+/// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`], plus the model-independent
+/// [`read_bandwidth_spec`]: what build.rs compiles.
 pub fn supported_specs() -> Vec<KernelSpec> {
-    sort_dedup(SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect())
+    let mut v: Vec<KernelSpec> = SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect();
+    v.push(read_bandwidth_spec());
+    sort_dedup(v)
 }
 
 fn sort_dedup(mut v: Vec<KernelSpec>) -> Vec<KernelSpec> {
@@ -312,6 +322,14 @@ mod tests {
                 "{name}: no soft embedding"
             );
         }
+    }
+
+    #[test]
+    fn read_bandwidth_probe_is_always_compiled() {
+        let probes: Vec<KernelSpec> =
+            supported_specs().into_iter().filter(|s| matches!(s.op, Op::ReadBandwidth(_))).collect();
+        assert_eq!(probes, [read_bandwidth_spec()]);
+        assert_eq!(read_bandwidth_spec().target, crate::spec::Target::Portable);
     }
 
     #[test]

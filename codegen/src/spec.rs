@@ -167,7 +167,8 @@ impl MaskKind {
 }
 
 /// Scaled (scale 1.0) dot-product attention with GQA, `q: [S, q_heads, D]`,
-/// `k, v: [L, kv_heads, D]`, `out: [S, q_heads, D]`. Tile parameters: `key_tile` keys are
+/// `k, v: [kv_rows, kv_heads, D]` (a ring: position p in row p % kv_rows), `out: [S, q_heads, D]`.
+/// Tile parameters: `key_tile` keys are
 /// scored per shared-memory tile; `threads` per block (one block per query row and head).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Attention {
@@ -267,6 +268,17 @@ pub struct SamplerCanvas {
     pub max_canvas: u32,
 }
 
+/// The HBM read-bandwidth probe (no model op: the floor every memory-bound figure is measured
+/// against). Each thread reads 16-byte vectors of `src` with a grid-stride loop, `unroll`
+/// independent loads in flight per iteration, and folds them (XOR) into one word that it writes
+/// only if it equals a run-time sentinel that real data never produces, so the reads can not be
+/// optimised away and nothing is written in a timed run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReadBandwidth {
+    pub threads: u32,
+    pub unroll: u32,
+}
+
 /// An op family and its compile-time parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
@@ -286,6 +298,7 @@ pub enum Op {
     SoftEmbedding(SoftEmbedding),
     GumbelSample(GumbelSample),
     SamplerCanvas(SamplerCanvas),
+    ReadBandwidth(ReadBandwidth),
 }
 
 /// The op families, in the order the heuristics table lists them.
@@ -305,10 +318,11 @@ pub enum Family {
     SoftEmbedding,
     GumbelSample,
     SamplerCanvas,
+    ReadBandwidth,
 }
 
 impl Family {
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 15] = [
         Family::RmsNorm,
         Family::Rope,
         Family::Embedding,
@@ -323,6 +337,7 @@ impl Family {
         Family::SoftEmbedding,
         Family::GumbelSample,
         Family::SamplerCanvas,
+        Family::ReadBandwidth,
     ];
 
     /// The hand-written template under `csrc/` that implements the family.
@@ -340,6 +355,7 @@ impl Family {
             Family::Router => "router.cuh",
             Family::SoftEmbedding => "soft_embedding.cuh",
             Family::GumbelSample | Family::SamplerCanvas => "sampler.cuh",
+            Family::ReadBandwidth => "bandwidth.cuh",
         }
     }
 }
@@ -383,6 +399,7 @@ impl KernelSpec {
             Op::SoftEmbedding(_) => Family::SoftEmbedding,
             Op::GumbelSample(_) => Family::GumbelSample,
             Op::SamplerCanvas(_) => Family::SamplerCanvas,
+            Op::ReadBandwidth(_) => Family::ReadBandwidth,
         }
     }
 
@@ -428,6 +445,7 @@ impl KernelSpec {
             }
             Op::GumbelSample(g) => write!(s, "gumbel_sample_v{}", g.vocab).unwrap(),
             Op::SamplerCanvas(c) => write!(s, "sampler_canvas_c{}", c.max_canvas).unwrap(),
+            Op::ReadBandwidth(r) => write!(s, "read_bandwidth_t{}_u{}", r.threads, r.unroll).unwrap(),
         }
         s.push('_');
         s.push_str(self.dtype.suffix());
@@ -460,6 +478,7 @@ impl KernelSpec {
             Op::GumbelSample(g) => next_pow2_clamped(g.vocab.div_ceil(16), 32, 1024),
             // One canvas position per thread.
             Op::SamplerCanvas(c) => next_pow2_clamped(c.max_canvas, 32, 1024),
+            Op::ReadBandwidth(r) => r.threads,
         }
     }
 
@@ -511,6 +530,7 @@ impl KernelSpec {
             Op::SamplerCanvas(c) if c.max_canvas == 0 || c.max_canvas > 1024 => {
                 fail("max_canvas must be in 1..=1024 (one position per thread)")
             }
+            Op::ReadBandwidth(r) if r.unroll == 0 || r.unroll > 16 => fail("unroll must be in 1..=16"),
             _ => Ok(()),
         }
     }
@@ -570,6 +590,18 @@ mod tests {
         assert_eq!(c.block_threads(), 256);
         c.validate().unwrap();
         assert_eq!(KernelSpec::portable(Op::SamplerCanvas(SamplerCanvas { max_canvas: 16 })).block_threads(), 32);
+    }
+
+    #[test]
+    fn read_bandwidth_name_and_block() {
+        let r = KernelSpec::portable(Op::ReadBandwidth(ReadBandwidth { threads: 256, unroll: 4 }));
+        assert_eq!(r.kernel_name(), "read_bandwidth_t256_u4_bf16");
+        assert_eq!(r.block_threads(), 256);
+        assert_eq!(r.family().header(), "bandwidth.cuh");
+        r.validate().unwrap();
+        for bad in [ReadBandwidth { threads: 48, unroll: 4 }, ReadBandwidth { threads: 256, unroll: 0 }] {
+            assert!(KernelSpec::portable(Op::ReadBandwidth(bad)).validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

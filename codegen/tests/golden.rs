@@ -28,6 +28,7 @@ const PINNED: &[&str] = &[
     "soft_embedding_h2816_v262144_r16_bf16",
     "gumbel_sample_v262144_bf16",
     "sampler_canvas_c256_bf16",
+    "read_bandwidth_t256_u4_bf16",
 ];
 
 /// `codegen/` in the repository: under `$DGEMMA_REPO` when set and not empty (test executables

@@ -82,6 +82,7 @@
 #include "linear_n96_k48_r4_w4_bf16_sm90a.cu"
 #include "linear_n96_k64_r4_w4_bf16_sm120.cu"
 #include "linear_n96_k64_r4_w4_bf16_sm90a.cu"
+#include "read_bandwidth_t256_u4_bf16.cu"
 #include "rmsnorm_w16_noscale_bf16.cu"
 #include "rmsnorm_w16_scale_bf16.cu"
 #include "rmsnorm_w24_noscale_bf16.cu"

@@ -10,9 +10,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_d512_q16_kv2_bidir_k
     dgemma::bf16* out,
     int q_len,
     int kv_len,
+    int kv_rows,
     int q_pos0,
     int k_pos0,
     int window)
 {
-    dgemma::attention<512, 16, 2, dgemma::Mask::Bidirectional, 64, 128>(q, k, v, out, q_len, kv_len, q_pos0, k_pos0, window);
+    dgemma::attention<512, 16, 2, dgemma::Mask::Bidirectional, 64, 128>(q, k, v, out, q_len, kv_len, kv_rows, q_pos0, k_pos0, window);
 }

@@ -116,6 +116,13 @@ DgemmaStatus dgemma_params_init(DgemmaParams *params);
  * queue. */
 DgemmaStatus dgemma_engine_load(const char *model_dir, uint32_t max_concurrent, DgemmaEngine **out_engine);
 
+/* Loads the model on CUDA GPU `device` (bf16): the weights are uploaded once and each request
+ * gets its own KV cache of `context` positions on the GPU (0 = the model's context, capped at
+ * 8192). max_concurrent as above. Without a GPU, or in a build without the CUDA kernels, the
+ * status is an error whose message says why. */
+DgemmaStatus dgemma_engine_load_cuda(const char *model_dir, uint32_t max_concurrent, uint32_t device, uint32_t context,
+                                     DgemmaEngine **out_engine);
+
 /* Releases an engine (NULL is ignored). */
 void dgemma_engine_free(DgemmaEngine *engine);
 

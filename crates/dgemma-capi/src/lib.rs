@@ -16,7 +16,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use dgemma_runtime::{
-    Engine, EngineOptions, Event, FinishReason, Prompt, Request, RuntimeError, SamplerOverrides,
+    BackendKind, Engine, EngineOptions, Event, FinishReason, Prompt, Request, RuntimeError, SamplerOverrides,
 };
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -322,6 +322,40 @@ pub unsafe extern "C" fn dgemma_engine_load(
     max_concurrent: u32,
     out_engine: *mut *mut DgemmaEngine,
 ) -> DgemmaStatus {
+    load_with(model_dir, out_engine, EngineOptions { max_concurrent: concurrency(max_concurrent), ..Default::default() })
+}
+
+/// Loads the model in `model_dir` on CUDA GPU `device` (bf16): the weights are uploaded once
+/// and each request gets its own KV cache of `context` positions on the GPU (0: the model's
+/// context, capped at 8192). `max_concurrent` as in [`dgemma_engine_load`]. Without a GPU, or in
+/// a build without the CUDA kernels, the status is an error whose message says why.
+#[no_mangle]
+pub unsafe extern "C" fn dgemma_engine_load_cuda(
+    model_dir: *const c_char,
+    max_concurrent: u32,
+    device: u32,
+    context: u32,
+    out_engine: *mut *mut DgemmaEngine,
+) -> DgemmaStatus {
+    let options = EngineOptions {
+        backend: BackendKind::Cuda,
+        max_concurrent: concurrency(max_concurrent),
+        cuda_device: device as usize,
+        context: (context != 0).then_some(context as usize),
+        ..Default::default()
+    };
+    load_with(model_dir, out_engine, options)
+}
+
+fn concurrency(max_concurrent: u32) -> usize {
+    if max_concurrent == 0 {
+        4
+    } else {
+        max_concurrent as usize
+    }
+}
+
+unsafe fn load_with(model_dir: *const c_char, out_engine: *mut *mut DgemmaEngine, options: EngineOptions) -> DgemmaStatus {
     guard(|| {
         if out_engine.is_null() {
             return fail(DgemmaStatus::InvalidArgument, "out_engine is NULL");
@@ -330,14 +364,6 @@ pub unsafe extern "C" fn dgemma_engine_load(
         let dir = match str_arg(model_dir, "model_dir") {
             Ok(d) => d,
             Err(s) => return s,
-        };
-        let options = EngineOptions {
-            max_concurrent: if max_concurrent == 0 {
-                4
-            } else {
-                max_concurrent as usize
-            },
-            ..Default::default()
         };
         match Engine::load(dir, options) {
             Ok(engine) => {

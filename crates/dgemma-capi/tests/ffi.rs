@@ -296,3 +296,23 @@ fn callback_streams_canvases_and_can_cancel() {
     // The engine still serves.
     assert_eq!(generate(&e, "after", &params(1, 16)).0, DgemmaStatus::Ok);
 }
+
+/// `dgemma_engine_load_cuda` loads on a GPU, and without one (or without compiled kernels)
+/// fails with a load status whose message says why, leaving `*out_engine` NULL.
+#[test]
+fn cuda_load_works_or_says_why() {
+    let mut e = ptr::null_mut();
+    let st = unsafe { dgemma_engine_load_cuda(model_dir().as_ptr(), 2, 0, 512, &mut e) };
+    if st == DgemmaStatus::Ok {
+        assert!(!e.is_null());
+        let engine = Engine(e);
+        let (st, ids, _) = generate(&engine, "Hello", &params(3, 16));
+        assert_eq!(st, DgemmaStatus::Ok, "{}", last_error());
+        assert_eq!(ids.len(), 16);
+    } else {
+        assert_eq!(st, DgemmaStatus::Load, "{}", last_error());
+        assert!(e.is_null());
+        let msg = last_error();
+        assert!(msg.contains("CUDA") || msg.contains("cuda") || msg.contains("GPU"), "{msg}");
+    }
+}

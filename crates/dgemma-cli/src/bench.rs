@@ -22,7 +22,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub synthetic: Option<String>,
     /// Contexts (cached positions) at which a denoising step is timed.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096,32768")]
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,32768,131072")]
     pub contexts: Vec<usize>,
     /// Prompt length for the prefill and TTFT figures.
     #[arg(long, default_value_t = 4096)]
@@ -43,6 +43,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let device_name = dev.name().to_string();
     let mut exec = GpuExecutor::new(dev);
     let copy_gbs = bench::copy_bandwidth(&mut exec, 1 << 30, 10)?;
+    let read_gbs = bench::read_bandwidth(&mut exec, 2 << 30, 5)?;
     let longest = a.contexts.iter().copied().max().unwrap_or(0).max(a.prompt);
     let mut bar = Progress::new("weights");
     let mut progress = |done: usize, total: usize| bar.update(done as u64, total as u64);
@@ -66,17 +67,28 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     eprintln!(
-        "dgemma bench: {device_name} | {what} | {:.2} GB weights, {:.2} GB allocated | copy bandwidth {copy_gbs:.0} GB/s",
+        "dgemma bench: {device_name} | {what} | {:.2} GB weights, {:.2} GB allocated | HBM read {read_gbs:.0} GB/s, copy {copy_gbs:.0} GB/s",
         backend.weight_bytes() as f64 / 1e9,
         backend.executor().allocated_bytes() as f64 / 1e9
     );
     let plan = BenchPlan { contexts: a.contexts.clone(), prompt: a.prompt, iters: a.iters, steps: a.steps.clone() };
-    let mut records = vec![{
-        let mut r = Record { name: "floor.copy_gbs".into(), value: copy_gbs, unit: "GB/s", floor: None, target: None, note: String::new() };
-        r.note = "device-to-device copy of 1 GiB, read + written bytes".into();
-        r
-    }];
-    records.extend(bench::run(&mut backend, &plan, copy_gbs)?);
+    let floor = |name: &str, value: f64, note: &str| Record {
+        name: name.into(),
+        value,
+        unit: "GB/s",
+        floor: None,
+        target: None,
+        note: note.into(),
+    };
+    let mut records = vec![
+        floor(
+            "floor.hbm_read_gbs",
+            read_gbs,
+            "read-only stream of 2 GiB (read_bandwidth kernel, best run): the floor of the step figures",
+        ),
+        floor("floor.copy_gbs", copy_gbs, "device-to-device copy of 1 GiB, read + written bytes"),
+    ];
+    records.extend(bench::run(&mut backend, &plan, read_gbs)?);
     records.push(Record {
         name: "peak_mem_gb.bf16.c1".into(),
         value: backend.executor().allocated_bytes() as f64 / 1e9,

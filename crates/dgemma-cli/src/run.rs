@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// Show the draft (argmax) canvas after every denoising step on stderr, as it converges.
     #[arg(long)]
     pub visual: bool,
+    /// With --backend cuda: run the sampler on the host (the [C, V] logits are read back every
+    /// step) instead of on the device. Same outputs up to entropy near-ties; for debugging.
+    #[arg(long)]
+    pub host_sampler: bool,
 }
 
 /// Streams committed canvases as text (and, with `--visual`, every draft on stderr).
@@ -77,6 +81,10 @@ impl Observer for Printer<'_> {
         let text = tok.decode(draft, skip_special).unwrap_or_else(|e| format!("<{e}>"));
         let line: String = text.chars().map(|c| if c == '\n' { '⏎' } else { c }).take(100).collect();
         eprintln!("[canvas {block} step {step:>2} accepted {accepted:>3}] {line}");
+    }
+
+    fn wants_drafts(&self) -> bool {
+        self.visual.is_some()
     }
 
     fn on_canvas(&mut self, _block: usize, tokens: &[u32]) {
@@ -105,6 +113,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
 
     let mut settings = GenerationSettings::from_checkpoint(cfg, gen_cfg, precision);
+    settings.device_sampling = !a.host_sampler;
     let limit_from_config = a.max_new_tokens.is_none();
     if let Some(n) = a.max_new_tokens {
         settings.max_new_tokens = n;

@@ -45,6 +45,12 @@ struct __nv_bfloat16 {
     unsigned short bits;
 };
 
+// CUDA's built-in 16-byte vector type (vector_types.h), aligned as on the device: a misaligned
+// address faults here too (csrc/bandwidth.cuh).
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+
 namespace emu {
 
 enum State { RUNNING, DONE };

@@ -98,8 +98,12 @@ pub trait Executor {
     unsafe fn record(&mut self, steps: &[Step]) -> Result<usize>;
     /// Queues a recorded step list again.
     fn replay(&mut self, graph: usize) -> Result<()>;
+    /// Drops one recording (its handle may be reused by a later [`Executor::record`]).
+    fn forget(&mut self, graph: usize);
     /// Drops every recording.
     fn forget_recordings(&mut self);
+    /// Recordings alive (not forgotten).
+    fn recordings(&self) -> usize;
     /// Waits for queued work.
     fn synchronize(&mut self) -> Result<()>;
     /// Starts timing the work queued from now on (a CUDA event on a GPU).
@@ -152,6 +156,55 @@ pub trait Executor {
     }
 }
 
+/// Recordings by handle; a forgotten handle's slot is reused.
+struct Recordings<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Recordings<T> {
+    fn default() -> Self {
+        Recordings { slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> Recordings<T> {
+    fn insert(&mut self, item: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(item);
+                i
+            }
+            None => {
+                self.slots.push(Some(item));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn get(&self, handle: usize) -> Result<&T> {
+        self.slots.get(handle).and_then(Option::as_ref).ok_or_else(|| args("replay", format!("no recording {handle}")))
+    }
+
+    fn remove(&mut self, handle: usize) {
+        if let Some(slot) = self.slots.get_mut(handle) {
+            if slot.take().is_some() {
+                self.free.push(handle);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+    }
+
+    /// Live recordings.
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
 fn check_host_len(op: &'static str, region: Region, host: usize) -> Result<()> {
     if host > region.bytes {
         return Err(args(op, format!("{host} bytes do not fit a region of {}", region.bytes)));
@@ -163,23 +216,40 @@ fn check_host_len(op: &'static str, region: Region, host: usize) -> Result<()> {
 // GPU
 
 /// A [`Device`] as an executor. Memory is freed when the executor is dropped.
+///
+/// `Send`: it may move to another thread (a server's scheduler) and be used there by one
+/// thread at a time; every driver call binds the device's context first.
 pub struct GpuExecutor {
     dev: Device,
     arena: Vec<CudaSlice<u8>>,
-    graphs: Vec<CudaGraph>,
+    graphs: Recordings<CudaGraph>,
     timer: Option<cudarc::driver::CudaEvent>,
 }
 
+// SAFETY: the only non-Send fields are the CUDA graph handles (raw driver pointers). The CUDA
+// driver API allows using a graph from any thread once its context is current, and every call
+// here binds the context first (`bind`, cudarc's own calls do the same); `&mut self` on every
+// method that touches a graph keeps the use to one thread at a time.
+unsafe impl Send for GpuExecutor {}
+
 impl GpuExecutor {
     pub fn new(dev: Device) -> GpuExecutor {
-        GpuExecutor { dev, arena: Vec::new(), graphs: Vec::new(), timer: None }
+        GpuExecutor { dev, arena: Vec::new(), graphs: Recordings::default(), timer: None }
     }
 
     pub fn device(&self) -> &Device {
         &self.dev
     }
 
+    /// Makes the device's context current on this thread: the raw driver calls below
+    /// (copies, synchronisation) act on the current context, and an executor may be used from
+    /// a thread other than the one that opened the device (a server's scheduler thread).
+    fn bind(&self) -> Result<()> {
+        self.dev.context().bind_to_thread().ctx("binding the device's context to this thread")
+    }
+
     unsafe fn run_steps(&self, steps: &[Step]) -> Result<()> {
+        self.bind()?;
         let stream = self.dev.stream().cu_stream();
         for step in steps {
             match step {
@@ -229,6 +299,7 @@ impl Executor for GpuExecutor {
 
     fn upload_bytes(&mut self, dst: Region, src: &[u8]) -> Result<()> {
         check_host_len("upload", dst, src.len())?;
+        self.bind()?;
         let stream = self.dev.stream().cu_stream();
         // Synchronous on purpose: `src` may be dropped as soon as this returns.
         guard("upload", || unsafe {
@@ -239,6 +310,7 @@ impl Executor for GpuExecutor {
 
     fn download_bytes(&mut self, src: Region, dst: &mut [u8]) -> Result<()> {
         check_host_len("download", src, dst.len())?;
+        self.bind()?;
         let stream = self.dev.stream().cu_stream();
         guard("download", || unsafe {
             cu::memcpy_dtoh_async(dst, src.ptr, stream).ctx("cuMemcpyDtoHAsync")?;
@@ -260,17 +332,24 @@ impl Executor for GpuExecutor {
         });
         ran?;
         let graph = graph?.ok_or_else(|| args("graph capture", "the capture recorded nothing"))?;
-        self.graphs.push(graph);
-        Ok(self.graphs.len() - 1)
+        Ok(self.graphs.insert(graph))
     }
 
     fn replay(&mut self, graph: usize) -> Result<()> {
-        let g = self.graphs.get(graph).ok_or_else(|| args("replay", format!("no recording {graph}")))?;
+        let g = self.graphs.get(graph)?;
         guard("graph launch", || g.launch().ctx("cuGraphLaunch"))
+    }
+
+    fn forget(&mut self, graph: usize) {
+        self.graphs.remove(graph);
     }
 
     fn forget_recordings(&mut self) {
         self.graphs.clear();
+    }
+
+    fn recordings(&self) -> usize {
+        self.graphs.len()
     }
 
     fn synchronize(&mut self) -> Result<()> {
@@ -307,7 +386,7 @@ impl Executor for GpuExecutor {
 pub struct EmuExecutor {
     /// u64 words, so every region is 8-byte aligned.
     arena: Vec<Box<[u64]>>,
-    recordings: Vec<Vec<Step>>,
+    recordings: Recordings<Vec<Step>>,
     timer: Option<std::time::Instant>,
     /// Steps run so far (launches and copies), for tests of replay.
     pub steps_run: usize,
@@ -390,18 +469,25 @@ impl Executor for EmuExecutor {
     }
 
     unsafe fn record(&mut self, steps: &[Step]) -> Result<usize> {
-        self.recordings.push(steps.to_vec());
-        Ok(self.recordings.len() - 1)
+        Ok(self.recordings.insert(steps.to_vec()))
     }
 
     fn replay(&mut self, graph: usize) -> Result<()> {
-        let steps = self.recordings.get(graph).cloned().ok_or_else(|| args("replay", format!("no recording {graph}")))?;
+        let steps = self.recordings.get(graph)?.clone();
         // SAFETY: recorded under `record`'s contract.
         unsafe { self.run(&steps) }
     }
 
+    fn forget(&mut self, graph: usize) {
+        self.recordings.remove(graph);
+    }
+
     fn forget_recordings(&mut self) {
         self.recordings.clear();
+    }
+
+    fn recordings(&self) -> usize {
+        self.recordings.len()
     }
 
     fn synchronize(&mut self) -> Result<()> {

@@ -8,7 +8,7 @@
 //!   in the generated signature's order) and a typed launch wrapper. Families: RMSNorm, RoPE,
 //!   embedding, GeGLU, softcap, the sampler's row statistics, the self-conditioning softmax and
 //!   soft embedding, attention, dense and grouped GEMMs, the MoE router, the Gumbel-max draw and
-//!   the canvas sampler step.
+//!   the canvas sampler step; and the HBM read-bandwidth probe (the floor of benchmarks).
 //! * [`exec`]: [`Executor`]s own memory and run planned passes (lists of [`Step`]s):
 //!   [`GpuExecutor`] on a device (CUDA-graph record and replay, event timers) and, with the
 //!   `emulator` feature, `EmuExecutor` on the CPU kernel emulator.
@@ -31,12 +31,14 @@ pub mod emu;
 pub mod error;
 pub mod exec;
 pub mod ops;
+pub mod rng;
 
 pub use cudarc;
 pub use device::{Device, DeviceBuffer};
 pub use dgemma_codegen as codegen;
 pub use dgemma_codegen::{Arch, KernelSpec, Op};
 pub use error::{CudaError, Result};
+pub use rng::Rng;
 #[cfg(feature = "emulator")]
 pub use exec::EmuExecutor;
 pub use exec::{Executor, GpuExecutor, Region, Step};

@@ -1,21 +1,17 @@
-//! Typed launch wrappers, one per kernel family.
+//! Launch plans, one per kernel family.
 //!
-//! Each family has two halves:
+//! Each family has a pure **plan** function (`plan_*`) that checks the buffer sizes against the
+//! spec and the problem size and returns a [`LaunchPlan`]: grid, block and the argument list, in
+//! the order of the kernel's generated signature (`dgemma_codegen::params`). Plans need no GPU,
+//! so the argument checks are unit-tested on the CPU. A plan runs as a step of an
+//! [`Executor`](crate::Executor) (a device's stream, a CUDA graph, or the CPU emulator), or
+//! directly on a device with [`run`].
 //!
-//! * a pure **plan** function (`plan_*`) that checks the buffer sizes against the spec and the
-//!   problem size and returns a [`LaunchPlan`]: grid, block and the argument list, in the order
-//!   of the kernel's generated signature (`dgemma_codegen::params`). Plans need no GPU, so the
-//!   argument checks are unit-tested on the CPU;
-//! * a **launch** function that takes device buffers (any [`DevicePtr`] / [`DevicePtrMut`]:
-//!   whole buffers or views), builds the plan and enqueues the kernel on the device's stream.
-//!
-//! Launches are asynchronous; [`Device::download`] or [`Device::synchronize`] wait for them.
-//! Every wrapper takes the exact [`KernelSpec`] to run (from `dgemma_codegen::specs_for_model`
-//! or [`Device::resolve`]); arch-specific specs of another arch are refused.
+//! Every plan takes the exact [`KernelSpec`] to run (from `dgemma_codegen::specs_for_model` or
+//! [`Device::resolve`]); arch-specific specs of another arch are refused at launch.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use dgemma_codegen::{GemmFuse, KernelSpec, MaskKind, Op};
-use half::bf16;
 
 use crate::device::{guard, Device};
 use crate::error::{args, Context, Result};
@@ -135,35 +131,8 @@ pub unsafe fn run(dev: &Device, plan: &LaunchPlan) -> Result<()> {
     })
 }
 
-// Device pointers of the wrappers' buffers, with cudarc's read/write tracking guards.
-macro_rules! dev_in {
-    ($dev:expr, $b:expr) => {{
-        let (p, g) = $b.device_ptr($dev.stream());
-        (Buf { ptr: p, len: $b.len() }, g)
-    }};
-}
-macro_rules! dev_out {
-    ($dev:expr, $b:expr) => {{
-        let len = $b.len();
-        let (p, g) = $b.device_ptr_mut($dev.stream());
-        (Buf { ptr: p, len }, g)
-    }};
-}
-
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
-
-/// Buffers of an RMSNorm launch. `x: None` normalises `out` in place; with
-/// `fuse_residual_add`, `out` holds the residual stream and is updated in place.
-pub struct RmsNormArgs<'a> {
-    pub x: Option<&'a dyn DevicePtr<bf16>>,
-    pub x_add: Option<&'a dyn DevicePtr<bf16>>,
-    pub weight: Option<&'a dyn DevicePtr<bf16>>,
-    pub out: &'a mut dyn DevicePtrMut<bf16>,
-    pub rows: usize,
-    pub eps: f32,
-    pub layer_scalar: f32,
-}
 
 #[allow(clippy::too_many_arguments)]
 pub fn plan_rms_norm(
@@ -217,34 +186,6 @@ pub fn plan_rms_norm(
     )
 }
 
-pub fn rms_norm(dev: &Device, spec: &KernelSpec, a: RmsNormArgs<'_>) -> Result<()> {
-    let (x, _gx) = match a.x {
-        Some(b) => {
-            let (buf, g) = dev_in!(dev, b);
-            (Some(buf), Some(g))
-        }
-        None => (None, None),
-    };
-    let (x_add, _ga) = match a.x_add {
-        Some(b) => {
-            let (buf, g) = dev_in!(dev, b);
-            (Some(buf), Some(g))
-        }
-        None => (None, None),
-    };
-    let (weight, _gw) = match a.weight {
-        Some(b) => {
-            let (buf, g) = dev_in!(dev, b);
-            (Some(buf), Some(g))
-        }
-        None => (None, None),
-    };
-    let (out, _go) = dev_out!(dev, a.out);
-    let plan = plan_rms_norm(spec, x, x_add, weight, out, a.rows, a.eps, a.layer_scalar)?;
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // RoPE
 
@@ -284,25 +225,6 @@ pub fn plan_rope(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn rope(
-    dev: &Device,
-    spec: &KernelSpec,
-    x: &mut dyn DevicePtrMut<bf16>,
-    cos: &dyn DevicePtr<bf16>,
-    sin: &dyn DevicePtr<bf16>,
-    positions: &dyn DevicePtr<i32>,
-    tokens: usize,
-    heads: usize,
-) -> Result<()> {
-    let (xb, _g0) = dev_out!(dev, x);
-    let (cb, _g1) = dev_in!(dev, cos);
-    let (sb, _g2) = dev_in!(dev, sin);
-    let (pb, _g3) = dev_in!(dev, positions);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_rope(spec, xb, cb, sb, pb, tokens, heads)?) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Embedding
 
@@ -335,22 +257,6 @@ pub fn plan_embedding(
             Arg::I32(int(OP, "vocab", table.len / h)?),
         ],
     )
-}
-
-pub fn embedding(
-    dev: &Device,
-    spec: &KernelSpec,
-    ids: &dyn DevicePtr<i32>,
-    table: &dyn DevicePtr<bf16>,
-    out: &mut dyn DevicePtrMut<bf16>,
-    scale: f32,
-    tokens: usize,
-) -> Result<()> {
-    let (ib, _g0) = dev_in!(dev, ids);
-    let (tb, _g1) = dev_in!(dev, table);
-    let (ob, _g2) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_embedding(spec, ib, tb, ob, scale, tokens)?) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,24 +303,6 @@ pub fn plan_geglu(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn geglu(
-    dev: &Device,
-    spec: &KernelSpec,
-    gate: &dyn DevicePtr<bf16>,
-    up: &dyn DevicePtr<bf16>,
-    in_stride: usize,
-    out: &mut dyn DevicePtrMut<bf16>,
-    width: usize,
-    rows: usize,
-) -> Result<()> {
-    let (gb, _g0) = dev_in!(dev, gate);
-    let (ub, _g1) = dev_in!(dev, up);
-    let (ob, _g2) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_geglu(spec, gb, ub, in_stride, ob, width, rows)?) }
-}
-
 /// `out[i] = tanh(logits[i] / cap) * cap` for `n` elements, bf16 in, f32 out.
 pub fn plan_softcap(spec: &KernelSpec, logits: Buf, out: Buf, cap: f32, n: usize) -> Result<LaunchPlan> {
     const OP: &str = "softcap";
@@ -431,41 +319,19 @@ pub fn plan_softcap(spec: &KernelSpec, logits: Buf, out: Buf, cap: f32, n: usize
     )
 }
 
-pub fn softcap(
-    dev: &Device,
-    spec: &KernelSpec,
-    logits: &dyn DevicePtr<bf16>,
-    out: &mut dyn DevicePtrMut<f32>,
-    cap: f32,
-    n: usize,
-) -> Result<()> {
-    let (lb, _g0) = dev_in!(dev, logits);
-    let (ob, _g1) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_softcap(spec, lb, ob, cap, n)?) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Row reductions
 
-/// Buffers of the sampler-statistics kernel. `processed` (P = logits / T) and `processed_bf16`
-/// (bf16(P), the next self-conditioning input) are optional outputs.
-pub struct RowStatsArgs<'a> {
-    pub logits: &'a dyn DevicePtr<f32>,
-    pub temperature: f32,
-    pub processed: Option<&'a mut dyn DevicePtrMut<f32>>,
-    pub processed_bf16: Option<&'a mut dyn DevicePtrMut<bf16>>,
-    /// First argmax of each row; -1 for a row with NaN / +inf or only -inf.
-    pub argmax: &'a mut dyn DevicePtrMut<i32>,
-    pub entropy: &'a mut dyn DevicePtrMut<f32>,
-    pub rows: usize,
-}
-
+/// One denoising step's statistics per row (`csrc/row_softmax.cuh`): `logits [rows, vocab]` f32
+/// (softcapped), `params [SAMPLER_PARAMS_WORDS]` u32 (the temperature is read from word 4 on the
+/// device, so a recorded graph serves every step), optional outputs `processed` (P = logits / T,
+/// f32) and `processed_bf16` (bf16(P), the next step's self-conditioning input), `argmax [rows]`
+/// i32 (first index; -1 for a row with NaN / +inf or only -inf), `entropy [rows]` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_row_softmax_entropy_argmax(
     spec: &KernelSpec,
     logits: Buf,
-    temperature: f32,
+    params: Buf,
     processed: Option<Buf>,
     processed_bf16: Option<Buf>,
     argmax: Buf,
@@ -483,15 +349,13 @@ pub fn plan_row_softmax_entropy_argmax(
     }
     need(OP, "argmax", argmax, rows)?;
     need(OP, "entropy", entropy, rows)?;
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(args(OP, format!("temperature = {temperature}")));
-    }
+    need(OP, "params", params, SAMPLER_PARAMS_WORDS)?;
     LaunchPlan::new(
         spec,
         (grid_dim(OP, "rows", rows)?, 1, 1),
         vec![
             Arg::Ptr(logits.ptr),
-            Arg::F32(temperature),
+            Arg::Ptr(params.ptr),
             ptr(processed),
             ptr(processed_bf16),
             Arg::Ptr(argmax.ptr),
@@ -499,28 +363,6 @@ pub fn plan_row_softmax_entropy_argmax(
             Arg::I32(int(OP, "rows", rows)?),
         ],
     )
-}
-
-pub fn row_softmax_entropy_argmax(dev: &Device, spec: &KernelSpec, a: RowStatsArgs<'_>) -> Result<()> {
-    let (lb, _g0) = dev_in!(dev, a.logits);
-    let (pb, _g1) = match a.processed {
-        Some(b) => {
-            let (buf, g) = dev_out!(dev, b);
-            (Some(buf), Some(g))
-        }
-        None => (None, None),
-    };
-    let (qb, _g2) = match a.processed_bf16 {
-        Some(b) => {
-            let (buf, g) = dev_out!(dev, b);
-            (Some(buf), Some(g))
-        }
-        None => (None, None),
-    };
-    let (ab, _g3) = dev_out!(dev, a.argmax);
-    let (eb, _g4) = dev_out!(dev, a.entropy);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_row_softmax_entropy_argmax(spec, lb, a.temperature, pb, qb, ab, eb, a.rows)?) }
 }
 
 /// `probs = bf16(softmax(float32(logits)))` per row.
@@ -537,36 +379,11 @@ pub fn plan_row_softmax(spec: &KernelSpec, logits: Buf, probs: Buf, rows: usize)
     )
 }
 
-pub fn row_softmax(
-    dev: &Device,
-    spec: &KernelSpec,
-    logits: &dyn DevicePtr<bf16>,
-    probs: &mut dyn DevicePtrMut<bf16>,
-    rows: usize,
-) -> Result<()> {
-    let (lb, _g0) = dev_in!(dev, logits);
-    let (pb, _g1) = dev_out!(dev, probs);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_row_softmax(spec, lb, pb, rows)?) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-/// Buffers and positions of an attention launch (`q: [q_len, q_heads, D]`,
-/// `k, v: [kv_len, kv_heads, D]`). `window` is required by (and only by) sliding kernels.
-pub struct AttentionArgs<'a> {
-    pub q: &'a dyn DevicePtr<bf16>,
-    pub k: &'a dyn DevicePtr<bf16>,
-    pub v: &'a dyn DevicePtr<bf16>,
-    pub out: &'a mut dyn DevicePtrMut<bf16>,
-    pub q_len: usize,
-    pub kv_len: usize,
-    pub q_pos0: usize,
-    pub k_pos0: usize,
-    pub window: Option<usize>,
-}
-
+/// Attention of `q_len` queries (positions `q_pos0..`) over the `kv_len` keys at positions
+/// `k_pos0..`, read from the ring `k`/`v` of `kv_rows` rows (position p in row p % kv_rows).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_attention(
     spec: &KernelSpec,
@@ -576,6 +393,7 @@ pub fn plan_attention(
     out: Buf,
     q_len: usize,
     kv_len: usize,
+    kv_rows: usize,
     q_pos0: usize,
     k_pos0: usize,
     window: Option<usize>,
@@ -585,8 +403,14 @@ pub fn plan_attention(
     let d = a.head_dim as usize;
     need(OP, "q", q, q_len * a.q_heads as usize * d)?;
     need(OP, "out", out, q_len * a.q_heads as usize * d)?;
-    need(OP, "k", k, kv_len * a.kv_heads as usize * d)?;
-    need(OP, "v", v, kv_len * a.kv_heads as usize * d)?;
+    if kv_len > kv_rows {
+        return Err(args(OP, format!("{kv_len} keys do not fit a ring of {kv_rows} rows")));
+    }
+    if kv_rows == 0 {
+        return Err(args(OP, "a ring of 0 rows"));
+    }
+    need(OP, "k", k, kv_rows * a.kv_heads as usize * d)?;
+    need(OP, "v", v, kv_rows * a.kv_heads as usize * d)?;
     let window = match (a.mask, window) {
         (MaskKind::CausalSliding, Some(w)) if w >= 1 => w,
         (MaskKind::CausalSliding, _) => return Err(args(OP, "a sliding kernel needs a window >= 1")),
@@ -605,20 +429,12 @@ pub fn plan_attention(
             Arg::Ptr(out.ptr),
             Arg::I32(int(OP, "q_len", q_len)?),
             Arg::I32(int(OP, "kv_len", kv_len)?),
+            Arg::I32(int(OP, "kv_rows", kv_rows)?),
             Arg::I32(int(OP, "q_pos0", q_pos0)?),
             Arg::I32(int(OP, "k_pos0", k_pos0)?),
             Arg::I32(int(OP, "window", window)?),
         ],
     )
-}
-
-pub fn attention(dev: &Device, spec: &KernelSpec, a: AttentionArgs<'_>) -> Result<()> {
-    let (qb, _g0) = dev_in!(dev, a.q);
-    let (kb, _g1) = dev_in!(dev, a.k);
-    let (vb, _g2) = dev_in!(dev, a.v);
-    let (ob, _g3) = dev_out!(dev, a.out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_attention(spec, qb, kb, vb, ob, a.q_len, a.kv_len, a.q_pos0, a.k_pos0, a.window)?) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -642,21 +458,6 @@ pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Re
         grid,
         vec![Arg::Ptr(x.ptr), Arg::Ptr(w.ptr), Arg::Ptr(y.ptr), Arg::I32(int(OP, "rows", rows)?)],
     )
-}
-
-pub fn linear(
-    dev: &Device,
-    spec: &KernelSpec,
-    x: &dyn DevicePtr<bf16>,
-    w: &dyn DevicePtr<bf16>,
-    y: &mut dyn DevicePtrMut<bf16>,
-    rows: usize,
-) -> Result<()> {
-    let (xb, _g0) = dev_in!(dev, x);
-    let (wb, _g1) = dev_in!(dev, w);
-    let (yb, _g2) = dev_out!(dev, y);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_linear(spec, xb, wb, yb, rows)?) }
 }
 
 /// Routing of the grouped GEMMs: `experts[t * top_k + j]` (and for the combine,
@@ -705,24 +506,6 @@ pub fn plan_grouped_gemm_geglu(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn grouped_gemm_geglu(
-    dev: &Device,
-    spec: &KernelSpec,
-    x: &dyn DevicePtr<bf16>,
-    experts: &dyn DevicePtr<i32>,
-    w: &dyn DevicePtr<bf16>,
-    out: &mut dyn DevicePtrMut<bf16>,
-    routing: Routing,
-) -> Result<()> {
-    let (xb, _g0) = dev_in!(dev, x);
-    let (eb, _g1) = dev_in!(dev, experts);
-    let (wb, _g2) = dev_in!(dev, w);
-    let (ob, _g3) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_grouped_gemm_geglu(spec, xb, eb, wb, ob, routing)?) }
-}
-
 /// down + combine: `out[t, c] = bf16(sum_j bf16(act[t*top_k+j] . w[e_j][c]) * weights[t*top_k+j])`,
 /// `act: [tokens * top_k, k]`, `w: [E, n, k]`, `out: [tokens, n]`.
 #[allow(clippy::too_many_arguments)]
@@ -765,43 +548,8 @@ pub fn plan_grouped_gemm_combine(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn grouped_gemm_combine(
-    dev: &Device,
-    spec: &KernelSpec,
-    act: &dyn DevicePtr<bf16>,
-    experts: &dyn DevicePtr<i32>,
-    weights: &dyn DevicePtr<f32>,
-    w: &dyn DevicePtr<bf16>,
-    out: &mut dyn DevicePtrMut<bf16>,
-    routing: Routing,
-) -> Result<()> {
-    let (ab, _g0) = dev_in!(dev, act);
-    let (eb, _g1) = dev_in!(dev, experts);
-    let (wtb, _g2) = dev_in!(dev, weights);
-    let (wb, _g3) = dev_in!(dev, w);
-    let (ob, _g4) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_grouped_gemm_combine(spec, ab, eb, wtb, wb, ob, routing)?) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // MoE router
-
-/// Buffers of a router launch: `h [tokens, hidden]` (the pre-norm residual), `scale [hidden]`,
-/// `proj [experts, hidden]`, `per_expert_scale [experts]`; outputs `experts` and `weights`
-/// `[tokens, top_k]`. `root` is `(hidden as f64).powf(-0.5) as f32`, as the CPU computes it.
-pub struct RouterArgs<'a> {
-    pub h: &'a dyn DevicePtr<bf16>,
-    pub scale: &'a dyn DevicePtr<bf16>,
-    pub proj: &'a dyn DevicePtr<bf16>,
-    pub per_expert_scale: &'a dyn DevicePtr<bf16>,
-    pub experts: &'a mut dyn DevicePtrMut<i32>,
-    pub weights: &'a mut dyn DevicePtrMut<f32>,
-    pub tokens: usize,
-    pub eps: f32,
-    pub root: f32,
-}
 
 /// Routes `tokens` rows of `h`: `experts[t * top_k + j]` and its fp32 weight
 /// `weights[t * top_k + j]`, bit for bit `dgemma_cpu::ops::moe::route` up to the GPU's expf.
@@ -851,17 +599,6 @@ pub fn plan_router(
     )
 }
 
-pub fn router(dev: &Device, spec: &KernelSpec, a: RouterArgs<'_>) -> Result<()> {
-    let (hb, _g0) = dev_in!(dev, a.h);
-    let (sb, _g1) = dev_in!(dev, a.scale);
-    let (pb, _g2) = dev_in!(dev, a.proj);
-    let (psb, _g3) = dev_in!(dev, a.per_expert_scale);
-    let (eb, _g4) = dev_out!(dev, a.experts);
-    let (wb, _g5) = dev_out!(dev, a.weights);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_router(spec, hb, sb, pb, psb, eb, wb, a.tokens, a.eps, a.root)?) }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Self-conditioning soft embedding
 
@@ -905,22 +642,6 @@ pub fn plan_soft_embedding(
             Arg::I32(int(OP, "rows", rows)?),
         ],
     )
-}
-
-pub fn soft_embedding(
-    dev: &Device,
-    spec: &KernelSpec,
-    probs: &dyn DevicePtr<bf16>,
-    table: &dyn DevicePtr<bf16>,
-    out: &mut dyn DevicePtrMut<bf16>,
-    scale: f32,
-    rows: usize,
-) -> Result<()> {
-    let (pb, _g0) = dev_in!(dev, probs);
-    let (tb, _g1) = dev_in!(dev, table);
-    let (ob, _g2) = dev_out!(dev, out);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_soft_embedding(spec, pb, tb, ob, scale, rows)?) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1017,39 +738,6 @@ pub fn plan_gumbel_sample(
     )
 }
 
-pub fn gumbel_sample(
-    dev: &Device,
-    spec: &KernelSpec,
-    params: &dyn DevicePtr<u32>,
-    processed: &dyn DevicePtr<f32>,
-    sampled: &mut dyn DevicePtrMut<i32>,
-    rows: usize,
-) -> Result<()> {
-    let (pb, _g0) = dev_in!(dev, params);
-    let (xb, _g1) = dev_in!(dev, processed);
-    let (sb, _g2) = dev_out!(dev, sampled);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_gumbel_sample(spec, pb, xb, sb, rows)?) }
-}
-
-/// Buffers of the per-canvas sampler step (all `[canvas]` unless noted): `params
-/// [SAMPLER_PARAMS_WORDS]` u32; inputs `entropy` f32, `sampled` and `argmax` i32; outputs
-/// `next_canvas` i32, `accepted` i32 (0 / 1), `status [SAMPLER_STATUS_WORDS]` u32 (see
-/// [`SamplerStatus`]); state `history [canvas + 1]` i32 (the previous argmax canvas and a run
-/// counter, owned by the kernel: keep it between the steps of a block, no initialisation needed).
-pub struct SamplerCanvasArgs<'a> {
-    pub params: &'a dyn DevicePtr<u32>,
-    pub entropy: &'a dyn DevicePtr<f32>,
-    pub sampled: &'a dyn DevicePtr<i32>,
-    pub argmax: &'a dyn DevicePtr<i32>,
-    pub next_canvas: &'a mut dyn DevicePtrMut<i32>,
-    pub accepted: &'a mut dyn DevicePtrMut<i32>,
-    pub history: &'a mut dyn DevicePtrMut<i32>,
-    pub status: &'a mut dyn DevicePtrMut<u32>,
-    pub vocab: usize,
-    pub canvas: usize,
-}
-
 /// Renoise, entropy-bound acceptance (TorchDevice::Cuda), next canvas and the stable-and-confident
 /// stopping rule for one canvas of `canvas <= max_canvas` positions, one block; bit for bit
 /// dgemma-sampler's `step_core` with `SeededNoise` (see `csrc/sampler.cuh`). `next_canvas` may be
@@ -1106,17 +794,49 @@ pub fn plan_sampler_canvas(
     )
 }
 
-pub fn sampler_canvas(dev: &Device, spec: &KernelSpec, a: SamplerCanvasArgs<'_>) -> Result<()> {
-    let (pb, _g0) = dev_in!(dev, a.params);
-    let (eb, _g1) = dev_in!(dev, a.entropy);
-    let (sb, _g2) = dev_in!(dev, a.sampled);
-    let (ab, _g3) = dev_in!(dev, a.argmax);
-    let (nb, _g4) = dev_out!(dev, a.next_canvas);
-    let (mb, _g5) = dev_out!(dev, a.accepted);
-    let (hb, _g6) = dev_out!(dev, a.history);
-    let (stb, _g7) = dev_out!(dev, a.status);
-    // SAFETY: the buffers are live device slices of this device, sized as the plan checked.
-    unsafe { run(dev, &plan_sampler_canvas(spec, pb, eb, sb, ab, nb, mb, hb, stb, a.vocab, a.canvas)?) }
+// ---------------------------------------------------------------------------------------------
+// HBM read-bandwidth probe
+
+/// A fold no real data is expected to produce (any non-zero word works; a hit writes 4 bytes).
+pub const READ_BANDWIDTH_SENTINEL: u32 = 0x8BAD_F00D;
+
+/// The read-bandwidth probe (`csrc/bandwidth.cuh`): reads `vectors` 16-byte vectors of `src`
+/// (viewed as u32 words: `4 * vectors` of them, 16-byte aligned) with a grid-stride loop over
+/// `min(max_blocks, ceil(vectors / (threads * unroll)))` blocks; a thread writes `out[0]` (u32)
+/// only if the XOR of every word it read equals `sentinel` (non-zero: idle threads fold to 0).
+pub fn plan_read_bandwidth(
+    spec: &KernelSpec,
+    src: Buf,
+    vectors: usize,
+    sentinel: u32,
+    out: Buf,
+    max_blocks: usize,
+) -> Result<LaunchPlan> {
+    const OP: &str = "read_bandwidth";
+    let r = expect_op(OP, spec, |o| if let Op::ReadBandwidth(r) = o { Some(r) } else { None })?;
+    need(OP, "src", src, 4 * vectors)?;
+    need(OP, "out", out, 1)?;
+    if !src.ptr.is_multiple_of(16) {
+        return Err(args(OP, format!("src at {:#x} is not 16-byte aligned", src.ptr)));
+    }
+    if sentinel == 0 {
+        return Err(args(OP, "the sentinel must be non-zero (threads that read nothing fold to 0)"));
+    }
+    if max_blocks == 0 {
+        return Err(args(OP, "max_blocks must be positive"));
+    }
+    let per_block = (r.threads * r.unroll) as usize;
+    let blocks = vectors.div_ceil(per_block).min(max_blocks);
+    LaunchPlan::new(
+        spec,
+        (grid_dim(OP, "blocks", blocks)?, 1, 1),
+        vec![
+            Arg::Ptr(src.ptr),
+            Arg::I64(i64::try_from(vectors).map_err(|_| args(OP, format!("{vectors} vectors")))?),
+            Arg::I32(sentinel as i32),
+            Arg::Ptr(out.ptr),
+        ],
+    )
 }
 
 #[cfg(test)]
@@ -1159,7 +879,7 @@ mod tests {
                 Op::Geglu => plan_geglu(&spec, big, big, 64, big, 32, 3),
                 Op::Softcap => plan_softcap(&spec, big, big, 30.0, 1000),
                 Op::RowSoftmaxEntropyArgmax(_) => {
-                    plan_row_softmax_entropy_argmax(&spec, big, 0.8, None, Some(big), big, big, 2)
+                    plan_row_softmax_entropy_argmax(&spec, big, big, None, Some(big), big, big, 2)
                 }
                 Op::RowSoftmax(_) => plan_row_softmax(&spec, big, big, 2),
                 Op::Attention(a) => plan_attention(
@@ -1170,6 +890,7 @@ mod tests {
                     big,
                     3,
                     7,
+                    9,
                     4,
                     0,
                     (a.mask == MaskKind::CausalSliding).then_some(4),
@@ -1183,6 +904,7 @@ mod tests {
                 Op::SoftEmbedding(_) => plan_soft_embedding(&spec, big, big, big, 53.0, 3),
                 Op::GumbelSample(_) => plan_gumbel_sample(&spec, big, big, big, 3),
                 Op::SamplerCanvas(_) => plan_sampler_canvas(&spec, big, big, big, big, big, big, big, big, 512, 16),
+                Op::ReadBandwidth(_) => plan_read_bandwidth(&spec, big, 1000, READ_BANDWIDTH_SENTINEL, big, 65_536),
             };
             let plan = plan.unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
             assert_eq!(plan.block, spec.block_threads());
@@ -1216,8 +938,14 @@ mod tests {
 
         let sliding =
             specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::CausalSliding)).unwrap();
-        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, None).is_err());
-        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 0, 0, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 2, 0, 0, None).is_err());
+        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 2, 0, 0, Some(4)).is_ok());
+        // The ring must hold the keys read, and k/v must hold the whole ring.
+        assert!(plan_attention(sliding, b, b, b, b, 2, 3, 2, 0, 0, Some(4)).is_err());
+        let Op::Attention(a) = sliding.op else { unreachable!() };
+        let ring = buf(5 * (a.kv_heads * a.head_dim) as usize);
+        assert!(plan_attention(sliding, b, ring, ring, b, 2, 3, 5, 7, 6, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, ring, ring, b, 2, 3, 6, 7, 6, Some(4)).is_err());
     }
 
     #[test]
@@ -1318,6 +1046,29 @@ mod tests {
         );
         let s = SamplerStatus::from_words([1, 9, 0.25f32.to_bits(), 0]);
         assert_eq!(s, SamplerStatus { finished: true, accepted: 9, mean_entropy: 0.25, error: 0 });
+    }
+
+    #[test]
+    fn read_bandwidth_plan_checks_its_buffers() {
+        let spec = dgemma_codegen::shapes::read_bandwidth_spec();
+        let Op::ReadBandwidth(r) = spec.op else { unreachable!() };
+        let per_block = (r.threads * r.unroll) as usize;
+        let s = READ_BANDWIDTH_SENTINEL;
+        let plan = plan_read_bandwidth(&spec, buf(4 * 10 * per_block), 10 * per_block, s, buf(1), 65_536).unwrap();
+        assert_eq!(plan.grid, (10, 1, 1));
+        assert_eq!(plan.block, r.threads);
+        assert_eq!(plan.args[1..3], [Arg::I64(10 * per_block as i64), Arg::I32(s as i32)]);
+        // The grid is capped at max_blocks (the loop strides over the rest) and rounds up.
+        assert_eq!(plan_read_bandwidth(&spec, buf(1 << 30), 1 << 28, s, buf(1), 528).unwrap().grid.0, 528);
+        assert_eq!(plan_read_bandwidth(&spec, buf(8), 1, s, buf(1), 528).unwrap().grid.0, 1);
+        // Short buffers, a misaligned source, a zero sentinel or no blocks are refused.
+        assert!(plan_read_bandwidth(&spec, buf(4 * 100 - 1), 100, s, buf(1), 8).is_err());
+        assert!(plan_read_bandwidth(&spec, buf(400), 100, s, buf(0), 8).is_err());
+        assert!(plan_read_bandwidth(&spec, Buf { ptr: 0x1004, len: 400 }, 100, s, buf(1), 8).is_err());
+        assert!(plan_read_bandwidth(&spec, buf(400), 100, 0, buf(1), 8).is_err());
+        assert!(plan_read_bandwidth(&spec, buf(400), 100, s, buf(1), 0).is_err());
+        let softcap = KernelSpec::portable(Op::Softcap);
+        assert!(plan_read_bandwidth(&softcap, buf(400), 100, s, buf(1), 8).is_err());
     }
 
     #[test]

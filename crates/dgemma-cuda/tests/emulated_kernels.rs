@@ -135,3 +135,8 @@ fn sampler_canvas_matches_sampler_bitwise() {
 fn device_sampler_matches_denoise_step() {
     common::check_sampler_end_to_end(&Emu);
 }
+
+#[test]
+fn read_bandwidth_reads_every_vector_once() {
+    common::check_read_bandwidth(&Emu);
+}

@@ -16,8 +16,8 @@ mod common;
 
 use common::{Exec, Host};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use dgemma_codegen::{supported_specs, Arch, Op};
-use dgemma_cuda::ops::{self, Buf, LaunchPlan, RmsNormArgs};
+use dgemma_codegen::{supported_specs, Arch};
+use dgemma_cuda::ops::{self, Buf, LaunchPlan};
 use dgemma_cuda::{bf16, Device};
 
 fn device() -> Device {
@@ -101,56 +101,6 @@ fn kernels_of_another_arch_are_refused() {
     // Its twin for this arch (or the portable spec) is what `resolve` picks.
     let resolved = dev.resolve(other.op).unwrap();
     assert!(resolved.target.runs_on(dev.arch()), "{resolved:?}");
-}
-
-/// The typed wrappers (device buffers in, launch on the device's stream) agree with the
-/// plan path the shared checks use.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn typed_wrappers_work() {
-    let dev = device();
-    let spec = supported_specs()
-        .into_iter()
-        .find(|s| matches!(s.op, Op::RmsNorm(r) if r.width == 64 && r.has_scale && r.fuse_residual_add && !r.fuse_input_add))
-        .unwrap();
-    let rows = 3;
-    let mut rng = common::Rng::new(1);
-    let (x, w, h) = (rng.vec(rows * 64, 2.0), rng.vec(64, 1.0), rng.vec(rows * 64, 1.0));
-    let to = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
-    let xd = dev.upload(&to(&x)).unwrap();
-    let wd = dev.upload(&to(&w)).unwrap();
-    let mut out = dev.upload(&to(&h)).unwrap();
-    ops::rms_norm(
-        &dev,
-        &spec,
-        RmsNormArgs { x: Some(&xd), x_add: None, weight: Some(&wd), out: &mut out, rows, eps: 1e-6, layer_scalar: 1.0 },
-    )
-    .unwrap();
-    let typed: Vec<f32> = dev.download(&out).unwrap().iter().map(|v| v.to_f32()).collect();
-
-    let mut bufs = [common::hb(&x), common::hb(&w), common::hb(&h)];
-    Gpu(device()).launch(&mut bufs, &|b| {
-        ops::plan_rms_norm(&spec, Some(b[0]), None, Some(b[1]), b[2], rows, 1e-6, 1.0).unwrap()
-    });
-    assert_eq!(typed, bufs[2].bf16());
-
-    // Views work as buffers: normalise the second row only, in place.
-    let mut out = dev.upload(&to(&h)).unwrap();
-    let spec = supported_specs()
-        .into_iter()
-        .find(|s| matches!(s.op, Op::RmsNorm(r) if r.width == 64 && !r.has_scale && !r.fuse_input_add))
-        .unwrap();
-    let mut row1 = out.slice_mut(64..128);
-    ops::rms_norm(
-        &dev,
-        &spec,
-        RmsNormArgs { x: None, x_add: None, weight: None, out: &mut row1, rows: 1, eps: 1e-6, layer_scalar: 1.0 },
-    )
-    .unwrap();
-    let got: Vec<f32> = dev.download(&out).unwrap().iter().map(|v| v.to_f32()).collect();
-    assert_eq!(got[..64], h[..64]);
-    assert_eq!(got[128..], h[128..]);
-    assert_ne!(got[64..128], h[64..128]);
 }
 
 #[test]
@@ -247,4 +197,10 @@ fn sampler_canvas_matches_sampler_bitwise() {
 #[ignore = "needs a CUDA GPU"]
 fn device_sampler_matches_denoise_step() {
     common::check_sampler_end_to_end(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn read_bandwidth_reads_every_vector_once() {
+    common::check_read_bandwidth(&gpu());
 }

@@ -35,6 +35,11 @@ pub struct GenerationSettings {
     pub precision: Precision,
     /// Most positions the model supports (`max_position_embeddings`).
     pub context_length: usize,
+    /// Sample on the backend's device when it offers [`dgemma_model::DeviceSampling`] and the
+    /// noise is counter-based ([`dgemma_sampler::SeededNoise`]) with CUDA arithmetic: only a few
+    /// status words come back per step. `false` always samples on the host (the `[C, V]` logits
+    /// are read back every step).
+    pub device_sampling: bool,
 }
 
 impl GenerationSettings {
@@ -120,14 +125,25 @@ impl Generation {
 /// Receives progress while generating. Every method has a no-op default.
 pub trait Observer {
     /// After each denoising step: the argmax ("draft") canvas and how many tokens were accepted.
+    /// `draft` is empty when [`wants_drafts`](Self::wants_drafts) is false and the step ran on
+    /// the device (the draft was not read back).
     fn on_step(&mut self, _block: usize, _step: usize, _draft: &[u32], _accepted: usize) {}
+    /// Whether `on_step` needs the draft canvas; with on-device sampling, false saves reading it
+    /// back after every step.
+    fn wants_drafts(&self) -> bool {
+        true
+    }
     /// After each commit: the committed canvas (pad after the first EOS).
     fn on_canvas(&mut self, _block: usize, _tokens: &[u32]) {}
 }
 
 /// An observer that ignores everything.
 pub struct Silent;
-impl Observer for Silent {}
+impl Observer for Silent {
+    fn wants_drafts(&self) -> bool {
+        false
+    }
+}
 
 /// Runs a whole generation for one prompt on a fresh cache: [`Generator`] run to the end.
 pub fn generate(
@@ -166,6 +182,7 @@ impl GenerationSettings {
             pad_token_id: gen.pad_token_id,
             precision,
             context_length: model.text.max_position_embeddings,
+            device_sampling: true,
         }
     }
 }

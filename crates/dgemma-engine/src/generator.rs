@@ -15,11 +15,17 @@
 //! argmax canvas is committed (pad after the first EOS; stop on EOS or max_new_tokens) and, if
 //! generation goes on, re-encoded at the positions it was denoised at. The last canvas is
 //! never encoded.
+//!
+//! On-device sampling: when the backend offers [`DeviceSampling`], the noise is counter-based
+//! ([`NoiseSource::counter_seed`]) and the settings allow it, a canvas's steps run entirely on
+//! the device (decoder pass, sampler step, next canvas, self-conditioning input); the host
+//! reads a few status words per step and the argmax canvas at the commit (and after every step
+//! only when the observer wants drafts). The host keeps no `[C, V]` buffer then.
 
 use crate::error::EngineError;
 use crate::generate::{FinishReason, Generation, GenerationSettings, GenerationStats, Observer};
-use dgemma_model::{Backend, Precision};
-use dgemma_sampler::{denoise_step_in_place, NoiseSource, SeededNoise, StableAndConfident};
+use dgemma_model::{Backend, DeviceCanvas, DeviceSampling, Precision};
+use dgemma_sampler::{denoise_step_in_place, temperature_on, NoiseSource, SeededNoise, StableAndConfident, TorchDevice};
 use std::time::Instant;
 
 /// What one [`Generator::advance`] call ran.
@@ -58,6 +64,8 @@ pub struct Generator<N: NoiseSource> {
     sc: Vec<f32>,
     have_sc: bool,
     stopping: StableAndConfident,
+    /// The noise seed when this request may sample on a device (see the module docs).
+    device_seed: Option<u64>,
     block: usize,
     /// Index of the next step within the block (0 = `cur_step = N`).
     step: usize,
@@ -99,7 +107,13 @@ impl<N: NoiseSource> Generator<N> {
             settings.sampler.stability_threshold,
             settings.sampler.confidence_threshold,
         )?;
+        let device_seed = if settings.device_sampling && settings.sampler.device == TorchDevice::Cuda {
+            noise.counter_seed()
+        } else {
+            None
+        };
         Ok(Generator {
+            device_seed,
             canvas: vec![0; settings.canvas_length],
             argmax: Vec::new(),
             sc: Vec::new(),
@@ -218,6 +232,11 @@ impl<N: NoiseSource> Generator<N> {
         logits: &mut Vec<f32>,
         observer: &mut dyn Observer,
     ) -> Result<(), EngineError> {
+        if let Some(seed) = self.device_seed {
+            if let Some(device) = backend.device_sampling() {
+                return self.denoise_on_device(device, seed, observer);
+            }
+        }
         let (c, v) = (self.settings.canvas_length, self.settings.vocab_size);
         let n = self.settings.sampler.max_denoising_steps;
         let cur_step = n - self.step;
@@ -254,6 +273,46 @@ impl<N: NoiseSource> Generator<N> {
         observer.on_step(self.block, self.step, &self.argmax, out.accepted);
         self.step += 1;
         if out.finished || self.step == n {
+            self.commit(observer);
+        }
+        Ok(())
+    }
+
+    /// One step on the device: the same step as [`denoise`](Self::denoise) with the canvas,
+    /// the self-conditioning input and the stability history kept in device memory.
+    fn denoise_on_device(
+        &mut self,
+        device: &mut dyn DeviceSampling,
+        seed: u64,
+        observer: &mut dyn Observer,
+    ) -> Result<(), EngineError> {
+        let s = &self.settings.sampler;
+        let n = s.max_denoising_steps;
+        let t = Instant::now();
+        if self.step == 0 {
+            device.begin_canvas(
+                &self.canvas,
+                DeviceCanvas {
+                    seed,
+                    block: self.block,
+                    entropy_bound: s.entropy_bound,
+                    confidence_threshold: s.confidence_threshold,
+                    stability_threshold: s.stability_threshold,
+                },
+            )?;
+        }
+        let temperature = temperature_on(s.device, n - self.step, n, s.t_min, s.t_max)?;
+        let status = device.step(self.step, temperature)?;
+        let last = status.finished || self.step + 1 == n;
+        let draft = observer.wants_drafts();
+        if last || draft {
+            self.argmax.resize(self.settings.canvas_length, 0);
+            device.read_argmax(&mut self.argmax)?;
+        }
+        self.stats.denoise_time += t.elapsed();
+        observer.on_step(self.block, self.step, if draft { &self.argmax } else { &[] }, status.accepted);
+        self.step += 1;
+        if last {
             self.commit(observer);
         }
         Ok(())

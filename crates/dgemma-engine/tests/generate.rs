@@ -64,6 +64,7 @@ fn settings(max_new_tokens: usize) -> GenerationSettings {
         pad_token_id: 0,
         precision: Precision::F32,
         context_length: 1000,
+        device_sampling: true,
     }
 }
 

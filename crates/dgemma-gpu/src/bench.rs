@@ -7,10 +7,15 @@
 //! encoder over one canvas. Steps at a long context are timed over a cache declared filled
 //! ([`GpuBackend::assume_cache_len`]): attention reads the same bytes whatever the cache holds.
 //!
-//! The floor of a step is the bytes it must read (every weight once, plus the KV cache it
-//! attends over) at the device-to-device copy bandwidth measured in the same run.
+//! The floor of a step is the bytes it must read (every weight once, plus the cached K/V it
+//! attends over: every position on full layers, the last window - 1 on sliding layers) at the
+//! HBM read bandwidth measured in the same run ([`read_bandwidth`], `floor.hbm_read_gbs`: a
+//! read-only stream, what a weight-bound step does; [`copy_bandwidth`], which also writes, is
+//! recorded beside it as `floor.copy_gbs`).
 
-use dgemma_cuda::{Executor, Step};
+use dgemma_cuda::codegen::shapes::read_bandwidth_spec;
+use dgemma_cuda::ops::{plan_read_bandwidth, READ_BANDWIDTH_SENTINEL};
+use dgemma_cuda::{Executor, Region, Step};
 
 use crate::backend::GpuBackend;
 use crate::error::{cuda, Result};
@@ -85,6 +90,73 @@ pub fn copy_bandwidth<X: Executor>(exec: &mut X, bytes: usize, iters: usize) -> 
     Ok(2.0 * bytes as f64 * copy.len() as f64 / (ms * 1e-3) / 1e9)
 }
 
+/// Grid caps [`read_bandwidth`] tries (blocks of the probe; the grid-stride loop covers the rest):
+/// a few waves of a large GPU up to one block per 4 KiB of a 2 GiB buffer's first quarter.
+pub const READ_BANDWIDTH_GRIDS: [usize; 3] = [1024, 8192, 65_536];
+
+/// Fills `region` with `pattern` repeated: one upload of (at most) the pattern, then on-device
+/// copies doubling the filled prefix. Waits for the copies.
+pub fn fill_repeating<X: Executor>(exec: &mut X, region: Region, pattern: &[u8]) -> Result<()> {
+    if pattern.is_empty() {
+        return Err(crate::error::backend_error("fill_repeating: an empty pattern"));
+    }
+    let first = region.bytes.min(pattern.len());
+    exec.upload_bytes(region.sub(0, first).map_err(cuda)?, &pattern[..first]).map_err(cuda)?;
+    let mut done = first;
+    while done < region.bytes {
+        let n = done.min(region.bytes - done);
+        let step = Step::Copy { src: region.sub(0, n).map_err(cuda)?, dst: region.sub(done, n).map_err(cuda)? };
+        // SAFETY: both ranges lie in `region`, an allocation of this executor, and do not overlap.
+        unsafe { exec.run(&[step]) }.map_err(cuda)?;
+        done += n;
+    }
+    exec.synchronize().map_err(cuda)
+}
+
+/// HBM read bandwidth in GB/s (bytes read, 1e9 per GB): the probe kernel
+/// (`csrc/bandwidth.cuh`: 16-byte loads, a grid-stride loop, nothing written) streaming `bytes`
+/// (rounded down to 16) of a pattern-filled buffer, the best of `iters` timed runs for each grid
+/// of [`READ_BANDWIDTH_GRIDS`] after a warm-up each. On a GPU pass at least 2 GiB, so the 50 MB
+/// L2 holds a negligible part of it. The floor of every memory-bound figure.
+pub fn read_bandwidth<X: Executor>(exec: &mut X, bytes: usize, iters: usize) -> Result<f64> {
+    let spec = read_bandwidth_spec();
+    if !exec.has_kernel(&spec) {
+        return Err(cuda(dgemma_cuda::CudaError::MissingKernel(spec.kernel_name())));
+    }
+    let vectors = bytes / 16;
+    if vectors == 0 {
+        return Err(crate::error::backend_error(format!("read_bandwidth: {bytes} bytes is not one 16-byte vector")));
+    }
+    let src = exec.alloc(16 * vectors, "read-bandwidth probe (source)").map_err(cuda)?;
+    let out = exec.alloc(16, "read-bandwidth probe (sentinel word)").map_err(cuda)?;
+    // Non-zero bytes (never time on zeros), an odd-length pattern.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let pattern: Vec<u8> = (0..(16 << 20) - 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8 | 1
+        })
+        .collect();
+    fill_repeating(exec, src, &pattern)?;
+    let mut best_ms = f64::INFINITY;
+    for max_blocks in READ_BANDWIDTH_GRIDS {
+        let plan = plan_read_bandwidth(&spec, src.b32(), vectors, READ_BANDWIDTH_SENTINEL, out.b32(), max_blocks)
+            .map_err(cuda)?;
+        let step = [Step::Launch(plan)];
+        // SAFETY: the plan addresses `src` and `out`, live allocations of this executor.
+        unsafe { exec.run(&step) }.map_err(cuda)?;
+        for _ in 0..iters.max(1) {
+            exec.timer_start().map_err(cuda)?;
+            // SAFETY: as above.
+            unsafe { exec.run(&step) }.map_err(cuda)?;
+            best_ms = best_ms.min(exec.timer_stop().map_err(cuda)?);
+        }
+    }
+    Ok(16.0 * vectors as f64 / (best_ms.max(1e-6) * 1e-3) / 1e9)
+}
+
 /// Mean milliseconds of `f`'s queued work over `iters` back-to-back runs after one warm-up,
 /// timed by the executor (events around the whole batch: no host sync between runs).
 fn mean_ms<X: Executor>(b: &mut GpuBackend<X>, iters: usize, mut f: impl FnMut(&mut GpuBackend<X>) -> Result<()>) -> Result<f64> {
@@ -98,17 +170,36 @@ fn mean_ms<X: Executor>(b: &mut GpuBackend<X>, iters: usize, mut f: impl FnMut(&
 }
 
 /// Times `plan` on `backend` (a fresh one: the cache is reset). `bandwidth_gbs` is the measured
-/// copy bandwidth the floors use; `canvas` the canvas length.
+/// bandwidth the floors use: the HBM read bandwidth ([`read_bandwidth`]) on a GPU.
+/// Fills the workspace inputs the timed passes read (`queue_*` reuse whatever they hold) with
+/// random token ids and a random self-conditioning input: all-zero ids would route every token
+/// to the same few experts and make the MoE look cheaper than it is. Leaves the cache empty.
+fn seed_inputs<X: Executor>(backend: &mut GpuBackend<X>) -> Result<()> {
+    use dgemma_model::Backend;
+    let (v, c) = (backend.config().vocab_size, backend.options().canvas);
+    let mut rng = dgemma_cuda::Rng::new(0x5EED);
+    let mut next = move || rng.next_u64();
+    let chunk = backend.options().prefill_chunk.min(backend.options().context.saturating_sub(c)).max(1);
+    let prompt: Vec<u32> = (0..chunk).map(|_| (next() % v as u64) as u32).collect();
+    let canvas: Vec<u32> = (0..c).map(|_| (next() % v as u64) as u32).collect();
+    let sc: Vec<f32> = (0..c * v).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+    let mut logits = vec![0f32; c * v];
+    backend.reset();
+    backend.encode(&prompt)?;
+    backend.denoise(&canvas, Some(&sc), &mut logits)?;
+    backend.reset();
+    Ok(())
+}
+
 pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth_gbs: f64) -> Result<Vec<Record>> {
     let canvas = backend.options().canvas;
     let weight_bytes = backend.weight_bytes() as f64;
-    let kv_per_pos = backend.kv_bytes_per_position() as f64;
     let floor_ms = |bytes: f64| bytes / (bandwidth_gbs * 1e9) * 1e3;
     let mut out = Vec::new();
 
     // Prefill of the prompt, then the commit of one canvas after it.
     use dgemma_model::Backend;
-    backend.reset();
+    seed_inputs(backend)?;
     let prompt = plan.prompt.min(backend.options().context.saturating_sub(2 * canvas));
     let prefill = mean_ms(backend, plan.iters, |b| {
         b.reset();
@@ -145,7 +236,7 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
         backend.assume_cache_len(ctx)?;
         let ms = mean_ms(backend, plan.iters, |b| b.queue_denoise(canvas, true))?;
         let mut r = Record::new(format!("step.bf16.c1.ctx{ctx}"), ms, "ms");
-        r.floor = Some(floor_ms(weight_bytes + kv_per_pos * ctx as f64));
+        r.floor = Some(floor_ms(weight_bytes + backend.kv_bytes_attended(ctx) as f64));
         r.note = "one canvas, self-conditioning on, replayed recording".into();
         if ctx == prompt {
             step_at_prompt = Some(ms);

@@ -4,10 +4,12 @@
 //! any weight is uploaded, with the name of the missing kernel.
 
 use dgemma_cuda::codegen::shapes::{
-    attention_spec, grouped_gemm_spec, linear_spec, rmsnorm_spec, router_spec, soft_embedding_spec,
+    attention_spec, grouped_gemm_spec, gumbel_sample_spec, linear_spec, rmsnorm_spec, router_spec,
+    sampler_canvas_spec, soft_embedding_spec,
 };
 use dgemma_cuda::codegen::{
-    Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope, RowSoftmax, SUPPORTED_MODELS,
+    Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope, RowSoftmax,
+    RowSoftmaxEntropyArgmax, SUPPORTED_MODELS,
 };
 use dgemma_cuda::Executor;
 use dgemma_model::config::{LayerSpec, TextConfig};
@@ -79,6 +81,11 @@ pub struct Kernels {
     pub experts_down: KernelSpec,
     pub sliding: AttentionKernels,
     pub full: AttentionKernels,
+    /// The device sampler: per-row P, bf16(P), argmax and entropy; the categorical draw; the
+    /// per-canvas acceptance, renoise and stopping.
+    pub row_stats: KernelSpec,
+    pub gumbel: KernelSpec,
+    pub sampler_canvas: KernelSpec,
 }
 
 impl Kernels {
@@ -135,6 +142,9 @@ impl Kernels {
             experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch))?,
             sliding: attention(s.sliding, MaskKind::CausalSliding)?,
             full: attention(s.full, MaskKind::Causal)?,
+            row_stats: portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: s.vocab }))?,
+            gumbel: check(gumbel_sample_spec(s.vocab))?,
+            sampler_canvas: check(sampler_canvas_spec())?,
         })
     }
 

@@ -7,6 +7,9 @@
 //!   (the KV cache, the workspace), mirroring `dgemma-cpu`'s model line by line.
 //! * [`backend`]: [`GpuBackend`], a [`dgemma_model::Backend`] that records each decoder pass
 //!   once (a CUDA graph) and replays it for every denoising step of a canvas.
+//! * [`sampling`]: the sampler step on the device, appended to a recorded decoder pass
+//!   ([`dgemma_model::DeviceSampling`]): only a few status words come back per step.
+//! * [`shared`]: one backend serving many sequences through per-request handles (servers).
 //! * [`bench`]: end-to-end timings (steps per context, prefill, commit, tokens/s, TTFT) against
 //!   the memory floor, in the results contract (`dgemma bench`).
 //!
@@ -20,9 +23,12 @@ pub mod bench;
 pub mod error;
 pub mod kernels;
 pub mod plan;
+pub mod sampling;
+pub mod shared;
 pub mod weights;
 
 pub use backend::{GpuBackend, GpuOptions};
+pub use shared::{SequenceHandle, SharedModel};
 pub use dgemma_cuda::{Device, Executor, GpuExecutor};
 #[cfg(feature = "emulator")]
 pub use dgemma_cuda::EmuExecutor;

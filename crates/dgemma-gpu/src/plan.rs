@@ -3,17 +3,29 @@
 //! [`Planner::encode`] and [`Planner::denoise`] turn a pass (its token count and first position)
 //! into a list of [`Step`]s over the preallocated [`Workspace`], [`KvCache`] and
 //! [`DeviceWeights`]: no allocation, no host value read back, so a list runs as it is or is
-//! recorded once as a CUDA graph and replayed. Inputs are read from fixed buffers
-//! (`Workspace::ids`, `Workspace::sc_logits`), so a replay sees whatever they hold.
+//! recorded once as a CUDA graph and replayed. Inputs are read from fixed buffers (the
+//! encoder's `Workspace::ids`, a sequence's [`DecoderInputs`]), so a replay sees whatever they
+//! hold.
 //!
 //! Each step mirrors one line of the CPU backend (`dgemma-cpu/src/model.rs`), with the same bf16
 //! rounding points; the fused norms are documented in `csrc/rmsnorm.cuh`.
 //!
-//! The KV cache keeps every position of every layer (`[capacity, kv_heads * head_dim]` per layer
-//! for K and for V). The encoder writes the new tokens' K/V in place; the decoder writes its
-//! canvas's K/V into the rows right after the cache (`len .. len + C`), where the commit will
-//! put them, so attention always reads one contiguous key range. Sliding layers read only the
-//! last `window - 1` cached positions, as the CPU's trimmed cache holds.
+//! The KV cache ([`KvCache`]) is one ring per layer and tensor, `[rows, kv_heads * head_dim]`
+//! bf16, holding the key (value) of absolute position p in row `p % rows`. Full layers keep every
+//! position (`rows = capacity`, so `p % rows == p`). Sliding layers only ever read the last
+//! `window - 1` cached positions (what the CPU's trimmed cache holds) plus the pass's own tokens,
+//! so their ring has `rows = min(capacity, window - 1 + max_tokens)`: a pass of up to
+//! `max_tokens` tokens overwrites only positions older than any key it, or any later pass,
+//! reads. The encoder writes the new tokens' K/V at their rows; the decoder writes its canvas's
+//! K/V at the rows of positions `len .. len + C`, where the commit will put them. Attention
+//! reads the key range by absolute position through the ring (`kv_rows`, csrc/attention.cuh).
+//!
+//! Positions are known when a pass is planned, so so is whether its rows `pos0 % rows ..` run
+//! past the ring's end. When they do not, k_proj / v_proj write straight into the ring and the
+//! norms and RoPE run there; when they do, they write into contiguous staging buffers of the
+//! workspace, the norms and RoPE run there, and two copies per tensor (the tail rows, then the
+//! head rows) move them into the ring. Either way every value is computed by the same kernels
+//! on the same inputs, so the ring changes no bit of the results.
 
 use dgemma_cuda::ops::{self, Buf, Routing};
 use dgemma_cuda::{Executor, Region, Step};
@@ -27,10 +39,8 @@ use crate::weights::{DeviceWeights, LayerRegions};
 pub struct Workspace {
     pub max_tokens: usize,
     pub canvas: usize,
-    /// Token ids of the pass (i32 `[max_tokens]`): the prompt chunk, the commit or the canvas.
+    /// Token ids of an encoder pass (i32 `[max_tokens]`): the prompt chunk or the commit.
     pub ids: Region,
-    /// The previous step's processed logits, bf16 `[canvas, V]` (self-conditioning input).
-    pub sc_logits: Region,
     /// Softcapped f32 logits `[canvas, V]`: the decoder's output.
     pub logits: Region,
     /// Absolute positions 0..capacity (i32), read by RoPE at offset `pos0`.
@@ -55,11 +65,20 @@ pub struct Workspace {
     probs: Region,
     soft: Region,
     logits_bf16: Region,
+    /// The new tokens' K and V, `[max_tokens, max kv width]` bf16, for a pass whose ring rows
+    /// wrap around a layer's ring (see the module doc).
+    k_stage: Region,
+    v_stage: Region,
 }
 
-/// Per-layer K and V, `[capacity, kv_heads * head_dim]` bf16 each.
+/// Per-layer K and V rings, `[rows[i], kv_heads * head_dim]` bf16 each, position p in row
+/// `p % rows[i]` (see the module doc).
 pub struct KvCache {
+    /// Positions the cache can address (`0..capacity`).
     pub capacity: usize,
+    /// Rows of each layer's ring: `capacity` on full layers, `min(capacity, window - 1 +
+    /// max_tokens)` on sliding layers.
+    pub rows: Vec<usize>,
     pub k: Vec<Region>,
     pub v: Vec<Region>,
 }
@@ -94,7 +113,6 @@ impl Workspace {
         let k = cfg.top_k_experts;
         let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
         let ws_ids = alloc(4 * t, "token ids")?;
-        let sc_logits = alloc(2 * c * v, "self-conditioning logits")?;
         let logits = alloc(4 * c * v, "logits")?;
         let h_buf = alloc(2 * t * h, "hidden states")?;
         let a = alloc(2 * t * h, "normed hidden states")?;
@@ -113,6 +131,9 @@ impl Workspace {
         let probs = alloc(2 * c * v, "self-conditioning probabilities")?;
         let soft = alloc(2 * c * h, "soft embeddings")?;
         let logits_bf16 = alloc(2 * c * v, "bf16 logits")?;
+        let kv_width = (0..cfg.num_hidden_layers).map(|i| cfg.layer(i).kv_dim()).max().unwrap_or(0);
+        let k_stage = alloc(2 * t * kv_width, "staged keys")?;
+        let v_stage = alloc(2 * t * kv_width, "staged values")?;
         let positions: Vec<i32> = (0..capacity as i32).collect();
         let pos_region = exec.alloc(4 * capacity, "positions").map_err(cuda)?;
         exec.upload_bytes(pos_region, bytemuck::cast_slice(&positions)).map_err(cuda)?;
@@ -124,7 +145,6 @@ impl Workspace {
             max_tokens,
             canvas,
             ids: ws_ids,
-            sc_logits,
             logits,
             positions: pos_region,
             rope_sliding,
@@ -146,24 +166,59 @@ impl Workspace {
             probs,
             soft,
             logits_bf16,
+            k_stage,
+            v_stage,
         })
     }
 }
 
 impl KvCache {
-    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, capacity: usize) -> Result<KvCache> {
-        let (mut k, mut v) = (Vec::new(), Vec::new());
+    /// Rings for `capacity` positions and passes of up to `max_tokens` tokens (the workspace's).
+    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, capacity: usize, max_tokens: usize) -> Result<KvCache> {
+        let (mut k, mut v, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..cfg.num_hidden_layers {
-            let bytes = 2 * capacity * cfg.layer(i).kv_dim();
+            let r = Self::layer_rows(cfg, i, capacity, max_tokens);
+            let bytes = 2 * r * cfg.layer(i).kv_dim();
             k.push(exec.alloc(bytes, &format!("layer {i} key cache")).map_err(cuda)?);
             v.push(exec.alloc(bytes, &format!("layer {i} value cache")).map_err(cuda)?);
+            rows.push(r);
         }
-        Ok(KvCache { capacity, k, v })
+        Ok(KvCache { capacity, rows, k, v })
     }
 
-    /// Bytes per cached position over all layers.
-    pub fn bytes_per_position(cfg: &TextConfig) -> usize {
-        (0..cfg.num_hidden_layers).map(|i| 2 * 2 * cfg.layer(i).kv_dim()).sum()
+    /// Rows of layer `layer`'s ring: every position on full layers; on sliding layers the
+    /// `window - 1` cached positions a pass may read plus the `max_tokens` it may write.
+    pub fn layer_rows(cfg: &TextConfig, layer: usize, capacity: usize, max_tokens: usize) -> usize {
+        match cfg.layer(layer).sliding_window {
+            Some(w) => capacity.min(w.saturating_sub(1) + max_tokens),
+            None => capacity,
+        }
+    }
+
+    /// Bytes of K and V a cache of `capacity` positions for passes of up to `max_tokens`
+    /// tokens allocates, over all layers.
+    pub fn bytes(cfg: &TextConfig, capacity: usize, max_tokens: usize) -> usize {
+        (0..cfg.num_hidden_layers)
+            .map(|i| 2 * 2 * Self::layer_rows(cfg, i, capacity, max_tokens) * cfg.layer(i).kv_dim())
+            .sum()
+    }
+
+    /// Bytes this cache holds.
+    pub fn allocated_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|r| r.bytes).sum()
+    }
+
+    /// Bytes of cached K and V a pass reads with `len` positions in the cache (its own new
+    /// tokens' K/V not counted): every position on full layers, the last `window - 1` on
+    /// sliding layers.
+    pub fn bytes_attended(cfg: &TextConfig, len: usize) -> usize {
+        (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = cfg.layer(i);
+                let read = l.sliding_window.map_or(len, |w| len.min(w.saturating_sub(1)));
+                2 * 2 * read * l.kv_dim()
+            })
+            .sum()
     }
 }
 
@@ -176,6 +231,25 @@ enum Pass {
     Decoder,
 }
 
+/// The decoder's inputs of one sequence: its canvas (i32 `[canvas]`) and the previous step's
+/// processed logits (bf16 `[canvas, V]`, the self-conditioning input). Per sequence, so that
+/// sequences denoised in turn each keep theirs on the device between steps (the device sampler
+/// writes the next step's into them).
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderInputs {
+    pub canvas: Region,
+    pub sc_logits: Region,
+}
+
+impl DecoderInputs {
+    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, canvas: usize) -> Result<DecoderInputs> {
+        Ok(DecoderInputs {
+            canvas: exec.alloc(4 * canvas, "canvas ids").map_err(cuda)?,
+            sc_logits: exec.alloc(2 * canvas * cfg.vocab_size, "self-conditioning logits").map_err(cuda)?,
+        })
+    }
+}
+
 /// Builds step lists over fixed buffers.
 pub struct Planner<'a> {
     pub cfg: &'a TextConfig,
@@ -183,11 +257,17 @@ pub struct Planner<'a> {
     pub weights: &'a DeviceWeights,
     pub ws: &'a Workspace,
     pub kv: &'a KvCache,
+    pub inputs: DecoderInputs,
 }
 
 /// `rows` rows of `row_elems` bf16 elements starting at row `row0` of `r`.
 fn rows16(r: Region, row0: usize, rows: usize, row_elems: usize) -> Result<Buf> {
-    Ok(r.sub(2 * row0 * row_elems, 2 * rows * row_elems).map_err(cuda)?.b16())
+    Ok(rows_region(r, row0, rows, row_elems)?.b16())
+}
+
+/// [`rows16`] as a region (for copies).
+fn rows_region(r: Region, row0: usize, rows: usize, row_elems: usize) -> Result<Region> {
+    r.sub(2 * row0 * row_elems, 2 * rows * row_elems).map_err(cuda)
 }
 
 impl Planner<'_> {
@@ -218,7 +298,7 @@ impl Planner<'_> {
     pub fn encode(&self, tokens: usize, pos0: usize) -> Result<Vec<Step>> {
         self.check_pass(tokens, pos0, self.ws.max_tokens, "an encoder pass")?;
         let mut s = Vec::new();
-        self.embed(&mut s, tokens)?;
+        self.embed(&mut s, self.ws.ids, tokens)?;
         let n = self.weights.layers.len();
         for (i, l) in self.weights.layers.iter().enumerate() {
             self.layer(&mut s, i, l, tokens, pos0, Pass::Encoder { kv_only: i + 1 == n })?;
@@ -226,8 +306,8 @@ impl Planner<'_> {
         Ok(s)
     }
 
-    /// Decoder pass over the canvas `ws.ids[..tokens]` at positions `pos0..` (with the
-    /// self-conditioning input `ws.sc_logits` when `self_conditioning`): writes `ws.logits`.
+    /// Decoder pass over the canvas `inputs.canvas[..tokens]` at positions `pos0..` (with the
+    /// self-conditioning input `inputs.sc_logits` when `self_conditioning`): writes `ws.logits`.
     pub fn denoise(&self, tokens: usize, pos0: usize, self_conditioning: bool) -> Result<Vec<Step>> {
         self.check_pass(tokens, pos0, self.ws.canvas, "a decoder pass")?;
         let (ws, w, k) = (self.ws, self.weights, self.kernels);
@@ -235,11 +315,11 @@ impl Planner<'_> {
         let eps = self.eps();
         let hb = rows16(ws.h, 0, tokens, h)?;
         let mut s = Vec::new();
-        self.embed(&mut s, tokens)?;
+        self.embed(&mut s, self.inputs.canvas, tokens)?;
         if self_conditioning {
             // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)); signal = MLP(pre_norm(soft)).
             let probs = rows16(ws.probs, 0, tokens, v)?;
-            s.push(launch(ops::plan_row_softmax(&k.sc_softmax, rows16(ws.sc_logits, 0, tokens, v)?, probs, tokens))?);
+            s.push(launch(ops::plan_row_softmax(&k.sc_softmax, rows16(self.inputs.sc_logits, 0, tokens, v)?, probs, tokens))?);
             let soft = rows16(ws.soft, 0, tokens, h)?;
             s.push(launch(ops::plan_soft_embedding(&k.soft_embedding, probs, w.embed.b16(), soft, self.embed_scale(), tokens))?);
             s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(w.sc_pre_norm.b16()), soft, tokens, eps, 1.0))?);
@@ -266,10 +346,10 @@ impl Planner<'_> {
         Ok(s)
     }
 
-    /// `h = round(E[ids] * round(sqrt(H)))`.
-    fn embed(&self, s: &mut Vec<Step>, tokens: usize) -> Result<()> {
+    /// `h = round(E[ids] * round(sqrt(H)))` over the first `tokens` ids of `ids`.
+    fn embed(&self, s: &mut Vec<Step>, ids: Region, tokens: usize) -> Result<()> {
         let ws = self.ws;
-        let ids = ws.ids.sub(0, 4 * tokens).map_err(cuda)?.b32();
+        let ids = ids.sub(0, 4 * tokens).map_err(cuda)?.b32();
         let out = rows16(ws.h, 0, tokens, self.cfg.hidden_size)?;
         s.push(launch(ops::plan_embedding(&self.kernels.embedding, ids, self.weights.embed.b16(), out, self.embed_scale(), tokens))?);
         Ok(())
@@ -316,40 +396,69 @@ impl Planner<'_> {
         };
         let positions = ws.positions.sub(4 * pos0, 4 * tokens).map_err(cuda)?.b32();
 
-        // Keys and values of the new tokens, written into the cache rows pos0.. in place.
-        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.input_layernorm.b16()), a, tokens, eps, 1.0))?);
-        let (kc, vc) = (self.kv.k[index], self.kv.v[index]);
-        let k_new = rows16(kc, pos0, tokens, kv_width)?;
-        let v_new = rows16(vc, pos0, tokens, kv_width)?;
-        s.push(launch(ops::plan_linear(&ak.kv_proj, a, l.k_proj.b16(), k_new, tokens))?);
-        match l.v_proj {
-            Some(vp) => s.push(launch(ops::plan_linear(&ak.kv_proj, a, vp.b16(), v_new, tokens))?),
-            // K = V on full layers: V is the raw k_proj output, before k_norm and RoPE.
-            None => s.push(Step::Copy {
-                src: kc.sub(2 * pos0 * kv_width, 2 * tokens * kv_width).map_err(cuda)?,
-                dst: vc.sub(2 * pos0 * kv_width, 2 * tokens * kv_width).map_err(cuda)?,
-            }),
-        }
-        let kv_rows = tokens * kv_heads;
-        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.k_norm.b16()), k_new, kv_rows, eps, 1.0))?);
-        s.push(launch(ops::plan_rope(&ak.rope, k_new, cos.b16(), sin.b16(), positions, tokens, kv_heads))?);
-        s.push(launch(ops::plan_rms_norm(&ak.value_norm, None, None, None, v_new, kv_rows, eps, 1.0))?);
-        if pass == (Pass::Encoder { kv_only: true }) {
-            return Ok(());
-        }
-
-        // Queries and attention over one contiguous key range of the cache.
-        let q = rows16(ws.q, 0, tokens, heads * dim)?;
-        s.push(launch(ops::plan_linear(&ak.q_proj, a, l.q_proj.b16(), q, tokens))?);
-        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.q_norm.b16()), q, tokens * heads, eps, 1.0))?);
-        s.push(launch(ops::plan_rope(&ak.rope, q, cos.b16(), sin.b16(), positions, tokens, heads))?);
+        // The key range attention reads: sliding layers see the last window - 1 cached
+        // positions (and, causally, the new ones); full layers every position.
         let window = spec.sliding_window;
-        // Sliding layers see the last window - 1 cached positions (and, causally, the new ones).
         let k_start = match window {
             Some(w) => pos0.saturating_sub(w.saturating_sub(1)),
             None => 0,
         };
         let kv_len = pos0 + tokens - k_start;
+        // Writing position p overwrites p - ring: the keys still read, k_start.., survive when
+        // the ring holds the whole range.
+        let (kc, vc, ring) = (self.kv.k[index], self.kv.v[index], self.kv.rows[index]);
+        if kv_len > ring {
+            return Err(backend_error(format!(
+                "layer {index}: a pass of {tokens} tokens at position {pos0} reads {kv_len} keys, over the {ring} rows of \
+                 its KV ring (window - 1 + tokens must fit; the cache was sized for passes of {} tokens)",
+                self.ws.max_tokens
+            )));
+        }
+
+        // Keys and values of the new tokens: written at their ring rows row0.. in place, or,
+        // when those rows wrap around the ring's end, staged and copied in afterwards.
+        s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.input_layernorm.b16()), a, tokens, eps, 1.0))?);
+        let row0 = pos0 % ring;
+        let wraps = row0 + tokens > ring;
+        let (k_dst, v_dst) = if wraps {
+            (rows_region(ws.k_stage, 0, tokens, kv_width)?, rows_region(ws.v_stage, 0, tokens, kv_width)?)
+        } else {
+            (rows_region(kc, row0, tokens, kv_width)?, rows_region(vc, row0, tokens, kv_width)?)
+        };
+        let (k_new, v_new) = (k_dst.b16(), v_dst.b16());
+        s.push(launch(ops::plan_linear(&ak.kv_proj, a, l.k_proj.b16(), k_new, tokens))?);
+        match l.v_proj {
+            Some(vp) => s.push(launch(ops::plan_linear(&ak.kv_proj, a, vp.b16(), v_new, tokens))?),
+            // K = V on full layers: V is the raw k_proj output, before k_norm and RoPE.
+            None => s.push(Step::Copy { src: k_dst, dst: v_dst }),
+        }
+        let head_rows = tokens * kv_heads;
+        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.k_norm.b16()), k_new, head_rows, eps, 1.0))?);
+        s.push(launch(ops::plan_rope(&ak.rope, k_new, cos.b16(), sin.b16(), positions, tokens, kv_heads))?);
+        s.push(launch(ops::plan_rms_norm(&ak.value_norm, None, None, None, v_new, head_rows, eps, 1.0))?);
+        if wraps {
+            // Staged rows 0..tail go to ring rows row0..ring, the rest to the ring's first rows.
+            let tail = ring - row0;
+            for (stage, cache) in [(k_dst, kc), (v_dst, vc)] {
+                s.push(Step::Copy {
+                    src: rows_region(stage, 0, tail, kv_width)?,
+                    dst: rows_region(cache, row0, tail, kv_width)?,
+                });
+                s.push(Step::Copy {
+                    src: rows_region(stage, tail, tokens - tail, kv_width)?,
+                    dst: rows_region(cache, 0, tokens - tail, kv_width)?,
+                });
+            }
+        }
+        if pass == (Pass::Encoder { kv_only: true }) {
+            return Ok(());
+        }
+
+        // Queries, and attention over the key range k_start..pos0 + tokens through the ring.
+        let q = rows16(ws.q, 0, tokens, heads * dim)?;
+        s.push(launch(ops::plan_linear(&ak.q_proj, a, l.q_proj.b16(), q, tokens))?);
+        s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.q_norm.b16()), q, tokens * heads, eps, 1.0))?);
+        s.push(launch(ops::plan_rope(&ak.rope, q, cos.b16(), sin.b16(), positions, tokens, heads))?);
         let (attn_kernel, mask_window) = match pass {
             Pass::Encoder { .. } => (&ak.encoder, window),
             Pass::Decoder => (&ak.decoder, None),
@@ -358,11 +467,12 @@ impl Planner<'_> {
         s.push(launch(ops::plan_attention(
             attn_kernel,
             q,
-            rows16(kc, k_start, kv_len, kv_width)?,
-            rows16(vc, k_start, kv_len, kv_width)?,
+            kc.b16(),
+            vc.b16(),
             ctx,
             tokens,
             kv_len,
+            ring,
             pos0,
             k_start,
             mask_window,
@@ -423,4 +533,36 @@ impl Planner<'_> {
 
 fn launch(plan: dgemma_cuda::Result<ops::LaunchPlan>) -> Result<Step> {
     plan.map(Step::Launch).map_err(cuda)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvCache;
+    use dgemma_model::config::ModelConfig;
+
+    /// The 26B-A4B model's cache (25 sliding layers of window 1024 and 8 x 256 K/V, 5 full
+    /// layers of 2 x 512 K = V) with the default 512-token prefill chunk: every sliding layer
+    /// holds a 1535-row ring whatever the context, so 128K positions need about 3 GB, not 29.6.
+    #[test]
+    fn the_26b_cache_sizes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../reference/configs/diffusiongemma-26B-A4B/config.json");
+        let cfg = ModelConfig::from_file(path).unwrap().text;
+        let max_tokens = 512;
+        let sliding: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| cfg.layer(i).sliding_window.is_some()).collect();
+        assert_eq!((sliding.len(), cfg.num_hidden_layers), (25, 30));
+        for &i in &sliding {
+            assert_eq!(KvCache::layer_rows(&cfg, i, 131_072, max_tokens), 1535);
+            assert_eq!(KvCache::layer_rows(&cfg, i, 1000, max_tokens), 1000);
+        }
+        let sliding_layer = 2 * 2 * 1535 * 2048; // K and V, bf16, 8 heads x 256
+        let full_per_position = 2 * 2 * 1024; // K and V, bf16, 2 heads x 512
+        assert_eq!(sliding_layer, 12_574_720);
+        for ctx in [4096, 32_768, 131_072, 131_584] {
+            let want = 25 * sliding_layer + 5 * full_per_position * ctx;
+            assert_eq!(KvCache::bytes(&cfg, ctx, max_tokens), want, "context {ctx}");
+        }
+        assert_eq!(KvCache::bytes(&cfg, 131_072, max_tokens), 2_998_722_560);
+        // A pass at 32K reads every position of the full layers, 1023 of the sliding ones.
+        assert_eq!(KvCache::bytes_attended(&cfg, 32_768), 25 * 4 * 1023 * 2048 + 5 * 4 * 32_768 * 1024);
+    }
 }

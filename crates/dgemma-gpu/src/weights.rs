@@ -205,13 +205,8 @@ impl DeviceWeights {
     /// Random weights of `cfg`'s exact shapes, made without a checkpoint (benchmarks of the
     /// full-size model on a GPU: no 50 GB file needed). Deterministic in `seed`.
     pub fn synthetic(cfg: &TextConfig, exec: &mut dyn Executor, seed: u64, progress: Progress) -> Result<DeviceWeights> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut uniform = move || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = dgemma_cuda::Rng::new(seed);
+        let mut uniform = move || rng.uniform();
         // An odd length, so consecutive rows of a matrix see different values.
         let len = (32 << 20) - 7;
         let matrix = (0..len).map(|_| bf16::from_f32(uniform() * SYNTHETIC_MATRIX)).collect();

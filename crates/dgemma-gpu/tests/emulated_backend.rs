@@ -21,6 +21,11 @@ fn prefill_chunking_is_exact() {
 }
 
 #[test]
+fn sliding_ring_wraps_exactly() {
+    common::check_sliding_ring_wraps(EmuExecutor::new);
+}
+
+#[test]
 fn replay_sees_new_canvas_and_self_conditioning() {
     common::check_replay_sees_new_inputs(EmuExecutor::new);
 }
@@ -38,4 +43,14 @@ fn bad_input_is_a_clear_error() {
 #[test]
 fn synthetic_weights_and_the_bench_driver_work() {
     common::check_synthetic_bench(EmuExecutor::new);
+}
+
+#[test]
+fn device_sampling_follows_the_host_sampler() {
+    common::check_device_sampling(EmuExecutor::new);
+}
+
+#[test]
+fn shared_sequences_match_their_solo_runs() {
+    common::check_shared_sequences(EmuExecutor::new);
 }

@@ -31,6 +31,12 @@ fn prefill_chunking_is_exact() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn sliding_ring_wraps_exactly() {
+    common::check_sliding_ring_wraps(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn replay_sees_new_canvas_and_self_conditioning() {
     common::check_replay_sees_new_inputs(gpu);
 }
@@ -51,4 +57,16 @@ fn bad_input_is_a_clear_error() {
 #[ignore = "needs a CUDA GPU"]
 fn synthetic_weights_and_the_bench_driver_work() {
     common::check_synthetic_bench(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn device_sampling_follows_the_host_sampler() {
+    common::check_device_sampling(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn shared_sequences_match_their_solo_runs() {
+    common::check_shared_sequences(gpu);
 }

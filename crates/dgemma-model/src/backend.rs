@@ -10,6 +10,10 @@
 //!   returns the softcapped float32 logits `[C, V]` (before temperature).
 //!
 //! The sampler stays outside the backend so every backend is checked against the same one.
+//! A backend on an accelerator may also offer [`DeviceSampling`]: the decoder pass and the
+//! sampler step of counter-based noise run together on the device, and only a few status words
+//! come back per step instead of the `[C, V]` logits (the engine uses it when it can and checks
+//! it against the host sampler in tests).
 
 use crate::error::Result;
 
@@ -58,4 +62,52 @@ pub trait Backend {
     /// step's processed logits `[C, V]` (already rounded to the embedding dtype), or `None` on
     /// the first step of a canvas. Writes softcapped float32 logits `[C, V]` into `logits`.
     fn denoise(&mut self, canvas: &[u32], sc_logits: Option<&[f32]>, logits: &mut [f32]) -> Result<()>;
+
+    /// The on-device sampler, when this backend has one (`None`: sample on the host).
+    fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
+        None
+    }
+}
+
+/// Per-canvas settings of an on-device sampler step: the counter-based noise key and the
+/// sampler thresholds (dgemma-sampler's `SeededNoise` and `SamplerSettings`, model-spec 4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceCanvas {
+    /// `SeededNoise`'s seed.
+    pub seed: u64,
+    /// Canvas (block) index: the noise counter's block word.
+    pub block: usize,
+    pub entropy_bound: f32,
+    pub confidence_threshold: f32,
+    pub stability_threshold: usize,
+}
+
+/// What one on-device step reports (the only values read back per step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceStepStatus {
+    /// Stable and confident: the canvas stops after this step.
+    pub finished: bool,
+    /// Positions accepted this step.
+    pub accepted: usize,
+    /// float32 mean entropy of the step (the confidence statistic).
+    pub mean_entropy: f32,
+}
+
+/// A denoising loop kept on the device: the canvas, the self-conditioning input and the
+/// stability history never leave it. Reproduces the host sampler with `SeededNoise` and
+/// `TorchDevice::Cuda` arithmetic bit for bit given the same entropies (which the device computes
+/// to ~1e-6 relative of the host's).
+pub trait DeviceSampling {
+    /// Starts a canvas at the cache's end: `canvas` is its initial noise (the host's
+    /// `SeededNoise::init_canvas`).
+    fn begin_canvas(&mut self, canvas: &[u32], settings: DeviceCanvas) -> Result<()>;
+
+    /// Step `step` of the current canvas (0 = the first, which has no self-conditioning input)
+    /// at temperature `temperature`: the decoder pass, the sampler step (sample, accept,
+    /// renoise, stopping) and the next step's canvas and self-conditioning input, all on the
+    /// device. A sampler error (NaN entropy, a non-finite logits row) is an error.
+    fn step(&mut self, step: usize, temperature: f32) -> Result<DeviceStepStatus>;
+
+    /// The argmax canvas of the last step (what a commit writes), `[C]`.
+    fn read_argmax(&mut self, out: &mut [u32]) -> Result<()>;
 }

@@ -23,7 +23,7 @@ pub mod weights;
 mod json;
 mod sleef;
 
-pub use backend::{Backend, Precision};
+pub use backend::{Backend, DeviceCanvas, DeviceSampling, DeviceStepStatus, Precision};
 pub use checkpoint::{Checkpoint, SafetensorsFile, TensorInfo};
 pub use config::{
     BidirectionalAttention, ConfigSchema, LayerKind, LayerSpec, ModelConfig, RopeKind, RopeSpec,

@@ -4,6 +4,7 @@ use crate::error::{Result, RuntimeError};
 use dgemma_engine::{Generator, Pass};
 use dgemma_sampler::SeededNoise;
 use crate::request::{PreparedRequest, Prompt, Request};
+use dgemma::gpu::{GpuBackend, GpuExecutor, GpuOptions, SharedModel};
 use dgemma_cpu::CpuBackend;
 use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats, Observer};
 use dgemma_model::checkpoint::Checkpoint;
@@ -29,6 +30,10 @@ pub enum BackendKind {
     /// The CPU reference backend (`dgemma-cpu`).
     #[default]
     Cpu,
+    /// The CUDA backend (`dgemma-gpu`) on GPU `EngineOptions::cuda_device`: the weights are
+    /// uploaded once and every request gets its own KV cache on the device (bf16 only). Needs a
+    /// build with the CUDA kernels and a GPU.
+    Cuda,
 }
 
 /// How to load and run the engine.
@@ -40,6 +45,11 @@ pub struct EngineOptions {
     /// Most requests generating at once. Further requests wait in a FIFO queue (admission
     /// control queues, it never rejects for load). Each active request holds one KV cache.
     pub max_concurrent: usize,
+    /// [`BackendKind::Cuda`]: the GPU ordinal.
+    pub cuda_device: usize,
+    /// [`BackendKind::Cuda`]: positions each request's KV cache holds (prompt plus canvases);
+    /// longer requests are rejected. `None`: the model's context, capped at 8192.
+    pub context: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +58,8 @@ impl Default for EngineOptions {
             backend: BackendKind::Cpu,
             precision: None,
             max_concurrent: 4,
+            cuda_device: 0,
+            context: None,
         }
     }
 }
@@ -261,21 +273,58 @@ struct Model {
     template: Option<ChatTemplate>,
     defaults: GenerationSettings,
     precision: Precision,
-    backend: BackendKind,
+    /// The weights on the GPU ([`BackendKind::Cuda`]), shared by every request's sequence.
+    gpu: Option<SharedModel<GpuExecutor>>,
 }
 
 impl Model {
-    fn new_backend(&self) -> Box<dyn Backend + Send> {
-        match self.backend {
+    /// A backend for one request. On the GPU this allocates a KV cache, which can fail (out
+    /// of memory): that fails the request, not the engine.
+    fn new_backend(&self) -> Result<Box<dyn Backend + Send>> {
+        match &self.gpu {
+            Some(gpu) => {
+                let seq = gpu.sequence().map_err(|e| RuntimeError::Generation(e.to_string()))?;
+                Ok(Box::new(seq))
+            }
             // Cheap: the big matrices stay in the shared memory map (`TensorRef` holds an `Arc`
             // of it); only the norm and router vectors are widened to f32 per backend.
-            BackendKind::Cpu => Box::new(CpuBackend::new(
+            None => Ok(Box::new(CpuBackend::new(
                 &self.checkpoint.config.text,
                 &self.weights,
                 self.precision,
-            )),
+            ))),
         }
     }
+}
+
+/// Uploads the weights to GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`].
+fn load_gpu(
+    checkpoint: &Checkpoint,
+    weights: &ModelWeights,
+    precision: Precision,
+    options: &EngineOptions,
+) -> std::result::Result<SharedModel<GpuExecutor>, String> {
+    if precision != Precision::Bf16 {
+        return Err(format!(
+            "the CUDA backend computes in bf16 only; {} was asked for",
+            precision.name()
+        ));
+    }
+    let cfg = &checkpoint.config;
+    let context = options
+        .context
+        .unwrap_or(8192)
+        .min(cfg.text.max_position_embeddings);
+    let device = dgemma::cuda::open_device(options.cuda_device).map_err(|e| e.to_string())?;
+    let backend = GpuBackend::new(
+        GpuExecutor::new(device),
+        &cfg.text,
+        weights,
+        GpuOptions::new(context, cfg.canvas_length),
+        &mut |_, _| {},
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(SharedModel::new(backend))
 }
 
 struct Shared {
@@ -368,11 +417,20 @@ impl Engine {
                 DType::F32 => Precision::F32,
                 _ => Precision::Bf16,
             });
-        let defaults = GenerationSettings::from_checkpoint(
+        let mut defaults = GenerationSettings::from_checkpoint(
             &checkpoint.config,
             &checkpoint.generation,
             precision,
         );
+        let gpu = match options.backend {
+            BackendKind::Cpu => None,
+            BackendKind::Cuda => {
+                let gpu = load_gpu(&checkpoint, &weights, precision, &options).map_err(load_err)?;
+                // Requests are validated against what a sequence's cache holds.
+                defaults.context_length = gpu.with_backend(|b| b.options().context);
+                Some(gpu)
+            }
+        };
         let model = Model {
             dir,
             checkpoint,
@@ -381,7 +439,7 @@ impl Engine {
             template,
             defaults,
             precision,
-            backend: options.backend,
+            gpu,
         };
         let shared = Arc::new(Shared {
             model,
@@ -592,6 +650,9 @@ impl Observer for Collect {
             self.steps.push((block, step, draft.to_vec(), accepted));
         }
     }
+    fn wants_drafts(&self) -> bool {
+        self.drafts
+    }
     fn on_canvas(&mut self, block: usize, tokens: &[u32]) {
         self.canvases.push((block, tokens.to_vec()));
     }
@@ -760,10 +821,22 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                     continue;
                 }
             };
-            let backend = free.pop().unwrap_or_else(|| {
-                stats().backends += 1;
-                model.new_backend()
-            });
+            let backend = match free.pop() {
+                Some(b) => b,
+                None => match model.new_backend() {
+                    Ok(b) => {
+                        stats().backends += 1;
+                        b
+                    }
+                    Err(e) => {
+                        let _ = job.events.send(Event::Error(e));
+                        let mut st = stats();
+                        st.queued -= 1;
+                        st.failed += 1;
+                        continue;
+                    }
+                },
+            };
             let decoder = StreamDecoder::new(&model.tokenizer, job.prepared.skip_special_tokens);
             {
                 let mut st = stats();

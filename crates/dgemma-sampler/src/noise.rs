@@ -60,6 +60,13 @@ pub trait NoiseSource {
 
     /// Fresh random canvas used for the non-accepted positions (HF: `randint(0, V, [C])`).
     fn renoise(&mut self, block: usize, step: usize, out: &mut [u32]) -> Result<()>;
+
+    /// The seed when this source is [`SeededNoise`]'s counter-based construction, whose draws a
+    /// device can reproduce from the seed alone (so sampling can stay on the device); `None`
+    /// for any other source (a tape must be replayed on the host).
+    fn counter_seed(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A borrowed noise source is a noise source (lets a generation borrow the caller's tape).
@@ -72,6 +79,9 @@ impl<N: NoiseSource + ?Sized> NoiseSource for &mut N {
     }
     fn renoise(&mut self, block: usize, step: usize, out: &mut [u32]) -> Result<()> {
         (**self).renoise(block, step, out)
+    }
+    fn counter_seed(&self) -> Option<u64> {
+        (**self).counter_seed()
     }
 }
 
@@ -267,6 +277,9 @@ impl NoiseSource for SeededNoise {
     fn renoise(&mut self, block: usize, step: usize, out: &mut [u32]) -> Result<()> {
         let c3 = Self::step_word(TAG_RENOISE, step)?;
         self.uniform_canvas(block, c3, out)
+    }
+    fn counter_seed(&self) -> Option<u64> {
+        Some(self.seed)
     }
 }
 

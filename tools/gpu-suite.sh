@@ -17,7 +17,10 @@
 #    package directory, with DGEMMA_REPO and DGEMMA_BIN as above, a per-executable timeout and one
 #    budget for the whole suite; GPU executables first. Counts passed/failed from libtest's output.
 # 5. Runs the bundled `dgemma info` on each reference model and `dgemma verify` on every case of
-#    .bundle/reference/cases, and each bench executable once in criterion's --test mode.
+#    .bundle/reference/cases, and each bench executable once in criterion's --test mode. Last, on
+#    what is left of the budget (at most 240 s), tools/hf_bench.py: Hugging Face transformers' own
+#    time for the same 4096-token prefill and denoising step (random 26B-A4B weights, bf16) and
+#    its ratio to the dgemma bench's (records hf_transformers.*, ratio.hf_over_dgemma.*).
 # 6. Writes <device-slug>-<date>-<commit>.json and .md (tools/results.py; contract in
 #    benches/results/README.md) into $OUT when set, else benches/results/; with $OUT also <stem>.log
 #    (the output of every failed step). Prints the table last.
@@ -26,7 +29,9 @@
 # Environment: DGEMMA_SUITE_BUDGET_S (whole suite, default 540), DGEMMA_SUITE_TIMEOUT_S (per
 # executable, overrides the manifest's 300 s GPU / 180 s other), DGEMMA_SUITE_JOBS (non-GPU
 # executables run at once, default cores/4 capped at 4), DGEMMA_BUNDLE (default <repo>/.bundle),
-# DGEMMA_SUITE_ONLY (regex on executable names).
+# DGEMMA_SUITE_ONLY (regex on executable names; when set, the two 26B benches are skipped),
+# DGEMMA_SUITE_HF_PYTHON (the python with torch + transformers that runs tools/hf_bench.py, default
+# the suite's python3).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -320,6 +325,46 @@ for e in [e for e in manifest["executables"] if e["kind"] == "bench" and (not on
     rec(f"gpu_suite.bench_smoke.{e['name']}", ok, "benchmarks", target=n, passed=passed,
         note="criterion --test (each benchmark once, not timed)" + ("" if rc == 0 else f"; exit {rc}"))
     log(f"{'PASS' if passed else 'FAIL'} {e['name']} --test: {ok}/{n} ({secs:.1f} s)")
+
+# ---- 5d. transformers side by side: the same prefill and step, timed in HF transformers ---------
+# Last, on what the tests and the benches above left of the budget (at most 240 s), so it can never
+# starve them. tools/hf_bench.py builds DiffusionGemmaForBlockDiffusion with random 26B-A4B weights
+# on this GPU (bf16, sdpa, grouped_mm experts) and times the calls generate makes; the ratios divide
+# by this run's dgemma bench figures of the same name (5c).
+hf_name = "hf_transformers."
+if only:
+    pass
+elif remaining() <= 120:
+    meta["hf_bench"] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
+    log(f"skipped tools/hf_bench.py: {meta['hf_bench']}")
+else:
+    hf_json = os.path.join(tmp, "hf.json")
+    hf_python = os.environ.get("DGEMMA_SUITE_HF_PYTHON") or sys.executable or "python3"
+    rc, out, secs = run([hf_python, os.path.join(root, "tools", "hf_bench.py"), "--json", hf_json],
+                        root, min(240, remaining()))
+    hf = None
+    if rc == 0 and os.path.exists(hf_json):
+        try:
+            hf = [dict(r, unit=r.get("unit") or "ms") for r in json.load(open(hf_json))["records"]
+                  if r["name"].startswith(hf_name) and isinstance(r["value"], (int, float)) and r["value"] > 0]
+        except (OSError, ValueError, KeyError, TypeError) as ex:
+            out += f"\nunreadable {hf_json}: {ex}\n"
+    if hf:
+        dgemma = {r["name"]: r["value"] for r in records}
+        for r in hf:
+            rec(r["name"], r["value"], r["unit"], note=r.get("note"))
+            base = r["name"][len(hf_name):]  # prefill.bf16.tokens4096, step.bf16.c1.ctx4096: 5c's names
+            if dgemma.get(base):
+                rec(f"ratio.hf_over_dgemma.{base}", r["value"] / dgemma[base], "x",
+                    note=f"transformers {r['value']:.3f} {r['unit']} / dgemma {dgemma[base]:.3f} {r['unit']} ({base})")
+            else:
+                log(f"no dgemma {base} record in this run: no ratio for {r['name']}")
+    else:
+        failures_log.append(f"===== tools/hf_bench.py: rc {rc}\n{out[-5000:]}\n")
+        last = (out.strip().splitlines() or [""])[-1][:160]
+        rec("hf_transformers.bench", 0, "runs", target=1, passed=False,
+            note=("timed out" if rc is None else f"exit {rc}: {last}" if rc else f"no records: {last}"))
+    log(f"{'PASS' if hf else 'FAIL'} tools/hf_bench.py ({secs:.1f} s)")
 
 # ---- 6. records and files ------------------------------------------------------------------
 tp = sum(r["passed"] for r, _ in test_results)

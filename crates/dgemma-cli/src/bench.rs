@@ -33,37 +33,64 @@ pub struct BenchArgs {
     /// Timed repetitions per figure (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// Canvases per batched decoder pass for the step.bf16.c{B} figures (each of its own
+    /// sequence at context --prompt); the workspace is sized for the largest.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    pub batches: Vec<usize>,
     /// Write the records as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
+/// The backend's sizes: a cache for the longest context plus two canvases, a workspace for the
+/// largest batch.
+fn bench_options(cfg: &dgemma_model::config::TextConfig, canvas: usize, longest: usize, batches: &[usize]) -> GpuOptions {
+    let mut options = GpuOptions::new((longest + 2 * canvas).min(cfg.max_position_embeddings), canvas);
+    options.max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
+    options
+}
+
 pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dev = dgemma::cuda::open_device(0)?;
     let device_name = dev.name().to_string();
-    let mut exec = GpuExecutor::new(dev);
-    let copy_gbs = bench::copy_bandwidth(&mut exec, 1 << 30, 10)?;
-    let read_gbs = bench::read_bandwidth(&mut exec, 2 << 30, 5)?;
+    // The floors on an executor of their own, dropped (its 4 GiB of probe buffers freed)
+    // before the model is allocated.
+    let (copy_gbs, read_gbs) = {
+        let mut probe = GpuExecutor::new(dev);
+        (bench::copy_bandwidth(&mut probe, 1 << 30, 10)?, bench::read_bandwidth(&mut probe, 2 << 30, 5)?)
+    };
     let longest = a.contexts.iter().copied().max().unwrap_or(0).max(a.prompt);
-    let mut bar = Progress::new("weights");
-    let mut progress = |done: usize, total: usize| bar.update(done as u64, total as u64);
-    let (mut backend, what) = match (&a.model, &a.synthetic) {
-        (Some(dir), _) => {
-            let loaded = load::open(dir)?;
-            let cfg = &loaded.checkpoint.config;
-            let options = GpuOptions::new((longest + 2 * cfg.canvas_length).min(cfg.text.max_position_embeddings), cfg.canvas_length);
-            let b = GpuBackend::new(exec, &cfg.text, &loaded.weights, options, &mut progress)?;
-            (b, format!("checkpoint {}", dir.display()))
-        }
-        (None, name) => {
-            let path = match name.as_deref() {
-                None | Some("26b") => load::repo_root().join("reference/configs/diffusiongemma-26B-A4B/config.json"),
-                Some(p) => PathBuf::from(p),
-            };
-            let cfg = ModelConfig::from_file(&path)?;
-            let options = GpuOptions::new((longest + 2 * cfg.canvas_length).min(cfg.text.max_position_embeddings), cfg.canvas_length);
-            let b = GpuBackend::synthetic(exec, &cfg.text, 0, options, &mut progress)?;
-            (b, format!("synthetic weights of {}", path.display()))
+    let loaded = a.model.as_ref().map(|dir| load::open(dir)).transpose()?;
+    let config_path = match a.synthetic.as_deref() {
+        None | Some("26b") => load::repo_root().join("reference/configs/diffusiongemma-26B-A4B/config.json"),
+        Some(p) => PathBuf::from(p),
+    };
+    let cfg = match &loaded {
+        Some(l) => l.checkpoint.config.clone(),
+        None => ModelConfig::from_file(&config_path)?,
+    };
+    let what = match &a.model {
+        Some(dir) => format!("checkpoint {}", dir.display()),
+        None => format!("synthetic weights of {}", config_path.display()),
+    };
+    // The largest batch that fits: halve it on out-of-memory (the figures of larger batches are
+    // then reported as not run).
+    let mut options = bench_options(&cfg.text, cfg.canvas_length, longest, &a.batches);
+    let mut backend = loop {
+        let exec = GpuExecutor::new(dgemma::cuda::open_device(0)?);
+        let mut bar = Progress::new("weights");
+        let mut progress = |done: usize, total: usize| bar.update(done as u64, total as u64);
+        let built = match &loaded {
+            Some(l) => GpuBackend::new(exec, &cfg.text, &l.weights, options, &mut progress),
+            None => GpuBackend::synthetic(exec, &cfg.text, 0, options, &mut progress),
+        };
+        match built {
+            Ok(b) => break b,
+            Err(e) if options.max_batch > 1 && e.to_string().contains("out of GPU memory") => {
+                eprintln!("dgemma bench: batches of {} do not fit ({e}); trying {}", options.max_batch, options.max_batch / 2);
+                options.max_batch /= 2;
+            }
+            Err(e) => return Err(e.into()),
         }
     };
     eprintln!(
@@ -71,7 +98,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         backend.weight_bytes() as f64 / 1e9,
         backend.executor().allocated_bytes() as f64 / 1e9
     );
-    let plan = BenchPlan { contexts: a.contexts.clone(), prompt: a.prompt, iters: a.iters, steps: a.steps.clone() };
+    let plan = BenchPlan {
+        contexts: a.contexts.clone(),
+        prompt: a.prompt,
+        iters: a.iters,
+        steps: a.steps.clone(),
+        batches: a.batches.clone(),
+    };
     let floor = |name: &str, value: f64, note: &str| Record {
         name: name.into(),
         value,

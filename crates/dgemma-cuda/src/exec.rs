@@ -55,6 +55,8 @@ pub enum Step {
     Launch(LaunchPlan),
     /// `dst = src` (same size, non-overlapping).
     Copy { src: Region, dst: Region },
+    /// `dst = 0` (every byte).
+    Zero { dst: Region },
 }
 
 impl Step {
@@ -63,6 +65,7 @@ impl Step {
         match self {
             Step::Launch(p) => p.spec.kernel_name(),
             Step::Copy { src, .. } => format!("copy {} bytes", src.bytes),
+            Step::Zero { dst } => format!("zero {} bytes", dst.bytes),
         }
     }
 }
@@ -259,6 +262,9 @@ impl GpuExecutor {
                         return Err(args("copy", format!("{} bytes into {}", src.bytes, dst.bytes)));
                     }
                     guard("copy", || cu::memcpy_dtod_async(dst.ptr, src.ptr, src.bytes, stream).ctx("cuMemcpyDtoDAsync"))?;
+                }
+                Step::Zero { dst } => {
+                    guard("zero", || cu::memset_d8_async(dst.ptr, 0, dst.bytes, stream).ctx("cuMemsetD8Async"))?;
                 }
             }
         }
@@ -461,6 +467,10 @@ impl Executor for EmuExecutor {
                     self.checked("copy", *src)?;
                     self.checked("copy", *dst)?;
                     std::ptr::copy(src.ptr as *const u8, dst.ptr as *mut u8, src.bytes);
+                }
+                Step::Zero { dst } => {
+                    self.checked("zero", *dst)?;
+                    std::ptr::write_bytes(dst.ptr as *mut u8, 0, dst.bytes);
                 }
             }
             self.steps_run += 1;

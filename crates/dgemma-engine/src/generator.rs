@@ -24,7 +24,7 @@
 
 use crate::error::EngineError;
 use crate::generate::{FinishReason, Generation, GenerationSettings, GenerationStats, Observer};
-use dgemma_model::{Backend, DeviceCanvas, DeviceSampling, Precision};
+use dgemma_model::{Backend, DeviceCanvas, DeviceSampling, DeviceStepStatus, Precision};
 use dgemma_sampler::{denoise_step_in_place, temperature_on, NoiseSource, SeededNoise, StableAndConfident, TorchDevice};
 use std::time::Instant;
 
@@ -286,9 +286,29 @@ impl<N: NoiseSource> Generator<N> {
         seed: u64,
         observer: &mut dyn Observer,
     ) -> Result<(), EngineError> {
+        let t = Instant::now();
+        let (step, temperature) = self.prepare_device_step(device, seed)?;
+        let status = device.step(step, temperature)?;
+        self.stats.denoise_time += t.elapsed();
+        self.finish_device_step(device, status, observer)
+    }
+
+    /// For a scheduler that batches the denoising steps of several generations into one
+    /// decoder pass: when this generation's next pass is a denoising step that can run on
+    /// `device`, begins its canvas there if this is the canvas's first step and returns the
+    /// `(step, temperature)` to run; `None` when it must [`advance`](Self::advance) instead
+    /// (an encoder pass, host sampling, or done). After the batched step, hand its status to
+    /// [`finish_device_step`](Self::finish_device_step).
+    pub fn device_step(&mut self, device: &mut dyn DeviceSampling) -> Result<Option<(usize, f32)>, EngineError> {
+        match (self.phase, self.device_seed) {
+            (Phase::Denoise, Some(seed)) => self.prepare_device_step(device, seed).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn prepare_device_step(&mut self, device: &mut dyn DeviceSampling, seed: u64) -> Result<(usize, f32), EngineError> {
         let s = &self.settings.sampler;
         let n = s.max_denoising_steps;
-        let t = Instant::now();
         if self.step == 0 {
             device.begin_canvas(
                 &self.canvas,
@@ -302,20 +322,37 @@ impl<N: NoiseSource> Generator<N> {
             )?;
         }
         let temperature = temperature_on(s.device, n - self.step, n, s.t_min, s.t_max)?;
-        let status = device.step(self.step, temperature)?;
+        Ok((self.step, temperature))
+    }
+
+    /// Applies the status of the device step [`device_step`](Self::device_step) returned:
+    /// reads the argmax canvas when the canvas ends (or the observer wants drafts), reports the
+    /// step and commits. Call it right after the pass, before any other decoder pass on
+    /// `device`'s backend.
+    pub fn finish_device_step(
+        &mut self,
+        device: &mut dyn DeviceSampling,
+        status: DeviceStepStatus,
+        observer: &mut dyn Observer,
+    ) -> Result<(), EngineError> {
+        let n = self.settings.sampler.max_denoising_steps;
         let last = status.finished || self.step + 1 == n;
         let draft = observer.wants_drafts();
         if last || draft {
             self.argmax.resize(self.settings.canvas_length, 0);
             device.read_argmax(&mut self.argmax)?;
         }
-        self.stats.denoise_time += t.elapsed();
         observer.on_step(self.block, self.step, if draft { &self.argmax } else { &[] }, status.accepted);
         self.step += 1;
         if last {
             self.commit(observer);
         }
         Ok(())
+    }
+
+    /// Adds time a scheduler spent on this generation's batched decoder passes.
+    pub fn add_denoise_time(&mut self, t: std::time::Duration) {
+        self.stats.denoise_time += t;
     }
 
     /// Commit: pad everything after the first EOS of this canvas; stop on EOS or length.

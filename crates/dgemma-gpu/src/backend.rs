@@ -9,24 +9,31 @@
 //! sequence's recordings are dropped when its cache moves (every commit), since positions are
 //! part of the plan.
 //!
-//! [`DeviceSampling`]: with on-device sampling a recording holds the decoder pass followed by
-//! the sampler launches ([`crate::sampling`]), which write the next canvas and the next
-//! self-conditioning input where the pass reads them; a step is a 32-byte params upload, a
-//! replay and a 16-byte status read.
+//! Batching: a decoder pass may take several sequences' canvases at once (up to
+//! `max_batch`), stacked in the workspace rows, so the weights are read once for all of them
+//! ([`GpuBackend::step_batch`], [`GpuBackend::queue_denoise_batch`]); each row's result is
+//! bit-identical to a pass over its sequence alone.
+//!
+//! [`DeviceSampling`] (`device_sampling.rs`): with on-device sampling a recording holds the
+//! decoder pass followed by each sequence's sampler launches ([`crate::sampling`]), which write
+//! its next canvas and next self-conditioning input where the pass reads them; a step is a
+//! 32-byte params upload per sequence, a replay and a 16-byte status read per sequence.
 
 use std::collections::HashMap;
 
-use dgemma_cuda::{ops, Executor};
+use dgemma_cuda::Executor;
 use dgemma_model::config::TextConfig;
 use dgemma_model::error::{Error, Result};
 use dgemma_model::weights::ModelWeights;
-use dgemma_model::{Backend, DeviceCanvas, DeviceSampling, DeviceStepStatus};
+use dgemma_model::{Backend, DeviceCanvas, DeviceSampling};
 use half::bf16;
 
 use crate::error::{backend_error, cuda, NAME};
 use crate::kernels::Kernels;
-use crate::plan::{DecoderInputs, KvCache, Planner, Workspace};
-use crate::sampling::{alloc_history, plan_sampler_step, SamplerBuffers};
+use crate::plan::{DecoderInputs, DecoderSegment, KvCache, Planner, Segment, Workspace};
+use crate::sampling::{plan_sampler_step, SamplerBuffers, SamplerState};
+
+mod device_sampling;
 use crate::weights::{DeviceWeights, Progress};
 
 /// Sizes fixed at construction.
@@ -40,16 +47,19 @@ pub struct GpuOptions {
     pub prefill_chunk: usize,
     /// Record decoder passes (CUDA graphs) and replay them; off runs the steps one by one.
     pub record: bool,
+    /// Most canvases (sequences) one decoder pass takes; the vocab-wide buffers are sized for
+    /// `max_batch * canvas` rows.
+    pub max_batch: usize,
 }
 
 impl GpuOptions {
     pub fn new(context: usize, canvas: usize) -> GpuOptions {
-        GpuOptions { context, canvas, prefill_chunk: canvas.max(512), record: true }
+        GpuOptions { context, canvas, prefill_chunk: canvas.max(512), record: true, max_batch: 1 }
     }
 }
 
 fn check_options(cfg: &TextConfig, options: &GpuOptions) -> Result<()> {
-    if options.canvas == 0 || options.prefill_chunk == 0 || options.context == 0 {
+    if options.canvas == 0 || options.prefill_chunk == 0 || options.context == 0 || options.max_batch == 0 {
         return Err(Error::InvalidArgument(format!("GPU backend sizes must be positive: {options:?}")));
     }
     if options.context > cfg.max_position_embeddings {
@@ -64,37 +74,53 @@ fn check_options(cfg: &TextConfig, options: &GpuOptions) -> Result<()> {
     Ok(())
 }
 
-/// Key of a recorded decoder pass.
+/// One sequence's part of a recorded decoder pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct DenoiseKey {
+struct SegmentKey {
+    seq: usize,
     tokens: usize,
     pos0: usize,
     self_conditioning: bool,
-    /// The sampler launches follow the pass (on-device sampling).
+}
+
+/// Key of a recorded decoder pass: its sequences in row order, and whether the sampler
+/// launches follow (on-device sampling).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PassKey {
+    segments: Vec<SegmentKey>,
     sample: bool,
 }
 
-/// What one sequence keeps on the executor: its KV cache, its decoder inputs and sampler
-/// history, and its recorded decoder passes.
+/// What one sequence keeps on the executor: its KV cache, its decoder inputs and sampler state.
 struct Sequence {
     kv: KvCache,
     len: usize,
     inputs: DecoderInputs,
-    history: dgemma_cuda::Region,
-    recorded: HashMap<DenoiseKey, usize>,
-    /// The canvas being denoised on the device (set by `begin_canvas`, cleared whenever the
-    /// cache or the decoder inputs change underneath it).
-    device_canvas: Option<(DeviceCanvas, usize)>,
+    sampler: SamplerState,
+    /// The canvas being denoised on the device and the workspace row its last step's argmax
+    /// starts at (set by `begin_canvas`, cleared whenever the cache or the decoder inputs change
+    /// underneath it).
+    device_canvas: Option<DeviceCanvasState>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DeviceCanvasState {
+    settings: DeviceCanvas,
+    tokens: usize,
+    /// Row of the last step's argmax in the sampler scratch and the pass that wrote it (None
+    /// before the first step). A later pass overwrites the scratch.
+    argmax_row0: Option<(usize, u64)>,
 }
 
 impl Sequence {
-    fn new(cfg: &TextConfig, exec: &mut dyn Executor, options: &GpuOptions, max_tokens: usize) -> Result<Sequence> {
+    fn new(cfg: &TextConfig, exec: &mut dyn Executor, options: &GpuOptions) -> Result<Sequence> {
+        // The ring holds what one pass of this sequence writes (a prompt chunk or a canvas).
+        let pass_tokens = options.prefill_chunk.max(options.canvas);
         Ok(Sequence {
-            kv: KvCache::new(cfg, exec, options.context, max_tokens)?,
+            kv: KvCache::new(cfg, exec, options.context, pass_tokens)?,
             len: 0,
             inputs: DecoderInputs::new(cfg, exec, options.canvas)?,
-            history: alloc_history(exec, options.canvas)?,
-            recorded: HashMap::new(),
+            sampler: SamplerState::new(exec, options.canvas)?,
             device_canvas: None,
         })
     }
@@ -102,7 +128,8 @@ impl Sequence {
 
 /// The model on an executor and one or more sequences, each with its own KV cache: the
 /// [`Backend`] methods act on the selected one ([`GpuBackend::select_sequence`]). Weights,
-/// workspace and sampler scratch are shared, so sequences run one pass at a time.
+/// workspace and sampler scratch are shared, so the executor runs one pass at a time (which
+/// may hold several sequences' canvases).
 pub struct GpuBackend<X: Executor> {
     exec: X,
     cfg: TextConfig,
@@ -113,9 +140,12 @@ pub struct GpuBackend<X: Executor> {
     current: usize,
     options: GpuOptions,
     sampler: SamplerBuffers,
+    recorded: HashMap<PassKey, usize>,
+    /// Decoder passes run so far (what the sampler scratch was last written by).
+    passes: u64,
     /// Decoder passes run by replaying a recording (for tests and stats).
     pub replays: usize,
-    /// Denoising steps sampled on the device ([`DeviceSampling::step`]).
+    /// Denoising steps sampled on the device, counted per sequence.
     pub device_steps: usize,
 }
 
@@ -139,12 +169,12 @@ impl<X: Executor> GpuBackend<X> {
     }
 
     fn with_weights(mut exec: X, cfg: &TextConfig, kernels: Kernels, weights: DeviceWeights, options: GpuOptions) -> Result<Self> {
-        let max_tokens = options.prefill_chunk.max(options.canvas);
-        let ws = Workspace::new(cfg, &mut exec, max_tokens, options.canvas, options.context)?;
-        let first = Sequence::new(cfg, &mut exec, &options, max_tokens)?;
-        let sampler = SamplerBuffers::new(&mut exec, options.canvas, cfg.vocab_size)?;
+        let decoder_rows = options.max_batch * options.canvas;
+        let max_tokens = options.prefill_chunk.max(decoder_rows);
+        let ws = Workspace::new(cfg, &mut exec, max_tokens, decoder_rows, options.context)?;
+        let first = Sequence::new(cfg, &mut exec, &options)?;
+        let sampler = SamplerBuffers::new(&mut exec, decoder_rows, cfg.vocab_size)?;
         Ok(GpuBackend {
-            sampler,
             exec,
             cfg: cfg.clone(),
             kernels,
@@ -153,30 +183,50 @@ impl<X: Executor> GpuBackend<X> {
             seqs: vec![first],
             current: 0,
             options,
+            sampler,
+            recorded: HashMap::new(),
+            passes: 0,
             replays: 0,
             device_steps: 0,
         })
     }
 
     /// Adds a sequence (its own KV cache for `options.context` positions, decoder inputs and
-    /// sampler history) and returns its index; the selection does not change. Out of memory is
+    /// sampler state) and returns its index; the selection does not change. Out of memory is
     /// an error naming the buffer.
     pub fn add_sequence(&mut self) -> Result<usize> {
-        let max_tokens = self.ws.max_tokens;
-        let seq = Sequence::new(&self.cfg, &mut self.exec, &self.options, max_tokens)?;
+        self.add_sequence_with_context(self.options.context)
+    }
+
+    /// [`add_sequence`](Self::add_sequence) with a cache for `context` positions (at most
+    /// `options.context`): short requests, or benchmarks, need less memory.
+    pub fn add_sequence_with_context(&mut self, context: usize) -> Result<usize> {
+        if context == 0 || context > self.options.context {
+            return Err(Error::InvalidArgument(format!(
+                "a sequence of {context} positions: this backend was sized for 1..={}",
+                self.options.context
+            )));
+        }
+        let options = GpuOptions { context, ..self.options };
+        let seq = Sequence::new(&self.cfg, &mut self.exec, &options)?;
         self.seqs.push(seq);
         Ok(self.seqs.len() - 1)
     }
 
     /// Makes sequence `index` the one the [`Backend`] methods act on.
     pub fn select_sequence(&mut self, index: usize) -> Result<()> {
+        self.check_sequence(index)?;
+        self.current = index;
+        Ok(())
+    }
+
+    fn check_sequence(&self, index: usize) -> Result<()> {
         if index >= self.seqs.len() {
             return Err(Error::InvalidArgument(format!(
                 "sequence {index} does not exist (this backend holds {})",
                 self.seqs.len()
             )));
         }
-        self.current = index;
         Ok(())
     }
 
@@ -216,8 +266,7 @@ impl<X: Executor> GpuBackend<X> {
     }
 
     fn planner(&self) -> Planner<'_> {
-        let seq = self.seq();
-        Planner { cfg: &self.cfg, kernels: &self.kernels, weights: &self.weights, ws: &self.ws, kv: &seq.kv, inputs: seq.inputs }
+        Planner { cfg: &self.cfg, kernels: &self.kernels, weights: &self.weights, ws: &self.ws }
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
@@ -239,6 +288,16 @@ impl<X: Executor> GpuBackend<X> {
         Ok(())
     }
 
+    fn check_canvas_len(&self, c: usize) -> Result<()> {
+        if c == 0 || c > self.options.canvas {
+            return Err(Error::InvalidInput(format!(
+                "a canvas of {c} tokens: this backend was sized for 1..={}",
+                self.options.canvas
+            )));
+        }
+        Ok(())
+    }
+
     /// Copies `ids` into the start of `dst` (i32).
     fn upload_ids(&mut self, dst: dgemma_cuda::Region, ids: &[u32]) -> Result<()> {
         let as_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -246,31 +305,55 @@ impl<X: Executor> GpuBackend<X> {
         self.exec.upload(dst, &as_i32).map_err(cuda)
     }
 
-    /// The steps of a decoder pass (and of the sampler after it).
-    fn pass_steps(&self, key: DenoiseKey) -> Result<Vec<dgemma_cuda::Step>> {
-        let mut steps = self.planner().denoise(key.tokens, key.pos0, key.self_conditioning)?;
+    /// The steps of a decoder pass (and of each sequence's sampler after it).
+    fn pass_steps(&self, key: &PassKey) -> Result<Vec<dgemma_cuda::Step>> {
+        let dsegs: Vec<DecoderSegment> = key
+            .segments
+            .iter()
+            .map(|g| {
+                let seq = &self.seqs[g.seq];
+                DecoderSegment {
+                    seg: Segment { kv: &seq.kv, pos0: g.pos0, tokens: g.tokens },
+                    inputs: seq.inputs,
+                    self_conditioning: g.self_conditioning,
+                }
+            })
+            .collect();
+        let mut steps = self.planner().denoise(&dsegs)?;
         if key.sample {
-            let seq = self.seq();
-            let (inputs, history) = (seq.inputs, seq.history);
-            steps.extend(plan_sampler_step(&self.kernels, &self.ws, &self.sampler, inputs, history, key.tokens, self.cfg.vocab_size)?);
+            let mut row0 = 0;
+            for g in &key.segments {
+                let seq = &self.seqs[g.seq];
+                let v = self.cfg.vocab_size;
+                steps.extend(plan_sampler_step(&self.kernels, &self.ws, &self.sampler, seq.inputs, seq.sampler, row0, g.tokens, v)?);
+                row0 += g.tokens;
+            }
         }
         Ok(steps)
     }
 
-    /// Runs a decoder pass whose inputs are already in the workspace.
-    fn run_denoise(&mut self, key: DenoiseKey) -> Result<()> {
+    /// Runs a decoder pass whose inputs are already in the sequences' buffers.
+    fn run_pass(&mut self, key: PassKey) -> Result<()> {
+        if key.segments.len() > self.options.max_batch {
+            return Err(Error::InvalidInput(format!(
+                "a decoder pass over {} canvases: this backend was sized for at most {} (GpuOptions::max_batch)",
+                key.segments.len(),
+                self.options.max_batch
+            )));
+        }
+        self.passes += 1;
         if !self.options.record {
-            let steps = self.pass_steps(key)?;
+            let steps = self.pass_steps(&key)?;
             // SAFETY: the planner only addresses regions of this backend, alive as long as `self`.
             return unsafe { self.exec.run(&steps) }.map_err(cuda);
         }
-        let graph = match self.seq().recorded.get(&key) {
+        let graph = match self.recorded.get(&key) {
             Some(&g) => g,
             None => {
-                let steps = self.pass_steps(key)?;
+                let steps = self.pass_steps(&key)?;
                 // SAFETY: as above; recordings are dropped before the regions (with `self`).
                 let g = unsafe { self.exec.record(&steps) }.map_err(cuda)?;
-                self.seq_mut().recorded.insert(key, g);
+                self.recorded.insert(key, g);
                 g
             }
         };
@@ -278,27 +361,51 @@ impl<X: Executor> GpuBackend<X> {
         self.exec.replay(graph).map_err(cuda)
     }
 
-    /// Drops the selected sequence's recordings (their positions are stale once its cache
-    /// moves) and its device canvas.
-    fn forget_recordings(&mut self) {
-        let seq = &mut self.seqs[self.current];
-        seq.device_canvas = None;
-        for (_, g) in seq.recorded.drain() {
-            self.exec.forget(g);
+    /// The key of a decoder pass over `seqs` (each at its cache's end, `tokens` rows).
+    fn pass_key(&self, seqs: &[usize], tokens: usize, self_conditioning: impl Fn(usize) -> bool, sample: bool) -> Result<PassKey> {
+        let mut segments = Vec::with_capacity(seqs.len());
+        for (i, &seq) in seqs.iter().enumerate() {
+            self.check_sequence(seq)?;
+            if seqs[..i].contains(&seq) {
+                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decoder pass")));
+            }
+            segments.push(SegmentKey { seq, tokens, pos0: self.seqs[seq].len, self_conditioning: self_conditioning(i) });
         }
+        Ok(PassKey { segments, sample })
     }
 
-    /// Benchmarks: queues one decoder pass of `tokens` rows over whatever the workspace holds
-    /// (no upload, no download, no sync), recording it on first use.
+    /// Drops the recordings that involve the selected sequence (their positions are stale
+    /// once its cache moves) and its device canvas.
+    fn forget_recordings(&mut self) {
+        let current = self.current;
+        self.seqs[current].device_canvas = None;
+        let exec = &mut self.exec;
+        self.recorded.retain(|key, &mut g| {
+            let keep = key.segments.iter().all(|s| s.seq != current);
+            if !keep {
+                exec.forget(g);
+            }
+            keep
+        });
+    }
+
+    /// Benchmarks: queues one decoder pass of `tokens` rows of the selected sequence over
+    /// whatever its inputs hold (no upload, no download, no sync), recording it on first use.
     pub fn queue_denoise(&mut self, tokens: usize, self_conditioning: bool) -> Result<()> {
-        let pos0 = self.seq().len;
-        self.run_denoise(DenoiseKey { tokens, pos0, self_conditioning, sample: false })
+        self.queue_denoise_batch(&[self.current], tokens, self_conditioning)
     }
 
-    /// Benchmarks: queues one encoder pass of `tokens` rows of `ws.ids` at the cache's end and
-    /// advances the cache (no upload, no sync).
+    /// Benchmarks: queues one batched decoder pass over the canvases (`tokens` rows each) of
+    /// the sequences `seqs`, each at its cache's end, recording it on first use.
+    pub fn queue_denoise_batch(&mut self, seqs: &[usize], tokens: usize, self_conditioning: bool) -> Result<()> {
+        let key = self.pass_key(seqs, tokens, |_| self_conditioning, false)?;
+        self.run_pass(key)
+    }
+
+    /// Benchmarks: queues one encoder pass of `tokens` rows of `ws.ids` at the selected
+    /// sequence's cache end and advances it (no upload, no sync).
     pub fn queue_encode(&mut self, tokens: usize) -> Result<()> {
-        let steps = self.planner().encode(tokens, self.seq().len)?;
+        let steps = self.planner().encode(&self.seq().kv, tokens, self.seq().len)?;
         // SAFETY: the planner only addresses regions of this backend.
         unsafe { self.exec.run(&steps) }.map_err(cuda)?;
         self.seq_mut().len += tokens;
@@ -306,8 +413,8 @@ impl<X: Executor> GpuBackend<X> {
         Ok(())
     }
 
-    /// Benchmarks: declares the first `len` cache positions filled (with whatever they hold), so
-    /// a step at a long context can be timed without encoding that context first.
+    /// Benchmarks: declares the selected sequence's first `len` cache positions filled (with
+    /// whatever they hold), so a step at a long context can be timed without encoding it first.
     pub fn assume_cache_len(&mut self, len: usize) -> Result<()> {
         let capacity = self.seq().kv.capacity;
         if len > capacity {
@@ -350,9 +457,10 @@ impl<X: Executor> Backend for GpuBackend<X> {
 
     fn encode(&mut self, ids: &[u32]) -> Result<()> {
         self.check_ids(ids, "the encoder input")?;
-        for chunk in ids.chunks(self.ws.max_tokens) {
+        let chunk_len = self.options.prefill_chunk.max(self.options.canvas);
+        for chunk in ids.chunks(chunk_len) {
             self.upload_ids(self.ws.ids, chunk)?;
-            let steps = self.planner().encode(chunk.len(), self.seq().len)?;
+            let steps = self.planner().encode(&self.seq().kv, chunk.len(), self.seq().len)?;
             // SAFETY: the planner only addresses regions of this backend.
             unsafe { self.exec.run(&steps) }.map_err(cuda)?;
             self.seq_mut().len += chunk.len();
@@ -366,12 +474,7 @@ impl<X: Executor> Backend for GpuBackend<X> {
     fn denoise(&mut self, canvas: &[u32], sc_logits: Option<&[f32]>, logits: &mut [f32]) -> Result<()> {
         self.check_ids(canvas, "the canvas")?;
         let (c, v) = (canvas.len(), self.cfg.vocab_size);
-        if c == 0 || c > self.ws.canvas {
-            return Err(Error::InvalidInput(format!(
-                "a canvas of {c} tokens: this backend was sized for 1..={}",
-                self.ws.canvas
-            )));
-        }
+        self.check_canvas_len(c)?;
         if logits.len() != c * v {
             return Err(Error::InvalidInput(format!(
                 "logits buffer holds {} floats, the canvas needs {c} x {v}",
@@ -393,8 +496,8 @@ impl<X: Executor> Backend for GpuBackend<X> {
         }
         // The host path overwrites the canvas and self-conditioning inputs of a device canvas.
         self.seq_mut().device_canvas = None;
-        let pos0 = self.seq().len;
-        self.run_denoise(DenoiseKey { tokens: c, pos0, self_conditioning: sc_logits.is_some(), sample: false })?;
+        let key = self.pass_key(&[self.current], c, |_| sc_logits.is_some(), false)?;
+        self.run_pass(key)?;
         let src = self.ws.logits.sub(0, 4 * c * v).map_err(cuda)?;
         self.exec.download_bytes(src, bytemuck::cast_slice_mut(logits)).map_err(cuda)
     }
@@ -402,110 +505,4 @@ impl<X: Executor> Backend for GpuBackend<X> {
     fn device_sampling(&mut self) -> Option<&mut dyn DeviceSampling> {
         Some(self)
     }
-}
-
-impl<X: Executor> DeviceSampling for GpuBackend<X> {
-    fn begin_canvas(&mut self, canvas: &[u32], settings: DeviceCanvas) -> Result<()> {
-        self.seq_mut().device_canvas = None;
-        self.check_ids(canvas, "the canvas")?;
-        let c = canvas.len();
-        if c == 0 || c > self.sampler.canvas {
-            return Err(Error::InvalidInput(format!(
-                "a canvas of {c} tokens: this backend was sized for 1..={}",
-                self.sampler.canvas
-            )));
-        }
-        let bad = |what: String| Err(Error::InvalidArgument(format!("device sampler: {what}")));
-        if !(settings.entropy_bound.is_finite() && settings.entropy_bound > 0.0) {
-            return bad(format!("entropy_bound must be a finite float > 0, got {}", settings.entropy_bound));
-        }
-        if settings.confidence_threshold.is_nan() {
-            return bad("confidence_threshold is NaN".into());
-        }
-        if u32::try_from(settings.block).is_err() || u32::try_from(settings.stability_threshold).is_err() {
-            return bad(format!(
-                "block {} and stability_threshold {} must fit in 32 bits",
-                settings.block, settings.stability_threshold
-            ));
-        }
-        let inputs = self.seq().inputs;
-        self.upload_ids(inputs.canvas, canvas)?;
-        self.seq_mut().device_canvas = Some((settings, c));
-        Ok(())
-    }
-
-    fn step(&mut self, step: usize, temperature: f32) -> Result<DeviceStepStatus> {
-        let Some((s, c)) = self.seq().device_canvas else {
-            return Err(Error::InvalidArgument(
-                "device sampler: no canvas begun at the cache's end (begin_canvas after every encode)".into(),
-            ));
-        };
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::InvalidArgument(format!("device sampler: temperature {temperature}")));
-        }
-        let step32 = u32::try_from(step).ok().filter(|&x| x < 1 << 24);
-        let Some(step32) = step32 else {
-            return Err(Error::InvalidArgument(format!("device sampler: step {step} is over 2^24")));
-        };
-        let params = ops::SamplerParams {
-            seed: s.seed,
-            block: s.block as u32,
-            step: step32,
-            temperature,
-            entropy_bound: s.entropy_bound,
-            confidence_threshold: s.confidence_threshold,
-            stability_threshold: s.stability_threshold as u32,
-        };
-        self.sampler.write_params(&mut self.exec, &params)?;
-        // Step 0 has no self-conditioning input; later steps read the one the last step wrote.
-        let pos0 = self.seq().len;
-        self.run_denoise(DenoiseKey { tokens: c, pos0, self_conditioning: step > 0, sample: true })?;
-        let status = self.sampler.read_status(&mut self.exec)?;
-        self.device_steps += 1;
-        if status.error != 0 {
-            // The canvas on the device is not a valid next canvas any more.
-            self.seq_mut().device_canvas = None;
-            return Err(sampler_status_error(status.error, step, s.block));
-        }
-        self.seq_mut().device_canvas = Some((s, c));
-        Ok(DeviceStepStatus {
-            finished: status.finished,
-            accepted: status.accepted as usize,
-            mean_entropy: status.mean_entropy,
-        })
-    }
-
-    fn read_argmax(&mut self, out: &mut [u32]) -> Result<()> {
-        let Some((_, c)) = self.seq().device_canvas else {
-            return Err(Error::InvalidArgument("device sampler: no canvas to read".into()));
-        };
-        if out.len() != c {
-            return Err(Error::InvalidInput(format!("argmax buffer holds {} ids, the canvas has {c}", out.len())));
-        }
-        let src = self.sampler.argmax.sub(0, 4 * c).map_err(cuda)?;
-        let mut ids = vec![0i32; c];
-        self.exec.download_bytes(src, bytemuck::cast_slice_mut(&mut ids)).map_err(cuda)?;
-        for (o, &id) in out.iter_mut().zip(&ids) {
-            *o = u32::try_from(id)
-                .ok()
-                .filter(|&x| (x as usize) < self.cfg.vocab_size)
-                .ok_or_else(|| backend_error(format!("device sampler: argmax id {id} outside the vocabulary")))?;
-        }
-        Ok(())
-    }
-}
-
-/// The error a sampler status word reports (the host sampler's errors, in words).
-fn sampler_status_error(bits: u32, step: usize, block: usize) -> Error {
-    let mut why = Vec::new();
-    if bits & ops::SAMPLER_ERR_NAN_ENTROPY != 0 {
-        why.push("an entropy is NaN");
-    }
-    if bits & (ops::SAMPLER_ERR_SAMPLE | ops::SAMPLER_ERR_ARGMAX) != 0 {
-        why.push("a logits row holds NaN or +inf, or only -inf");
-    }
-    if bits & ops::SAMPLER_ERR_PARAMS != 0 {
-        why.push("the sampler params are out of range");
-    }
-    backend_error(format!("device sampler, canvas {block} step {step}: {} (status bits {bits:#x})", why.join("; ")))
 }

@@ -74,6 +74,9 @@ pub struct BenchPlan {
     pub iters: usize,
     /// Denoising steps per canvas for the tokens/s and TTFT figures.
     pub steps: Vec<usize>,
+    /// Canvases per batched decoder pass (each of its own sequence at context `prompt`) for
+    /// the `step.bf16.c{B}` figures; at most the backend's `max_batch`.
+    pub batches: Vec<usize>,
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + bytes written, over `bytes` each way).
@@ -174,10 +177,10 @@ fn mean_ms<X: Executor>(b: &mut GpuBackend<X>, iters: usize, mut f: impl FnMut(&
 /// Fills the workspace inputs the timed passes read (`queue_*` reuse whatever they hold) with
 /// random token ids and a random self-conditioning input: all-zero ids would route every token
 /// to the same few experts and make the MoE look cheaper than it is. Leaves the cache empty.
-fn seed_inputs<X: Executor>(backend: &mut GpuBackend<X>) -> Result<()> {
+fn seed_inputs<X: Executor>(backend: &mut GpuBackend<X>, seed: u64) -> Result<()> {
     use dgemma_model::Backend;
     let (v, c) = (backend.config().vocab_size, backend.options().canvas);
-    let mut rng = dgemma_cuda::Rng::new(0x5EED);
+    let mut rng = dgemma_cuda::Rng::new(seed);
     let mut next = move || rng.next_u64();
     let chunk = backend.options().prefill_chunk.min(backend.options().context.saturating_sub(c)).max(1);
     let prompt: Vec<u32> = (0..chunk).map(|_| (next() % v as u64) as u32).collect();
@@ -199,7 +202,8 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
 
     // Prefill of the prompt, then the commit of one canvas after it.
     use dgemma_model::Backend;
-    seed_inputs(backend)?;
+    backend.select_sequence(0)?;
+    seed_inputs(backend, 0x5EED)?;
     let prompt = plan.prompt.min(backend.options().context.saturating_sub(2 * canvas));
     let prefill = mean_ms(backend, plan.iters, |b| {
         b.reset();
@@ -260,5 +264,52 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
         out.push(r);
     }
     backend.reset();
+    out.extend(batched_steps(backend, plan, prompt, floor_ms)?);
+    Ok(out)
+}
+
+/// `step.bf16.c{B}.ctx{prompt}`: one decoder pass over B canvases of B sequences, each with
+/// `prompt` cached positions (and its own random canvas and self-conditioning input); the
+/// floor is the weights once plus every sequence's attended cache. Then the allocation total.
+fn batched_steps<X: Executor>(
+    backend: &mut GpuBackend<X>,
+    plan: &BenchPlan,
+    ctx: usize,
+    floor_ms: impl Fn(f64) -> f64,
+) -> Result<Vec<Record>> {
+    use dgemma_model::Backend;
+    let canvas = backend.options().canvas;
+    let mut out = Vec::new();
+    for &b in plan.batches.iter().filter(|&&b| b > 1) {
+        let name = format!("step.bf16.c{b}.ctx{ctx}");
+        if b > backend.options().max_batch {
+            let mut r = Record::new(name, f64::NAN, "ms");
+            r.note = format!("not run: the backend was sized for batches of {}", backend.options().max_batch);
+            out.push(r);
+            continue;
+        }
+        while backend.sequences() < b {
+            backend.add_sequence_with_context(ctx + 2 * canvas)?;
+        }
+        let seqs: Vec<usize> = (0..b).collect();
+        for &i in &seqs {
+            backend.select_sequence(i)?;
+            seed_inputs(backend, 0x5EED + i as u64)?;
+            backend.assume_cache_len(ctx)?;
+        }
+        let ms = mean_ms(backend, plan.iters, |bk| bk.queue_denoise_batch(&seqs, canvas, true))?;
+        let mut r = Record::new(name, ms, "ms");
+        r.floor = Some(floor_ms(backend.weight_bytes() as f64 + (b * backend.kv_bytes_attended(ctx)) as f64));
+        r.note = format!("{b} canvases of {b} sequences in one decoder pass, self-conditioning on");
+        out.push(r);
+        let mut r = Record::new(format!("peak_mem_gb.bf16.c{b}"), backend.executor().allocated_bytes() as f64 / 1e9, "GB");
+        r.note = "bytes the backend allocated (weights, caches, workspace for the batch); excludes the CUDA context".into();
+        out.push(r);
+        for &i in &seqs {
+            backend.select_sequence(i)?;
+            backend.reset();
+        }
+    }
+    backend.select_sequence(0)?;
     Ok(out)
 }

@@ -250,14 +250,29 @@ impl DecoderInputs {
     }
 }
 
+/// One sequence's tokens in a pass: `tokens` consecutive workspace rows (after those of the
+/// segments before it) at positions `pos0..` of its cache.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    pub kv: &'a KvCache,
+    pub pos0: usize,
+    pub tokens: usize,
+}
+
+/// One sequence's canvas in a (batched) decoder pass.
+#[derive(Clone, Copy)]
+pub struct DecoderSegment<'a> {
+    pub seg: Segment<'a>,
+    pub inputs: DecoderInputs,
+    pub self_conditioning: bool,
+}
+
 /// Builds step lists over fixed buffers.
 pub struct Planner<'a> {
     pub cfg: &'a TextConfig,
     pub kernels: &'a Kernels,
     pub weights: &'a DeviceWeights,
     pub ws: &'a Workspace,
-    pub kv: &'a KvCache,
-    pub inputs: DecoderInputs,
 }
 
 /// `rows` rows of `row_elems` bf16 elements starting at row `row0` of `r`.
@@ -280,48 +295,86 @@ impl Planner<'_> {
         half::bf16::from_f32((self.cfg.hidden_size as f64).sqrt() as f32).to_f32()
     }
 
-    fn check_pass(&self, tokens: usize, pos0: usize, limit: usize, what: &str) -> Result<()> {
-        if tokens == 0 || tokens > limit {
-            return Err(backend_error(format!("{what} of {tokens} tokens: the workspace holds 1..={limit}")));
-        }
-        if pos0 + tokens > self.kv.capacity {
+    /// Checks a pass of `segs` against the workspace's `limit` rows and each cache's positions.
+    fn check_pass(&self, segs: &[Segment], limit: usize, what: &str) -> Result<usize> {
+        let total: usize = segs.iter().map(|g| g.tokens).sum();
+        if segs.is_empty() || segs.iter().any(|g| g.tokens == 0) || total > limit {
             return Err(backend_error(format!(
-                "{what} would reach position {}, over the KV cache's {} positions",
-                pos0 + tokens,
-                self.kv.capacity
+                "{what} of {total} tokens in {} segments: the workspace holds 1..={limit} (no empty segment)",
+                segs.len()
             )));
         }
-        Ok(())
+        for g in segs {
+            if g.pos0 + g.tokens > g.kv.capacity {
+                return Err(backend_error(format!(
+                    "{what} would reach position {}, over the KV cache's {} positions",
+                    g.pos0 + g.tokens,
+                    g.kv.capacity
+                )));
+            }
+        }
+        Ok(total)
     }
 
-    /// Encoder pass over `ws.ids[..tokens]` at positions `pos0..`: writes their K/V into the cache.
-    pub fn encode(&self, tokens: usize, pos0: usize) -> Result<Vec<Step>> {
-        self.check_pass(tokens, pos0, self.ws.max_tokens, "an encoder pass")?;
+    /// Encoder pass over `ws.ids[..tokens]` at positions `pos0..` of `kv`: writes their K/V
+    /// into the cache.
+    pub fn encode(&self, kv: &KvCache, tokens: usize, pos0: usize) -> Result<Vec<Step>> {
+        let segs = [Segment { kv, pos0, tokens }];
+        self.check_pass(&segs, self.ws.max_tokens, "an encoder pass")?;
         let mut s = Vec::new();
         self.embed(&mut s, self.ws.ids, tokens)?;
         let n = self.weights.layers.len();
         for (i, l) in self.weights.layers.iter().enumerate() {
-            self.layer(&mut s, i, l, tokens, pos0, Pass::Encoder { kv_only: i + 1 == n })?;
+            self.layer(&mut s, i, l, &segs, Pass::Encoder { kv_only: i + 1 == n })?;
         }
         Ok(s)
     }
 
-    /// Decoder pass over the canvas `inputs.canvas[..tokens]` at positions `pos0..` (with the
-    /// self-conditioning input `inputs.sc_logits` when `self_conditioning`): writes `ws.logits`.
-    pub fn denoise(&self, tokens: usize, pos0: usize, self_conditioning: bool) -> Result<Vec<Step>> {
-        self.check_pass(tokens, pos0, self.ws.canvas, "a decoder pass")?;
+    /// Decoder pass over one or more sequences' canvases (`inputs.canvas[..tokens]` each, at
+    /// positions `pos0..` of its cache, with its self-conditioning input `inputs.sc_logits`
+    /// when `self_conditioning`), stacked in the workspace rows in order: writes `ws.logits`
+    /// rows in the same order. Every op but attention runs once over all rows (one read of the
+    /// weights for the whole batch); attention runs per sequence over its own cache. Each row's
+    /// result is bit-identical to a pass over its sequence alone.
+    pub fn denoise(&self, dsegs: &[DecoderSegment]) -> Result<Vec<Step>> {
+        let segs: Vec<Segment> = dsegs.iter().map(|d| d.seg).collect();
+        let tokens = self.check_pass(&segs, self.ws.canvas, "a decoder pass")?;
         let (ws, w, k) = (self.ws, self.weights, self.kernels);
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let eps = self.eps();
         let hb = rows16(ws.h, 0, tokens, h)?;
         let mut s = Vec::new();
-        self.embed(&mut s, self.inputs.canvas, tokens)?;
-        if self_conditioning {
+        // The canvases side by side in `ws.ids`, then one embedding over all rows.
+        let mut row0 = 0;
+        for d in dsegs {
+            let n = d.seg.tokens;
+            s.push(Step::Copy { src: d.inputs.canvas.sub(0, 4 * n).map_err(cuda)?, dst: ws.ids.sub(4 * row0, 4 * n).map_err(cuda)? });
+            row0 += n;
+        }
+        self.embed(&mut s, ws.ids, tokens)?;
+        if dsegs.iter().any(|d| d.self_conditioning) {
             // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)); signal = MLP(pre_norm(soft)).
+            // A sequence without a self-conditioning input gets soft = 0, hence signal = 0
+            // exactly (no biases; norm(0) = 0), and round(norm(round(h + 0))) = round(norm(h)).
             let probs = rows16(ws.probs, 0, tokens, v)?;
-            s.push(launch(ops::plan_row_softmax(&k.sc_softmax, rows16(self.inputs.sc_logits, 0, tokens, v)?, probs, tokens))?);
+            let mut row0 = 0;
+            for d in dsegs {
+                let n = d.seg.tokens;
+                if d.self_conditioning {
+                    let sc = rows16(d.inputs.sc_logits, 0, n, v)?;
+                    s.push(launch(ops::plan_row_softmax(&k.sc_softmax, sc, rows16(ws.probs, row0, n, v)?, n))?);
+                }
+                row0 += n;
+            }
             let soft = rows16(ws.soft, 0, tokens, h)?;
             s.push(launch(ops::plan_soft_embedding(&k.soft_embedding, probs, w.embed.b16(), soft, self.embed_scale(), tokens))?);
+            let mut row0 = 0;
+            for d in dsegs {
+                if !d.self_conditioning {
+                    s.push(Step::Zero { dst: rows_region(ws.soft, row0, d.seg.tokens, h)? });
+                }
+                row0 += d.seg.tokens;
+            }
             s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(w.sc_pre_norm.b16()), soft, tokens, eps, 1.0))?);
             let d = self.mlp(&mut s, tokens, soft, w.sc_gate, w.sc_up, w.sc_down, (k.sc_up, k.sc_down))?;
             // h = round(norm(round(h + signal))), no scale.
@@ -331,7 +384,7 @@ impl Planner<'_> {
             s.push(launch(ops::plan_rms_norm(&k.norm_plain, None, None, None, hb, tokens, eps, 1.0))?);
         }
         for (i, l) in w.layers.iter().enumerate() {
-            self.layer(&mut s, i, l, tokens, pos0, Pass::Decoder)?;
+            self.layer(&mut s, i, l, &segs, Pass::Decoder)?;
         }
         let a = rows16(ws.a, 0, tokens, h)?;
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(w.final_norm.b16()), a, tokens, eps, 1.0))?);
@@ -380,50 +433,62 @@ impl Planner<'_> {
         Ok(d)
     }
 
-    /// One transformer layer over `ws.h` (`tokens` rows at positions `pos0..`), in place.
-    fn layer(&self, s: &mut Vec<Step>, index: usize, l: &LayerRegions, tokens: usize, pos0: usize, pass: Pass) -> Result<()> {
+    /// One transformer layer over `ws.h`: the segments' tokens stacked in its rows, each at its
+    /// positions in its own cache; in place.
+    fn layer(&self, s: &mut Vec<Step>, index: usize, l: &LayerRegions, segs: &[Segment], pass: Pass) -> Result<()> {
         let (ws, k) = (self.ws, self.kernels);
         let spec = &l.spec;
         let ak: &AttentionKernels = k.attention(spec);
         let (hid, eps) = (self.cfg.hidden_size, self.eps());
         let (heads, kv_heads, dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let kv_width = kv_heads * dim;
+        let tokens: usize = segs.iter().map(|g| g.tokens).sum();
         let hb = rows16(ws.h, 0, tokens, hid)?;
         let a = rows16(ws.a, 0, tokens, hid)?;
         let (cos, sin) = match spec.kind {
             LayerKind::Sliding => ws.rope_sliding,
             LayerKind::Full => ws.rope_full,
         };
-        let positions = ws.positions.sub(4 * pos0, 4 * tokens).map_err(cuda)?.b32();
+        let positions = |g: &Segment| -> Result<Buf> { Ok(ws.positions.sub(4 * g.pos0, 4 * g.tokens).map_err(cuda)?.b32()) };
 
-        // The key range attention reads: sliding layers see the last window - 1 cached
-        // positions (and, causally, the new ones); full layers every position.
+        // The key range attention reads per segment: sliding layers see the last window - 1
+        // cached positions (and, causally, the new ones); full layers every position. Writing
+        // position p overwrites p - ring: the keys still read, k_start.., survive when the ring
+        // holds the whole range.
         let window = spec.sliding_window;
-        let k_start = match window {
-            Some(w) => pos0.saturating_sub(w.saturating_sub(1)),
-            None => 0,
+        let key_range = |g: &Segment| -> (usize, usize) {
+            let k_start = match window {
+                Some(w) => g.pos0.saturating_sub(w.saturating_sub(1)),
+                None => 0,
+            };
+            (k_start, g.pos0 + g.tokens - k_start)
         };
-        let kv_len = pos0 + tokens - k_start;
-        // Writing position p overwrites p - ring: the keys still read, k_start.., survive when
-        // the ring holds the whole range.
-        let (kc, vc, ring) = (self.kv.k[index], self.kv.v[index], self.kv.rows[index]);
-        if kv_len > ring {
-            return Err(backend_error(format!(
-                "layer {index}: a pass of {tokens} tokens at position {pos0} reads {kv_len} keys, over the {ring} rows of \
-                 its KV ring (window - 1 + tokens must fit; the cache was sized for passes of {} tokens)",
-                self.ws.max_tokens
-            )));
+        for g in segs {
+            let ring = g.kv.rows[index];
+            let (_, kv_len) = key_range(g);
+            if kv_len > ring {
+                return Err(backend_error(format!(
+                    "layer {index}: a pass of {} tokens at position {} reads {kv_len} keys, over the {ring} rows of \
+                     its KV ring (window - 1 + tokens must fit; the cache was sized for shorter passes)",
+                    g.tokens, g.pos0
+                )));
+            }
         }
 
-        // Keys and values of the new tokens: written at their ring rows row0.. in place, or,
-        // when those rows wrap around the ring's end, staged and copied in afterwards.
+        // Keys and values of the new tokens: a single segment whose ring rows row0.. do not wrap
+        // is written in place; otherwise (several segments, or rows past the ring's end) they
+        // are computed in the staging rows and copied into each segment's ring afterwards.
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.input_layernorm.b16()), a, tokens, eps, 1.0))?);
-        let row0 = pos0 % ring;
-        let wraps = row0 + tokens > ring;
-        let (k_dst, v_dst) = if wraps {
-            (rows_region(ws.k_stage, 0, tokens, kv_width)?, rows_region(ws.v_stage, 0, tokens, kv_width)?)
+        let in_place = match segs {
+            [g] => g.pos0 % g.kv.rows[index] + g.tokens <= g.kv.rows[index],
+            _ => false,
+        };
+        let (k_dst, v_dst) = if in_place {
+            let g = &segs[0];
+            let row0 = g.pos0 % g.kv.rows[index];
+            (rows_region(g.kv.k[index], row0, tokens, kv_width)?, rows_region(g.kv.v[index], row0, tokens, kv_width)?)
         } else {
-            (rows_region(kc, row0, tokens, kv_width)?, rows_region(vc, row0, tokens, kv_width)?)
+            (rows_region(ws.k_stage, 0, tokens, kv_width)?, rows_region(ws.v_stage, 0, tokens, kv_width)?)
         };
         let (k_new, v_new) = (k_dst.b16(), v_dst.b16());
         s.push(launch(ops::plan_linear(&ak.kv_proj, a, l.k_proj.b16(), k_new, tokens))?);
@@ -434,49 +499,69 @@ impl Planner<'_> {
         }
         let head_rows = tokens * kv_heads;
         s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.k_norm.b16()), k_new, head_rows, eps, 1.0))?);
-        s.push(launch(ops::plan_rope(&ak.rope, k_new, cos.b16(), sin.b16(), positions, tokens, kv_heads))?);
+        let mut row = 0;
+        for g in segs {
+            let k_seg = rows16(k_dst, row, g.tokens, kv_width)?;
+            s.push(launch(ops::plan_rope(&ak.rope, k_seg, cos.b16(), sin.b16(), positions(g)?, g.tokens, kv_heads))?);
+            row += g.tokens;
+        }
         s.push(launch(ops::plan_rms_norm(&ak.value_norm, None, None, None, v_new, head_rows, eps, 1.0))?);
-        if wraps {
-            // Staged rows 0..tail go to ring rows row0..ring, the rest to the ring's first rows.
-            let tail = ring - row0;
-            for (stage, cache) in [(k_dst, kc), (v_dst, vc)] {
-                s.push(Step::Copy {
-                    src: rows_region(stage, 0, tail, kv_width)?,
-                    dst: rows_region(cache, row0, tail, kv_width)?,
-                });
-                s.push(Step::Copy {
-                    src: rows_region(stage, tail, tokens - tail, kv_width)?,
-                    dst: rows_region(cache, 0, tokens - tail, kv_width)?,
-                });
+        if !in_place {
+            // Segment rows go to ring rows pos0 % ring..: up to the ring's end, the rest to its
+            // first rows.
+            let mut row = 0;
+            for g in segs {
+                let (ring, row0) = (g.kv.rows[index], g.pos0 % g.kv.rows[index]);
+                let tail = g.tokens.min(ring - row0);
+                for (stage, cache) in [(k_dst, g.kv.k[index]), (v_dst, g.kv.v[index])] {
+                    s.push(Step::Copy {
+                        src: rows_region(stage, row, tail, kv_width)?,
+                        dst: rows_region(cache, row0, tail, kv_width)?,
+                    });
+                    if tail < g.tokens {
+                        s.push(Step::Copy {
+                            src: rows_region(stage, row + tail, g.tokens - tail, kv_width)?,
+                            dst: rows_region(cache, 0, g.tokens - tail, kv_width)?,
+                        });
+                    }
+                }
+                row += g.tokens;
             }
         }
         if pass == (Pass::Encoder { kv_only: true }) {
             return Ok(());
         }
 
-        // Queries, and attention over the key range k_start..pos0 + tokens through the ring.
+        // Queries, and attention per segment over its key range k_start..pos0 + tokens through
+        // its ring.
         let q = rows16(ws.q, 0, tokens, heads * dim)?;
         s.push(launch(ops::plan_linear(&ak.q_proj, a, l.q_proj.b16(), q, tokens))?);
         s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.q_norm.b16()), q, tokens * heads, eps, 1.0))?);
-        s.push(launch(ops::plan_rope(&ak.rope, q, cos.b16(), sin.b16(), positions, tokens, heads))?);
         let (attn_kernel, mask_window) = match pass {
             Pass::Encoder { .. } => (&ak.encoder, window),
             Pass::Decoder => (&ak.decoder, None),
         };
+        let mut row = 0;
+        for g in segs {
+            let q_seg = rows16(ws.q, row, g.tokens, heads * dim)?;
+            s.push(launch(ops::plan_rope(&ak.rope, q_seg, cos.b16(), sin.b16(), positions(g)?, g.tokens, heads))?);
+            let (k_start, kv_len) = key_range(g);
+            s.push(launch(ops::plan_attention(
+                attn_kernel,
+                q_seg,
+                g.kv.k[index].b16(),
+                g.kv.v[index].b16(),
+                rows16(ws.ctx, row, g.tokens, heads * dim)?,
+                g.tokens,
+                kv_len,
+                g.kv.rows[index],
+                g.pos0,
+                k_start,
+                mask_window,
+            ))?);
+            row += g.tokens;
+        }
         let ctx = rows16(ws.ctx, 0, tokens, heads * dim)?;
-        s.push(launch(ops::plan_attention(
-            attn_kernel,
-            q,
-            kc.b16(),
-            vc.b16(),
-            ctx,
-            tokens,
-            kv_len,
-            ring,
-            pos0,
-            k_start,
-            mask_window,
-        ))?);
         let attn = rows16(ws.attn, 0, tokens, hid)?;
         s.push(launch(ops::plan_linear(&ak.o_proj, ctx, l.o_proj.b16(), attn, tokens))?);
         // h = round(h + post_attention_layernorm(attn)).

@@ -25,12 +25,11 @@ use crate::error::{cuda, Result};
 use crate::kernels::Kernels;
 use crate::plan::{DecoderInputs, Workspace};
 
-/// Device buffers of the sampler for canvases of up to `canvas` positions.
+/// The sampler's scratch for decoder passes of up to `rows` canvas positions (all the
+/// canvases of a batched pass, side by side); each sequence's own state is [`SamplerState`].
 pub struct SamplerBuffers {
-    pub canvas: usize,
-    /// [`SamplerParams`] words (u32), written by the host before each step.
-    pub params: Region,
-    /// `P = logits / T`, f32 `[canvas, V]` (read by the categorical draw).
+    pub rows: usize,
+    /// `P = logits / T`, f32 `[rows, V]` (read by the categorical draw).
     pub processed: Region,
     /// First argmax per position, i32 `[canvas]`: the draft, and the commit after the last step.
     pub argmax: Region,
@@ -38,24 +37,42 @@ pub struct SamplerBuffers {
     pub entropy: Region,
     /// The categorical draw per position, i32 `[canvas]`.
     pub sampled: Region,
-    /// Acceptance mask, i32 `[canvas]`.
+    /// Acceptance mask, i32 `[rows]`.
     pub accepted: Region,
-    /// [`ops::SamplerStatus`] words, the only per-step read-back.
-    pub status: Region,
 }
 
 impl SamplerBuffers {
-    pub fn new(exec: &mut dyn Executor, canvas: usize, vocab: usize) -> Result<SamplerBuffers> {
+    pub fn new(exec: &mut dyn Executor, rows: usize, vocab: usize) -> Result<SamplerBuffers> {
         let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
         Ok(SamplerBuffers {
-            canvas,
+            rows,
+            processed: alloc(4 * rows * vocab, "processed logits")?,
+            argmax: alloc(4 * rows, "argmax canvas")?,
+            entropy: alloc(4 * rows, "entropies")?,
+            sampled: alloc(4 * rows, "sampled canvas")?,
+            accepted: alloc(4 * rows, "acceptance mask")?,
+        })
+    }
+}
+
+/// One sequence's sampler state on the device.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplerState {
+    /// [`SamplerParams`] words (u32), written by the host before each step.
+    pub params: Region,
+    /// [`ops::SamplerStatus`] words, the only per-step read-back.
+    pub status: Region,
+    /// Previous argmax canvas and its run length, i32 `[canvas + 1]` (owned by the kernel).
+    pub history: Region,
+}
+
+impl SamplerState {
+    pub fn new(exec: &mut dyn Executor, canvas: usize) -> Result<SamplerState> {
+        let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
+        Ok(SamplerState {
             params: alloc(4 * SAMPLER_PARAMS_WORDS, "sampler params")?,
-            processed: alloc(4 * canvas * vocab, "processed logits")?,
-            argmax: alloc(4 * canvas, "argmax canvas")?,
-            entropy: alloc(4 * canvas, "entropies")?,
-            sampled: alloc(4 * canvas, "sampled canvas")?,
-            accepted: alloc(4 * canvas, "acceptance mask")?,
             status: alloc(4 * SAMPLER_STATUS_WORDS, "sampler status")?,
+            history: alloc(4 * (canvas + 1), "stability history")?,
         })
     }
 
@@ -72,54 +89,51 @@ impl SamplerBuffers {
     }
 }
 
-/// A sequence's stability history for the device sampler: its previous argmax canvas and that
-/// canvas's run length, i32 `[canvas + 1]` (owned by `sampler_canvas`).
-pub fn alloc_history(exec: &mut dyn Executor, canvas: usize) -> Result<Region> {
-    exec.alloc(4 * (canvas + 1), "stability history").map_err(cuda)
-}
-
-/// The sampler launches that follow a decoder pass over `tokens` canvas positions: reads
-/// `ws.logits`, writes the sequence's `inputs` (bf16 P as the self-conditioning input, the next
-/// canvas) and its `history`.
+/// The sampler launches for one sequence whose canvas is rows `row0 .. row0 + tokens` of the
+/// decoder pass just planned: reads those `ws.logits` rows, writes the sequence's `inputs` (bf16
+/// P as the self-conditioning input, the next canvas) and its `state` (status, history).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_sampler_step(
     k: &Kernels,
     ws: &Workspace,
     sb: &SamplerBuffers,
     inputs: DecoderInputs,
-    history: Region,
+    state: SamplerState,
+    row0: usize,
     tokens: usize,
     vocab: usize,
 ) -> Result<Vec<Step>> {
     let launch = |p: dgemma_cuda::Result<ops::LaunchPlan>| p.map(Step::Launch).map_err(cuda);
     let n = tokens * vocab;
-    let logits = ws.logits.sub(0, 4 * n).map_err(cuda)?.b32();
+    let logits = ws.logits.sub(4 * row0 * vocab, 4 * n).map_err(cuda)?.b32();
     let sc = inputs.sc_logits.sub(0, 2 * n).map_err(cuda)?.b16();
-    let processed = sb.processed.sub(0, 4 * n).map_err(cuda)?.b32();
-    let rows = |r: Region| r.sub(0, 4 * tokens).map_err(cuda).map(Region::b32);
-    let next_canvas = rows(inputs.canvas)?;
+    let processed = sb.processed.sub(4 * row0 * vocab, 4 * n).map_err(cuda)?.b32();
+    let rows = |r: Region| r.sub(4 * row0, 4 * tokens).map_err(cuda).map(Region::b32);
+    let next_canvas = inputs.canvas.sub(0, 4 * tokens).map_err(cuda)?.b32();
+    let history = state.history;
+    let params = state.params.b32();
     Ok(vec![
         launch(ops::plan_row_softmax_entropy_argmax(
             &k.row_stats,
             logits,
-            sb.params.b32(),
+            params,
             Some(processed),
             Some(sc),
             rows(sb.argmax)?,
             rows(sb.entropy)?,
             tokens,
         ))?,
-        launch(ops::plan_gumbel_sample(&k.gumbel, sb.params.b32(), processed, rows(sb.sampled)?, tokens))?,
+        launch(ops::plan_gumbel_sample(&k.gumbel, params, processed, rows(sb.sampled)?, tokens))?,
         launch(ops::plan_sampler_canvas(
             &k.sampler_canvas,
-            sb.params.b32(),
+            params,
             rows(sb.entropy)?,
             rows(sb.sampled)?,
             rows(sb.argmax)?,
             next_canvas,
             rows(sb.accepted)?,
             history.b32(),
-            sb.status.b32(),
+            state.status.b32(),
             vocab,
             tokens,
         ))?,

@@ -54,3 +54,8 @@ fn device_sampling_follows_the_host_sampler() {
 fn shared_sequences_match_their_solo_runs() {
     common::check_shared_sequences(EmuExecutor::new);
 }
+
+#[test]
+fn batched_steps_match_their_solo_steps() {
+    common::check_batched_steps_are_exact(EmuExecutor::new);
+}

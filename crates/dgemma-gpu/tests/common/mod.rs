@@ -324,19 +324,33 @@ pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
     let gbs = read;
     let mut options = GpuOptions::new(256, c);
     options.prefill_chunk = 32;
+    options.max_batch = 2;
     let mut g = GpuBackend::synthetic(exec, cfg, 3, options, &mut |_, _| {}).unwrap();
     assert!(g.weight_bytes() > 0);
     g.encode(&ids(20, v, 1)).unwrap();
     let mut out = vec![f32::NAN; c * v];
     g.denoise(&ids(c, v, 2), None, &mut out).unwrap();
     assert!(out.iter().all(|x| x.is_finite()), "synthetic weights gave non-finite logits");
-    let plan = dgemma_gpu::bench::BenchPlan { contexts: vec![32, 128, 1000], prompt: 64, iters: 1, steps: vec![16] };
+    let plan = dgemma_gpu::bench::BenchPlan {
+        contexts: vec![32, 128, 1000],
+        prompt: 64,
+        iters: 1,
+        steps: vec![16],
+        batches: vec![2, 3],
+    };
     let records = dgemma_gpu::bench::run(&mut g, &plan, gbs).unwrap();
     let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
     for want in ["prefill.bf16.tokens64", "commit.bf16.c16", "step.bf16.c1.ctx32", "step.bf16.c1.ctx128", "tokens_per_s.bf16.steps16", "ttft.bf16.prompt64.steps16"] {
         let r = records.iter().find(|r| r.name == want).unwrap_or_else(|| panic!("no {want} in {names:?}"));
         assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
     }
+    // Batched steps: two canvases of two sequences in one pass; three do not fit max_batch.
+    let r = records.iter().find(|r| r.name == "step.bf16.c2.ctx64").unwrap_or_else(|| panic!("no c2 step in {names:?}"));
+    assert!(r.value.is_finite() && r.value > 0.0 && r.floor.is_some_and(|f| f > 0.0), "{r:?}");
+    let r = records.iter().find(|r| r.name == "step.bf16.c3.ctx64").unwrap();
+    assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
+    assert!(records.iter().any(|r| r.name == "peak_mem_gb.bf16.c2" && r.value > 0.0));
+    assert_eq!(g.sequences(), 2);
     // A context beyond the cache is reported as not run, not timed.
     let r = records.iter().find(|r| r.name == "step.bf16.c1.ctx1000").unwrap();
     assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
@@ -506,4 +520,87 @@ pub fn check_shared_sequences<X: Executor>(make: impl Fn() -> X) {
     assert_eq!(h.index(), reused);
     assert_eq!(h.cache_len(), 0);
     assert_eq!(shared.sequences(), requests.len(), "no new sequence while one was free");
+}
+
+/// A batched decoder pass (several sequences' canvases stacked, one read of the weights) gives
+/// every sequence exactly what a pass over it alone gives, with the device sampler after it:
+/// the same argmax canvases, accepted counts, finished flags and entropies, step after step,
+/// also when the batch mixes first steps (no self-conditioning) with later ones, and for
+/// sequences at different positions.
+pub fn check_batched_steps_are_exact<X: Executor>(make: impl Fn() -> X) {
+    use dgemma_model::{DeviceCanvas, DeviceSampling};
+    use dgemma_sampler::{NoiseSource, SeededNoise};
+
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let s = sampling_settings(&m, c).sampler;
+    let prompts = [ids(7, v, 61), ids(20, v, 62), ids(13, v, 63)];
+    let seeds = [5u64, 6, 7];
+    let canvas = |seed: u64| {
+        let mut out = vec![0u32; c];
+        SeededNoise::new(seed, v).init_canvas(0, &mut out).unwrap();
+        out
+    };
+    let settings = |seed: u64| DeviceCanvas {
+        seed,
+        block: 0,
+        entropy_bound: s.entropy_bound,
+        confidence_threshold: f32::NEG_INFINITY, // never stop: every step is compared
+        stability_threshold: s.stability_threshold,
+    };
+    let temperature = |step: usize| {
+        dgemma_sampler::temperature_on(s.device, s.max_denoising_steps - step, s.max_denoising_steps, s.t_min, s.t_max).unwrap()
+    };
+    // Sequence i starts its canvas at round start[i]; rounds run steps of every started one.
+    let start = [0usize, 0, 1];
+    let rounds = 4;
+
+    // Alone: one backend per sequence.
+    let mut alone = Vec::new();
+    for i in 0..3 {
+        let mut g = gpu_backend(&m, make(), default_options(&m));
+        g.encode(&prompts[i]).unwrap();
+        DeviceSampling::begin_canvas(&mut g, &canvas(seeds[i]), settings(seeds[i])).unwrap();
+        let mut per_step = Vec::new();
+        for step in 0..rounds - start[i] {
+            let st = DeviceSampling::step(&mut g, step, temperature(step)).unwrap();
+            let mut am = vec![0u32; c];
+            g.read_argmax(&mut am).unwrap();
+            per_step.push((st, am));
+        }
+        alone.push(per_step);
+    }
+
+    // Batched: one backend, three sequences, max_batch 3.
+    let mut options = default_options(&m);
+    options.max_batch = 3;
+    let mut g = gpu_backend(&m, make(), options);
+    for i in 0..3 {
+        if i > 0 {
+            assert_eq!(g.add_sequence().unwrap(), i);
+        }
+        g.select_sequence(i).unwrap();
+        g.encode(&prompts[i]).unwrap();
+        DeviceSampling::begin_canvas(&mut g, &canvas(seeds[i]), settings(seeds[i])).unwrap();
+    }
+    for round in 0..rounds {
+        let batch: Vec<(usize, usize, f32)> =
+            (0..3).filter(|&i| round >= start[i]).map(|i| (i, round - start[i], temperature(round - start[i]))).collect();
+        let statuses = g.step_batch(&batch).unwrap();
+        for (&(i, step, _), st) in batch.iter().zip(statuses) {
+            let mut am = vec![0u32; c];
+            g.read_argmax_of(i, &mut am).unwrap();
+            let (want_st, want_am) = &alone[i][step];
+            assert_eq!(&am, want_am, "round {round}, sequence {i}, step {step}: argmax canvas");
+            assert_eq!(st, *want_st, "round {round}, sequence {i}, step {step}: status");
+        }
+    }
+    // Too many canvases for the workspace, or one sequence twice: clear errors.
+    let err = g.step_batch(&[(0, 4, 0.5), (0, 4, 0.5)]).unwrap_err().to_string();
+    assert!(err.contains("twice"), "{err}");
+    let mut small = gpu_backend(&m, make(), default_options(&m));
+    small.add_sequence().unwrap();
+    let err = small.queue_denoise_batch(&[0, 1], c, false).unwrap_err().to_string();
+    assert!(err.contains("max_batch"), "{err}");
 }

@@ -1,0 +1,160 @@
+//! [`DeviceSampling`] for [`GpuBackend`], and batched device steps over several sequences
+//! ([`GpuBackend::step_batch`]): the decoder pass over their canvases, then each one's sampler
+//! launches, recorded once per batch composition and replayed.
+
+use dgemma_cuda::{ops, Executor};
+use dgemma_model::error::{Error, Result};
+use dgemma_model::{DeviceCanvas, DeviceSampling, DeviceStepStatus};
+
+use super::{DeviceCanvasState, GpuBackend};
+use crate::error::{backend_error, cuda};
+
+impl<X: Executor> GpuBackend<X> {
+    /// One device step for each `(sequence, step, temperature)`, all in one decoder pass (up to
+    /// `max_batch` sequences, each at its cache's end, each with a canvas begun by
+    /// `begin_canvas`). Returns each sequence's status, in order. A sampler error is an error
+    /// for the whole call and ends the canvases that reported it.
+    pub fn step_batch(&mut self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>> {
+        let seqs: Vec<usize> = steps.iter().map(|s| s.0).collect();
+        let mut tokens = None;
+        for &(seq, step, temperature) in steps {
+            self.check_sequence(seq)?;
+            let Some(state) = self.seqs[seq].device_canvas else {
+                return Err(Error::InvalidArgument(format!(
+                    "device sampler: sequence {seq} has no canvas begun at its cache's end (begin_canvas after every encode)"
+                )));
+            };
+            if *tokens.get_or_insert(state.tokens) != state.tokens {
+                return Err(Error::InvalidArgument("device sampler: a batch's canvases must have one length".into()));
+            }
+            if !(temperature.is_finite() && temperature > 0.0) {
+                return Err(Error::InvalidArgument(format!("device sampler: temperature {temperature}")));
+            }
+            let Some(step32) = u32::try_from(step).ok().filter(|&x| x < 1 << 24) else {
+                return Err(Error::InvalidArgument(format!("device sampler: step {step} is over 2^24")));
+            };
+            let s = state.settings;
+            let params = ops::SamplerParams {
+                seed: s.seed,
+                block: s.block as u32,
+                step: step32,
+                temperature,
+                entropy_bound: s.entropy_bound,
+                confidence_threshold: s.confidence_threshold,
+                stability_threshold: s.stability_threshold as u32,
+            };
+            self.seqs[seq].sampler.write_params(&mut self.exec, &params)?;
+        }
+        let Some(tokens) = tokens else { return Ok(Vec::new()) };
+        // Step 0 has no self-conditioning input; later steps read the one the last step wrote.
+        let key = self.pass_key(&seqs, tokens, |i| steps[i].1 > 0, true)?;
+        self.run_pass(key)?;
+        for (i, &seq) in seqs.iter().enumerate() {
+            if let Some(state) = self.seqs[seq].device_canvas.as_mut() {
+                state.argmax_row0 = Some((i * tokens, self.passes));
+            }
+        }
+        let mut out = Vec::with_capacity(steps.len());
+        let mut failed = Vec::new();
+        for &(seq, step, _) in steps {
+            let status = self.seqs[seq].sampler.read_status(&mut self.exec)?;
+            self.device_steps += 1;
+            if status.error != 0 {
+                // The canvas on the device is not a valid next canvas any more.
+                let block = self.seqs[seq].device_canvas.map_or(0, |s| s.settings.block);
+                self.seqs[seq].device_canvas = None;
+                failed.push(sampler_status_error(status.error, seq, step, block));
+                continue;
+            }
+            out.push(DeviceStepStatus {
+                finished: status.finished,
+                accepted: status.accepted as usize,
+                mean_entropy: status.mean_entropy,
+            });
+        }
+        match failed.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// The argmax canvas of sequence `seq`'s last device step (readable until the next
+    /// decoder pass, which reuses the sampler scratch).
+    pub fn read_argmax_of(&mut self, seq: usize, out: &mut [u32]) -> Result<()> {
+        self.check_sequence(seq)?;
+        let Some(DeviceCanvasState { tokens: c, argmax_row0: Some((row0, pass)), .. }) = self.seqs[seq].device_canvas else {
+            return Err(Error::InvalidArgument("device sampler: no device step to read the argmax of".into()));
+        };
+        if pass != self.passes {
+            return Err(Error::InvalidArgument(
+                "device sampler: a later decoder pass overwrote this sequence's argmax; read it right after its step".into(),
+            ));
+        }
+        if out.len() != c {
+            return Err(Error::InvalidInput(format!("argmax buffer holds {} ids, the canvas has {c}", out.len())));
+        }
+        let src = self.sampler.argmax.sub(4 * row0, 4 * c).map_err(cuda)?;
+        let mut ids = vec![0i32; c];
+        self.exec.download_bytes(src, bytemuck::cast_slice_mut(&mut ids)).map_err(cuda)?;
+        let vocab = self.cfg.vocab_size;
+        for (o, &id) in out.iter_mut().zip(&ids) {
+            *o = u32::try_from(id)
+                .ok()
+                .filter(|&x| (x as usize) < vocab)
+                .ok_or_else(|| backend_error(format!("device sampler: argmax id {id} outside the vocabulary")))?;
+        }
+        Ok(())
+    }
+}
+
+impl<X: Executor> DeviceSampling for GpuBackend<X> {
+    fn begin_canvas(&mut self, canvas: &[u32], settings: DeviceCanvas) -> Result<()> {
+        self.seq_mut().device_canvas = None;
+        self.check_ids(canvas, "the canvas")?;
+        self.check_canvas_len(canvas.len())?;
+        let bad = |what: String| Err(Error::InvalidArgument(format!("device sampler: {what}")));
+        if !(settings.entropy_bound.is_finite() && settings.entropy_bound > 0.0) {
+            return bad(format!("entropy_bound must be a finite float > 0, got {}", settings.entropy_bound));
+        }
+        if settings.confidence_threshold.is_nan() {
+            return bad("confidence_threshold is NaN".into());
+        }
+        if u32::try_from(settings.block).is_err() || u32::try_from(settings.stability_threshold).is_err() {
+            return bad(format!(
+                "block {} and stability_threshold {} must fit in 32 bits",
+                settings.block, settings.stability_threshold
+            ));
+        }
+        let inputs = self.seq().inputs;
+        self.upload_ids(inputs.canvas, canvas)?;
+        self.seq_mut().device_canvas = Some(DeviceCanvasState { settings, tokens: canvas.len(), argmax_row0: None });
+        Ok(())
+    }
+
+    fn step(&mut self, step: usize, temperature: f32) -> Result<DeviceStepStatus> {
+        let mut status = self.step_batch(&[(self.current, step, temperature)])?;
+        Ok(status.remove(0))
+    }
+
+    fn read_argmax(&mut self, out: &mut [u32]) -> Result<()> {
+        self.read_argmax_of(self.current, out)
+    }
+}
+
+/// The error a sampler status word reports (the host sampler's errors, in words).
+fn sampler_status_error(bits: u32, seq: usize, step: usize, block: usize) -> Error {
+    let mut why = Vec::new();
+    if bits & ops::SAMPLER_ERR_NAN_ENTROPY != 0 {
+        why.push("an entropy is NaN");
+    }
+    if bits & (ops::SAMPLER_ERR_SAMPLE | ops::SAMPLER_ERR_ARGMAX) != 0 {
+        why.push("a logits row holds NaN or +inf, or only -inf");
+    }
+    if bits & ops::SAMPLER_ERR_PARAMS != 0 {
+        why.push("the sampler params are out of range");
+    }
+    backend_error(format!(
+        "device sampler, sequence {seq} canvas {block} step {step}: {} (status bits {bits:#x})",
+        why.join("; ")
+    ))
+}

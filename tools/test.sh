@@ -18,3 +18,6 @@ cargo test --workspace --locked "$@"
 cargo test -p dgemma-cuda --features emulator --test emulated_kernels --locked
 # The CUDA backend's plans on the emulator, against the CPU backend and the bf16 cases.
 cargo test -p dgemma-gpu --features emulator --test emulated_backend --locked
+# The engine's GPU serving path (shared model, one sequence per request, batched device steps)
+# on the emulator.
+cargo test -p dgemma-runtime --features emulator --test emulated --locked

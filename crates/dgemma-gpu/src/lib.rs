@@ -30,7 +30,7 @@ pub mod shared;
 pub mod weights;
 
 pub use backend::{GpuBackend, GpuOptions};
-pub use shared::{SequenceHandle, SharedModel};
+pub use shared::{SequenceHandle, SharedBackend, SharedModel};
 pub use dgemma_cuda::{Device, Executor, GpuExecutor};
 #[cfg(feature = "emulator")]
 pub use dgemma_cuda::EmuExecutor;

@@ -142,3 +142,30 @@ impl<X: Executor> DeviceSampling for SequenceHandle<X> {
         self.backend()?.backend.read_argmax(out)
     }
 }
+
+/// A [`SharedModel`] with its executor type erased, for servers that pick the executor at run
+/// time (a GPU, or the CPU emulator in tests).
+pub trait SharedBackend: Send + Sync {
+    /// A handle on a free sequence (see [`SharedModel::sequence`]) and its index.
+    fn sequence(&self) -> Result<(Box<dyn Backend + Send>, usize)>;
+    /// One batched device step ([`GpuBackend::step_batch`]).
+    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>>;
+    /// The backend's sizes.
+    fn options(&self) -> crate::GpuOptions;
+}
+
+impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
+    fn sequence(&self) -> Result<(Box<dyn Backend + Send>, usize)> {
+        let h = SharedModel::sequence(self)?;
+        let index = h.index();
+        Ok((Box::new(h), index))
+    }
+
+    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>> {
+        lock(&self.inner).backend.step_batch(steps)
+    }
+
+    fn options(&self) -> crate::GpuOptions {
+        lock(&self.inner).backend.options()
+    }
+}

@@ -4,7 +4,8 @@ use crate::error::{Result, RuntimeError};
 use dgemma_engine::{Generator, Pass};
 use dgemma_sampler::SeededNoise;
 use crate::request::{PreparedRequest, Prompt, Request};
-use dgemma::gpu::{GpuBackend, GpuExecutor, GpuOptions, SharedModel};
+use dgemma::gpu::{GpuBackend, GpuExecutor, GpuOptions, SharedBackend, SharedModel};
+use dgemma_model::DeviceStepStatus;
 use dgemma_cpu::CpuBackend;
 use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats, Observer};
 use dgemma_model::checkpoint::Checkpoint;
@@ -34,6 +35,10 @@ pub enum BackendKind {
     /// uploaded once and every request gets its own KV cache on the device (bf16 only). Needs a
     /// build with the CUDA kernels and a GPU.
     Cuda,
+    /// The CUDA backend's exact plans on the CPU kernel emulator (feature `emulator`): tests of
+    /// the GPU serving path without a GPU. Very slow; tiny models only.
+    #[cfg(feature = "emulator")]
+    Emulator,
 }
 
 /// How to load and run the engine.
@@ -50,6 +55,9 @@ pub struct EngineOptions {
     /// [`BackendKind::Cuda`]: positions each request's KV cache holds (prompt plus canvases);
     /// longer requests are rejected. `None`: the model's context, capped at 8192.
     pub context: Option<usize>,
+    /// [`BackendKind::Cuda`]: most requests whose denoising steps share one decoder pass (the
+    /// weights are read once for all of them). The vocab-wide buffers scale with it.
+    pub max_batch: usize,
 }
 
 impl Default for EngineOptions {
@@ -60,6 +68,7 @@ impl Default for EngineOptions {
             max_concurrent: 4,
             cuda_device: 0,
             context: None,
+            max_batch: 4,
         }
     }
 }
@@ -140,7 +149,12 @@ pub struct EngineStats {
     /// Backends (KV caches) built so far; at most `max_concurrent`, reused between requests.
     pub backends: usize,
     pub encoder_passes: u64,
+    /// Denoising steps run, counted per request (a batched pass counts each of its canvases).
     pub decoder_passes: u64,
+    /// Decoder passes that served several requests' steps at once (GPU backends).
+    pub batched_passes: u64,
+    /// The most requests one batched decoder pass served.
+    pub largest_batch: usize,
     pub canvases: u64,
     /// Non-pad tokens committed by finished requests.
     pub new_tokens: u64,
@@ -274,36 +288,42 @@ struct Model {
     defaults: GenerationSettings,
     precision: Precision,
     /// The weights on the GPU ([`BackendKind::Cuda`]), shared by every request's sequence.
-    gpu: Option<SharedModel<GpuExecutor>>,
+    gpu: Option<Box<dyn SharedBackend>>,
+}
+
+/// One request's backend, and its sequence index on the shared GPU model.
+struct Slot {
+    backend: Box<dyn Backend + Send>,
+    seq: Option<usize>,
 }
 
 impl Model {
     /// A backend for one request. On the GPU this allocates a KV cache, which can fail (out
     /// of memory): that fails the request, not the engine.
-    fn new_backend(&self) -> Result<Box<dyn Backend + Send>> {
+    fn new_backend(&self) -> Result<Slot> {
         match &self.gpu {
             Some(gpu) => {
-                let seq = gpu.sequence().map_err(|e| RuntimeError::Generation(e.to_string()))?;
-                Ok(Box::new(seq))
+                let (backend, seq) = gpu.sequence().map_err(|e| RuntimeError::Generation(e.to_string()))?;
+                Ok(Slot { backend, seq: Some(seq) })
             }
             // Cheap: the big matrices stay in the shared memory map (`TensorRef` holds an `Arc`
             // of it); only the norm and router vectors are widened to f32 per backend.
-            None => Ok(Box::new(CpuBackend::new(
-                &self.checkpoint.config.text,
-                &self.weights,
-                self.precision,
-            ))),
+            None => Ok(Slot {
+                backend: Box::new(CpuBackend::new(&self.checkpoint.config.text, &self.weights, self.precision)),
+                seq: None,
+            }),
         }
     }
 }
 
-/// Uploads the weights to GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`].
+/// Uploads the weights to GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`]
+/// (or to the emulator's memory for `BackendKind::Emulator`).
 fn load_gpu(
     checkpoint: &Checkpoint,
     weights: &ModelWeights,
     precision: Precision,
     options: &EngineOptions,
-) -> std::result::Result<SharedModel<GpuExecutor>, String> {
+) -> std::result::Result<Box<dyn SharedBackend>, String> {
     if precision != Precision::Bf16 {
         return Err(format!(
             "the CUDA backend computes in bf16 only; {} was asked for",
@@ -315,16 +335,18 @@ fn load_gpu(
         .context
         .unwrap_or(8192)
         .min(cfg.text.max_position_embeddings);
+    let mut gpu_options = GpuOptions::new(context, cfg.canvas_length);
+    gpu_options.max_batch = options.max_batch.clamp(1, options.max_concurrent);
+    #[cfg(feature = "emulator")]
+    if options.backend == BackendKind::Emulator {
+        let exec = dgemma::gpu::EmuExecutor::new();
+        let backend = GpuBackend::new(exec, &cfg.text, weights, gpu_options, &mut |_, _| {}).map_err(|e| e.to_string())?;
+        return Ok(Box::new(SharedModel::new(backend)));
+    }
     let device = dgemma::cuda::open_device(options.cuda_device).map_err(|e| e.to_string())?;
-    let backend = GpuBackend::new(
-        GpuExecutor::new(device),
-        &cfg.text,
-        weights,
-        GpuOptions::new(context, cfg.canvas_length),
-        &mut |_, _| {},
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(SharedModel::new(backend))
+    let backend = GpuBackend::new(GpuExecutor::new(device), &cfg.text, weights, gpu_options, &mut |_, _| {})
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(SharedModel::new(backend)))
 }
 
 struct Shared {
@@ -424,10 +446,13 @@ impl Engine {
         );
         let gpu = match options.backend {
             BackendKind::Cpu => None,
-            BackendKind::Cuda => {
+            _ => {
+                if options.max_batch == 0 {
+                    return Err(RuntimeError::InvalidOptions("max_batch must be at least 1".into()));
+                }
                 let gpu = load_gpu(&checkpoint, &weights, precision, &options).map_err(load_err)?;
                 // Requests are validated against what a sequence's cache holds.
-                defaults.context_length = gpu.with_backend(|b| b.options().context);
+                defaults.context_length = gpu.options().context;
                 Some(gpu)
             }
         };
@@ -662,10 +687,12 @@ impl Observer for Collect {
 struct Active<'m> {
     job: Job,
     gen: Generator<SeededNoise>,
-    backend: Box<dyn Backend + Send>,
+    slot: Slot,
     decoder: StreamDecoder<'m>,
     text: String,
     admitted: Instant,
+    /// What this round's batched device step did for this request (then it skips its own pass).
+    batched: Option<Outcome>,
 }
 
 enum Outcome {
@@ -678,12 +705,9 @@ enum Outcome {
 impl Active<'_> {
     /// One forward pass and the events it produced.
     fn step(&mut self, logits: &mut Vec<f32>, stats: &Mutex<EngineStats>) -> Outcome {
-        let mut obs = Collect {
-            drafts: self.job.prepared.stream_drafts,
-            ..Default::default()
-        };
+        let mut obs = self.collector();
         let t = Instant::now();
-        let pass = self.gen.advance(self.backend.as_mut(), logits, &mut obs);
+        let pass = self.gen.advance(self.slot.backend.as_mut(), logits, &mut obs);
         {
             let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
             st.busy_time += t.elapsed();
@@ -694,11 +718,45 @@ impl Active<'_> {
             }
             st.canvases += obs.canvases.len() as u64;
         }
+        self.deliver(pass.map(|_| ()).map_err(|e| e.to_string()), obs)
+    }
+
+    fn collector(&self) -> Collect {
+        Collect { drafts: self.job.prepared.stream_drafts, ..Default::default() }
+    }
+
+    /// The next device step of this request for a batched pass, when its next pass is one.
+    fn device_step(&mut self) -> std::result::Result<Option<(usize, usize, f32)>, String> {
+        let Some(seq) = self.slot.seq else { return Ok(None) };
+        let Some(device) = self.slot.backend.device_sampling() else { return Ok(None) };
+        match self.gen.device_step(device) {
+            Ok(Some((step, temperature))) => Ok(Some((seq, step, temperature))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Applies this request's result of a batched device step and delivers its events.
+    fn finish_device_step(
+        &mut self,
+        status: std::result::Result<DeviceStepStatus, String>,
+        share: std::time::Duration,
+        stats: &Mutex<EngineStats>,
+    ) -> Outcome {
+        let mut obs = self.collector();
+        self.gen.add_denoise_time(share);
+        let done = status.and_then(|st| {
+            let device = self.slot.backend.device_sampling().ok_or("the backend lost its device sampler")?;
+            self.gen.finish_device_step(device, st, &mut obs).map_err(|e| e.to_string())
+        });
+        stats.lock().unwrap_or_else(|e| e.into_inner()).canvases += obs.canvases.len() as u64;
+        self.deliver(done, obs)
+    }
+
+    /// Sends what a pass produced to the request's listener.
+    fn deliver(&mut self, pass: std::result::Result<(), String>, obs: Collect) -> Outcome {
         if let Err(e) = pass {
-            let _ = self
-                .job
-                .events
-                .send(Event::Error(RuntimeError::Generation(e.to_string())));
+            let _ = self.job.events.send(Event::Error(RuntimeError::Generation(e)));
             return Outcome::Failed;
         }
         let mut delivered = true;
@@ -752,13 +810,51 @@ impl Active<'_> {
     }
 }
 
+/// One batched denoising step for every active request (not cancelled) whose next pass is a
+/// device step, in decoder passes of up to the GPU model's `max_batch` canvases; each request's
+/// outcome waits in `Active::batched` for the round.
+fn batched_round(gpu: &dyn SharedBackend, active: &mut [Active], stats: &Mutex<EngineStats>) {
+    let mut ready = Vec::new();
+    for (i, a) in active.iter_mut().enumerate() {
+        if a.job.cancel.is_cancelled() {
+            continue;
+        }
+        match a.device_step() {
+            Ok(Some(step)) => ready.push((i, step)),
+            Ok(None) => {}
+            Err(e) => a.batched = Some(a.deliver(Err(e), Collect::default())),
+        }
+    }
+    for chunk in ready.chunks(gpu.options().max_batch) {
+        let steps: Vec<(usize, usize, f32)> = chunk.iter().map(|&(_, s)| s).collect();
+        let t = Instant::now();
+        let result = gpu.step_batch(&steps);
+        let elapsed = t.elapsed();
+        {
+            let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
+            st.busy_time += elapsed;
+            st.decoder_passes += chunk.len() as u64;
+            st.batched_passes += 1;
+            st.largest_batch = st.largest_batch.max(chunk.len());
+        }
+        let share = elapsed / chunk.len() as u32;
+        for (k, &(i, _)) in chunk.iter().enumerate() {
+            let status = match &result {
+                Ok(statuses) => Ok(statuses[k]),
+                Err(e) => Err(e.to_string()),
+            };
+            active[i].batched = Some(active[i].finish_device_step(status, share, stats));
+        }
+    }
+}
+
 /// The scheduler: admits queued requests up to `max_concurrent`, then runs one forward pass of
 /// every active request per round (round-robin), so a finished request leaves at once and the
 /// next queued one starts in the next round.
 fn scheduler(shared: &Shared, rx: Receiver<Command>) {
     let model = &shared.model;
     let max = shared.options.max_concurrent;
-    let mut free: Vec<Box<dyn Backend + Send>> = Vec::new();
+    let mut free: Vec<Slot> = Vec::new();
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut active: Vec<Active<'_>> = Vec::new();
     // One logits buffer for every request: passes run one at a time on this thread.
@@ -821,7 +917,7 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                     continue;
                 }
             };
-            let backend = match free.pop() {
+            let slot = match free.pop() {
                 Some(b) => b,
                 None => match model.new_backend() {
                     Ok(b) => {
@@ -846,18 +942,25 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
             active.push(Active {
                 job,
                 gen,
-                backend,
+                slot,
                 decoder,
                 text: String::new(),
                 admitted: Instant::now(),
+                batched: None,
             });
         }
-        // One round: one pass per active request.
+        // On the GPU, the requests whose next pass is a denoising step share decoder passes.
+        if let Some(gpu) = &model.gpu {
+            batched_round(gpu.as_ref(), &mut active, &shared.stats);
+        }
+        // One round: one pass per active request (those not served by a batched pass).
         let mut i = 0;
         while i < active.len() {
             let a = &mut active[i];
             let outcome = if a.job.cancel.is_cancelled() {
                 Outcome::Cancelled
+            } else if let Some(o) = a.batched.take() {
+                o
             } else {
                 a.step(&mut logits, &shared.stats)
             };
@@ -895,8 +998,8 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
             }
             drop(st);
             // Free the KV cache now and keep the (empty) backend for the next request.
-            a.backend.reset();
-            free.push(a.backend);
+            a.slot.backend.reset();
+            free.push(a.slot);
             // swap_remove moved the last request to `i`: do not advance.
         }
     }

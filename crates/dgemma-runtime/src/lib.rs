@@ -19,13 +19,17 @@
 //! end), and the noise is counter-based (keyed by seed,
 //! block, step and position), so a request's output does not depend on what else runs.
 //!
-//! **Not batched yet:** each active request runs its own forward passes on its own backend
-//! (one KV cache each); the scheduler interleaves them, it does not fuse several canvases into
-//! one forward. True batching needs a batched backend API (several sequences' canvases in one
-//! decoder pass, a paged KV cache sized from device memory), which the CUDA backend is to
-//! provide; the scheduler is the place where it plugs in. Backends are built lazily, at most
-//! `max_concurrent` of them, and reused (their cache is cleared between requests). On the CPU
-//! backend they share the memory-mapped weights.
+//! **Batching.** On the CPU backend each active request runs its own forward passes on its own
+//! backend (one KV cache each, sharing the memory-mapped weights). On the GPU
+//! ([`BackendKind::Cuda`]) the weights are uploaded once and every request gets a sequence (its
+//! own KV cache) on the shared model; each round, the requests whose next pass is a denoising
+//! step share decoder passes of up to [`EngineOptions::max_batch`] canvases (the weights are
+//! read once for all of them), with the sampler on the device; prefills and commits run per
+//! request. Every row of a batched pass is bit-identical to a pass over its request alone, so
+//! batching changes no output. Backends are built lazily, at most `max_concurrent` of them,
+//! and reused (their cache is cleared between requests). Not yet: a paged KV pool sized from
+//! free device memory (admission is by `max_concurrent`), and chunked prefill interleaved with
+//! the batched steps.
 //!
 //! ```no_run
 //! use dgemma_runtime::{Engine, EngineOptions, Event, Request};

@@ -288,8 +288,16 @@ fn batched_steps<X: Executor>(
             out.push(r);
             continue;
         }
-        while backend.sequences() < b {
-            backend.add_sequence_with_context(ctx + 2 * canvas)?;
+        let mut grown = Ok(());
+        while grown.is_ok() && backend.sequences() < b {
+            grown = backend.add_sequence_with_context(ctx + 2 * canvas).map(|_| ());
+        }
+        if let Err(e) = grown {
+            // Out of memory for more sequences: report it, keep the figures already taken.
+            let mut r = Record::new(name, f64::NAN, "ms");
+            r.note = format!("not run: {e}");
+            out.push(r);
+            break;
         }
         let seqs: Vec<usize> = (0..b).collect();
         for &i in &seqs {

@@ -148,8 +148,8 @@ impl<X: Executor> DeviceSampling for SequenceHandle<X> {
 pub trait SharedBackend: Send + Sync {
     /// A handle on a free sequence (see [`SharedModel::sequence`]) and its index.
     fn sequence(&self) -> Result<(Box<dyn Backend + Send>, usize)>;
-    /// One batched device step ([`GpuBackend::step_batch`]).
-    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>>;
+    /// One batched device step ([`GpuBackend::step_batch`]): per-sequence results.
+    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>>;
     /// The backend's sizes.
     fn options(&self) -> crate::GpuOptions;
 }
@@ -161,7 +161,7 @@ impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
         Ok((Box::new(h), index))
     }
 
-    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>> {
+    fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>> {
         lock(&self.inner).backend.step_batch(steps)
     }
 

@@ -839,8 +839,9 @@ fn batched_round(gpu: &dyn SharedBackend, active: &mut [Active], stats: &Mutex<E
         }
         let share = elapsed / chunk.len() as u32;
         for (k, &(i, _)) in chunk.iter().enumerate() {
+            // A sampler error fails only its own request; a failed pass fails the chunk.
             let status = match &result {
-                Ok(statuses) => Ok(statuses[k]),
+                Ok(statuses) => statuses[k].as_ref().copied().map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             active[i].batched = Some(active[i].finish_device_step(status, share, stats));

@@ -12,9 +12,10 @@ use crate::error::{backend_error, cuda};
 impl<X: Executor> GpuBackend<X> {
     /// One device step for each `(sequence, step, temperature)`, all in one decoder pass (up to
     /// `max_batch` sequences, each at its cache's end, each with a canvas begun by
-    /// `begin_canvas`). Returns each sequence's status, in order. A sampler error is an error
-    /// for the whole call and ends the canvases that reported it.
-    pub fn step_batch(&mut self, steps: &[(usize, usize, f32)]) -> Result<Vec<DeviceStepStatus>> {
+    /// `begin_canvas`). Returns each sequence's own result, in order: a sampler error (a NaN
+    /// entropy, a non-finite logits row) is that sequence's error and ends its canvas, the others
+    /// go on. The outer error is a failure of the whole pass (bad arguments, a device error).
+    pub fn step_batch(&mut self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>> {
         let seqs: Vec<usize> = steps.iter().map(|s| s.0).collect();
         let mut tokens = None;
         for &(seq, step, temperature) in steps {
@@ -55,7 +56,6 @@ impl<X: Executor> GpuBackend<X> {
             }
         }
         let mut out = Vec::with_capacity(steps.len());
-        let mut failed = Vec::new();
         for &(seq, step, _) in steps {
             let status = self.seqs[seq].sampler.read_status(&mut self.exec)?;
             self.device_steps += 1;
@@ -63,19 +63,16 @@ impl<X: Executor> GpuBackend<X> {
                 // The canvas on the device is not a valid next canvas any more.
                 let block = self.seqs[seq].device_canvas.map_or(0, |s| s.settings.block);
                 self.seqs[seq].device_canvas = None;
-                failed.push(sampler_status_error(status.error, seq, step, block));
+                out.push(Err(sampler_status_error(status.error, seq, step, block)));
                 continue;
             }
-            out.push(DeviceStepStatus {
+            out.push(Ok(DeviceStepStatus {
                 finished: status.finished,
                 accepted: status.accepted as usize,
                 mean_entropy: status.mean_entropy,
-            });
+            }));
         }
-        match failed.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(out)
     }
 
     /// The argmax canvas of sequence `seq`'s last device step (readable until the next
@@ -132,8 +129,7 @@ impl<X: Executor> DeviceSampling for GpuBackend<X> {
     }
 
     fn step(&mut self, step: usize, temperature: f32) -> Result<DeviceStepStatus> {
-        let mut status = self.step_batch(&[(self.current, step, temperature)])?;
-        Ok(status.remove(0))
+        self.step_batch(&[(self.current, step, temperature)])?.remove(0)
     }
 
     fn read_argmax(&mut self, out: &mut [u32]) -> Result<()> {

@@ -589,6 +589,7 @@ pub fn check_batched_steps_are_exact<X: Executor>(make: impl Fn() -> X) {
             (0..3).filter(|&i| round >= start[i]).map(|i| (i, round - start[i], temperature(round - start[i]))).collect();
         let statuses = g.step_batch(&batch).unwrap();
         for (&(i, step, _), st) in batch.iter().zip(statuses) {
+            let st = st.unwrap();
             let mut am = vec![0u32; c];
             g.read_argmax_of(i, &mut am).unwrap();
             let (want_st, want_am) = &alone[i][step];

@@ -28,7 +28,7 @@ use dgemma_cuda::codegen::shapes::{gumbel_sample_spec, read_bandwidth_spec, samp
 use dgemma_cuda::codegen::{KernelSpec, Op, RowSoftmaxEntropyArgmax};
 use dgemma_cuda::ops::{self, LaunchPlan, Routing, SamplerParams};
 use dgemma_cuda::{Region, Step};
-use gpu_common::{bf16_pattern, f32_pattern, region_of, region_with, Figure, Floors, Rng};
+use gpu_common::{bf16_pattern, region_of, region_with, Figure, Floors, Rng};
 
 const BENCH: &str = "gpu_kernels";
 
@@ -51,11 +51,6 @@ fn launch(plan: dgemma_cuda::Result<LaunchPlan>) -> Vec<Step> {
 /// `n` bf16 values in [-scale, scale).
 fn bf16s(exec: &mut GpuExecutor, n: usize, scale: f32, seed: u64, what: &str) -> Region {
     region_with(exec, 2 * n, &bf16_pattern((1 << 20) - 3, scale, seed), what)
-}
-
-/// `n` f32 values in [-scale, scale).
-fn f32s(exec: &mut GpuExecutor, n: usize, scale: f32, seed: u64, what: &str) -> Region {
-    region_with(exec, 4 * n, &f32_pattern((1 << 19) - 3, scale, seed), what)
 }
 
 /// An output buffer of `bytes` (its contents are overwritten).
@@ -210,11 +205,12 @@ fn cases(
         launch(ops::plan_softcap(&k.softcap, l.b16(), o.b32(), 30.0, n))
     }));
 
-    // ---- The sampler's row statistics (P = logits / T, bf16(P), argmax, entropy)
+    // ---- The sampler's row statistics from the bf16 LM-head output (P = softcap(x) / T, argmax,
+    // entropy, the self-conditioning softmax statistics); the row is read once per pass (4)
     v_cases.push(case(
-        Figure::new(format!("row_softmax_entropy_argmax.v{v}.rows{m}"), (4 * n + 4 * n + 2 * n + 8 * m) as f64, 0.0),
+        Figure::new(format!("row_softmax_entropy_argmax.v{v}.rows{m}"), (4 * 2 * n + 16 * m) as f64, 0.0),
         move |x| {
-            let logits = f32s(x, n, 30.0, 16, "logits");
+            let logits = bf16s(x, n, 40.0, 16, "logits");
             let params = SamplerParams {
                 seed: 7,
                 block: 0,
@@ -225,26 +221,11 @@ fn cases(
                 stability_threshold: 1,
             };
             let p = region_of(x, &params.to_words(), "params");
-            let (pr, pb) = (out(x, 4 * n, "processed"), out(x, 2 * n, "processed bf16"));
-            let (am, en) = (out(x, 4 * m, "argmax"), out(x, 4 * m, "entropy"));
-            launch(ops::plan_row_softmax_entropy_argmax(
-                &row_stats,
-                logits.b32(),
-                p.b32(),
-                Some(pr.b32()),
-                Some(pb.b16()),
-                am.b32(),
-                en.b32(),
-                m,
-            ))
+            let (am, en, st) = (out(x, 4 * m, "argmax"), out(x, 4 * m, "entropy"), out(x, 8 * m, "sc stats"));
+            let lx = ops::ProcessedLogits { logits: logits.b16(), cap: 30.0, params: Some(p.b32()) };
+            launch(ops::plan_row_softmax_entropy_argmax(&row_stats, lx, Some(am.b32()), Some(en.b32()), Some(st.b32()), m))
         },
     ));
-
-    // ---- Self-conditioning softmax (bf16 -> bf16)
-    v_cases.push(case(Figure::new(format!("row_softmax.v{v}.rows{m}"), (2 * n + 2 * n) as f64, 0.0), move |x| {
-        let (l, o) = (bf16s(x, n, 20.0, 17, "logits"), out(x, 2 * n, "probs"));
-        launch(ops::plan_row_softmax(&k.sc_softmax, l.b16(), o.b16(), m))
-    }));
 
     // ---- Attention: decoder (bidirectional over the cache and the canvas) and encoder chunks
     let window = text.sliding_window;
@@ -388,40 +369,77 @@ fn cases(
     let (ids, used) = routing(m, top_k, e, 28);
     let pairs = m * top_k;
     let r = Routing { tokens: m, top_k, num_experts: e };
+    // The routing sort's outputs for `ids` (computed here; the sort itself is its own case).
+    let (offsets, sorted) = {
+        let mut offsets = Vec::with_capacity(e + 1);
+        let mut sorted = Vec::with_capacity(pairs);
+        for ex in 0..e as i32 {
+            offsets.push(sorted.len() as i32);
+            sorted.extend((0..pairs as i32).filter(|&p| ids[p as usize] == ex));
+        }
+        offsets.push(sorted.len() as i32);
+        (offsets, sorted)
+    };
     {
         let ids = ids.clone();
+        v_cases.push(case(
+            Figure::new(format!("moe_sort.e{e}.pairs{pairs}"), (4 * (2 * pairs + e + 1)) as f64, 0.0),
+            move |x| {
+                let ex = region_of(x, &ids, "experts");
+                let (o, s) = (out(x, 4 * (e + 1), "offsets"), out(x, 4 * pairs, "sorted"));
+                launch(ops::plan_moe_sort(&k.moe_sort, ex.b32(), o.b32(), s.b32(), pairs))
+            },
+        ));
+    }
+    {
+        let (offsets, sorted) = (offsets.clone(), sorted.clone());
         let n = 2 * moe;
         v_cases.push(case(
             Figure::new(
                 format!("grouped_gemm.gate_up_geglu.n{n}.k{h}.tokens{m}.top{top_k}"),
-                (2 * (m * h + used * n * h + pairs * moe) + 4 * pairs) as f64,
+                (2 * (m * h + used * n * h + pairs * moe) + 4 * (pairs + e + 1)) as f64,
                 2.0 * (pairs * n * h) as f64,
             ),
             move |x| {
                 let (a, w) = (bf16s(x, m * h, 2.0, 29, "x"), bf16s(x, e * n * h, 0.03, 30, "experts gate_up"));
-                let ex = region_of(x, &ids, "experts");
+                let sp = ops::SortedPairs {
+                    offsets: region_of(x, &offsets, "offsets").b32(),
+                    sorted: region_of(x, &sorted, "sorted").b32(),
+                };
                 let o = out(x, 2 * pairs * moe, "out");
-                launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, a.b16(), ex.b32(), w.b16(), o.b16(), r))
+                launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, a.b16(), sp, w.b16(), o.b16(), r))
             },
         ));
     }
     v_cases.push(case(
         Figure::new(
-            format!("grouped_gemm.down_combine.n{h}.k{moe}.tokens{m}.top{top_k}"),
-            (2 * (pairs * moe + used * h * moe + m * h) + 8 * pairs) as f64,
+            format!("grouped_gemm.down.n{h}.k{moe}.tokens{m}.top{top_k}"),
+            (2 * (pairs * moe + used * h * moe + pairs * h) + 4 * (pairs + e + 1)) as f64,
             2.0 * (pairs * h * moe) as f64,
         ),
         move |x| {
             let (a, w) = (bf16s(x, pairs * moe, 2.0, 31, "act"), bf16s(x, e * h * moe, 0.03, 32, "experts down"));
+            let sp = ops::SortedPairs {
+                offsets: region_of(x, &offsets, "offsets").b32(),
+                sorted: region_of(x, &sorted, "sorted").b32(),
+            };
+            let y = out(x, 2 * pairs * h, "y");
+            launch(ops::plan_grouped_gemm_down(&k.experts_down, a.b16(), sp, w.b16(), y.b16(), r))
+        },
+    ));
+    v_cases.push(case(
+        Figure::new(format!("moe_combine.h{h}.tokens{m}.top{top_k}"), (2 * (pairs * h + m * h) + 8 * pairs) as f64, 0.0),
+        move |x| {
+            let y = bf16s(x, pairs * h, 2.0, 33, "y");
             let ex = region_of(x, &ids, "experts");
             let wts: Vec<f32> = (0..pairs).map(|i| 0.05 + 0.01 * (i % 7) as f32).collect();
             let wt = region_of(x, &wts, "weights");
             let o = out(x, 2 * m * h, "out");
-            launch(ops::plan_grouped_gemm_combine(&k.experts_down, a.b16(), ex.b32(), wt.b32(), w.b16(), o.b16(), r))
+            launch(ops::plan_moe_combine(&k.moe_combine, y.b16(), ex.b32(), wt.b32(), o.b16(), r))
         },
     ));
 
-    // ---- Self-conditioning: probs [256, V] @ E [V, H]
+    // ---- Self-conditioning: softmax(bf16(P)) [256, V] @ E [V, H], P recomputed from the logits
     v_cases.push(case(
         Figure::new(
             format!("soft_embedding.h{h}.v{v}.rows{m}"),
@@ -429,9 +447,13 @@ fn cases(
             2.0 * (m * v * h) as f64,
         ),
         move |x| {
-            let (p, t, o) =
-                (bf16s(x, m * v, 1e-5, 33, "probs"), bf16s(x, v * h, 0.03, 34, "embedding"), out(x, 2 * m * h, "out"));
-            launch(ops::plan_soft_embedding(&k.soft_embedding, p.b16(), t.b16(), o.b16(), 53.0, m))
+            let (l, t, o) =
+                (bf16s(x, m * v, 8.0, 33, "logits"), bf16s(x, v * h, 0.03, 34, "embedding"), out(x, 2 * m * h, "out"));
+            // Statistics of a flat row: max 8, 1 / sum over V entries of about exp(-4).
+            let stats: Vec<f32> = (0..m).flat_map(|_| [8.0f32, (-4.0f32).exp().recip() / v as f32]).collect();
+            let st = region_of(x, &stats, "sc stats");
+            let lx = ops::ProcessedLogits { logits: l.b16(), cap: 0.0, params: None };
+            launch(ops::plan_soft_embedding(&k.soft_embedding, lx, st.b32(), t.b16(), o.b16(), 53.0, m))
         },
     ));
 
@@ -445,10 +467,11 @@ fn cases(
         confidence_threshold: 0.005,
         stability_threshold: 1,
     };
-    v_cases.push(case(Figure::new(format!("gumbel_sample.v{v}.rows{m}"), (4 * n + 4 * m) as f64, 0.0), move |x| {
+    v_cases.push(case(Figure::new(format!("gumbel_sample.v{v}.rows{m}"), (2 * n + 4 * m) as f64, 0.0), move |x| {
         let p = region_of(x, &sampler_params.to_words(), "params");
-        let (pr, s) = (f32s(x, n, 8.0, 35, "processed"), out(x, 4 * m, "sampled"));
-        launch(ops::plan_gumbel_sample(&gumbel, p.b32(), pr.b32(), s.b32(), m))
+        let (l, s) = (bf16s(x, n, 40.0, 35, "logits"), out(x, 4 * m, "sampled"));
+        let lx = ops::ProcessedLogits { logits: l.b16(), cap: 30.0, params: Some(p.b32()) };
+        launch(ops::plan_gumbel_sample(&gumbel, lx, s.b32(), m))
     }));
     v_cases.push(case(Figure::new(format!("sampler_canvas.c{m}"), (4 * m * 7) as f64, 0.0), move |x| {
         let mut rng = Rng::new(36);

@@ -137,6 +137,8 @@ impl State {
                         return Err("the synthetic model gave non-finite logits".into());
                     }
                     backend.reset();
+                    // Timed steps run the device sampler too: give it valid params.
+                    backend.bench_sampler_params().map_err(|e| e.to_string())?;
                     return Ok(State { backend, flush, floors, capacity, chunk, canvas });
                 }
                 Err(e) => {
@@ -180,7 +182,7 @@ fn figure(cfg: &dgemma::model::config::ModelConfig, st: Option<&State>, work: &W
                 weights + attended(ctx),
                 pass_flops(text, canvas, ctx, true),
             );
-            f.note = "one canvas, self-conditioning on, recorded pass replayed".into();
+            f.note = "one denoising step of one canvas (decoder pass with self-conditioning, device sampler), recorded and replayed".into();
             f
         }
         Work::Commit { at } => Figure::new(

@@ -50,6 +50,11 @@ __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); 
 __device__ __forceinline__ float f32_nan() { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ bf16 bf16_nan() { return __ushort_as_bfloat16((unsigned short)0x7fc0); }
 
+// The final-logit soft cap, tanh(x / cap) * cap (model-spec 3.5): the softcap kernel and every
+// kernel that recomputes a processed logit from the LM head's bf16 output use this one
+// expression, so their values are bit-identical.
+__device__ __forceinline__ float softcap_value(float x, float cap) { return mul(tanhf(fdiv(x, cap)), cap); }
+
 // gelu with the tanh approximation, in the CPU's operation order
 // (ops/activation.rs: inner = sqrt(2/pi) * (x + 0.044715 * x * x * x); 0.5 * x * (1 + tanh(inner))).
 // tanhf differs from the host libm by at most a couple of float32 ulps.
@@ -144,6 +149,20 @@ constexpr int SAMPLER_P_TEMPERATURE = 4;
 constexpr int SAMPLER_P_ENTROPY_BOUND = 5;
 constexpr int SAMPLER_P_CONFIDENCE = 6;
 constexpr int SAMPLER_P_STABILITY = 7;
+
+// The processed logit P = softcap(x) / T of one LM-head output x (bf16), the value the sampler
+// and the next step's self-conditioning see (model-spec 4.2): T is read from the params buffer
+// (null: T = 1), cap <= 0 means no soft cap (the host's self-conditioning logits arrive as bf16
+// P already, so cap 0 and T 1 give them back exactly).
+__device__ __forceinline__ float sampler_temperature(const unsigned int* params)
+{
+    return params ? __uint_as_float(params[SAMPLER_P_TEMPERATURE]) : 1.0f;
+}
+__device__ __forceinline__ float processed_logit(bf16 x, float cap, float temperature)
+{
+    const float l = cap > 0.0f ? softcap_value(f32(x), cap) : f32(x);
+    return fdiv(l, temperature);
+}
 
 // Body of an arch-specific kernel launched on the wrong arch: fail loudly (the launch returns
 // CUDA_ERROR_LAUNCH_FAILED / an illegal-instruction error) rather than compute garbage.

@@ -20,8 +20,9 @@
 // Compile-time: the vocabulary of gumbel_sample (VOCAB), the largest canvas of sampler_canvas
 // (MAX_CANVAS). Run-time arguments (fixed per model, baked into a graph): rows / canvas, vocab.
 //
-// 1. gumbel_sample<VOCAB, THREADS> (one block per canvas row r, P = processed[r], f32, already
-//    divided by T): the categorical draw of SeededNoise::sample,
+// 1. gumbel_sample<VOCAB, THREADS> (one block per canvas row r, P = softcap(x[r]) / T recomputed
+//    from the LM head's bf16 output x with common.cuh processed_logit, bit for bit the values the
+//    row pass and the host sampler see): the categorical draw of SeededNoise::sample,
 //
 //      sampled[r] = argmax_v fl(P[v] + g_v),  first index among equal maxima,
 //      g_v        = gumbel_from_bits(philox4x32_10([v >> 2, r, block, (2 << 24) | step], seed)[v & 3])
@@ -220,7 +221,8 @@ __device__ __forceinline__ float gumbel_upper_bound(unsigned w)
 }
 
 template <int VOCAB, int THREADS>
-__device__ __forceinline__ void gumbel_sample(const unsigned* params, const float* processed, int* sampled, int rows)
+__device__ __forceinline__ void gumbel_sample(const unsigned* params, const bf16* logits, float cap, int* sampled,
+                                              int rows)
 {
     __shared__ float vs[32];
     __shared__ int is[32];
@@ -230,7 +232,8 @@ __device__ __forceinline__ void gumbel_sample(const unsigned* params, const floa
     const unsigned k0 = params[SAMPLER_P_SEED_LO], k1 = params[SAMPLER_P_SEED_HI];
     const unsigned blk = params[SAMPLER_P_BLOCK];
     const unsigned c3 = (SAMPLER_TAG_SAMPLE << 24) | params[SAMPLER_P_STEP];
-    const float* p = processed + (size_t)row * VOCAB;
+    const bf16* p = logits + (size_t)row * VOCAB;
+    const float t = sampler_temperature(params);
     // fl(P + g) <= fl(P + g_bound) for every g (noise.rs G_BOUND).
     const float g_bound = add(gumbel_from_bits(0u), 1.0f);
 
@@ -243,7 +246,7 @@ __device__ __forceinline__ void gumbel_sample(const unsigned* params, const floa
         float gmax = -f32_inf();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            x[j] = (VOCAB % 4 == 0 || v0 + j < VOCAB) ? p[v0 + j] : -f32_inf();
+            x[j] = (VOCAB % 4 == 0 || v0 + j < VOCAB) ? processed_logit(p[v0 + j], cap, t) : -f32_inf();
             bad |= (x[j] != x[j]) || (x[j] == f32_inf());
             any_finite |= x[j] > -f32_inf();
             gmax = fmaxf(gmax, x[j]);

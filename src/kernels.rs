@@ -43,7 +43,7 @@ mod tests {
             // A fatbin starts with the fatbin magic 0xBA55ED50 (little endian).
             assert_eq!(&FATBIN[..4], &[0x50, 0xed, 0x55, 0xba]);
             assert_eq!(kernel_target("rmsnorm_w2816_scale_resadd_bf16"), Some("all"));
-            assert_eq!(kernel_target("linear_n262144_k2816_r4_w8_bf16_sm90a"), Some("sm_90a"));
+            assert_eq!(kernel_target("linear_n262144_k2816_t64x128x32_w32x32_bf16"), Some("all"));
         } else {
             assert!(ARCHS.is_empty());
         }

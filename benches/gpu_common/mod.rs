@@ -240,12 +240,6 @@ pub fn bf16_pattern(n: usize, scale: f32, seed: u64) -> Vec<u8> {
     (0..n).flat_map(|_| dgemma_cuda::bf16::from_f32(rng.uniform() * scale).to_le_bytes()).collect()
 }
 
-/// Bytes of `n` f32 values uniform in [-scale, scale).
-pub fn f32_pattern(n: usize, scale: f32, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    (0..n).flat_map(|_| (rng.uniform() * scale).to_le_bytes()).collect()
-}
-
 /// A region holding exactly `v` (ids, routing, params).
 pub fn region_of<X: Executor, T: dgemma_cuda::exec::Pod>(exec: &mut X, v: &[T], what: &str) -> Region {
     exec.alloc_from(v, what).unwrap_or_else(|e| panic!("{what}: {e}"))

@@ -61,15 +61,14 @@ const GEGLU: &[Param] = &[
 ];
 const SOFTCAP: &[Param] = &[p(BF16_IN, "logits"), p("float*", "out"), p("float", "cap"), p("long long", "n")];
 const ROW_SOFTMAX_ENTROPY_ARGMAX: &[Param] = &[
-    p("const float*", "logits"),
+    p(BF16_IN, "logits"),
+    p("float", "cap"),
     p("const unsigned int*", "params"),
-    p("float*", "processed"),
-    p(BF16_OUT, "processed_bf16"),
     p("int*", "argmax"),
     p("float*", "entropy"),
+    p("float*", "sc_stats"),
     p("int", "rows"),
 ];
-const ROW_SOFTMAX: &[Param] = &[p(BF16_IN, "logits"), p(BF16_OUT, "probs"), p("int", "rows")];
 const ATTENTION: &[Param] = &[
     p(BF16_IN, "q"),
     p(BF16_IN, "k"),
@@ -83,20 +82,24 @@ const ATTENTION: &[Param] = &[
     p("int", "window"),
 ];
 const LINEAR: &[Param] = &[p(BF16_IN, "x"), p(BF16_IN, "w"), p(BF16_OUT, "y"), p("int", "rows")];
-const GROUPED_GEGLU: &[Param] = &[
+/// Both grouped GEMMs: `x` is the input (token rows for GeGLU, pair rows for the down
+/// projection), `sorted` / `offsets` the pairs grouped by expert (`MOE_SORT`'s outputs).
+const GROUPED_GEMM: &[Param] = &[
     p(BF16_IN, "x"),
-    p("const int*", "experts"),
+    p("const int*", "sorted"),
+    p("const int*", "offsets"),
     p(BF16_IN, "w"),
     p(BF16_OUT, "out"),
     p("int", "tokens"),
     p("int", "top_k"),
     p("int", "num_experts"),
 ];
-const GROUPED_COMBINE: &[Param] = &[
-    p(BF16_IN, "act"),
+const MOE_SORT: &[Param] =
+    &[p("const int*", "experts"), p("int*", "offsets"), p("int*", "sorted"), p("int", "pairs")];
+const MOE_COMBINE: &[Param] = &[
+    p(BF16_IN, "y"),
     p("const int*", "experts"),
     p("const float*", "weights"),
-    p(BF16_IN, "w"),
     p(BF16_OUT, "out"),
     p("int", "tokens"),
     p("int", "top_k"),
@@ -113,11 +116,24 @@ const ROUTER: &[Param] = &[
     p("float", "root"),
     p("int", "tokens"),
 ];
-const SOFT_EMBEDDING: &[Param] =
-    &[p(BF16_IN, "probs"), p(BF16_IN, "table"), p(BF16_OUT, "out"), p("float", "scale"), p("int", "rows")];
+const SOFT_EMBEDDING: &[Param] = &[
+    p(BF16_IN, "logits"),
+    p("float", "cap"),
+    p("const unsigned int*", "params"),
+    p("const float*", "sc_stats"),
+    p(BF16_IN, "table"),
+    p(BF16_OUT, "out"),
+    p("float", "scale"),
+    p("int", "rows"),
+];
 
-const GUMBEL_SAMPLE: &[Param] =
-    &[p("const unsigned int*", "params"), p("const float*", "processed"), p("int*", "sampled"), p("int", "rows")];
+const GUMBEL_SAMPLE: &[Param] = &[
+    p("const unsigned int*", "params"),
+    p(BF16_IN, "logits"),
+    p("float", "cap"),
+    p("int*", "sampled"),
+    p("int", "rows"),
+];
 const SAMPLER_CANVAS: &[Param] = &[
     p("const unsigned int*", "params"),
     p("const float*", "entropy"),
@@ -144,13 +160,11 @@ pub fn params(spec: &KernelSpec) -> &'static [Param] {
         Op::Geglu => GEGLU,
         Op::Softcap => SOFTCAP,
         Op::RowSoftmaxEntropyArgmax(_) => ROW_SOFTMAX_ENTROPY_ARGMAX,
-        Op::RowSoftmax(_) => ROW_SOFTMAX,
         Op::Attention(_) => ATTENTION,
         Op::Linear(_) => LINEAR,
-        Op::GroupedGemm(g) => match g.fuse {
-            GemmFuse::Geglu => GROUPED_GEGLU,
-            GemmFuse::Combine => GROUPED_COMBINE,
-        },
+        Op::GroupedGemm(_) => GROUPED_GEMM,
+        Op::MoeSort(_) => MOE_SORT,
+        Op::MoeCombine(_) => MOE_COMBINE,
         Op::Router(_) => ROUTER,
         Op::SoftEmbedding(_) => SOFT_EMBEDDING,
         Op::GumbelSample(_) => GUMBEL_SAMPLE,
@@ -173,7 +187,6 @@ fn template_call(spec: &KernelSpec) -> String {
         Op::Geglu => format!("dgemma::geglu<{t}>"),
         Op::Softcap => format!("dgemma::softcap<{t}>"),
         Op::RowSoftmaxEntropyArgmax(r) => format!("dgemma::row_softmax_entropy_argmax<{}, {t}>", r.vocab),
-        Op::RowSoftmax(r) => format!("dgemma::row_softmax<{}, {t}>", r.vocab),
         Op::Attention(a) => {
             let mask = match a.mask {
                 MaskKind::Causal => "dgemma::Mask::Causal",
@@ -182,14 +195,20 @@ fn template_call(spec: &KernelSpec) -> String {
             };
             format!("dgemma::attention<{}, {}, {}, {mask}, {}, {t}>", a.head_dim, a.q_heads, a.kv_heads, a.key_tile)
         }
-        Op::Linear(l) => format!("dgemma::linear<{}, {}, {}, {}>", l.n, l.k, l.rows_per_warp, l.warps),
-        Op::GroupedGemm(g) => {
-            let f = match g.fuse {
-                GemmFuse::Geglu => "grouped_gemm_geglu",
-                GemmFuse::Combine => "grouped_gemm_combine",
-            };
-            format!("dgemma::{f}<{}, {}, {}>", g.n, g.k, g.warps)
-        }
+        Op::Linear(l) => format!(
+            "dgemma::linear<{}, {}, {}, {}, {}, {}, {}>",
+            l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
+        ),
+        Op::GroupedGemm(g) => format!(
+            "dgemma::grouped_gemm_sorted<{}, {}, {}, {}, {}>",
+            g.n,
+            g.k,
+            g.fuse == GemmFuse::Geglu,
+            g.rows,
+            g.cols
+        ),
+        Op::MoeSort(m) => format!("dgemma::moe_sort<{}, {t}>", m.experts),
+        Op::MoeCombine(m) => format!("dgemma::moe_combine<{}, {t}>", m.hidden),
         Op::Router(r) => format!("dgemma::router<{}, {}, {}, {t}>", r.hidden, r.experts, r.top_k),
         Op::SoftEmbedding(e) => {
             format!("dgemma::soft_embedding<{}, {}, {}, {t}>", e.hidden, e.vocab, e.rows_per_block)
@@ -285,9 +304,13 @@ mod tests {
 
     #[test]
     fn arch_specific_kernel_is_guarded() {
-        let spec = KernelSpec::for_arch(Op::Linear(Linear { n: 8, k: 16, rows_per_warp: 2, warps: 4 }), Arch::Sm90a);
+        let linear = Linear { n: 8, k: 16, block_m: 64, block_n: 64, block_k: 32, warp_m: 32, warp_n: 32 };
+        let spec = KernelSpec::for_arch(Op::Linear(linear), Arch::Sm90a);
         let src = emit(&spec);
-        assert!(src.contains("#if DGEMMA_ARCH_SM90A\n    dgemma::linear<8, 16, 2, 4>(x, w, y, rows);\n#else\n    dgemma::trap_wrong_arch();\n#endif"));
+        assert!(src.contains(
+            "#if DGEMMA_ARCH_SM90A\n    dgemma::linear<8, 16, 64, 64, 32, 32, 32>(x, w, y, rows);\n#else\n    \
+             dgemma::trap_wrong_arch();\n#endif"
+        ));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! two can not disagree.
 
 use crate::spec::{
-    Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, Op, RmsNorm, Rope,
-    ReadBandwidth, Router, RowSoftmax, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
+    Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, MoeCombine, MoeSort,
+    Op, RmsNorm, Rope, ReadBandwidth, Router, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
 };
 
 /// Attention shape of one layer type.
@@ -102,16 +102,67 @@ pub fn attention_spec(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind
     KernelSpec::portable(Op::Attention(Attention { head_dim, q_heads, kv_heads, mask, key_tile: 64, threads }))
 }
 
-/// Dense projection `y = x W^T`, `W: [n, k]`, for `arch`. One warp per output column, four
-/// token rows per warp (each weight element loaded once per four rows).
-pub fn linear_spec(n: u32, k: u32, arch: Arch) -> KernelSpec {
-    let warps = if n >= 256 { 8 } else { 4 };
-    KernelSpec::for_arch(Op::Linear(Linear { n, k, rows_per_warp: 4, warps }), arch)
+/// The row count [`linear_spec`] sizes its tiles for: one 256-token canvas, the decoder's pass,
+/// which runs up to 48 times per canvas (a prompt's prefill runs once).
+pub const LINEAR_TUNED_ROWS: u32 = 256;
+
+/// Blocks [`linear_spec`] wants at [`LINEAR_TUNED_ROWS`] rows: two per SM of an H100 (132 SMs),
+/// about one and a half per SM of an RTX 5090 (170).
+pub const LINEAR_MIN_BLOCKS: u32 = 256;
+
+/// Block tiles of the tensor-core linear (`block_m x block_n`), largest first. Every one is
+/// split into 32 x 32 warp tiles (2 x 4 mma fragments per warp, 32 fp32 accumulators per
+/// thread) and steps through k in 32-wide slices (two k16 mma steps; two buffers of
+/// `(block_m + block_n) x 40` bf16: 30 KiB for the largest tile).
+const LINEAR_TILES: [(u32, u32); 3] = [(64, 128), (64, 64), (32, 64)];
+
+/// Dense projection `y = x W^T`, `W: [n, k]`: the tensor-core GEMM of `csrc/linear.cuh`
+/// (mma.sync m16n8k16, so Portable: one kernel for sm_90a and sm_120).
+///
+/// At a canvas' 256 rows a projection does 256 MACs per weight it reads (256 flop per byte,
+/// about an H100's bf16 ridge point), so neither the bandwidth nor the tensor cores are kept
+/// busy unless every SM has work: the tile is the largest of [`LINEAR_TILES`] that gives at
+/// least [`LINEAR_MIN_BLOCKS`] blocks at [`LINEAR_TUNED_ROWS`] rows, else the smallest. The 26B LM head (n = 262144) and the full layers' q_proj (8192) get 64 x 128 (the
+/// fewest re-reads of x per weight byte); q_proj (4096) 64 x 64; o_proj, the MLPs and k/v
+/// (1024..2816) 32 x 64. A 4096-token prefill has 16x more row tiles, so it fills the GPU with
+/// any of them. The tiny test models all get 32 x 64.
+pub fn linear_spec(n: u32, k: u32) -> KernelSpec {
+    let blocks = |(bm, bn): (u32, u32)| LINEAR_TUNED_ROWS.div_ceil(bm) * n.div_ceil(bn);
+    let (block_m, block_n) = LINEAR_TILES
+        .into_iter()
+        .find(|&t| blocks(t) >= LINEAR_MIN_BLOCKS)
+        .unwrap_or(LINEAR_TILES[LINEAR_TILES.len() - 1]);
+    KernelSpec::portable(Op::Linear(Linear { n, k, block_m, block_n, block_k: 32, warp_m: 32, warp_n: 32 }))
 }
 
-/// Expert GEMM for `arch`.
+/// Expert GEMM for `arch` (SIMT, `csrc/grouped_gemm.cuh`) over the pairs [`moe_sort_spec`]
+/// grouped by expert.
+///
+/// `rows = 32` pairs per chunk: a 256-token canvas routes 2048 pairs to the 26B model's 128
+/// experts (16 per expert on average), a 512-token prefill chunk 32, so most experts' pairs fit
+/// one chunk and their weights are read once per layer; a hot expert re-reads its column tile
+/// (from L2, mostly) once per further 32 pairs, and a partial chunk skips its empty 8-pair
+/// groups' FMAs. `cols`: 32 GeGLU columns (64 weight rows: the gate and up rows) or 64 down
+/// columns, so both blocks have 256 threads with a 4 x 2 register tile of 8-lane dots each
+/// (the CPU's summation order: 6 shared-memory loads of 16 bytes per 32 FMAs) and 26 KiB of
+/// shared memory; the grid is (128 experts and the invalid bucket) x 22 (gate_up, 704 / 32) or
+/// x 44 (down, 2816 / 64) tiles.
 pub fn grouped_gemm_spec(n: u32, k: u32, fuse: GemmFuse, arch: Arch) -> KernelSpec {
-    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, warps: 8 }), arch)
+    let cols = match fuse {
+        GemmFuse::Geglu => 32,
+        GemmFuse::Down => 64,
+    };
+    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, rows: 32, cols }), arch)
+}
+
+/// The routing sort of the MoE block (one block; `csrc/moe_sort.cuh`).
+pub fn moe_sort_spec(experts: u32) -> KernelSpec {
+    KernelSpec::portable(Op::MoeSort(MoeSort { experts }))
+}
+
+/// The routing-weighted sum of the expert outputs (`csrc/grouped_gemm.cuh`, moe_combine).
+pub fn moe_combine_spec(hidden: u32) -> KernelSpec {
+    KernelSpec::portable(Op::MoeCombine(MoeCombine { hidden }))
 }
 
 /// The MoE router (norm, projection, softmax, top-k, weights; one block per token).
@@ -170,9 +221,9 @@ pub fn rmsnorm_spec(
 
 /// Every kernel a model of this shape needs, sorted by kernel name, without duplicates.
 ///
-/// GEMM-like families are arch-specific (one spec per [`Arch`]): they are where the sm_90a
-/// (wgmma/TMA) and sm_120 (mma.sync) code paths will diverge (issue #4). Everything else is
-/// portable.
+/// The grouped (MoE) GEMMs are arch-specific (one spec per [`Arch`]): they are where the sm_90a
+/// (wgmma/TMA) and sm_120 code paths will diverge (issue #4). Everything else, the dense
+/// tensor-core linear included (mma.sync runs on both), is portable.
 pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     let s = shape;
     let h = s.hidden;
@@ -192,8 +243,9 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         KernelSpec::portable(Op::Geglu),
         KernelSpec::portable(Op::Softcap),
         KernelSpec::portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: s.vocab })),
-        KernelSpec::portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab })),
         router_spec(h, s.experts, s.top_k),
+        moe_sort_spec(s.experts),
+        moe_combine_spec(h),
         soft_embedding_spec(h, s.vocab),
         gumbel_sample_spec(s.vocab),
         sampler_canvas_spec(),
@@ -206,29 +258,44 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         v.push(KernelSpec::portable(Op::Rope(Rope { head_dim: d, rotary_pairs: layer.rotary_pairs })));
         v.push(attention_spec(d, s.heads, layer.kv_heads, encoder_mask));
         v.push(attention_spec(d, s.heads, layer.kv_heads, MaskKind::Bidirectional));
-        for arch in Arch::ALL {
-            v.push(linear_spec(s.heads * d, h, arch)); // q_proj
-            v.push(linear_spec(layer.kv_heads * d, h, arch)); // k_proj (and v_proj)
-            v.push(linear_spec(h, s.heads * d, arch)); // o_proj
-        }
+        v.push(linear_spec(s.heads * d, h)); // q_proj
+        v.push(linear_spec(layer.kv_heads * d, h)); // k_proj (and v_proj)
+        v.push(linear_spec(h, s.heads * d)); // o_proj
     }
+    for width in [s.dense_width, s.self_cond_width] {
+        v.push(linear_spec(width, h)); // gate_proj, up_proj
+        v.push(linear_spec(h, width)); // down_proj
+    }
+    v.push(linear_spec(s.vocab, h)); // lm_head (tied embedding)
     for arch in Arch::ALL {
-        for width in [s.dense_width, s.self_cond_width] {
-            v.push(linear_spec(width, h, arch)); // gate_proj, up_proj
-            v.push(linear_spec(h, width, arch)); // down_proj
-        }
-        v.push(linear_spec(s.vocab, h, arch)); // lm_head (tied embedding)
         v.push(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch));
-        v.push(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch));
+        v.push(grouped_gemm_spec(h, s.moe_width, GemmFuse::Down, arch));
     }
     sort_dedup(v)
 }
 
+/// Linear kernels no model needs, compiled in so the kernel tests (emulator and GPU) exercise the
+/// tensor-core tile layer (`csrc/mma.cuh`) where the models' shapes do not: every model width is
+/// a multiple of 16, so these take n = 26 (an n8 fragment with one live column pair) and 130 (a
+/// last column tile of one pair), k = 24 and 72 (half a k16 step; a last slice of 8), each with
+/// every block tile of [`LINEAR_TILES`] (the tiny models only select the smallest).
+pub fn linear_self_test_specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for (n, k) in [(26, 24), (130, 72)] {
+        for (block_m, block_n) in LINEAR_TILES {
+            let l = Linear { n, k, block_m, block_n, block_k: 32, warp_m: 32, warp_n: 32 };
+            v.push(KernelSpec::portable(Op::Linear(l)));
+        }
+    }
+    v
+}
+
 /// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`], plus the model-independent
-/// [`read_bandwidth_spec`]: what build.rs compiles.
+/// [`read_bandwidth_spec`] and [`linear_self_test_specs`]: what build.rs compiles.
 pub fn supported_specs() -> Vec<KernelSpec> {
     let mut v: Vec<KernelSpec> = SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect();
     v.push(read_bandwidth_spec());
+    v.extend(linear_self_test_specs());
     sort_dedup(v)
 }
 
@@ -284,10 +351,12 @@ mod tests {
             "row_softmax_entropy_argmax_v262144_bf16",
             "attention_d256_q16_kv8_sliding_kt64_t128_bf16",
             "attention_d512_q16_kv2_bidir_kt64_t128_bf16",
-            "linear_n262144_k2816_r4_w8_bf16_sm90a",
-            "linear_n2816_k8192_r4_w8_bf16_sm120",
-            "grouped_gemm_n1408_k2816_geglu_w8_bf16_sm90a",
-            "grouped_gemm_n2816_k704_combine_w8_bf16_sm120",
+            "linear_n262144_k2816_t64x128x32_w32x32_bf16",
+            "linear_n2816_k8192_t32x64x32_w32x32_bf16",
+            "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a",
+            "grouped_gemm_n2816_k704_down_r32_c64_bf16_sm120",
+            "moe_sort_e128_bf16",
+            "moe_combine_h2816_bf16",
             "router_h2816_e128_k8_bf16",
             "soft_embedding_h2816_v262144_r16_bf16",
             "gumbel_sample_v262144_bf16",
@@ -300,11 +369,37 @@ mod tests {
     #[test]
     fn gemm_families_exist_for_both_archs() {
         for spec in supported_specs() {
-            if matches!(spec.op, Op::Linear(_) | Op::GroupedGemm(_)) {
+            if matches!(spec.op, Op::GroupedGemm(_)) {
                 let Target::Only(arch) = spec.target else { panic!("{} is portable", spec.kernel_name()) };
                 let other = if arch == Arch::Sm90a { Arch::Sm120 } else { Arch::Sm90a };
                 let twin = KernelSpec { target: Target::Only(other), ..spec };
                 assert!(supported_specs().contains(&twin), "{} has no {other:?} twin", spec.kernel_name());
+            }
+        }
+    }
+
+    #[test]
+    fn linear_tiles_fill_the_gpu_at_a_canvas() {
+        let tile = |n: u32, k: u32| {
+            let Op::Linear(l) = linear_spec(n, k).op else { unreachable!() };
+            assert_eq!(linear_spec(n, k).target, Target::Portable);
+            (l.block_m, l.block_n)
+        };
+        assert_eq!(tile(262_144, 2816), (64, 128)); // the LM head
+        assert_eq!(tile(8192, 2816), (64, 128));
+        assert_eq!(tile(4096, 2816), (64, 64));
+        assert_eq!(tile(2816, 4096), (32, 64));
+        assert_eq!(tile(1024, 2816), (32, 64)); // too narrow for 256 blocks with any tile
+        assert_eq!(tile(24, 48), (32, 64));
+        for spec in SUPPORTED_MODELS.iter().flat_map(|(_, shape)| specs_for_model(shape)) {
+            if let Op::Linear(l) = spec.op {
+                let blocks = LINEAR_TUNED_ROWS.div_ceil(l.block_m) * l.n.div_ceil(l.block_n);
+                let smallest = LINEAR_TILES[LINEAR_TILES.len() - 1];
+                assert!(
+                    blocks >= LINEAR_MIN_BLOCKS || (l.block_m, l.block_n) == smallest,
+                    "{}",
+                    spec.kernel_name()
+                );
             }
         }
     }
@@ -321,6 +416,24 @@ mod tests {
                 ),
                 "{name}: no soft embedding"
             );
+        }
+    }
+
+    #[test]
+    fn moe_kernels_for_every_shape() {
+        for (name, shape) in SUPPORTED_MODELS {
+            let specs = specs_for_model(shape);
+            assert!(specs.contains(&moe_sort_spec(shape.experts)), "{name}: no routing sort");
+            assert!(specs.contains(&moe_combine_spec(shape.hidden)), "{name}: no combine");
+            for arch in Arch::ALL {
+                let up = grouped_gemm_spec(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, arch);
+                let down = grouped_gemm_spec(shape.hidden, shape.moe_width, GemmFuse::Down, arch);
+                assert!(specs.contains(&up) && specs.contains(&down), "{name}: no {arch:?} expert GEMMs");
+                for s in [up, down] {
+                    s.validate().unwrap();
+                    assert_eq!(s.block_threads(), 256, "{}", s.kernel_name());
+                }
+            }
         }
     }
 

@@ -129,18 +129,11 @@ pub struct Embedding {
     pub hidden: u32,
 }
 
-/// Per row of `vocab` float32 logits: `P = logits / T`, first argmax of P, entropy of
-/// `Categorical(logits=P)` (the sampler's formula), and optionally P itself (f32) and
-/// `bf16(P)` (the next step's self-conditioning logits).
+/// Per row of `vocab` bf16 LM-head outputs: `P = softcap(x) / T`, first argmax of P, entropy of
+/// `Categorical(logits=P)` (the sampler's formula), and the softmax statistics of `bf16(P)`
+/// (max, 1 / sum: the next step's self-conditioning probabilities, see [`SoftEmbedding`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RowSoftmaxEntropyArgmax {
-    pub vocab: u32,
-}
-
-/// `probs = round(softmax(float32(x)))` per row of `vocab` bf16 values (the self-conditioning
-/// input of the decoder, model-spec 3.7).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RowSoftmax {
     pub vocab: u32,
 }
 
@@ -180,14 +173,28 @@ pub struct Attention {
     pub threads: u32,
 }
 
-/// `y[rows, n] = round(x[rows, k] @ W[n, k]^T)` (nn.Linear, PyTorch weight layout). Tile
-/// parameters: each warp computes one output column for `rows_per_warp` rows; `warps` per block.
+/// `y[rows, n] = round(x[rows, k] @ W[n, k]^T)` (nn.Linear, PyTorch weight layout), a tensor-core
+/// GEMM (`csrc/linear.cuh`, mma.sync m16n8k16). Tile parameters: each block computes a
+/// `block_m x block_n` tile of y, stepping through k in `block_k`-wide slices staged in shared
+/// memory; each warp owns a `warp_m x warp_n` sub-tile of it, so a block has
+/// `(block_m / warp_m) * (block_n / warp_n)` warps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Linear {
     pub n: u32,
     pub k: u32,
-    pub rows_per_warp: u32,
-    pub warps: u32,
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    pub warp_m: u32,
+    pub warp_n: u32,
+}
+
+impl Linear {
+    /// Bytes of static shared memory: two buffers of an x and a W slice, rows padded to
+    /// `block_k + 8` elements (`csrc/linear.cuh`).
+    pub fn shared_bytes(&self) -> u64 {
+        2 * (self.block_m + self.block_n) as u64 * (self.block_k + 8) as u64 * 2
+    }
 }
 
 /// Epilogue of a [`GroupedGemm`].
@@ -196,28 +203,74 @@ pub enum GemmFuse {
     /// Expert gate_up projection (`n` = 2 x moe width, gate rows first) followed by GeGLU:
     /// writes `round(round(gelu(round(g))) * round(u))`, `n / 2` columns per (token, slot).
     Geglu,
-    /// Expert down projection followed by the routing-weighted sum over the top-k slots:
-    /// `out[t] = round(sum_j round(y_j) * w_j)` in slot order, float32.
-    Combine,
+    /// Expert down projection: `y[pair] = round(act[pair] W[e]^T)`, `n` columns per pair; the
+    /// routing-weighted sum over the slots is [`MoeCombine`].
+    Down,
 }
 
 impl GemmFuse {
     pub fn suffix(self) -> &'static str {
         match self {
             GemmFuse::Geglu => "geglu",
-            GemmFuse::Combine => "combine",
+            GemmFuse::Down => "down",
         }
     }
 }
 
-/// MoE expert GEMM over routed (token, slot) pairs with per-pair expert weights
-/// `W[e]: [n, k]`. Tile parameter: `warps` per block (one warp per output column).
+/// MoE expert GEMM over the routed (token, slot) pairs grouped by expert ([`MoeSort`]'s output),
+/// expert weights `W[e]: [n, k]` (`csrc/grouped_gemm.cuh`; the dot products in the CPU's 8-lane
+/// order, so bit-identical to it). Tile parameters: a block computes `cols` output columns for
+/// chunks of `rows` pairs of one expert, so each weight element read serves `rows` pairs; each
+/// thread owns a 4 x 2 register tile (4 pairs x 2 weight rows: for GeGLU the gate and up rows of
+/// one column) of 8-lane dots, so a block has `(rows / 4) * (weight rows / 2)` threads, weight
+/// rows = `2 * cols` for GeGLU, `cols` otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupedGemm {
     pub n: u32,
     pub k: u32,
     pub fuse: GemmFuse,
-    pub warps: u32,
+    pub rows: u32,
+    pub cols: u32,
+}
+
+impl GroupedGemm {
+    /// Weight rows of one column tile: the gate and the up rows for GeGLU.
+    pub fn weight_rows(&self) -> u32 {
+        match self.fuse {
+            GemmFuse::Geglu => 2 * self.cols,
+            GemmFuse::Down => self.cols,
+        }
+    }
+
+    /// Bytes of static shared memory (`csrc/grouped_gemm.cuh`): the fp32 input and weight
+    /// slices of one k step (64 wide, 32 for k < 64), rows padded by 4 floats, and two ints
+    /// per pair slot.
+    pub fn shared_bytes(&self) -> u64 {
+        let kt: u64 = if self.k >= 64 { 64 } else { 32 };
+        (self.rows + self.weight_rows()) as u64 * (kt + 4) * 4 + 8 * self.rows as u64
+    }
+}
+
+/// The MoE routing sort (`csrc/moe_sort.cuh`), one block: from the router's `experts[pairs]`,
+/// `offsets[experts + 1]` (exclusive prefix sum of the per-expert pair counts) and the pair
+/// indices grouped by expert, ascending within an expert, ids outside `0..experts` last. The
+/// block's threads each count and scatter one contiguous slice of the pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MoeSort {
+    pub experts: u32,
+}
+
+impl MoeSort {
+    /// Static shared memory budget of the per-slice histogram (`4 * (experts + 1) * threads`).
+    pub const HIST_BYTES: u64 = 40 * 1024;
+}
+
+/// The routing-weighted sum of the experts' outputs (`csrc/grouped_gemm.cuh`, moe_combine):
+/// `out[t, c] = round(((0 + y_0 w_0) + y_1 w_1) + ...)` over the top-k slots in order, float32,
+/// `y [tokens * top_k, hidden]` bf16; NaN for a token with an expert id outside the bank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MoeCombine {
+    pub hidden: u32,
 }
 
 /// The MoE router, one token per block (model-spec 3.4; `dgemma-cpu` `ops::moe::route`):
@@ -237,8 +290,9 @@ pub struct Router {
 }
 
 /// The decoder's self-conditioning input (model-spec 3.7; `dgemma-cpu` `model::soft_embeddings`):
-/// `out[c, h] = bf16(bf16(sum_v probs[c, v] * E[v, h]) * scale)`, probs `[rows, vocab]` bf16,
-/// E `[vocab, hidden]` bf16, fp32 accumulation. Tile parameter: each block computes
+/// `out[c, h] = bf16(bf16(sum_v pr[c, v] * E[v, h]) * scale)` with `pr = bf16(softmax(bf16(P)))`
+/// computed on the fly from the bf16 LM-head output (`P = softcap(x) / T`) and the row pass's
+/// softmax statistics, E `[vocab, hidden]` bf16, fp32 accumulation. Tile parameter: each block computes
 /// `rows_per_block` rows for one tile of hidden columns (two columns per thread), so the
 /// embedding table is read `ceil(rows / rows_per_block)` times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -248,8 +302,8 @@ pub struct SoftEmbedding {
     pub rows_per_block: u32,
 }
 
-/// The sampler's categorical draw on the device (one block per canvas row): over processed logits
-/// `P [rows, vocab]` (f32, already divided by T), `sampled[r] = argmax_v (P[r, v] + g(seed, block,
+/// The sampler's categorical draw on the device (one block per canvas row): over the processed
+/// logits `P = softcap(x) / T` recomputed from the bf16 LM-head output `x [rows, vocab]`, `sampled[r] = argmax_v (P[r, v] + g(seed, block,
 /// step, r, v))` with first-index ties, bit for bit `dgemma_sampler::SeededNoise::sample`; -1 for
 /// a row holding NaN / +inf or only -inf (the CPU's error). Seed, block and step are read from the
 /// sampler params buffer in device memory (`csrc/sampler.cuh`).
@@ -290,10 +344,11 @@ pub enum Op {
     /// `out_f32 = cap * tanh(bf16 logits / cap)` (cap at run time).
     Softcap,
     RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax),
-    RowSoftmax(RowSoftmax),
     Attention(Attention),
     Linear(Linear),
     GroupedGemm(GroupedGemm),
+    MoeSort(MoeSort),
+    MoeCombine(MoeCombine),
     Router(Router),
     SoftEmbedding(SoftEmbedding),
     GumbelSample(GumbelSample),
@@ -310,10 +365,11 @@ pub enum Family {
     Geglu,
     Softcap,
     RowSoftmaxEntropyArgmax,
-    RowSoftmax,
     Attention,
     Linear,
     GroupedGemm,
+    MoeSort,
+    MoeCombine,
     Router,
     SoftEmbedding,
     GumbelSample,
@@ -322,17 +378,18 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 16] = [
         Family::RmsNorm,
         Family::Rope,
         Family::Embedding,
         Family::Geglu,
         Family::Softcap,
         Family::RowSoftmaxEntropyArgmax,
-        Family::RowSoftmax,
         Family::Attention,
         Family::Linear,
         Family::GroupedGemm,
+        Family::MoeSort,
+        Family::MoeCombine,
         Family::Router,
         Family::SoftEmbedding,
         Family::GumbelSample,
@@ -348,10 +405,11 @@ impl Family {
             Family::Embedding => "embedding.cuh",
             Family::Geglu => "geglu.cuh",
             Family::Softcap => "softcap.cuh",
-            Family::RowSoftmaxEntropyArgmax | Family::RowSoftmax => "row_softmax.cuh",
+            Family::RowSoftmaxEntropyArgmax => "row_softmax.cuh",
             Family::Attention => "attention.cuh",
             Family::Linear => "linear.cuh",
-            Family::GroupedGemm => "grouped_gemm.cuh",
+            Family::GroupedGemm | Family::MoeCombine => "grouped_gemm.cuh",
+            Family::MoeSort => "moe_sort.cuh",
             Family::Router => "router.cuh",
             Family::SoftEmbedding => "soft_embedding.cuh",
             Family::GumbelSample | Family::SamplerCanvas => "sampler.cuh",
@@ -391,10 +449,11 @@ impl KernelSpec {
             Op::Geglu => Family::Geglu,
             Op::Softcap => Family::Softcap,
             Op::RowSoftmaxEntropyArgmax(_) => Family::RowSoftmaxEntropyArgmax,
-            Op::RowSoftmax(_) => Family::RowSoftmax,
             Op::Attention(_) => Family::Attention,
             Op::Linear(_) => Family::Linear,
             Op::GroupedGemm(_) => Family::GroupedGemm,
+            Op::MoeSort(_) => Family::MoeSort,
+            Op::MoeCombine(_) => Family::MoeCombine,
             Op::Router(_) => Family::Router,
             Op::SoftEmbedding(_) => Family::SoftEmbedding,
             Op::GumbelSample(_) => Family::GumbelSample,
@@ -425,7 +484,6 @@ impl KernelSpec {
             Op::Geglu => s.push_str("geglu"),
             Op::Softcap => s.push_str("softcap"),
             Op::RowSoftmaxEntropyArgmax(r) => write!(s, "row_softmax_entropy_argmax_v{}", r.vocab).unwrap(),
-            Op::RowSoftmax(r) => write!(s, "row_softmax_v{}", r.vocab).unwrap(),
             Op::Attention(a) => write!(
                 s,
                 "attention_d{}_q{}_kv{}_{}_kt{}_t{}",
@@ -437,8 +495,17 @@ impl KernelSpec {
                 a.threads
             )
             .unwrap(),
-            Op::Linear(l) => write!(s, "linear_n{}_k{}_r{}_w{}", l.n, l.k, l.rows_per_warp, l.warps).unwrap(),
-            Op::GroupedGemm(g) => write!(s, "grouped_gemm_n{}_k{}_{}_w{}", g.n, g.k, g.fuse.suffix(), g.warps).unwrap(),
+            Op::Linear(l) => write!(
+                s,
+                "linear_n{}_k{}_t{}x{}x{}_w{}x{}",
+                l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
+            )
+            .unwrap(),
+            Op::GroupedGemm(g) => {
+                write!(s, "grouped_gemm_n{}_k{}_{}_r{}_c{}", g.n, g.k, g.fuse.suffix(), g.rows, g.cols).unwrap()
+            }
+            Op::MoeSort(m) => write!(s, "moe_sort_e{}", m.experts).unwrap(),
+            Op::MoeCombine(m) => write!(s, "moe_combine_h{}", m.hidden).unwrap(),
             Op::Router(r) => write!(s, "router_h{}_e{}_k{}", r.hidden, r.experts, r.top_k).unwrap(),
             Op::SoftEmbedding(e) => {
                 write!(s, "soft_embedding_h{}_v{}_r{}", e.hidden, e.vocab, e.rows_per_block).unwrap()
@@ -465,10 +532,21 @@ impl KernelSpec {
             Op::Embedding(e) => next_pow2_clamped(e.hidden.div_ceil(4), 32, 256),
             Op::Geglu | Op::Softcap => 256,
             Op::RowSoftmaxEntropyArgmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
-            Op::RowSoftmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
             Op::Attention(a) => a.threads,
-            Op::Linear(l) => 32 * l.warps,
-            Op::GroupedGemm(g) => 32 * g.warps,
+            Op::Linear(l) => 32 * (l.block_m / l.warp_m.max(1)) * (l.block_n / l.warp_n.max(1)),
+            // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
+            Op::GroupedGemm(g) => (g.rows / 4) * (g.weight_rows() / 2),
+            // One histogram slice per thread: as many as 40 KiB of counters allow, 32..=256.
+            Op::MoeSort(m) => {
+                let keys = m.experts as u64 + 1;
+                let mut t = 256u32;
+                while t > 32 && 4 * keys * t as u64 > MoeSort::HIST_BYTES {
+                    t /= 2;
+                }
+                t
+            }
+            // One output column per thread.
+            Op::MoeCombine(m) => next_pow2_clamped(m.hidden, 32, 256),
             // About 8 elements of the row per thread (loading and scaling it, as RMSNorm) and 8
             // threads per expert logit (the CPU dot's 8 accumulators).
             Op::Router(r) => next_pow2_clamped(r.hidden.div_ceil(8), 32, 256),
@@ -497,7 +575,7 @@ impl KernelSpec {
                 fail("rotary_pairs must be in 1..=head_dim/2")
             }
             Op::Embedding(e) if e.hidden == 0 => fail("hidden must be positive"),
-            Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab }) | Op::RowSoftmax(RowSoftmax { vocab })
+            Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab })
                 if vocab == 0 =>
             {
                 fail("vocab must be positive")
@@ -506,10 +584,40 @@ impl KernelSpec {
                 fail("q_heads must be a positive multiple of kv_heads and head_dim positive")
             }
             Op::Attention(a) if a.key_tile == 0 || a.key_tile > 1024 => fail("key_tile must be in 1..=1024"),
-            Op::Linear(l) if l.n == 0 || l.k == 0 || l.rows_per_warp == 0 || l.rows_per_warp > 16 => {
-                fail("n, k must be positive and rows_per_warp in 1..=16")
+            Op::Linear(l) if l.n == 0 || l.k == 0 || l.k % 8 != 0 || l.n % 2 != 0 => {
+                fail("k must be a positive multiple of 8 (16-byte row chunks) and n positive and even (paired stores)")
             }
-            Op::GroupedGemm(g) if g.n == 0 || g.k == 0 => fail("n, k must be positive"),
+            Op::Linear(l)
+                if l.warp_m == 0
+                    || l.warp_n == 0
+                    || l.warp_m % 16 != 0
+                    || l.warp_n % 8 != 0
+                    || l.block_m % l.warp_m != 0
+                    || l.block_n % l.warp_n != 0
+                    || l.block_m == 0
+                    || l.block_n == 0
+                    || l.block_k == 0
+                    || l.block_k % 16 != 0 =>
+            {
+                fail("warp tiles must be whole m16n8 fragments tiling the block tile, block_k a multiple of 16")
+            }
+            Op::Linear(l) if l.shared_bytes() > 48 * 1024 => {
+                fail("the staged slices must fit 48 KiB of static shared memory")
+            }
+            Op::GroupedGemm(g) if g.n == 0 || g.k == 0 || g.k % 8 != 0 => {
+                fail("n must be positive and k a positive multiple of 8 (16-byte loads)")
+            }
+            Op::GroupedGemm(g) if g.rows == 0 || g.rows % 4 != 0 || g.cols == 0 || g.cols % 2 != 0 => {
+                fail("rows must be a positive multiple of 4 and cols positive and even (4 x 2 register tiles)")
+            }
+            Op::GroupedGemm(g) if g.shared_bytes() > 48 * 1024 => {
+                fail("the staged slices must fit 48 KiB of static shared memory")
+            }
+            Op::MoeSort(m) if m.experts == 0 => fail("experts must be positive"),
+            Op::MoeSort(m) if 4 * (m.experts as u64 + 1) * self.block_threads() as u64 > MoeSort::HIST_BYTES => {
+                fail("the per-slice histogram of 32 slices must fit 40 KiB of shared memory")
+            }
+            Op::MoeCombine(m) if m.hidden == 0 => fail("hidden must be positive"),
             Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n % 2 != 0 => {
                 fail("a GeGLU grouped GEMM needs an even n (gate rows then up rows)")
             }
@@ -556,10 +664,55 @@ mod tests {
 
     #[test]
     fn arch_suffix_only_for_arch_specific_kernels() {
-        let op = Op::Linear(Linear { n: 128, k: 64, rows_per_warp: 4, warps: 4 });
-        assert_eq!(KernelSpec::portable(op).kernel_name(), "linear_n128_k64_r4_w4_bf16");
-        assert_eq!(KernelSpec::for_arch(op, Arch::Sm90a).kernel_name(), "linear_n128_k64_r4_w4_bf16_sm90a");
-        assert_eq!(KernelSpec::for_arch(op, Arch::Sm120).kernel_name(), "linear_n128_k64_r4_w4_bf16_sm120");
+        let op = Op::Linear(Linear { n: 128, k: 64, block_m: 64, block_n: 128, block_k: 32, warp_m: 32, warp_n: 32 });
+        assert_eq!(KernelSpec::portable(op).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16");
+        assert_eq!(KernelSpec::for_arch(op, Arch::Sm90a).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16_sm90a");
+        assert_eq!(KernelSpec::for_arch(op, Arch::Sm120).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16_sm120");
+        assert_eq!(KernelSpec::portable(op).block_threads(), 256);
+    }
+
+    #[test]
+    fn linear_tiles_are_validated() {
+        let ok = Linear { n: 24, k: 24, block_m: 64, block_n: 64, block_k: 32, warp_m: 32, warp_n: 32 };
+        KernelSpec::portable(Op::Linear(ok)).validate().unwrap();
+        assert_eq!(KernelSpec::portable(Op::Linear(ok)).block_threads(), 128);
+        let bad = [
+            Linear { k: 20, ..ok },                        // k not a multiple of 8
+            Linear { n: 25, ..ok },                        // odd n
+            Linear { warp_m: 24, block_m: 48, ..ok },      // not whole m16 fragments
+            Linear { warp_n: 12, block_n: 48, ..ok },      // not whole n8 fragments
+            Linear { block_m: 48, ..ok },                  // warps do not tile the block
+            Linear { block_k: 24, ..ok },                  // not whole k16 steps
+            Linear { block_m: 128, block_n: 256, warp_m: 64, warp_n: 64, ..ok }, // shared memory
+        ];
+        for l in bad {
+            assert!(KernelSpec::portable(Op::Linear(l)).validate().is_err(), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn moe_names_and_blocks() {
+        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 32, cols: 32 };
+        let up = KernelSpec::for_arch(Op::GroupedGemm(up), Arch::Sm90a);
+        assert_eq!(up.kernel_name(), "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a");
+        assert_eq!(up.block_threads(), 256); // 8 groups of 4 pairs x 32 groups of 2 weight rows
+        up.validate().unwrap();
+        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 32, cols: 64 };
+        let down = KernelSpec::for_arch(Op::GroupedGemm(down), Arch::Sm120);
+        assert_eq!(down.kernel_name(), "grouped_gemm_n2816_k704_down_r32_c64_bf16_sm120");
+        assert_eq!(down.block_threads(), 256);
+        down.validate().unwrap();
+        let sort = KernelSpec::portable(Op::MoeSort(MoeSort { experts: 128 }));
+        assert_eq!(sort.kernel_name(), "moe_sort_e128_bf16");
+        assert_eq!(sort.block_threads(), 64); // 129 keys x 64 slices x 4 bytes = 33 KiB
+        assert_eq!(sort.family().header(), "moe_sort.cuh");
+        sort.validate().unwrap();
+        assert_eq!(KernelSpec::portable(Op::MoeSort(MoeSort { experts: 6 })).block_threads(), 256);
+        let combine = KernelSpec::portable(Op::MoeCombine(MoeCombine { hidden: 2816 }));
+        assert_eq!(combine.kernel_name(), "moe_combine_h2816_bf16");
+        assert_eq!(combine.block_threads(), 256);
+        assert_eq!(combine.family().header(), "grouped_gemm.cuh");
+        combine.validate().unwrap();
     }
 
     #[test]
@@ -633,7 +786,14 @@ mod tests {
                 key_tile: 32,
                 threads: 48,
             }),
-            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, warps: 4 }),
+            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, rows: 32, cols: 32 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 60, fuse: GemmFuse::Down, rows: 32, cols: 64 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 30, cols: 64 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 32, cols: 5 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 128, cols: 64 }),
+            Op::MoeSort(MoeSort { experts: 0 }),
+            Op::MoeSort(MoeSort { experts: 400 }),
+            Op::MoeCombine(MoeCombine { hidden: 0 }),
             Op::Router(Router { hidden: 64, experts: 8, top_k: 9 }),
             Op::Router(Router { hidden: 64, experts: 8, top_k: 0 }),
             Op::Router(Router { hidden: 16384, experts: 128, top_k: 8 }),

@@ -65,6 +65,8 @@ extern "C" int dgemma_emu_launch(const char* name, unsigned gx, unsigned gy, uns
             .include(&out)
             .flag("-std=c++17")
             .flag("-ffp-contract=off")
+            // The templates read bf16 memory as 32-bit pairs and 16-byte vectors, as CUDA code does.
+            .flag("-fno-strict-aliasing")
             .flag("-U_FORTIFY_SOURCE")
             .opt_level(2)
             .warnings(false)

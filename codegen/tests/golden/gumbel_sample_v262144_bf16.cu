@@ -5,9 +5,10 @@
 
 extern "C" __global__ void __launch_bounds__(1024) gumbel_sample_v262144_bf16(
     const unsigned int* params,
-    const float* processed,
+    const dgemma::bf16* logits,
+    float cap,
     int* sampled,
     int rows)
 {
-    dgemma::gumbel_sample<262144, 1024>(params, processed, sampled, rows);
+    dgemma::gumbel_sample<262144, 1024>(params, logits, cap, sampled, rows);
 }

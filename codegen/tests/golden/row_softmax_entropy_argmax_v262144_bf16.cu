@@ -4,13 +4,13 @@
 #include "row_softmax.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024) row_softmax_entropy_argmax_v262144_bf16(
-    const float* logits,
+    const dgemma::bf16* logits,
+    float cap,
     const unsigned int* params,
-    float* processed,
-    dgemma::bf16* processed_bf16,
     int* argmax,
     float* entropy,
+    float* sc_stats,
     int rows)
 {
-    dgemma::row_softmax_entropy_argmax<262144, 1024>(logits, params, processed, processed_bf16, argmax, entropy, rows);
+    dgemma::row_softmax_entropy_argmax<262144, 1024>(logits, cap, params, argmax, entropy, sc_stats, rows);
 }

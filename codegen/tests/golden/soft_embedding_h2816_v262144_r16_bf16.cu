@@ -4,11 +4,14 @@
 #include "soft_embedding.cuh"
 
 extern "C" __global__ void __launch_bounds__(128) soft_embedding_h2816_v262144_r16_bf16(
-    const dgemma::bf16* probs,
+    const dgemma::bf16* logits,
+    float cap,
+    const unsigned int* params,
+    const float* sc_stats,
     const dgemma::bf16* table,
     dgemma::bf16* out,
     float scale,
     int rows)
 {
-    dgemma::soft_embedding<2816, 262144, 16, 128>(probs, table, out, scale, rows);
+    dgemma::soft_embedding<2816, 262144, 16, 128>(logits, cap, params, sc_stats, table, out, scale, rows);
 }

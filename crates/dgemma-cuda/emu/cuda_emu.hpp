@@ -14,7 +14,9 @@
 // (e.g. a barrier inside divergent code): reported and aborted.
 //
 // The emulated arch is sm_90a: __CUDA_ARCH__ = 900 and __CUDA_ARCH_FEAT_SM90_ALL are defined,
-// so sm_90a-specific kernels run their body and sm_120-specific ones trap.
+// so sm_90a-specific kernels run their body and sm_120-specific ones trap. DGEMMA_EMULATOR is
+// defined too: device code whose GPU form is inline PTX (csrc/mma.cuh) calls the emulation below
+// instead (emu::mma_bf16_16816: the tensor-core mma, warp-collective like a shuffle).
 #pragma once
 
 #include <cmath>
@@ -36,6 +38,7 @@
 #define __shared__ static
 #define __CUDA_ARCH__ 900
 #define __CUDA_ARCH_FEAT_SM90_ALL 1
+#define DGEMMA_EMULATOR 1
 
 struct dim3 {
     unsigned x = 0, y = 0, z = 0;
@@ -43,6 +46,11 @@ struct dim3 {
 
 struct __nv_bfloat16 {
     unsigned short bits;
+};
+
+// A bf16 pair in one 32-bit word, `x` at the lower address (cuda_bf16.h's __nv_bfloat162).
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
 };
 
 // CUDA's built-in 16-byte vector type (vector_types.h), aligned as on the device: a misaligned
@@ -84,6 +92,8 @@ struct Runtime {
     int live_in_block = 0;
     int live_in_warp[MAX_WARPS] = {};
     uint32_t warp_slots[MAX_WARPS][2][32];
+    uint32_t mma_a[MAX_WARPS][2][32][4]; // mma operands, double-buffered as warp_slots
+    uint32_t mma_b[MAX_WARPS][2][32][2];
     int or_acc = 0;
     long events = 0; // arrivals, releases and exits: progress of the scheduler
     void (*thunk)(void**) = nullptr;
@@ -135,6 +145,55 @@ inline uint32_t shfl_xor_bits(uint32_t v, int mask)
     slot[lane] = v;
     barrier_wait(r.warp_bar[w], r.live_in_warp[w]);
     return slot[lane ^ mask];
+}
+
+inline float bf16_bits_to_float(uint32_t bits16)
+{
+    const uint32_t u = bits16 << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: d += A B for the warp's 16x16 A and 16x8
+// B, each lane passing its fragment registers in the PTX layout (csrc/mma.cuh: g = lane >> 2,
+// t = lane & 3, the lower k / column index in the low 16 bits). Every lane deposits its A and B
+// registers in the warp's slots (double-buffered by barrier generation, as shfl_xor_bits), waits
+// for the warp, and computes its own four outputs C[g][2t..2t+1], C[g+8][2t..2t+1] from the
+// gathered operands: fp32, k ascending, starting from its accumulator (a bf16 x bf16 product
+// is exact in fp32, so only the adds round). All 32 lanes must take part (.aligned).
+inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2])
+{
+    Runtime& r = rt();
+    const int th = cur_thread(), w = th / 32, lane = th % 32;
+    if (r.live_in_warp[w] != 32) {
+        std::fprintf(stderr, "cuda_emu: mma.sync in warp %d with only %d live lanes (all 32 must take part)\n", w,
+                     r.live_in_warp[w]);
+        std::abort();
+    }
+    const unsigned parity = r.warp_bar[w].gen & 1;
+    uint32_t(*sa)[4] = r.mma_a[w][parity];
+    uint32_t(*sb)[2] = r.mma_b[w][parity];
+    std::memcpy(sa[lane], a, sizeof(uint32_t) * 4);
+    std::memcpy(sb[lane], b, sizeof(uint32_t) * 2);
+    barrier_wait(r.warp_bar[w], r.live_in_warp[w]);
+    const int g = lane >> 2, t = lane & 3;
+    for (int h = 0; h < 2; ++h) {     // output row g + 8h
+        for (int j = 0; j < 2; ++j) { // output column 2t + j
+            const int row = g + 8 * h, col = 2 * t + j;
+            float acc = d[2 * h + j];
+            for (int k = 0; k < 16; ++k) {
+                // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8).
+                const uint32_t aw = sa[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)];
+                // B[k][col]: lane col * 4 + (k % 8) / 2, register k / 8.
+                const uint32_t bw = sb[col * 4 + ((k & 7) >> 1)][k >> 3];
+                const float av = bf16_bits_to_float((aw >> (16 * (k & 1))) & 0xffffu);
+                const float bv = bf16_bits_to_float((bw >> (16 * (k & 1))) & 0xffffu);
+                acc += av * bv;
+            }
+            d[2 * h + j] = acc;
+        }
+    }
 }
 
 inline void fiber_entry()
@@ -277,6 +336,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f)
 }
 
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi)
+{
+    return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
 
 // Compiled with -ffp-contract=off: these are single IEEE operations, as on the GPU.
 inline float __fmul_rn(float a, float b) { return a * b; }

@@ -322,60 +322,62 @@ pub fn plan_softcap(spec: &KernelSpec, logits: Buf, out: Buf, cap: f32, n: usize
 // ---------------------------------------------------------------------------------------------
 // Row reductions
 
-/// One denoising step's statistics per row (`csrc/row_softmax.cuh`): `logits [rows, vocab]` f32
-/// (softcapped), `params [SAMPLER_PARAMS_WORDS]` u32 (the temperature is read from word 4 on the
-/// device, so a recorded graph serves every step), optional outputs `processed` (P = logits / T,
-/// f32) and `processed_bf16` (bf16(P), the next step's self-conditioning input), `argmax [rows]`
-/// i32 (first index; -1 for a row with NaN / +inf or only -inf), `entropy [rows]` f32.
-#[allow(clippy::too_many_arguments)]
+/// The bf16 LM-head output rows `[rows, vocab]` a vocabulary-wide kernel reads, and how it turns
+/// them into the processed logits `P = softcap(x) / T` (`csrc/common.cuh` processed_logit):
+/// `cap` 0 for no soft cap, T read on the device from word 4 of `params` (None: T = 1). The host's
+/// self-conditioning logits (already bf16 P) are `cap` 0 and no params.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessedLogits {
+    pub logits: Buf,
+    pub cap: f32,
+    pub params: Option<Buf>,
+}
+
+impl ProcessedLogits {
+    fn check(&self, op: &'static str, rows: usize, vocab: usize) -> Result<()> {
+        need(op, "logits", self.logits, rows * vocab)?;
+        if let Some(p) = self.params {
+            need(op, "params", p, SAMPLER_PARAMS_WORDS)?;
+        }
+        if !(self.cap.is_finite() && self.cap >= 0.0) {
+            return Err(args(op, format!("cap = {} (0 = no soft cap)", self.cap)));
+        }
+        Ok(())
+    }
+}
+
+/// One denoising step's statistics per row (`csrc/row_softmax.cuh`) from the bf16 logits `x`:
+/// `argmax [rows]` i32 (first index of P; -1 for a row with NaN / +inf or only -inf), `entropy
+/// [rows]` f32, and `sc_stats [rows, 2]` f32, the softmax statistics (max, 1 / sum) of bf16(P)
+/// that [`plan_soft_embedding`] needs. Each output is optional.
 pub fn plan_row_softmax_entropy_argmax(
     spec: &KernelSpec,
-    logits: Buf,
-    params: Buf,
-    processed: Option<Buf>,
-    processed_bf16: Option<Buf>,
-    argmax: Buf,
-    entropy: Buf,
+    x: ProcessedLogits,
+    argmax: Option<Buf>,
+    entropy: Option<Buf>,
+    sc_stats: Option<Buf>,
     rows: usize,
 ) -> Result<LaunchPlan> {
     const OP: &str = "row_softmax_entropy_argmax";
     let r = expect_op(OP, spec, |o| if let Op::RowSoftmaxEntropyArgmax(r) = o { Some(r) } else { None })?;
-    let n = rows * r.vocab as usize;
-    need(OP, "logits", logits, n)?;
-    for (what, b) in [("processed", processed), ("processed_bf16", processed_bf16)] {
+    x.check(OP, rows, r.vocab as usize)?;
+    for (what, b, n) in [("argmax", argmax, rows), ("entropy", entropy, rows), ("sc_stats", sc_stats, 2 * rows)] {
         if let Some(b) = b {
             need(OP, what, b, n)?;
         }
     }
-    need(OP, "argmax", argmax, rows)?;
-    need(OP, "entropy", entropy, rows)?;
-    need(OP, "params", params, SAMPLER_PARAMS_WORDS)?;
     LaunchPlan::new(
         spec,
         (grid_dim(OP, "rows", rows)?, 1, 1),
         vec![
-            Arg::Ptr(logits.ptr),
-            Arg::Ptr(params.ptr),
-            ptr(processed),
-            ptr(processed_bf16),
-            Arg::Ptr(argmax.ptr),
-            Arg::Ptr(entropy.ptr),
+            Arg::Ptr(x.logits.ptr),
+            Arg::F32(x.cap),
+            ptr(x.params),
+            ptr(argmax),
+            ptr(entropy),
+            ptr(sc_stats),
             Arg::I32(int(OP, "rows", rows)?),
         ],
-    )
-}
-
-/// `probs = bf16(softmax(float32(logits)))` per row.
-pub fn plan_row_softmax(spec: &KernelSpec, logits: Buf, probs: Buf, rows: usize) -> Result<LaunchPlan> {
-    const OP: &str = "row_softmax";
-    let r = expect_op(OP, spec, |o| if let Op::RowSoftmax(r) = o { Some(r) } else { None })?;
-    let n = rows * r.vocab as usize;
-    need(OP, "logits", logits, n)?;
-    need(OP, "probs", probs, n)?;
-    LaunchPlan::new(
-        spec,
-        (grid_dim(OP, "rows", rows)?, 1, 1),
-        vec![Arg::Ptr(logits.ptr), Arg::Ptr(probs.ptr), Arg::I32(int(OP, "rows", rows)?)],
     )
 }
 
@@ -440,7 +442,10 @@ pub fn plan_attention(
 // ---------------------------------------------------------------------------------------------
 // GEMMs
 
-/// `y[rows, n] = bf16(x[rows, k] @ w[n, k]^T)`.
+/// `y[rows, n] = bf16(x[rows, k] @ w[n, k]^T)`, the tensor-core GEMM (`csrc/linear.cuh`).
+/// Grid: (row tiles, column tiles), row tiles fastest so the blocks sharing a weight tile run
+/// together. The kernel reads x and w in 16-byte chunks and stores bf16 pairs: x and w must be
+/// 16-byte aligned, y 4-byte aligned.
 pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Result<LaunchPlan> {
     const OP: &str = "linear";
     let l = expect_op(OP, spec, |o| if let Op::Linear(l) = o { Some(l) } else { None })?;
@@ -448,9 +453,14 @@ pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Re
     need(OP, "x", x, rows * k)?;
     need(OP, "w", w, n * k)?;
     need(OP, "y", y, rows * n)?;
+    for (what, b, align) in [("x", x, 16), ("w", w, 16), ("y", y, 4)] {
+        if b.ptr % align != 0 {
+            return Err(args(OP, format!("{what} at {:#x} is not {align}-byte aligned", b.ptr)));
+        }
+    }
     let grid = (
-        grid_dim(OP, "columns", n.div_ceil(l.warps as usize))?,
-        grid_yz(OP, "row tiles", rows.div_ceil(l.rows_per_warp as usize))?,
+        grid_dim(OP, "row tiles", rows.div_ceil(l.block_m as usize))?,
+        grid_yz(OP, "column tiles", n.div_ceil(l.block_n as usize))?,
         1,
     );
     LaunchPlan::new(
@@ -460,8 +470,9 @@ pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Re
     )
 }
 
-/// Routing of the grouped GEMMs: `experts[t * top_k + j]` (and for the combine,
-/// `weights[t * top_k + j]`), `num_experts` the leading dim of the expert weight tensor.
+/// Routing of the MoE block: `tokens * top_k` (token, slot) pairs, pair `t * top_k + j` being
+/// token t's slot j (`experts[pair]`, `weights[pair]` from the router); `num_experts` the
+/// leading dim of the expert weight tensors.
 #[derive(Clone, Copy, Debug)]
 pub struct Routing {
     pub tokens: usize,
@@ -469,77 +480,163 @@ pub struct Routing {
     pub num_experts: usize,
 }
 
-/// gate_up + GeGLU: `out[t * top_k + j, c]` for `c < n / 2`, `x: [tokens, k]`, `w: [E, n, k]`.
-pub fn plan_grouped_gemm_geglu(
+/// The pairs grouped by expert ([`plan_moe_sort`]'s outputs): `offsets [num_experts + 1]` i32,
+/// expert e's pairs being `sorted[offsets[e] .. offsets[e + 1]]` and those with an invalid
+/// expert id `sorted[offsets[num_experts] .. tokens * top_k]`; `sorted [tokens * top_k]` i32.
+#[derive(Clone, Copy, Debug)]
+pub struct SortedPairs {
+    pub offsets: Buf,
+    pub sorted: Buf,
+}
+
+/// The most (token, slot) pairs the one-block routing sort takes (`csrc/moe_sort.cuh`): each of
+/// its threads walks `pairs / threads` pairs twice (1024 for the 26B model at the limit). A
+/// 16-canvas batch of the 26B model routes 32768.
+pub const MOE_SORT_MAX_PAIRS: usize = 65_536;
+
+/// The routing sort (`csrc/moe_sort.cuh`, one block): from `experts [pairs]` i32 (the router's
+/// output), `offsets [experts + 1]` i32 (exclusive prefix sum of the per-expert counts) and
+/// `sorted [pairs]` i32 (the pair indices grouped by expert, ascending within an expert, ids
+/// outside `0..experts` after the last expert). At most [`MOE_SORT_MAX_PAIRS`] pairs.
+pub fn plan_moe_sort(spec: &KernelSpec, experts: Buf, offsets: Buf, sorted: Buf, pairs: usize) -> Result<LaunchPlan> {
+    const OP: &str = "moe_sort";
+    let m = expect_op(OP, spec, |o| if let Op::MoeSort(m) = o { Some(m) } else { None })?;
+    if pairs > MOE_SORT_MAX_PAIRS {
+        return Err(args(
+            OP,
+            format!(
+                "{pairs} (token, slot) pairs: the one-block routing sort takes at most {MOE_SORT_MAX_PAIRS} \
+                 (plan fewer tokens per pass)"
+            ),
+        ));
+    }
+    need(OP, "experts", experts, pairs)?;
+    need(OP, "offsets", offsets, m.experts as usize + 1)?;
+    need(OP, "sorted", sorted, pairs)?;
+    LaunchPlan::new(
+        spec,
+        (1, 1, 1),
+        vec![Arg::Ptr(experts.ptr), Arg::Ptr(offsets.ptr), Arg::Ptr(sorted.ptr), Arg::I32(int(OP, "pairs", pairs)?)],
+    )
+}
+
+/// The checks and the launch shared by both grouped GEMMs: input `x` of `x_rows` rows of k,
+/// output `out` of `pairs` rows of `out_cols`. Grid: (num_experts + 1, column tiles), block
+/// (e, tile) loops over expert e's pairs (e = num_experts: the invalid ids), so the grid does
+/// not depend on the routing.
+#[allow(clippy::too_many_arguments)]
+fn plan_grouped(
+    op: &'static str,
+    fuse: GemmFuse,
     spec: &KernelSpec,
     x: Buf,
-    experts: Buf,
+    pairs_in: SortedPairs,
     w: Buf,
     out: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    const OP: &str = "grouped_gemm_geglu";
-    let g = expect_op(OP, spec, |o| match o {
-        Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu => Some(g),
+    let g = expect_op(op, spec, |o| match o {
+        Op::GroupedGemm(g) if g.fuse == fuse => Some(g),
         _ => None,
     })?;
     let (n, k) = (g.n as usize, g.k as usize);
     let Routing { tokens, top_k, num_experts } = routing;
     let pairs = tokens * top_k;
-    need(OP, "x", x, tokens * k)?;
-    need(OP, "experts", experts, pairs)?;
-    need(OP, "w", w, num_experts * n * k)?;
-    need(OP, "out", out, pairs * n / 2)?;
-    let grid = (grid_dim(OP, "pairs", pairs)?, grid_yz(OP, "columns", (n / 2).div_ceil(g.warps as usize))?, 1);
+    let (x_rows, out_cols) = match fuse {
+        GemmFuse::Geglu => (tokens, n / 2),
+        GemmFuse::Down => (pairs, n),
+    };
+    if num_experts == 0 {
+        return Err(args(op, "num_experts must be positive"));
+    }
+    need(op, "x", x, x_rows * k)?;
+    need(op, "offsets", pairs_in.offsets, num_experts + 1)?;
+    need(op, "sorted", pairs_in.sorted, pairs)?;
+    need(op, "w", w, num_experts * n * k)?;
+    need(op, "out", out, pairs * out_cols)?;
+    for (what, b) in [("x", x), ("w", w)] {
+        if !b.ptr.is_multiple_of(16) {
+            return Err(args(op, format!("{what} at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", b.ptr)));
+        }
+    }
+    int(op, "tokens * top_k", pairs)?;
+    let blocks = if pairs == 0 { 0 } else { num_experts + 1 };
+    let grid = (grid_dim(op, "experts", blocks)?, grid_yz(op, "column tiles", out_cols.div_ceil(g.cols as usize))?, 1);
     LaunchPlan::new(
         spec,
         grid,
         vec![
             Arg::Ptr(x.ptr),
-            Arg::Ptr(experts.ptr),
+            Arg::Ptr(pairs_in.sorted.ptr),
+            Arg::Ptr(pairs_in.offsets.ptr),
             Arg::Ptr(w.ptr),
             Arg::Ptr(out.ptr),
-            Arg::I32(int(OP, "tokens", tokens)?),
-            Arg::I32(int(OP, "top_k", top_k)?),
-            Arg::I32(int(OP, "num_experts", num_experts)?),
+            Arg::I32(int(op, "tokens", tokens)?),
+            Arg::I32(int(op, "top_k", top_k)?),
+            Arg::I32(int(op, "num_experts", num_experts)?),
         ],
     )
 }
 
-/// down + combine: `out[t, c] = bf16(sum_j bf16(act[t*top_k+j] . w[e_j][c]) * weights[t*top_k+j])`,
-/// `act: [tokens * top_k, k]`, `w: [E, n, k]`, `out: [tokens, n]`.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_grouped_gemm_combine(
+/// gate_up + GeGLU over the pairs grouped by expert: `out[t * top_k + j, c]` for `c < n / 2`
+/// (original pair order), `x: [tokens, k]`, `w: [E, n, k]` (x and w 16-byte aligned); NaN rows
+/// for pairs with an expert id outside `0..E`.
+pub fn plan_grouped_gemm_geglu(
     spec: &KernelSpec,
-    act: Buf,
-    experts: Buf,
-    weights: Buf,
+    x: Buf,
+    pairs: SortedPairs,
     w: Buf,
     out: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    const OP: &str = "grouped_gemm_combine";
-    let g = expect_op(OP, spec, |o| match o {
-        Op::GroupedGemm(g) if g.fuse == GemmFuse::Combine => Some(g),
-        _ => None,
-    })?;
-    let (n, k) = (g.n as usize, g.k as usize);
+    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, out, routing)
+}
+
+/// down projection over the pairs grouped by expert: `y[pair, c] = bf16(act[pair] . w[e][c])`,
+/// `act: [tokens * top_k, k]`, `w: [E, n, k]` (both 16-byte aligned), `y: [tokens * top_k, n]`;
+/// NaN rows for pairs with an expert id outside `0..E`.
+pub fn plan_grouped_gemm_down(
+    spec: &KernelSpec,
+    act: Buf,
+    pairs: SortedPairs,
+    w: Buf,
+    y: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, y, routing)
+}
+
+/// The routing-weighted sum: `out[t, c] = bf16(sum_j y[t*top_k+j, c] * weights[t*top_k+j])` in
+/// slot order (fp32), NaN for a token with an expert id outside `0..num_experts`;
+/// `y: [tokens * top_k, hidden]` bf16, `experts` i32 and `weights` f32 `[tokens * top_k]`,
+/// `out: [tokens, hidden]`.
+pub fn plan_moe_combine(
+    spec: &KernelSpec,
+    y: Buf,
+    experts: Buf,
+    weights: Buf,
+    out: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    const OP: &str = "moe_combine";
+    let m = expect_op(OP, spec, |o| if let Op::MoeCombine(m) = o { Some(m) } else { None })?;
+    let h = m.hidden as usize;
     let Routing { tokens, top_k, num_experts } = routing;
     let pairs = tokens * top_k;
-    need(OP, "act", act, pairs * k)?;
+    need(OP, "y", y, pairs * h)?;
     need(OP, "experts", experts, pairs)?;
     need(OP, "weights", weights, pairs)?;
-    need(OP, "w", w, num_experts * n * k)?;
-    need(OP, "out", out, tokens * n)?;
-    let grid = (grid_dim(OP, "tokens", tokens)?, grid_yz(OP, "columns", n.div_ceil(g.warps as usize))?, 1);
+    need(OP, "out", out, tokens * h)?;
+    int(OP, "tokens * top_k", pairs)?;
+    let grid =
+        (grid_dim(OP, "tokens", tokens)?, grid_yz(OP, "column tiles", h.div_ceil(spec.block_threads() as usize))?, 1);
     LaunchPlan::new(
         spec,
         grid,
         vec![
-            Arg::Ptr(act.ptr),
+            Arg::Ptr(y.ptr),
             Arg::Ptr(experts.ptr),
             Arg::Ptr(weights.ptr),
-            Arg::Ptr(w.ptr),
             Arg::Ptr(out.ptr),
             Arg::I32(int(OP, "tokens", tokens)?),
             Arg::I32(int(OP, "top_k", top_k)?),
@@ -602,12 +699,14 @@ pub fn plan_router(
 // ---------------------------------------------------------------------------------------------
 // Self-conditioning soft embedding
 
-/// `out[c] = bf16(bf16(sum_v probs[c, v] * table[v]) * scale)` for `rows` canvas rows:
-/// `probs [rows, vocab]`, `table [vocab, hidden]` (4-byte aligned: the kernel reads column
-/// pairs), `out [rows, hidden]`. `scale` is the embedding scale `bf16(sqrt(hidden))`.
+/// `out[c] = bf16(bf16(sum_v pr[c, v] * table[v]) * scale)` for `rows` canvas rows, with
+/// `pr = bf16(exp(bf16(P) - m) * inv)` computed on the fly from the bf16 logits `x` and the row
+/// pass's `sc_stats [rows, 2]` (m, inv): `table [vocab, hidden]` (4-byte aligned: the kernel reads
+/// column pairs), `out [rows, hidden]`. `scale` is the embedding scale `bf16(sqrt(hidden))`.
 pub fn plan_soft_embedding(
     spec: &KernelSpec,
-    probs: Buf,
+    x: ProcessedLogits,
+    sc_stats: Buf,
     table: Buf,
     out: Buf,
     scale: f32,
@@ -616,7 +715,8 @@ pub fn plan_soft_embedding(
     const OP: &str = "soft_embedding";
     let e = expect_op(OP, spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
     let (hid, v) = (e.hidden as usize, e.vocab as usize);
-    need(OP, "probs", probs, rows * v)?;
+    x.check(OP, rows, v)?;
+    need(OP, "sc_stats", sc_stats, 2 * rows)?;
     need(OP, "table", table, v * hid)?;
     need(OP, "out", out, rows * hid)?;
     if !table.ptr.is_multiple_of(4) {
@@ -635,7 +735,10 @@ pub fn plan_soft_embedding(
         spec,
         grid,
         vec![
-            Arg::Ptr(probs.ptr),
+            Arg::Ptr(x.logits.ptr),
+            Arg::F32(x.cap),
+            ptr(x.params),
+            Arg::Ptr(sc_stats.ptr),
             Arg::Ptr(table.ptr),
             Arg::Ptr(out.ptr),
             Arg::F32(scale),
@@ -666,7 +769,8 @@ pub const SAMPLER_ERR_PARAMS: u32 = 8;
 /// `csrc/sampler.cuh`): everything that changes between steps or requests, so that one captured
 /// graph serves every step. `block` and `step` key the noise as in `dgemma_sampler::SeededNoise`
 /// (`step` = `max_denoising_steps - cur_step`, 0 on a block's first step, which also restarts the
-/// stability history). `temperature` is carried for the row pass; the sampler kernels do not read it.
+/// stability history). `temperature` is read by every kernel that recomputes the processed logits
+/// `P = softcap(x) / T` from the bf16 LM-head output (row pass, draw, soft embedding).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerParams {
     pub seed: u64,
@@ -715,26 +819,28 @@ impl SamplerStatus {
     }
 }
 
-/// The Gumbel-max categorical draw, `sampled[r] = argmax_v (processed[r, v] + g(seed, block, step,
-/// r, v))` (first index on ties; -1 for a row with NaN / +inf or only -inf), bit for bit
-/// `SeededNoise::sample`: `params [SAMPLER_PARAMS_WORDS]` u32, `processed [rows, vocab]` f32
-/// (logits / T), `sampled [rows]` i32.
-pub fn plan_gumbel_sample(
-    spec: &KernelSpec,
-    params: Buf,
-    processed: Buf,
-    sampled: Buf,
-    rows: usize,
-) -> Result<LaunchPlan> {
+/// The Gumbel-max categorical draw, `sampled[r] = argmax_v (P[r, v] + g(seed, block, step, r, v))`
+/// (first index on ties; -1 for a row with NaN / +inf or only -inf), bit for bit
+/// `SeededNoise::sample`, with P recomputed from the bf16 logits `x` (whose `params`, the sampler
+/// params buffer, are required: the draw reads seed, block and step from it), `sampled [rows]` i32.
+pub fn plan_gumbel_sample(spec: &KernelSpec, x: ProcessedLogits, sampled: Buf, rows: usize) -> Result<LaunchPlan> {
     const OP: &str = "gumbel_sample";
     let g = expect_op(OP, spec, |o| if let Op::GumbelSample(g) = o { Some(g) } else { None })?;
-    need(OP, "params", params, SAMPLER_PARAMS_WORDS)?;
-    need(OP, "processed", processed, rows * g.vocab as usize)?;
+    x.check(OP, rows, g.vocab as usize)?;
+    let Some(params) = x.params else {
+        return Err(args(OP, "the draw needs the sampler params buffer"));
+    };
     need(OP, "sampled", sampled, rows)?;
     LaunchPlan::new(
         spec,
         (grid_dim(OP, "rows", rows)?, 1, 1),
-        vec![Arg::Ptr(params.ptr), Arg::Ptr(processed.ptr), Arg::Ptr(sampled.ptr), Arg::I32(int(OP, "rows", rows)?)],
+        vec![
+            Arg::Ptr(params.ptr),
+            Arg::Ptr(x.logits.ptr),
+            Arg::F32(x.cap),
+            Arg::Ptr(sampled.ptr),
+            Arg::I32(int(OP, "rows", rows)?),
+        ],
     )
 }
 
@@ -879,9 +985,9 @@ mod tests {
                 Op::Geglu => plan_geglu(&spec, big, big, 64, big, 32, 3),
                 Op::Softcap => plan_softcap(&spec, big, big, 30.0, 1000),
                 Op::RowSoftmaxEntropyArgmax(_) => {
-                    plan_row_softmax_entropy_argmax(&spec, big, big, None, Some(big), big, big, 2)
+                    let x = ProcessedLogits { logits: big, cap: 30.0, params: Some(big) };
+                    plan_row_softmax_entropy_argmax(&spec, x, Some(big), None, Some(big), 2)
                 }
-                Op::RowSoftmax(_) => plan_row_softmax(&spec, big, big, 2),
                 Op::Attention(a) => plan_attention(
                     &spec,
                     big,
@@ -896,13 +1002,23 @@ mod tests {
                     (a.mask == MaskKind::CausalSliding).then_some(4),
                 ),
                 Op::Linear(_) => plan_linear(&spec, big, big, big, 5),
-                Op::GroupedGemm(g) => match g.fuse {
-                    GemmFuse::Geglu => plan_grouped_gemm_geglu(&spec, big, big, big, big, routing),
-                    GemmFuse::Combine => plan_grouped_gemm_combine(&spec, big, big, big, big, big, routing),
-                },
+                Op::GroupedGemm(g) => {
+                    let sorted = SortedPairs { offsets: big, sorted: big };
+                    match g.fuse {
+                        GemmFuse::Geglu => plan_grouped_gemm_geglu(&spec, big, sorted, big, big, routing),
+                        GemmFuse::Down => plan_grouped_gemm_down(&spec, big, sorted, big, big, routing),
+                    }
+                }
+                Op::MoeSort(_) => plan_moe_sort(&spec, big, big, big, 6),
+                Op::MoeCombine(_) => plan_moe_combine(&spec, big, big, big, big, routing),
                 Op::Router(_) => plan_router(&spec, big, big, big, big, big, big, 3, 1e-6, 0.1),
-                Op::SoftEmbedding(_) => plan_soft_embedding(&spec, big, big, big, 53.0, 3),
-                Op::GumbelSample(_) => plan_gumbel_sample(&spec, big, big, big, 3),
+                Op::SoftEmbedding(_) => {
+                    let x = ProcessedLogits { logits: big, cap: 0.0, params: None };
+                    plan_soft_embedding(&spec, x, big, big, big, 53.0, 3)
+                }
+                Op::GumbelSample(_) => {
+                    plan_gumbel_sample(&spec, ProcessedLogits { logits: big, cap: 30.0, params: Some(big) }, big, 3)
+                }
                 Op::SamplerCanvas(_) => plan_sampler_canvas(&spec, big, big, big, big, big, big, big, big, 512, 16),
                 Op::ReadBandwidth(_) => plan_read_bandwidth(&spec, big, 1000, READ_BANDWIDTH_SENTINEL, big, 65_536),
             };
@@ -924,6 +1040,11 @@ mod tests {
         assert!(plan_linear(linear, buf(2 * k), buf(n * k), buf(2 * n), 2).is_ok());
         assert!(plan_linear(linear, buf(2 * k - 1), buf(n * k), buf(2 * n), 2).is_err());
         assert!(plan_linear(linear, buf(2 * k), buf(n * k), buf(2 * n - 1), 2).is_err());
+        let moved = |b: Buf, bytes: u64| Buf { ptr: b.ptr + bytes, ..b };
+        assert!(plan_linear(linear, moved(buf(2 * k), 8), buf(n * k), buf(2 * n), 2).is_err());
+        assert!(plan_linear(linear, buf(2 * k), moved(buf(n * k), 4), buf(2 * n), 2).is_err());
+        assert!(plan_linear(linear, buf(2 * k), buf(n * k), moved(buf(2 * n), 2), 2).is_err());
+        assert!(plan_linear(linear, buf(2 * k), buf(n * k), moved(buf(2 * n), 4), 2).is_ok());
         assert!(plan_softcap(linear, buf(10), buf(10), 30.0, 10).is_err());
 
         let norm = specs
@@ -976,23 +1097,89 @@ mod tests {
     }
 
     #[test]
+    fn moe_plans_check_their_buffers() {
+        let specs = supported_specs();
+        let find = |pick: &dyn Fn(&Op) -> bool| *specs.iter().find(|s| pick(&s.op)).unwrap();
+        let up = find(&|o| matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n == 1408));
+        let down = find(&|o| matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Down && g.n == 2816));
+        let sort = find(&|o| matches!(o, Op::MoeSort(m) if m.experts == 128));
+        let combine = find(&|o| matches!(o, Op::MoeCombine(m) if m.hidden == 2816));
+        let (Op::GroupedGemm(gu), Op::GroupedGemm(gd)) = (up.op, down.op) else { unreachable!() };
+        let (t, k, e, h, w) = (256usize, 8usize, 128usize, 2816usize, 704usize);
+        let p = t * k;
+        let routing = Routing { tokens: t, top_k: k, num_experts: e };
+
+        // The sort: one block, up to MOE_SORT_MAX_PAIRS pairs.
+        assert_eq!(plan_moe_sort(&sort, buf(p), buf(e + 1), buf(p), p).unwrap().grid, (1, 1, 1));
+        assert!(plan_moe_sort(&sort, buf(p - 1), buf(e + 1), buf(p), p).is_err());
+        assert!(plan_moe_sort(&sort, buf(p), buf(e), buf(p), p).is_err());
+        assert!(plan_moe_sort(&sort, buf(p), buf(e + 1), buf(p - 1), p).is_err());
+        let max = MOE_SORT_MAX_PAIRS;
+        assert!(plan_moe_sort(&sort, buf(max), buf(e + 1), buf(max), max).is_ok());
+        let err = plan_moe_sort(&sort, buf(max + 1), buf(e + 1), buf(max + 1), max + 1).unwrap_err();
+        assert!(err.to_string().contains("at most 65536"), "{err}");
+
+        // The GEMMs: grid (experts + the invalid bucket, column tiles), whatever the routing.
+        let sorted = SortedPairs { offsets: buf(e + 1), sorted: buf(p) };
+        let plan = plan_grouped_gemm_geglu(&up, buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w), routing).unwrap();
+        assert_eq!(plan.grid, (e as u32 + 1, w.div_ceil(gu.cols as usize) as u32, 1));
+        let plan = plan_grouped_gemm_down(&down, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).unwrap();
+        assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gd.cols as usize) as u32, 1));
+        let short = [
+            (buf(t * h - 1), sorted, buf(e * 2 * w * h), buf(p * w)),
+            (buf(t * h), SortedPairs { offsets: buf(e), ..sorted }, buf(e * 2 * w * h), buf(p * w)),
+            (buf(t * h), SortedPairs { sorted: buf(p - 1), ..sorted }, buf(e * 2 * w * h), buf(p * w)),
+            (buf(t * h), sorted, buf(e * 2 * w * h - 1), buf(p * w)),
+            (buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w - 1)),
+        ];
+        for (i, (x, s, wt, o)) in short.into_iter().enumerate() {
+            assert!(plan_grouped_gemm_geglu(&up, x, s, wt, o, routing).is_err(), "buffer {i}");
+        }
+        // 16-byte loads: x and w must be aligned; the kinds must match.
+        let moved = |b: Buf, bytes: u64| Buf { ptr: b.ptr + bytes, ..b };
+        assert!(plan_grouped_gemm_geglu(&up, moved(buf(t * h), 8), sorted, buf(e * 2 * w * h), buf(p * w), routing)
+            .is_err());
+        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, moved(buf(e * h * w), 2), buf(p * h), routing)
+            .is_err());
+        assert!(plan_grouped_gemm_down(&up, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_geglu(&down, buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w), routing).is_err());
+        // No pairs: nothing to launch.
+        let none = Routing { tokens: 0, ..routing };
+        assert_eq!(plan_grouped_gemm_down(&down, buf(1), sorted, buf(e * h * w), buf(1), none).unwrap().grid.0, 0);
+
+        // The combine: one block per token and column tile.
+        let plan = plan_moe_combine(&combine, buf(p * h), buf(p), buf(p), buf(t * h), routing).unwrap();
+        assert_eq!(plan.grid, (t as u32, h.div_ceil(combine.block_threads() as usize) as u32, 1));
+        assert!(plan_moe_combine(&combine, buf(p * h - 1), buf(p), buf(p), buf(t * h), routing).is_err());
+        assert!(plan_moe_combine(&combine, buf(p * h), buf(p - 1), buf(p), buf(t * h), routing).is_err());
+        assert!(plan_moe_combine(&combine, buf(p * h), buf(p), buf(p - 1), buf(t * h), routing).is_err());
+        assert!(plan_moe_combine(&combine, buf(p * h), buf(p), buf(p), buf(t * h - 1), routing).is_err());
+    }
+
+    #[test]
     fn soft_embedding_plan_checks_its_buffers() {
         let spec =
             supported_specs().into_iter().find(|s| matches!(s.op, Op::SoftEmbedding(e) if e.hidden == 2816)).unwrap();
         let Op::SoftEmbedding(e) = spec.op else { unreachable!() };
         let (h, v, rows) = (e.hidden as usize, e.vocab as usize, 37usize);
-        let (probs, table, out) = (buf(rows * v), buf(v * h), buf(rows * h));
-        let plan = plan_soft_embedding(&spec, probs, table, out, 53.0, rows).unwrap();
+        let x = ProcessedLogits { logits: buf(rows * v), cap: 30.0, params: Some(buf(SAMPLER_PARAMS_WORDS)) };
+        let (stats, table, out) = (buf(2 * rows), buf(v * h), buf(rows * h));
+        let plan = plan_soft_embedding(&spec, x, stats, table, out, 53.0, rows).unwrap();
         // 37 rows in groups of rows_per_block; 2816 columns in tiles of two per thread.
         let tile = 2 * spec.block_threads() as usize;
         assert_eq!(plan.grid, (rows.div_ceil(e.rows_per_block as usize) as u32, h.div_ceil(tile) as u32, 1));
-        assert!(plan_soft_embedding(&spec, buf(rows * v - 1), table, out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, probs, buf(v * h - 1), out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, probs, table, buf(rows * h - 1), 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, probs, table, out, f32::NAN, rows).is_err());
+        let short = ProcessedLogits { logits: buf(rows * v - 1), ..x };
+        assert!(plan_soft_embedding(&spec, short, stats, table, out, 53.0, rows).is_err());
+        let short_params = ProcessedLogits { params: Some(buf(SAMPLER_PARAMS_WORDS - 1)), ..x };
+        assert!(plan_soft_embedding(&spec, short_params, stats, table, out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, ProcessedLogits { cap: -1.0, ..x }, stats, table, out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, x, buf(2 * rows - 1), table, out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, x, stats, buf(v * h - 1), out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, x, stats, table, buf(rows * h - 1), 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, x, stats, table, out, f32::NAN, rows).is_err());
         // The kernel reads column pairs as 32-bit words: a table view at an odd element is refused.
         let odd = Buf { ptr: 0x1002, len: v * h };
-        assert!(plan_soft_embedding(&spec, probs, odd, out, 53.0, rows).is_err());
+        assert!(plan_soft_embedding(&spec, x, stats, odd, out, 53.0, rows).is_err());
         assert!(plan_embedding(&spec, buf(1), table, out, 53.0, 1).is_err());
     }
 
@@ -1000,11 +1187,14 @@ mod tests {
     fn sampler_plans_check_their_buffers() {
         let g = supported_specs().into_iter().find(|s| matches!(s.op, Op::GumbelSample(g) if g.vocab == 320)).unwrap();
         let p = buf(SAMPLER_PARAMS_WORDS);
-        let plan = plan_gumbel_sample(&g, p, buf(5 * 320), buf(5), 5).unwrap();
+        let x = ProcessedLogits { logits: buf(5 * 320), cap: 30.0, params: Some(p) };
+        let plan = plan_gumbel_sample(&g, x, buf(5), 5).unwrap();
         assert_eq!(plan.grid, (5, 1, 1));
-        assert!(plan_gumbel_sample(&g, buf(SAMPLER_PARAMS_WORDS - 1), buf(5 * 320), buf(5), 5).is_err());
-        assert!(plan_gumbel_sample(&g, p, buf(5 * 320 - 1), buf(5), 5).is_err());
-        assert!(plan_gumbel_sample(&g, p, buf(5 * 320), buf(4), 5).is_err());
+        let short_params = ProcessedLogits { params: Some(buf(SAMPLER_PARAMS_WORDS - 1)), ..x };
+        assert!(plan_gumbel_sample(&g, short_params, buf(5), 5).is_err());
+        assert!(plan_gumbel_sample(&g, ProcessedLogits { params: None, ..x }, buf(5), 5).is_err());
+        assert!(plan_gumbel_sample(&g, ProcessedLogits { logits: buf(5 * 320 - 1), ..x }, buf(5), 5).is_err());
+        assert!(plan_gumbel_sample(&g, x, buf(4), 5).is_err());
 
         let c = supported_specs().into_iter().find(|s| matches!(s.op, Op::SamplerCanvas(_))).unwrap();
         let Op::SamplerCanvas(sc) = c.op else { unreachable!() };
@@ -1026,7 +1216,7 @@ mod tests {
         let big = [buf(1 << 20); 8];
         assert!(plan(big, 512, sc.max_canvas as usize).is_ok());
         assert!(plan(big, 512, sc.max_canvas as usize + 1).is_err());
-        assert!(plan_gumbel_sample(&c, p, p, p, 1).is_err());
+        assert!(plan_gumbel_sample(&c, ProcessedLogits { logits: p, cap: 0.0, params: Some(p) }, p, 1).is_err());
     }
 
     #[test]

@@ -141,12 +141,6 @@ fn row_softmax_entropy_argmax_matches_sampler() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn row_softmax_matches_cpu() {
-    common::check_row_softmax(&gpu());
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU"]
 fn attention_matches_cpu() {
     common::check_attention(&gpu());
 }
@@ -161,6 +155,18 @@ fn linear_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn grouped_gemm_geglu_matches_cpu() {
     common::check_grouped_gemm_geglu(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn moe_sort_matches_cpu_exactly() {
+    common::check_moe_sort(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn grouped_gemm_down_matches_cpu() {
+    common::check_grouped_gemm_down(&gpu());
 }
 
 #[test]

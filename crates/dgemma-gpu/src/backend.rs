@@ -137,6 +137,8 @@ pub struct GpuBackend<X: Executor> {
     weights: DeviceWeights,
     ws: Workspace,
     seqs: Vec<Sequence>,
+    /// Bytes the first sequence took ([`GpuBackend::sequence_bytes`]).
+    sequence_bytes: usize,
     current: usize,
     options: GpuOptions,
     sampler: SamplerBuffers,
@@ -171,9 +173,11 @@ impl<X: Executor> GpuBackend<X> {
     fn with_weights(mut exec: X, cfg: &TextConfig, kernels: Kernels, weights: DeviceWeights, options: GpuOptions) -> Result<Self> {
         let decoder_rows = options.max_batch * options.canvas;
         let max_tokens = options.prefill_chunk.max(decoder_rows);
-        let ws = Workspace::new(cfg, &mut exec, max_tokens, decoder_rows, options.context)?;
+        let ws = Workspace::new(cfg, &mut exec, max_tokens, decoder_rows, options.canvas, options.context)?;
+        let before = exec.allocated_bytes();
         let first = Sequence::new(cfg, &mut exec, &options)?;
-        let sampler = SamplerBuffers::new(&mut exec, decoder_rows, cfg.vocab_size)?;
+        let sequence_bytes = exec.allocated_bytes() - before;
+        let sampler = SamplerBuffers::new(&mut exec, decoder_rows, options.max_batch)?;
         Ok(GpuBackend {
             exec,
             cfg: cfg.clone(),
@@ -181,6 +185,7 @@ impl<X: Executor> GpuBackend<X> {
             weights,
             ws,
             seqs: vec![first],
+            sequence_bytes,
             current: 0,
             options,
             sampler,
@@ -228,6 +233,17 @@ impl<X: Executor> GpuBackend<X> {
             )));
         }
         Ok(())
+    }
+
+    /// Device bytes one more full-context sequence takes (its KV cache, decoder inputs and
+    /// sampler state): what [`add_sequence`](Self::add_sequence) allocates.
+    pub fn sequence_bytes(&self) -> usize {
+        self.sequence_bytes
+    }
+
+    /// Device bytes allocated so far (weights, workspace, every sequence).
+    pub fn allocated_bytes(&self) -> usize {
+        self.exec.allocated_bytes()
     }
 
     /// Sequences on this backend (1 + those added).
@@ -319,13 +335,13 @@ impl<X: Executor> GpuBackend<X> {
                 }
             })
             .collect();
-        let mut steps = self.planner().denoise(&dsegs)?;
+        // A host-sampled pass reads fp32 logits back; a device-sampled one keeps the bf16 ones.
+        let mut steps = self.planner().denoise(&dsegs, !key.sample)?;
         if key.sample {
             let mut row0 = 0;
-            for g in &key.segments {
+            for (slot, g) in key.segments.iter().enumerate() {
                 let seq = &self.seqs[g.seq];
-                let v = self.cfg.vocab_size;
-                steps.extend(plan_sampler_step(&self.kernels, &self.ws, &self.sampler, seq.inputs, seq.sampler, row0, g.tokens, v)?);
+                steps.extend(plan_sampler_step(&self.planner(), &self.sampler, seq.inputs, seq.sampler, slot, row0, g.tokens)?);
                 row0 += g.tokens;
             }
         }
@@ -395,11 +411,31 @@ impl<X: Executor> GpuBackend<X> {
         self.queue_denoise_batch(&[self.current], tokens, self_conditioning)
     }
 
-    /// Benchmarks: queues one batched decoder pass over the canvases (`tokens` rows each) of
-    /// the sequences `seqs`, each at its cache's end, recording it on first use.
+    /// Benchmarks: queues one batched denoising step over the canvases (`tokens` rows each) of
+    /// the sequences `seqs`, each at its cache's end, recording it on first use: the decoder
+    /// pass and the device sampler after it (row statistics, draw, next canvas, the next step's
+    /// soft embedding), what a step of generation runs. Call [`bench_sampler_params`]
+    /// (Self::bench_sampler_params) first: the sampler reads its params from the batch slots.
     pub fn queue_denoise_batch(&mut self, seqs: &[usize], tokens: usize, self_conditioning: bool) -> Result<()> {
-        let key = self.pass_key(seqs, tokens, |_| self_conditioning, false)?;
+        let key = self.pass_key(seqs, tokens, |_| self_conditioning, true)?;
         self.run_pass(key)
+    }
+
+    /// Benchmarks: fills every batch slot's sampler params with a valid mid-canvas step
+    /// (transformers' default thresholds, T = 0.5, early stopping off), so timed steps run the
+    /// sampler on real values.
+    pub fn bench_sampler_params(&mut self) -> Result<()> {
+        let p = dgemma_cuda::ops::SamplerParams {
+            seed: 0x5EED,
+            block: 0,
+            step: 1,
+            temperature: 0.5,
+            entropy_bound: 0.1,
+            confidence_threshold: f32::NEG_INFINITY,
+            stability_threshold: 1,
+        };
+        let all = vec![p; self.sampler.slots];
+        self.sampler.write_params(&mut self.exec, &all)
     }
 
     /// Benchmarks: queues one encoder pass of `tokens` rows of `ws.ids` at the selected
@@ -490,9 +526,14 @@ impl<X: Executor> Backend for GpuBackend<X> {
                     sc.len()
                 )));
             }
+            // Staged as bf16 in the LM head's output rows (free until this pass's LM head),
+            // then turned into the sequence's soft embedding by the device path's own kernels.
             let narrow: Vec<bf16> = sc.iter().map(|&x| bf16::from_f32(x)).collect();
-            let dst = inputs.sc_logits.sub(0, 2 * c * v).map_err(cuda)?;
+            let dst = self.ws.logits_bf16.sub(0, 2 * c * v).map_err(cuda)?;
             self.exec.upload(dst, &narrow).map_err(cuda)?;
+            let steps = self.planner().soft_from_host_logits(c, inputs.soft)?;
+            // SAFETY: the planner only addresses regions of this backend.
+            unsafe { self.exec.run(&steps) }.map_err(cuda)?;
         }
         // The host path overwrites the canvas and self-conditioning inputs of a device canvas.
         self.seq_mut().device_canvas = None;

@@ -32,7 +32,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Record {
+    pub fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Record {
         Record { name: name.into(), value, unit, floor: None, target: None, note: String::new() }
     }
 
@@ -204,6 +204,7 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
     use dgemma_model::Backend;
     backend.select_sequence(0)?;
     seed_inputs(backend, 0x5EED)?;
+    backend.bench_sampler_params()?;
     let prompt = plan.prompt.min(backend.options().context.saturating_sub(2 * canvas));
     let prefill = mean_ms(backend, plan.iters, |b| {
         b.reset();
@@ -241,7 +242,7 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
         let ms = mean_ms(backend, plan.iters, |b| b.queue_denoise(canvas, true))?;
         let mut r = Record::new(format!("step.bf16.c1.ctx{ctx}"), ms, "ms");
         r.floor = Some(floor_ms(weight_bytes + backend.kv_bytes_attended(ctx) as f64));
-        r.note = "one canvas, self-conditioning on, replayed recording".into();
+        r.note = "one denoising step of one canvas (decoder pass with self-conditioning, device sampler, next soft embedding), replayed recording".into();
         if ctx == prompt {
             step_at_prompt = Some(ms);
         }
@@ -308,7 +309,7 @@ fn batched_steps<X: Executor>(
         let ms = mean_ms(backend, plan.iters, |bk| bk.queue_denoise_batch(&seqs, canvas, true))?;
         let mut r = Record::new(name, ms, "ms");
         r.floor = Some(floor_ms(backend.weight_bytes() as f64 + (b * backend.kv_bytes_attended(ctx)) as f64));
-        r.note = format!("{b} canvases of {b} sequences in one decoder pass, self-conditioning on");
+        r.note = format!("{b} canvases of {b} sequences in one denoising step (one decoder pass, then each canvas's sampler)");
         out.push(r);
         let mut r = Record::new(format!("peak_mem_gb.bf16.c{b}"), backend.executor().allocated_bytes() as f64 / 1e9, "GB");
         r.note = "bytes the backend allocated (weights, caches, workspace for the batch); excludes the CUDA context".into();

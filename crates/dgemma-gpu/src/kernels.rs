@@ -4,11 +4,11 @@
 //! any weight is uploaded, with the name of the missing kernel.
 
 use dgemma_cuda::codegen::shapes::{
-    attention_spec, grouped_gemm_spec, gumbel_sample_spec, linear_spec, rmsnorm_spec, router_spec,
-    sampler_canvas_spec, soft_embedding_spec,
+    attention_spec, grouped_gemm_spec, gumbel_sample_spec, linear_spec, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
+    router_spec, sampler_canvas_spec, soft_embedding_spec,
 };
 use dgemma_cuda::codegen::{
-    Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope, RowSoftmax,
+    Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope,
     RowSoftmaxEntropyArgmax, SUPPORTED_MODELS,
 };
 use dgemma_cuda::Executor;
@@ -69,7 +69,6 @@ pub struct Kernels {
     pub embedding: KernelSpec,
     pub geglu: KernelSpec,
     pub softcap: KernelSpec,
-    pub sc_softmax: KernelSpec,
     pub soft_embedding: KernelSpec,
     pub router: KernelSpec,
     pub dense_up: KernelSpec,
@@ -77,8 +76,12 @@ pub struct Kernels {
     pub sc_up: KernelSpec,
     pub sc_down: KernelSpec,
     pub lm_head: KernelSpec,
+    /// The MoE block after the router: the routing sort (pairs grouped by expert), the expert
+    /// gate_up + GeGLU and down GEMMs over the grouped pairs, the routing-weighted combine.
+    pub moe_sort: KernelSpec,
     pub experts_gate_up: KernelSpec,
     pub experts_down: KernelSpec,
+    pub moe_combine: KernelSpec,
     pub sliding: AttentionKernels,
     pub full: AttentionKernels,
     /// The device sampler: per-row P, bf16(P), argmax and entropy; the categorical draw; the
@@ -111,9 +114,9 @@ impl Kernels {
         let attention = |l: LayerAttention, encoder_mask: MaskKind| -> Result<AttentionKernels> {
             let d = l.head_dim;
             Ok(AttentionKernels {
-                q_proj: check(linear_spec(s.heads * d, h, arch))?,
-                kv_proj: check(linear_spec(l.kv_heads * d, h, arch))?,
-                o_proj: check(linear_spec(h, s.heads * d, arch))?,
+                q_proj: check(linear_spec(s.heads * d, h))?,
+                kv_proj: check(linear_spec(l.kv_heads * d, h))?,
+                o_proj: check(linear_spec(h, s.heads * d))?,
                 head_norm: check(rmsnorm_spec(d, true, false, false, false))?,
                 value_norm: check(rmsnorm_spec(d, false, false, false, false))?,
                 rope: portable(Op::Rope(Rope { head_dim: d, rotary_pairs: l.rotary_pairs }))?,
@@ -130,16 +133,17 @@ impl Kernels {
             embedding: portable(Op::Embedding(Embedding { hidden: h }))?,
             geglu: portable(Op::Geglu)?,
             softcap: portable(Op::Softcap)?,
-            sc_softmax: portable(Op::RowSoftmax(RowSoftmax { vocab: s.vocab }))?,
             soft_embedding: check(soft_embedding_spec(h, s.vocab))?,
             router: check(router_spec(h, s.experts, s.top_k))?,
-            dense_up: check(linear_spec(s.dense_width, h, arch))?,
-            dense_down: check(linear_spec(h, s.dense_width, arch))?,
-            sc_up: check(linear_spec(s.self_cond_width, h, arch))?,
-            sc_down: check(linear_spec(h, s.self_cond_width, arch))?,
-            lm_head: check(linear_spec(s.vocab, h, arch))?,
+            dense_up: check(linear_spec(s.dense_width, h))?,
+            dense_down: check(linear_spec(h, s.dense_width))?,
+            sc_up: check(linear_spec(s.self_cond_width, h))?,
+            sc_down: check(linear_spec(h, s.self_cond_width))?,
+            lm_head: check(linear_spec(s.vocab, h))?,
+            moe_sort: check(moe_sort_spec(s.experts))?,
             experts_gate_up: check(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch))?,
-            experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Combine, arch))?,
+            experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Down, arch))?,
+            moe_combine: check(moe_combine_spec(h))?,
             sliding: attention(s.sliding, MaskKind::CausalSliding)?,
             full: attention(s.full, MaskKind::Causal)?,
             row_stats: portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: s.vocab }))?,

@@ -41,7 +41,8 @@ pub struct Workspace {
     pub canvas: usize,
     /// Token ids of an encoder pass (i32 `[max_tokens]`): the prompt chunk or the commit.
     pub ids: Region,
-    /// Softcapped f32 logits `[canvas, V]`: the decoder's output.
+    /// Softcapped f32 logits `[host canvas, V]`: a host-sampled decoder pass's output (one
+    /// canvas; the device sampler reads `logits_bf16` instead).
     pub logits: Region,
     /// Absolute positions 0..capacity (i32), read by RoPE at offset `pos0`.
     positions: Region,
@@ -61,10 +62,21 @@ pub struct Workspace {
     act: Region,
     experts: Region,
     expert_weights: Region,
+    /// The routing sort's outputs: i32 `[num_experts + 1]` offsets and i32 `[max_tokens * top_k]`
+    /// pair indices grouped by expert (`csrc/moe_sort.cuh`).
+    moe_offsets: Region,
+    moe_sorted: Region,
+    /// GeGLU activations `[max_tokens * top_k, moe width]` and the down projection's per-pair
+    /// outputs `[max_tokens * top_k, hidden]` (bf16), before the routing-weighted combine.
     moe_act: Region,
-    probs: Region,
+    moe_y: Region,
     soft: Region,
-    logits_bf16: Region,
+    /// The LM head's bf16 output `[canvas, V]`, every canvas of a batched pass: the only
+    /// vocab-wide buffer of the device path (the sampler and the soft embedding recompute
+    /// `P = softcap(x) / T` from it). The host's self-conditioning logits are staged here too.
+    pub logits_bf16: Region,
+    /// Softmax statistics (max, 1 / sum) of each row's bf16(P), f32 `[canvas, 2]`.
+    pub sc_stats: Region,
     /// The new tokens' K and V, `[max_tokens, max kv width]` bf16, for a pass whose ring rows
     /// wrap around a layer's ring (see the module doc).
     k_stage: Region,
@@ -104,8 +116,16 @@ fn rope_tables(exec: &mut dyn Executor, inv_freq: &[f32], pairs: usize, capacity
 
 impl Workspace {
     /// Allocates everything a pass of up to `max_tokens` rows needs; the decoder's vocab-wide
-    /// buffers are sized for `canvas` rows.
-    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, max_tokens: usize, canvas: usize, capacity: usize) -> Result<Workspace> {
+    /// buffers are sized for `canvas` rows (every canvas of a batched pass), the fp32 logits of a
+    /// host-sampled pass for `host_canvas` rows (one canvas).
+    pub fn new(
+        cfg: &TextConfig,
+        exec: &mut dyn Executor,
+        max_tokens: usize,
+        canvas: usize,
+        host_canvas: usize,
+        capacity: usize,
+    ) -> Result<Workspace> {
         let (t, h, v, c) = (max_tokens, cfg.hidden_size, cfg.vocab_size, canvas);
         let heads = cfg.num_attention_heads;
         let head_dim = cfg.head_dim.max(cfg.global_head_dim);
@@ -113,7 +133,7 @@ impl Workspace {
         let k = cfg.top_k_experts;
         let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
         let ws_ids = alloc(4 * t, "token ids")?;
-        let logits = alloc(4 * c * v, "logits")?;
+        let logits = alloc(4 * host_canvas.min(c) * v, "logits")?;
         let h_buf = alloc(2 * t * h, "hidden states")?;
         let a = alloc(2 * t * h, "normed hidden states")?;
         let attn = alloc(2 * t * h, "attention output")?;
@@ -127,10 +147,21 @@ impl Workspace {
         let act = alloc(2 * t * inter, "MLP activation")?;
         let experts = alloc(4 * t * k, "routed experts")?;
         let expert_weights = alloc(4 * t * k, "routing weights")?;
+        if t * k > ops::MOE_SORT_MAX_PAIRS {
+            return Err(backend_error(format!(
+                "passes of {t} tokens route {} (token, slot) pairs, over the {} the MoE routing sort takes: \
+                 use a smaller prefill chunk or batch",
+                t * k,
+                ops::MOE_SORT_MAX_PAIRS
+            )));
+        }
+        let moe_offsets = alloc(4 * (cfg.num_experts + 1), "expert offsets")?;
+        let moe_sorted = alloc(4 * t * k, "pairs sorted by expert")?;
         let moe_act = alloc(2 * t * k * cfg.moe_intermediate_size, "expert activations")?;
-        let probs = alloc(2 * c * v, "self-conditioning probabilities")?;
+        let moe_y = alloc(2 * t * k * h, "expert outputs")?;
         let soft = alloc(2 * c * h, "soft embeddings")?;
         let logits_bf16 = alloc(2 * c * v, "bf16 logits")?;
+        let sc_stats = alloc(4 * 2 * c, "self-conditioning softmax statistics")?;
         let kv_width = (0..cfg.num_hidden_layers).map(|i| cfg.layer(i).kv_dim()).max().unwrap_or(0);
         let k_stage = alloc(2 * t * kv_width, "staged keys")?;
         let v_stage = alloc(2 * t * kv_width, "staged values")?;
@@ -162,10 +193,13 @@ impl Workspace {
             act,
             experts,
             expert_weights,
+            moe_offsets,
+            moe_sorted,
             moe_act,
-            probs,
+            moe_y,
             soft,
             logits_bf16,
+            sc_stats,
             k_stage,
             v_stage,
         })
@@ -231,21 +265,22 @@ enum Pass {
     Decoder,
 }
 
-/// The decoder's inputs of one sequence: its canvas (i32 `[canvas]`) and the previous step's
-/// processed logits (bf16 `[canvas, V]`, the self-conditioning input). Per sequence, so that
-/// sequences denoised in turn each keep theirs on the device between steps (the device sampler
-/// writes the next step's into them).
+/// The decoder's inputs of one sequence: its canvas (i32 `[canvas]`) and its self-conditioning
+/// input, the soft embedding `round(round(softmax(bf16(P))) @ E) * round(sqrt(H))` of the previous
+/// step's processed logits P (bf16 `[canvas, hidden]`: 1.4 MB for the 26B model, where the
+/// logits themselves would be 134 MB). Per sequence, so that sequences denoised in turn each keep
+/// theirs on the device between steps (the device sampler writes the next step's into them).
 #[derive(Clone, Copy, Debug)]
 pub struct DecoderInputs {
     pub canvas: Region,
-    pub sc_logits: Region,
+    pub soft: Region,
 }
 
 impl DecoderInputs {
     pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, canvas: usize) -> Result<DecoderInputs> {
         Ok(DecoderInputs {
             canvas: exec.alloc(4 * canvas, "canvas ids").map_err(cuda)?,
-            sc_logits: exec.alloc(2 * canvas * cfg.vocab_size, "self-conditioning logits").map_err(cuda)?,
+            soft: exec.alloc(2 * canvas * cfg.hidden_size, "self-conditioning soft embedding").map_err(cuda)?,
         })
     }
 }
@@ -331,12 +366,13 @@ impl Planner<'_> {
     }
 
     /// Decoder pass over one or more sequences' canvases (`inputs.canvas[..tokens]` each, at
-    /// positions `pos0..` of its cache, with its self-conditioning input `inputs.sc_logits`
-    /// when `self_conditioning`), stacked in the workspace rows in order: writes `ws.logits`
-    /// rows in the same order. Every op but attention runs once over all rows (one read of the
-    /// weights for the whole batch); attention runs per sequence over its own cache. Each row's
-    /// result is bit-identical to a pass over its sequence alone.
-    pub fn denoise(&self, dsegs: &[DecoderSegment]) -> Result<Vec<Step>> {
+    /// positions `pos0..` of its cache, with its self-conditioning input `inputs.soft` when
+    /// `self_conditioning`), stacked in the workspace rows in order: writes `ws.logits_bf16`
+    /// rows in the same order, and with `fp32_logits` (a host-sampled pass of one canvas) the
+    /// softcapped `ws.logits` too. Every op but attention runs once over all rows (one read of
+    /// the weights for the whole batch); attention runs per sequence over its own cache. Each
+    /// row's result is bit-identical to a pass over its sequence alone.
+    pub fn denoise(&self, dsegs: &[DecoderSegment], fp32_logits: bool) -> Result<Vec<Step>> {
         let segs: Vec<Segment> = dsegs.iter().map(|d| d.seg).collect();
         let tokens = self.check_pass(&segs, self.ws.canvas, "a decoder pass")?;
         let (ws, w, k) = (self.ws, self.weights, self.kernels);
@@ -353,27 +389,21 @@ impl Planner<'_> {
         }
         self.embed(&mut s, ws.ids, tokens)?;
         if dsegs.iter().any(|d| d.self_conditioning) {
-            // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)); signal = MLP(pre_norm(soft)).
-            // A sequence without a self-conditioning input gets soft = 0, hence signal = 0
-            // exactly (no biases; norm(0) = 0), and round(norm(round(h + 0))) = round(norm(h)).
-            let probs = rows16(ws.probs, 0, tokens, v)?;
+            // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)), kept per sequence since the
+            // step that produced sc (`self_conditioning`); signal = MLP(pre_norm(soft)). A
+            // sequence without a self-conditioning input gets soft = 0, hence signal = 0 exactly
+            // (no biases; norm(0) = 0), and round(norm(round(h + 0))) = round(norm(h)).
+            let soft = rows16(ws.soft, 0, tokens, h)?;
             let mut row0 = 0;
             for d in dsegs {
                 let n = d.seg.tokens;
-                if d.self_conditioning {
-                    let sc = rows16(d.inputs.sc_logits, 0, n, v)?;
-                    s.push(launch(ops::plan_row_softmax(&k.sc_softmax, sc, rows16(ws.probs, row0, n, v)?, n))?);
-                }
+                let dst = rows_region(ws.soft, row0, n, h)?;
+                s.push(if d.self_conditioning {
+                    Step::Copy { src: rows_region(d.inputs.soft, 0, n, h)?, dst }
+                } else {
+                    Step::Zero { dst }
+                });
                 row0 += n;
-            }
-            let soft = rows16(ws.soft, 0, tokens, h)?;
-            s.push(launch(ops::plan_soft_embedding(&k.soft_embedding, probs, w.embed.b16(), soft, self.embed_scale(), tokens))?);
-            let mut row0 = 0;
-            for d in dsegs {
-                if !d.self_conditioning {
-                    s.push(Step::Zero { dst: rows_region(ws.soft, row0, d.seg.tokens, h)? });
-                }
-                row0 += d.seg.tokens;
             }
             s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(w.sc_pre_norm.b16()), soft, tokens, eps, 1.0))?);
             let d = self.mlp(&mut s, tokens, soft, w.sc_gate, w.sc_up, w.sc_down, (k.sc_up, k.sc_down))?;
@@ -390,13 +420,44 @@ impl Planner<'_> {
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(w.final_norm.b16()), a, tokens, eps, 1.0))?);
         let logits16 = rows16(ws.logits_bf16, 0, tokens, v)?;
         s.push(launch(ops::plan_linear(&k.lm_head, a, w.lm_head.b16(), logits16, tokens))?);
+        if fp32_logits {
+            let logits = ws.logits.sub(0, 4 * tokens * v).map_err(cuda)?.b32();
+            s.push(launch(ops::plan_softcap(&k.softcap, logits16, logits, self.softcap()?, tokens * v))?);
+        }
+        Ok(s)
+    }
+
+    /// The final-logit soft cap (models without one are refused).
+    pub fn softcap(&self) -> Result<f32> {
         let cap = self
             .cfg
             .final_logit_softcapping
             .ok_or_else(|| backend_error("models without final_logit_softcapping are not supported yet"))?;
-        let logits = ws.logits.sub(0, 4 * tokens * v).map_err(cuda)?.b32();
-        s.push(launch(ops::plan_softcap(&k.softcap, logits16, logits, cap as f32, tokens * v))?);
-        Ok(s)
+        Ok(cap as f32)
+    }
+
+    /// The self-conditioning input of the next step, `soft` = `[rows, hidden]` bf16, from `x`
+    /// (the processed logits of this step, or the host's bf16 ones) whose softmax statistics are
+    /// in `ws.sc_stats` rows `row0..` (the row pass wrote them).
+    pub fn soft_embedding(&self, x: ops::ProcessedLogits, row0: usize, rows: usize, soft: Region) -> Result<Step> {
+        let stats = self.ws.sc_stats.sub(4 * 2 * row0, 4 * 2 * rows).map_err(cuda)?.b32();
+        let out = rows16(soft, 0, rows, self.cfg.hidden_size)?;
+        let (k, w) = (self.kernels, self.weights);
+        launch(ops::plan_soft_embedding(&k.soft_embedding, x, stats, w.embed.b16(), out, self.embed_scale(), rows))
+    }
+
+    /// The host-sampled path's self-conditioning: the host's bf16 processed logits of the
+    /// previous step, uploaded into `ws.logits_bf16` rows `0..rows`, into `soft` (softmax
+    /// statistics, then the soft embedding; the same kernels as the device path, with no soft
+    /// cap and T = 1, so the two paths give the same bits).
+    pub fn soft_from_host_logits(&self, rows: usize, soft: Region) -> Result<Vec<Step>> {
+        let v = self.cfg.vocab_size;
+        let x = ops::ProcessedLogits { logits: rows16(self.ws.logits_bf16, 0, rows, v)?, cap: 0.0, params: None };
+        let stats = self.ws.sc_stats.sub(0, 4 * 2 * rows).map_err(cuda)?.b32();
+        Ok(vec![
+            launch(ops::plan_row_softmax_entropy_argmax(&self.kernels.row_stats, x, None, None, Some(stats), rows))?,
+            self.soft_embedding(x, 0, rows, soft)?,
+        ])
     }
 
     /// `h = round(E[ids] * round(sqrt(H)))` over the first `tokens` ids of `ids`.
@@ -591,19 +652,22 @@ impl Planner<'_> {
         ))?);
         let e = rows16(ws.e, 0, tokens, hid)?;
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.pre_feedforward_layernorm_2.b16()), e, tokens, eps, 1.0))?);
-        let routing = Routing { tokens, top_k, num_experts: self.cfg.num_experts };
+        // Experts: the pairs grouped by expert (so each expert's weights are read once per tile
+        // of its pairs), gate_up + GeGLU and down over the groups, each writing its rows in
+        // the original pair order, then the routing-weighted sum over each token's slots.
+        let num_experts = self.cfg.num_experts;
+        let routing = Routing { tokens, top_k, num_experts };
+        let sorted = ops::SortedPairs {
+            offsets: ws.moe_offsets.sub(0, 4 * (num_experts + 1)).map_err(cuda)?.b32(),
+            sorted: ws.moe_sorted.sub(0, 4 * tokens * top_k).map_err(cuda)?.b32(),
+        };
+        s.push(launch(ops::plan_moe_sort(&k.moe_sort, experts, sorted.offsets, sorted.sorted, tokens * top_k))?);
         let moe_act = rows16(ws.moe_act, 0, tokens * top_k, self.cfg.moe_intermediate_size)?;
-        s.push(launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, experts, l.experts_gate_up.b16(), moe_act, routing))?);
+        s.push(launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, sorted, l.experts_gate_up.b16(), moe_act, routing))?);
+        let moe_y = rows16(ws.moe_y, 0, tokens * top_k, hid)?;
+        s.push(launch(ops::plan_grouped_gemm_down(&k.experts_down, moe_act, sorted, l.experts_down.b16(), moe_y, routing))?);
         let moe = rows16(ws.moe, 0, tokens, hid)?;
-        s.push(launch(ops::plan_grouped_gemm_combine(
-            &k.experts_down,
-            moe_act,
-            experts,
-            weights,
-            l.experts_down.b16(),
-            moe,
-            routing,
-        ))?);
+        s.push(launch(ops::plan_moe_combine(&k.moe_combine, moe_y, experts, weights, moe, routing))?);
         s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_2.b16()), moe, tokens, eps, 1.0))?);
 
         // h = round(round(h + post_feedforward_layernorm(round(d + moe))) * layer_scalar).

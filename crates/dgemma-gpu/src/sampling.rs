@@ -4,33 +4,39 @@
 //! [`SAMPLER_STATUS_WORDS`] words.
 //!
 //! ```text
-//! logits [C, V] f32 (softcapped) --row_softmax_entropy_argmax(T = params[4])-->
-//!     processed P = logits / T [C, V] f32, sc_logits = bf16(P) (the next step's
-//!     self-conditioning input, written into the sequence's DecoderInputs), argmax [C],
-//!     entropy [C]
+//! x = LM head output [C, V] bf16; every kernel below recomputes P = softcap(x) / T (T = params[4])
+//! --row_softmax_entropy_argmax--> argmax [C], entropy [C], softmax statistics of bf16(P) [C, 2]
 //! --gumbel_sample(seed, block, step)--> sampled [C]           (SeededNoise::sample)
 //! --sampler_canvas--> canvas = next canvas (the sequence's next decoder input), accepted
 //!                     mask, the sequence's stability history, status [finished, accepted,
 //!                     mean entropy, error]
+//! --soft_embedding--> soft = round(round(softmax(bf16(P))) @ E) * round(sqrt(H)) [C, hidden],
+//!                     the next step's self-conditioning input, into the sequence's DecoderInputs
 //! ```
+//!
+//! No `[C, V]` buffer but the bf16 logits exists: a canvas in flight costs 2 bytes per vocabulary
+//! entry and position (134 MB for the 26B model) plus its 1.4 MB soft embedding, not the fp32
+//! logits, processed logits, bf16 copies and probabilities (about 0.8 GB) of a straightforward
+//! implementation.
 //!
 //! Everything that changes between steps (block, step, temperature) and between requests
 //! (seed, thresholds) is read on the device from the params buffer, so one recording per
 //! (canvas length, position, self-conditioning) serves every step of a canvas.
+//!
+//! Params and status live in per-slot arrays, slot i for the i-th canvas of a batched pass:
+//! a step of B canvases is one upload of B x 32 bytes, a replay, and one read of B x 16 bytes,
+//! whatever B is (two host synchronisations per batched step, not 2B).
 
 use dgemma_cuda::ops::{self, SamplerParams, SAMPLER_PARAMS_WORDS, SAMPLER_STATUS_WORDS};
 use dgemma_cuda::{Executor, Region, Step};
 
 use crate::error::{cuda, Result};
-use crate::kernels::Kernels;
-use crate::plan::{DecoderInputs, Workspace};
+use crate::plan::{DecoderInputs, Planner};
 
 /// The sampler's scratch for decoder passes of up to `rows` canvas positions (all the
 /// canvases of a batched pass, side by side); each sequence's own state is [`SamplerState`].
 pub struct SamplerBuffers {
     pub rows: usize,
-    /// `P = logits / T`, f32 `[rows, V]` (read by the categorical draw).
-    pub processed: Region,
     /// First argmax per position, i32 `[canvas]`: the draft, and the commit after the last step.
     pub argmax: Region,
     /// Entropy per position, f32 `[canvas]`.
@@ -39,14 +45,23 @@ pub struct SamplerBuffers {
     pub sampled: Region,
     /// Acceptance mask, i32 `[rows]`.
     pub accepted: Region,
+    /// Batch slots (the most canvases one pass holds).
+    pub slots: usize,
+    /// [`SamplerParams`] words (u32) `[slots, SAMPLER_PARAMS_WORDS]`, written by the host
+    /// before each step; slot i belongs to the pass's i-th canvas.
+    pub params: Region,
+    /// [`ops::SamplerStatus`] words `[slots, SAMPLER_STATUS_WORDS]`: the only per-step read-back.
+    pub status: Region,
 }
 
 impl SamplerBuffers {
-    pub fn new(exec: &mut dyn Executor, rows: usize, vocab: usize) -> Result<SamplerBuffers> {
+    pub fn new(exec: &mut dyn Executor, rows: usize, slots: usize) -> Result<SamplerBuffers> {
         let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
         Ok(SamplerBuffers {
+            slots,
+            params: alloc(4 * SAMPLER_PARAMS_WORDS * slots, "sampler params")?,
+            status: alloc(4 * SAMPLER_STATUS_WORDS * slots, "sampler status")?,
             rows,
-            processed: alloc(4 * rows * vocab, "processed logits")?,
             argmax: alloc(4 * rows, "argmax canvas")?,
             entropy: alloc(4 * rows, "entropies")?,
             sampled: alloc(4 * rows, "sampled canvas")?,
@@ -55,75 +70,81 @@ impl SamplerBuffers {
     }
 }
 
+impl SamplerBuffers {
+    /// Writes the params of slots `0..params.len()` in one upload (ordered before the next
+    /// replay).
+    pub fn write_params(&self, exec: &mut dyn Executor, params: &[SamplerParams]) -> Result<()> {
+        let words: Vec<u32> = params.iter().flat_map(|p| p.to_words()).collect();
+        let dst = self.params.sub(0, 4 * words.len()).map_err(cuda)?;
+        exec.upload_bytes(dst, bytemuck::cast_slice(&words)).map_err(cuda)
+    }
+
+    /// Reads the status of slots `0..n` of the last step in one download (synchronises with
+    /// the device).
+    pub fn read_status(&self, exec: &mut dyn Executor, n: usize) -> Result<Vec<ops::SamplerStatus>> {
+        let mut words = vec![0u32; SAMPLER_STATUS_WORDS * n];
+        let src = self.status.sub(0, 4 * words.len()).map_err(cuda)?;
+        exec.download_bytes(src, bytemuck::cast_slice_mut(&mut words)).map_err(cuda)?;
+        Ok(words
+            .chunks_exact(SAMPLER_STATUS_WORDS)
+            .map(|w| ops::SamplerStatus::from_words(w.try_into().expect("chunks of SAMPLER_STATUS_WORDS")))
+            .collect())
+    }
+
+    fn slot(&self, region: Region, words: usize, slot: usize) -> Result<ops::Buf> {
+        region.sub(4 * words * slot, 4 * words).map_err(cuda).map(Region::b32)
+    }
+}
+
 /// One sequence's sampler state on the device.
 #[derive(Clone, Copy, Debug)]
 pub struct SamplerState {
-    /// [`SamplerParams`] words (u32), written by the host before each step.
-    pub params: Region,
-    /// [`ops::SamplerStatus`] words, the only per-step read-back.
-    pub status: Region,
     /// Previous argmax canvas and its run length, i32 `[canvas + 1]` (owned by the kernel).
     pub history: Region,
 }
 
 impl SamplerState {
     pub fn new(exec: &mut dyn Executor, canvas: usize) -> Result<SamplerState> {
-        let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
-        Ok(SamplerState {
-            params: alloc(4 * SAMPLER_PARAMS_WORDS, "sampler params")?,
-            status: alloc(4 * SAMPLER_STATUS_WORDS, "sampler status")?,
-            history: alloc(4 * (canvas + 1), "stability history")?,
-        })
-    }
-
-    /// Writes the step's params (an ordinary upload, ordered before the next replay).
-    pub fn write_params(&self, exec: &mut dyn Executor, p: &SamplerParams) -> Result<()> {
-        exec.upload_bytes(self.params, bytemuck::cast_slice(&p.to_words())).map_err(cuda)
-    }
-
-    /// Reads the status of the last step (synchronises with the device).
-    pub fn read_status(&self, exec: &mut dyn Executor) -> Result<ops::SamplerStatus> {
-        let mut w = [0u32; SAMPLER_STATUS_WORDS];
-        exec.download_bytes(self.status, bytemuck::cast_slice_mut(&mut w)).map_err(cuda)?;
-        Ok(ops::SamplerStatus::from_words(w))
+        Ok(SamplerState { history: exec.alloc(4 * (canvas + 1), "stability history").map_err(cuda)? })
     }
 }
 
 /// The sampler launches for one sequence whose canvas is rows `row0 .. row0 + tokens` of the
-/// decoder pass just planned: reads those `ws.logits` rows, writes the sequence's `inputs` (bf16
-/// P as the self-conditioning input, the next canvas) and its `state` (status, history).
-#[allow(clippy::too_many_arguments)]
+/// decoder pass just planned and batch slot `slot`: reads those `ws.logits_bf16` rows and the
+/// slot's params, writes the sequence's `inputs` (the next canvas, and the soft embedding of
+/// bf16(P) as the next step's self-conditioning input), its `state` (history) and the slot's
+/// status.
 pub fn plan_sampler_step(
-    k: &Kernels,
-    ws: &Workspace,
+    p: &Planner,
     sb: &SamplerBuffers,
     inputs: DecoderInputs,
     state: SamplerState,
+    slot: usize,
     row0: usize,
     tokens: usize,
-    vocab: usize,
 ) -> Result<Vec<Step>> {
     let launch = |p: dgemma_cuda::Result<ops::LaunchPlan>| p.map(Step::Launch).map_err(cuda);
-    let n = tokens * vocab;
-    let logits = ws.logits.sub(4 * row0 * vocab, 4 * n).map_err(cuda)?.b32();
-    let sc = inputs.sc_logits.sub(0, 2 * n).map_err(cuda)?.b16();
-    let processed = sb.processed.sub(4 * row0 * vocab, 4 * n).map_err(cuda)?.b32();
+    let (k, ws, vocab) = (p.kernels, p.ws, p.cfg.vocab_size);
+    let params = sb.slot(sb.params, SAMPLER_PARAMS_WORDS, slot)?;
+    let status = sb.slot(sb.status, SAMPLER_STATUS_WORDS, slot)?;
+    let x = ops::ProcessedLogits {
+        logits: ws.logits_bf16.sub(2 * row0 * vocab, 2 * tokens * vocab).map_err(cuda)?.b16(),
+        cap: p.softcap()?,
+        params: Some(params),
+    };
     let rows = |r: Region| r.sub(4 * row0, 4 * tokens).map_err(cuda).map(Region::b32);
+    let sc_stats = ws.sc_stats.sub(4 * 2 * row0, 4 * 2 * tokens).map_err(cuda)?.b32();
     let next_canvas = inputs.canvas.sub(0, 4 * tokens).map_err(cuda)?.b32();
-    let history = state.history;
-    let params = state.params.b32();
     Ok(vec![
         launch(ops::plan_row_softmax_entropy_argmax(
             &k.row_stats,
-            logits,
-            params,
-            Some(processed),
-            Some(sc),
-            rows(sb.argmax)?,
-            rows(sb.entropy)?,
+            x,
+            Some(rows(sb.argmax)?),
+            Some(rows(sb.entropy)?),
+            Some(sc_stats),
             tokens,
         ))?,
-        launch(ops::plan_gumbel_sample(&k.gumbel, params, processed, rows(sb.sampled)?, tokens))?,
+        launch(ops::plan_gumbel_sample(&k.gumbel, x, rows(sb.sampled)?, tokens))?,
         launch(ops::plan_sampler_canvas(
             &k.sampler_canvas,
             params,
@@ -132,10 +153,11 @@ pub fn plan_sampler_step(
             rows(sb.argmax)?,
             next_canvas,
             rows(sb.accepted)?,
-            history.b32(),
-            state.status.b32(),
+            state.history.b32(),
+            status,
             vocab,
             tokens,
         ))?,
+        p.soft_embedding(x, row0, tokens, inputs.soft)?,
     ])
 }

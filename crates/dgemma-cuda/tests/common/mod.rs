@@ -414,6 +414,32 @@ pub fn check_softcap(e: &dyn Exec) {
     }
 }
 
+/// `P = softcap(x) / T` as the device computes it: the softcap kernel's fp32 output (every fused
+/// kernel recomputes that same expression, `csrc/common.cuh` softcap_value) divided on the host
+/// (one IEEE division per element, the sampler's apply_temperature), or `x / T` without a cap.
+/// Oracles built on it hold bit for bit on a GPU too, whose tanhf differs from the host's.
+pub fn device_processed(e: &dyn Exec, x: &[f32], cap: f32, temperature: f32) -> Vec<f32> {
+    let mut p = x.to_vec();
+    if cap > 0.0 {
+        let spec = specs(e, Family::Softcap)[0];
+        let n = x.len();
+        let mut bufs = [hb(x), nan_f32(n)];
+        e.launch(&mut bufs, &|b| ops::plan_softcap(&spec, b[0], b[1], cap, n).unwrap());
+        p = bufs[1].f32().to_vec();
+    }
+    dgemma_sampler::apply_temperature(&mut p, temperature).unwrap();
+    p
+}
+
+/// The softmax statistics of bf16(P) the row pass writes for the self-conditioning input:
+/// `(f32(bf16(max P)), 1 / sum exp(bf16(P) - m))`, the sum in f64 (the oracle's own error is
+/// negligible against the kernel's float32 tree sum).
+fn sc_stats_reference(p: &[f32]) -> (f32, f32) {
+    let m = to_bf16(p.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let s: f64 = p.iter().map(|&x| ((to_bf16(x) - m) as f64).exp()).sum();
+    (m, (1.0 / s) as f32)
+}
+
 pub fn check_row_softmax_entropy_argmax(e: &dyn Exec) {
     let temperature = 0.7f32;
     for spec in specs(e, Family::RowSoftmaxEntropyArgmax) {
@@ -424,16 +450,17 @@ pub fn check_row_softmax_entropy_argmax(e: &dyn Exec) {
             continue;
         }
         let mut rng = Rng::new(v as u64);
-        // Row 0: broad; row 1: peaked (near one-hot); row 2: a tie at the maximum (the first
-        // index wins); row 3: -inf entries; row 4: NaN (invalid -> argmax -1).
-        let mut logits: Vec<f32> = (0..rows * v).map(|_| rng.uniform() * 15.0).collect();
-        logits[v + 17] = 90.0;
-        logits[2 * v + 3] = 29.0;
-        logits[2 * v + v - 2] = 29.0;
+        // bf16 LM-head outputs. Row 0: broad; row 1: peaked (near one-hot); row 2: a tie at the
+        // maximum (the first index wins); row 3: -inf entries (a soft cap maps them to -cap);
+        // row 4: NaN (invalid -> argmax -1, NaN statistics).
+        let mut x = rng.bf16_values(rows * v, 15.0);
+        x[v + 17] = 90.0;
+        x[2 * v + 3] = 29.0;
+        x[2 * v + v - 2] = 29.0;
         for i in 0..v / 2 {
-            logits[3 * v + 2 * i] = f32::NEG_INFINITY;
+            x[3 * v + 2 * i] = f32::NEG_INFINITY;
         }
-        logits[4 * v + v / 2] = f32::NAN;
+        x[4 * v + v / 2] = f32::NAN;
 
         // The temperature travels in the sampler params buffer (word 4), like on the device.
         let params = ops::SamplerParams {
@@ -445,77 +472,54 @@ pub fn check_row_softmax_entropy_argmax(e: &dyn Exec) {
             confidence_threshold: 0.005,
             stability_threshold: 1,
         };
-        let mut bufs = [
-            Host::F32(logits.clone()),
-            nan_f32(rows * v),
-            nan_bf16(rows * v),
-            Host::I32(vec![i32::MIN; rows]),
-            nan_f32(rows),
-            params_host(&params),
-        ];
+        for cap in [30.0f32, 0.0] {
+            let p_all = device_processed(e, &x, cap, temperature);
+            let mut bufs =
+                [hb(&x), params_host(&params), Host::I32(vec![i32::MIN; rows]), nan_f32(rows), nan_f32(2 * rows)];
+            e.launch(&mut bufs, &|b| {
+                let x = ops::ProcessedLogits { logits: b[0], cap, params: Some(b[1]) };
+                ops::plan_row_softmax_entropy_argmax(&spec, x, Some(b[2]), Some(b[3]), Some(b[4]), rows).unwrap()
+            });
+            let (got_a, got_h, got_s) = (bufs[2].i32(), bufs[3].f32(), bufs[4].f32());
+            for row in 0..rows {
+                let name = format!("{} cap={cap} row {row}", spec.kernel_name());
+                let p = &p_all[row * v..(row + 1) * v];
+                match (dgemma_sampler::argmax(p), dgemma_sampler::entropy(p)) {
+                    (Ok(a), Ok(h)) => {
+                        assert_eq!(got_a[row], a as i32, "{name}: argmax");
+                        let g = got_h[row];
+                        assert!(g.is_finite(), "{name}: entropy {g}");
+                        let max_abs = p.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
+                        let limit = 1e-5 * h.abs() + 8.0 * f32::EPSILON * max_abs + 1e-7;
+                        assert!((g - h).abs() <= limit, "{name}: entropy {g} vs {h} (limit {limit})");
+                        let (m, inv) = sc_stats_reference(p);
+                        assert_eq!(got_s[2 * row].to_bits(), m.to_bits(), "{name}: self-conditioning max");
+                        let gi = got_s[2 * row + 1];
+                        assert!((gi - inv).abs() <= 1e-5 * inv, "{name}: 1 / sum {gi} vs {inv}");
+                    }
+                    _ => {
+                        assert_eq!(got_a[row], -1, "{name}: an invalid row must give argmax -1");
+                        assert!(got_h[row].is_nan(), "{name}: an invalid row must give entropy NaN");
+                        assert!(got_s[2 * row].is_nan() && got_s[2 * row + 1].is_nan(), "{name}: statistics");
+                    }
+                }
+            }
+            assert_eq!(got_a[2], 3, "the first of two equal maxima wins");
+        }
+
+        // The host path's self-conditioning: its bf16 P itself (no cap, no params: T = 1), only
+        // the statistics asked for.
+        let mut bufs = [hb(&x), nan_f32(2 * rows)];
         e.launch(&mut bufs, &|b| {
-            ops::plan_row_softmax_entropy_argmax(&spec, b[0], b[5], Some(b[1]), Some(b[2]), b[3], b[4], rows).unwrap()
+            let x = ops::ProcessedLogits { logits: b[0], cap: 0.0, params: None };
+            ops::plan_row_softmax_entropy_argmax(&spec, x, None, None, Some(b[1]), rows).unwrap()
         });
-        let (got_p, got_a, got_h) = (bufs[1].f32(), bufs[3].i32(), bufs[4].f32());
-        let Host::Bf16(got_pb) = &bufs[2] else { unreachable!() };
-
-        for row in 0..rows {
-            let name = format!("{} row {row}", spec.kernel_name());
-            let mut p = logits[row * v..(row + 1) * v].to_vec();
-            dgemma_sampler::apply_temperature(&mut p, temperature).unwrap();
-            // P and bf16(P): one IEEE division per element, bit for bit (NaN stays NaN).
-            for (i, &want) in p.iter().enumerate() {
-                let g = got_p[row * v + i];
-                assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{name}: P[{i}] {g} vs {want}");
-                let (gb, wb) = (got_pb[row * v + i], bf16::from_f32(want));
-                assert!(gb.to_bits() == wb.to_bits() || (gb.is_nan() && wb.is_nan()), "{name}: bf16(P)[{i}]");
-            }
-            match (dgemma_sampler::argmax(&p), dgemma_sampler::entropy(&p)) {
-                (Ok(a), Ok(h)) => {
-                    assert_eq!(got_a[row], a as i32, "{name}: argmax");
-                    let g = got_h[row];
-                    assert!(g.is_finite(), "{name}: entropy {g}");
-                    let max_abs = p.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
-                    let limit = 1e-5 * h.abs() + 8.0 * f32::EPSILON * max_abs + 1e-7;
-                    assert!((g - h).abs() <= limit, "{name}: entropy {g} vs {h} (limit {limit})");
-                }
-                _ => {
-                    assert_eq!(got_a[row], -1, "{name}: an invalid row must give argmax -1");
-                    assert!(got_h[row].is_nan(), "{name}: an invalid row must give entropy NaN");
-                }
-            }
+        for row in 0..4 {
+            let (m, inv) = sc_stats_reference(&x[row * v..(row + 1) * v]);
+            let g = bufs[1].f32();
+            assert_eq!(g[2 * row].to_bits(), m.to_bits(), "{} host sc row {row}: max", spec.kernel_name());
+            assert!((g[2 * row + 1] - inv).abs() <= 1e-5 * inv, "{} host sc row {row}: 1 / sum", spec.kernel_name());
         }
-        assert_eq!(got_a[2], 3, "the first of two equal maxima wins");
-    }
-}
-
-pub fn check_row_softmax(e: &dyn Exec) {
-    for spec in specs(e, Family::RowSoftmax) {
-        let Op::RowSoftmax(r) = spec.op else { unreachable!() };
-        let v = r.vocab as usize;
-        let rows = 3usize;
-        if rows * v > e.max_work() {
-            continue;
-        }
-        let mut rng = Rng::new(11);
-        let mut logits = rng.bf16_values(rows * v, 12.0);
-        logits[v + 5] = 40.0; // a peaked row
-        let mut want = logits.clone();
-        for row in want.chunks_mut(v) {
-            softmax_row(row);
-            for x in row.iter_mut() {
-                *x = to_bf16(*x);
-            }
-        }
-        let mut bufs = [hb(&logits), nan_bf16(rows * v)];
-        e.launch(&mut bufs, &|b| ops::plan_row_softmax(&spec, b[0], b[1], rows).unwrap());
-        // Every element within one bf16 ulp. The fraction that differs at all grows with the
-        // vocabulary: the oracle's softmax_row sums 262144 exponentials sequentially in float32
-        // (relative error ~1e-4 seen), the kernel in a tree, so their 1/sum differ by more than
-        // the reduction order alone would suggest and flip ~3% of the bf16 roundings.
-        let max_mismatch = if v > 65_536 { 0.10 } else { 0.02 };
-        let tol = Tol { ulps: 1.0, atol: 0.0, max_mismatch };
-        compare(&spec.kernel_name(), &bufs[1].bf16(), &want, tol);
     }
 }
 
@@ -595,27 +599,56 @@ pub fn check_attention(e: &dyn Exec) {
     }
 }
 
+/// The tensor-core linear (`csrc/linear.cuh`) of every table shape against the CPU's bf16 linear.
+///
+/// Shapes: the table's own (n, k) pairs, which include column tails (n = 24, 80, 96, 320 against
+/// 64-wide tiles, 2112 and 2816 against 64, ...), k that is no multiple of 16 or of the 32-wide
+/// slice (24, 48, 80) and long k (2816, 4096, 8192: tens to hundreds of slices through the
+/// double buffer), at rows 1 (one live fragment row), 17 (a ragged second m16 fragment) and 70
+/// (a ragged second or third row tile). Every fragment register is exercised: each output
+/// element of a 16 x 8 fragment comes from a different (lane, register) pair, and a layout slip
+/// moves values between rows, columns or k halves, far beyond the tolerance.
+///
+/// The output buffer is NaN-filled with two extra rows: every element of the first `rows` rows
+/// must be written (NaN never passes) and the rows past them must stay NaN (the masks).
+///
+/// Tolerance: both sides compute the exact bf16 x bf16 products in fp32 and round the fp32 sum
+/// once to bf16; only the summation order differs (the CPU's 8-lane dot, the tensor core's own
+/// order), an fp32 difference of about k * 2^-24 * sum |x_i w_i|, far below a bf16 ulp. So an
+/// element differs only when its sum lies that close to a bf16 rounding boundary: by one bf16
+/// ulp, in a small fraction of elements (or, near zero, by the absolute fp32 bound).
 pub fn check_linear(e: &dyn Exec) {
+    let mut tiles = std::collections::BTreeSet::new();
+    let mut long_k = false;
     for spec in specs(e, Family::Linear) {
         let Op::Linear(l) = spec.op else { unreachable!() };
         let (n, k) = (l.n as usize, l.k as usize);
-        if 5 * n * k > e.max_work() {
+        // Work: the multiply-adds of the live m16 fragments (rows rounded up to 16).
+        let cases: Vec<usize> =
+            [1usize, 17, 70].into_iter().filter(|r| r.next_multiple_of(16) * n * k <= e.max_work()).collect();
+        if cases.is_empty() {
             continue;
         }
         let w = big_bf16(n * k, 0.05, n as u64 + k as u64);
         let wm = Bf16Matrix { rows: n, cols: k, data: &w };
-        for rows in [1usize, 5] {
+        for rows in cases {
             let name = format!("{} rows={rows}", spec.kernel_name());
-            let x = Rng::new(rows as u64).bf16_values(rows * k, 1.0);
+            let x = Rng::new(rows as u64 + k as u64).bf16_values(rows * k, 1.0);
             let mut want = vec![0.0f32; rows * n];
             cpu_linear(&x, rows, &wm, &mut want, BF16);
-            let mut bufs = [hb(&x), Host::Bf16(w.clone()), nan_bf16(rows * n)];
+            let mut bufs = [hb(&x), Host::Bf16(w.clone()), nan_bf16((rows + 2) * n)];
             e.launch(&mut bufs, &|b| ops::plan_linear(&spec, b[0], b[1], b[2], rows).unwrap());
-            // fp32 sums in another order: |error| ~ eps * sum |x_i w_i|.
+            let got = bufs[2].bf16();
             let tol = Tol { ulps: 1.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.02 };
-            compare(&name, &bufs[2].bf16(), &want, tol);
+            compare(&name, &got[..rows * n], &want, tol);
+            let stray = got[rows * n..].iter().position(|v| !v.is_nan());
+            assert!(stray.is_none(), "{name}: wrote past the last row (element {:?} of the guard rows)", stray);
+            tiles.insert((l.block_m, l.block_n));
+            long_k |= k >= 2048;
         }
     }
+    assert!(!tiles.is_empty(), "no linear case ran");
+    eprintln!("linear: tiles {tiles:?} checked; a k >= 2048 case ran: {long_k}");
 }
 
 /// The routing of `tokens` tokens to `top_k` distinct experts, with weights.
@@ -638,48 +671,259 @@ pub fn routing(rng: &mut Rng, tokens: usize, top_k: usize, experts: usize) -> (V
     (ids, weights)
 }
 
+/// A skewed routing of `tokens` tokens to `top_k` distinct experts of `experts`, with weights:
+/// slot 0 of every token but the last goes to one hot expert (1), so that it has more pairs than
+/// one chunk of the grouped GEMMs when `tokens > 33`; the other slots go to the experts of the
+/// lowest quarter (at least `top_k + 1` experts, the hot one included), so most experts have no
+/// pair at all. Then `ids[pair] = id` for each `(pair, id)` of `invalid` (expert ids outside
+/// `0..experts`).
+pub fn skewed_routing(
+    rng: &mut Rng,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    invalid: &[(usize, i32)],
+) -> (Vec<i32>, Vec<f32>) {
+    let hot = 1 % experts;
+    let pool: Vec<usize> = (0..(experts / 4).max(top_k + 1).min(experts)).collect();
+    let mut ids = Vec::new();
+    let mut weights = Vec::new();
+    for t in 0..tokens {
+        let mut chosen: Vec<usize> = if t + 1 < tokens { vec![hot] } else { Vec::new() };
+        while chosen.len() < top_k {
+            let e = pool[rng.below(pool.len())];
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        for e in chosen {
+            ids.push(e as i32);
+            weights.push(0.75 + 0.5 * rng.uniform());
+        }
+    }
+    for &(pair, id) in invalid {
+        ids[pair] = id;
+    }
+    (ids, weights)
+}
+
+/// The CPU oracle of the routing sort (`csrc/moe_sort.cuh`): the pair lists of `experts_forward`
+/// (`(0..pairs).filter(|i| experts[i] == e)` for e in order), then the pairs whose id is outside
+/// `0..experts`; `offsets[e]` = the number of pairs listed before expert e's, e = 0..=experts.
+pub fn sort_pairs(ids: &[i32], experts: usize) -> (Vec<i32>, Vec<i32>) {
+    let key = |id: i32| if id >= 0 && (id as usize) < experts { id as usize } else { experts };
+    let mut offsets = Vec::with_capacity(experts + 1);
+    let mut sorted = Vec::with_capacity(ids.len());
+    for e in 0..=experts {
+        offsets.push(sorted.len() as i32);
+        sorted.extend((0..ids.len()).filter(|&p| key(ids[p]) == e).map(|p| p as i32));
+    }
+    (offsets, sorted)
+}
+
+/// Runs the routing sort on `ids`: (offsets, sorted). Both outputs start poisoned (-7). The
+/// buffers have one element more than the pairs: an expert id 0 past the last pair, which the
+/// sort must not count, and a guard after `sorted`, which it must not write.
+fn run_moe_sort(e: &dyn Exec, spec: &KernelSpec, ids: &[i32]) -> (Vec<i32>, Vec<i32>) {
+    let Op::MoeSort(m) = spec.op else { unreachable!() };
+    let pairs = ids.len();
+    let mut padded = ids.to_vec();
+    padded.push(0);
+    let mut bufs = [Host::I32(padded), Host::I32(vec![-7; m.experts as usize + 1]), Host::I32(vec![-7; pairs + 1])];
+    e.launch(&mut bufs, &|b| ops::plan_moe_sort(spec, b[0], b[1], b[2], pairs).unwrap());
+    let sorted = bufs[2].i32();
+    assert_eq!(sorted[pairs], -7, "{}: wrote past the last pair", spec.kernel_name());
+    (bufs[1].i32().to_vec(), sorted[..pairs].to_vec())
+}
+
+/// The routing sort against [`sort_pairs`], exactly: no pairs, uniform routings, skewed ones with
+/// empty experts and every kind of invalid id, one expert only, invalid ids only, and sizes that
+/// are not multiples of the block's slices, up to `MOE_SORT_MAX_PAIRS`.
+pub fn check_moe_sort(e: &dyn Exec) {
+    for spec in specs(e, Family::MoeSort) {
+        let Op::MoeSort(m) = spec.op else { unreachable!() };
+        let ne = m.experts as usize;
+        let top_k = ne.min(8);
+        let mut rng = Rng::new(ne as u64 + 11);
+        let bad = [ne as i32, -1, i32::MAX, i32::MIN, ne as i32 + 1];
+        let mut cases: Vec<(String, Vec<i32>)> = vec![("no pairs".into(), Vec::new())];
+        cases.push(("uniform".into(), routing(&mut rng, 37, top_k, ne).0));
+        let invalid: Vec<(usize, i32)> = bad.iter().enumerate().map(|(i, &id)| (7 * i + 3, id)).collect();
+        cases.push(("skewed with invalid ids".into(), skewed_routing(&mut rng, 45, top_k, ne, &invalid).0));
+        cases.push(("one expert".into(), vec![(ne - 1) as i32; 1000]));
+        cases.push(("invalid ids only".into(), (0..333).map(|i| bad[i % bad.len()]).collect()));
+        for pairs in [4097usize, ops::MOE_SORT_MAX_PAIRS] {
+            let ids = (0..pairs).map(|_| rng.below(ne + 2) as i32 - 1).collect(); // -1 ..= ne
+            cases.push((format!("{pairs} random pairs"), ids));
+        }
+        for (what, ids) in cases {
+            let name = format!("{} {what}", spec.kernel_name());
+            let (offsets, sorted) = run_moe_sort(e, &spec, &ids);
+            let (want_offsets, want_sorted) = sort_pairs(&ids, ne);
+            assert_eq!(offsets, want_offsets, "{name}: offsets");
+            let first = sorted.iter().zip(&want_sorted).position(|(a, b)| a != b);
+            assert!(sorted == want_sorted, "{name}: sorted pairs differ (first at {first:?})");
+        }
+        eprintln!("{}: checked", spec.kernel_name());
+    }
+}
+
+/// Multiply-add rows the grouped GEMMs run for `ids` (chunks of `rows` pairs per expert, each
+/// rounded up to whole groups of `rows / 4` pair slots): the emulator's work estimate.
+fn grouped_rows(ids: &[i32], experts: usize, rows: usize) -> usize {
+    let group = rows / 4;
+    (0..experts)
+        .map(|ex| {
+            let n = ids.iter().filter(|&&id| id == ex as i32).count();
+            (n / rows) * rows + (n % rows).next_multiple_of(group)
+        })
+        .sum()
+}
+
+/// The rows `keep` of a `[_, width]` matrix, concatenated.
+fn rows_of(v: &[f32], width: usize, keep: &[usize]) -> Vec<f32> {
+    keep.iter().flat_map(|&r| v[r * width..(r + 1) * width].iter().copied()).collect()
+}
+
+/// The pairs of `ids` with an expert id in `0..experts`.
+fn valid_pairs(ids: &[i32], experts: usize) -> Vec<usize> {
+    (0..ids.len()).filter(|&p| ids[p] >= 0 && (ids[p] as usize) < experts).collect()
+}
+
+/// Checks one grouped GEMM run over routing `ids` (pairs grouped on the CPU): `want` holds the
+/// valid pairs' rows (width `out_cols`), in pair order. Run twice: with the output poisoned with
+/// NaN, the valid pairs' rows must match `want` (each element written) and a guard row past the
+/// last pair must stay NaN; poisoned with zeros, the invalid pairs' rows must be all NaN and
+/// every valid element finite.
+#[allow(clippy::too_many_arguments)]
+fn check_grouped_run(
+    e: &dyn Exec,
+    spec: &KernelSpec,
+    name: &str,
+    x: &[f32],
+    w: &[bf16],
+    ids: &[i32],
+    routing: Routing,
+    out_cols: usize,
+    want: &[f32],
+    tol: Tol,
+) {
+    let pairs = ids.len();
+    let (offsets, sorted) = sort_pairs(ids, routing.num_experts);
+    let valid = valid_pairs(ids, routing.num_experts);
+    let Op::GroupedGemm(g) = spec.op else { unreachable!() };
+    for poison in [f32::NAN, 0.0] {
+        let mut bufs = [
+            hb(x),
+            Host::I32(offsets.clone()),
+            Host::I32(sorted.clone()),
+            Host::Bf16(w.to_vec()),
+            hb(&vec![poison; (pairs + 1) * out_cols]),
+        ];
+        e.launch(&mut bufs, &|b| {
+            let sp = ops::SortedPairs { offsets: b[1], sorted: b[2] };
+            match g.fuse {
+                GemmFuse::Geglu => ops::plan_grouped_gemm_geglu(spec, b[0], sp, b[3], b[4], routing).unwrap(),
+                GemmFuse::Down => ops::plan_grouped_gemm_down(spec, b[0], sp, b[3], b[4], routing).unwrap(),
+            }
+        });
+        let got = bufs[4].bf16();
+        let guard = &got[pairs * out_cols..];
+        assert!(guard.iter().all(|v| v.to_bits() == poison.to_bits()), "{name}: wrote past the last pair");
+        if poison.is_nan() {
+            compare(name, &rows_of(&got, out_cols, &valid), want, tol);
+        } else {
+            for p in 0..pairs {
+                let row = &got[p * out_cols..(p + 1) * out_cols];
+                if valid.contains(&p) {
+                    assert!(row.iter().all(|v| v.is_finite()), "{name}: pair {p} is valid but not finite");
+                } else {
+                    assert!(row.iter().all(|v| v.is_nan()), "{name}: pair {p} has an invalid expert but is not NaN");
+                }
+            }
+        }
+    }
+}
+
+/// The skewed routing the grouped GEMM checks use: 36 tokens x 2 slots over 8 experts, expert
+/// 1 with 35 pairs (a full chunk of 32 and a partial one), experts 4..8 with none, the second slot
+/// of tokens 3 and 10 out of range (8 and -1).
+fn gemm_routing(rng: &mut Rng) -> (Vec<i32>, Vec<f32>, Routing) {
+    let (tokens, top_k, num_experts) = (36usize, 2usize, 8usize);
+    let (ids, weights) = skewed_routing(rng, tokens, top_k, num_experts, &[(7, 8), (21, -1)]);
+    (ids, weights, Routing { tokens, top_k, num_experts })
+}
+
+/// gate_up + GeGLU over pairs grouped by expert, against the CPU's linear + geglu per pair.
 pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
+    let mut ran = 0;
     for spec in specs(e, Family::GroupedGemm) {
         let Op::GroupedGemm(g) = spec.op else { unreachable!() };
         if g.fuse != GemmFuse::Geglu {
             continue;
         }
         let (n, k, half) = (g.n as usize, g.k as usize, g.n as usize / 2);
-        let (tokens, top_k, num_experts) = (5usize, 2usize, 4usize);
-        if tokens * top_k * n * k > e.max_work() {
+        let mut rng = Rng::new(9);
+        let (ids, _, routing) = gemm_routing(&mut rng);
+        if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
             continue;
         }
-        let mut rng = Rng::new(9);
-        let w = big_bf16(num_experts * n * k, 0.05, 77);
-        let x = rng.bf16_values(tokens * k, 1.0);
-        let (ids, _) = routing(&mut rng, tokens, top_k, num_experts);
-
-        let mut want = vec![0.0f32; tokens * top_k * half];
-        for (pair, &ex) in ids.iter().enumerate() {
-            let t = pair / top_k;
-            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex as usize * n * k..(ex as usize + 1) * n * k] };
+        let w = big_bf16(routing.num_experts * n * k, 0.05, 77);
+        let x = rng.bf16_values(routing.tokens * k, 1.0);
+        let mut want = Vec::new();
+        for p in valid_pairs(&ids, routing.num_experts) {
+            let (t, ex) = (p / routing.top_k, ids[p] as usize);
+            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex * n * k..(ex + 1) * n * k] };
             let mut gu = vec![0.0f32; n];
             cpu_linear(&x[t * k..(t + 1) * k], 1, &m, &mut gu, BF16);
-            cpu_geglu(&gu[..half], &gu[half..], &mut want[pair * half..(pair + 1) * half], BF16);
+            let mut act = vec![0.0f32; half];
+            cpu_geglu(&gu[..half], &gu[half..], &mut act, BF16);
+            want.extend(act);
         }
-        let routing = Routing { tokens, top_k, num_experts };
-        let mut bufs = [hb(&x), Host::I32(ids.clone()), Host::Bf16(w.clone()), nan_bf16(tokens * top_k * half)];
-        e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(&spec, b[0], b[1], b[2], b[3], routing).unwrap());
         let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
-        compare(&spec.kernel_name(), &bufs[3].bf16(), &want, tol);
-
-        // An expert id out of range writes NaN for that pair only.
-        let bad: Vec<i32> =
-            ids.iter().enumerate().map(|(i, &ex)| if i == 1 { num_experts as i32 } else { ex }).collect();
-        let mut bufs = [hb(&x), Host::I32(bad), Host::Bf16(w.clone()), hb(&vec![0.0; tokens * top_k * half])];
-        e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(&spec, b[0], b[1], b[2], b[3], routing).unwrap());
-        let got = bufs[3].bf16();
-        assert!(got[half..2 * half].iter().all(|v| v.is_nan()));
-        assert!(got[..half].iter().chain(&got[2 * half..]).all(|v| v.is_finite()));
+        check_grouped_run(e, &spec, &spec.kernel_name(), &x, &w, &ids, routing, half, &want, tol);
+        eprintln!("{}: checked", spec.kernel_name());
+        ran += 1;
     }
+    assert!(ran > 0, "no GeGLU grouped GEMM case ran");
 }
 
-/// The whole expert block (geglu then combine) against `dgemma-cpu`'s `experts_forward`.
+/// The down projection over pairs grouped by expert, against the CPU's linear per pair.
+pub fn check_grouped_gemm_down(e: &dyn Exec) {
+    let mut ran = 0;
+    for spec in specs(e, Family::GroupedGemm) {
+        let Op::GroupedGemm(g) = spec.op else { unreachable!() };
+        if g.fuse != GemmFuse::Down {
+            continue;
+        }
+        let (n, k) = (g.n as usize, g.k as usize);
+        let mut rng = Rng::new(10);
+        let (ids, _, routing) = gemm_routing(&mut rng);
+        if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
+            continue;
+        }
+        let w = big_bf16(routing.num_experts * n * k, 0.05, 78);
+        let act = rng.bf16_values(ids.len() * k, 1.0);
+        let mut want = Vec::new();
+        for p in valid_pairs(&ids, routing.num_experts) {
+            let ex = ids[p] as usize;
+            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex * n * k..(ex + 1) * n * k] };
+            let mut y = vec![0.0f32; n];
+            cpu_linear(&act[p * k..(p + 1) * k], 1, &m, &mut y, BF16);
+            want.extend(y);
+        }
+        let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
+        check_grouped_run(e, &spec, &spec.kernel_name(), &act, &w, &ids, routing, n, &want, tol);
+        eprintln!("{}: checked", spec.kernel_name());
+        ran += 1;
+    }
+    assert!(ran > 0, "no down grouped GEMM case ran");
+}
+
+/// The whole expert block on the device (routing sort, gate_up + GeGLU, down, combine) against
+/// `dgemma-cpu`'s `experts_forward`, on skewed routings (a hot expert over more than one chunk,
+/// experts without pairs, a token with an out-of-range expert id, whose output must be NaN and
+/// only its).
 pub fn check_moe_experts(e: &dyn Exec) {
     struct Bank<'a> {
         gu: Vec<Bf16Matrix<'a>>,
@@ -698,6 +942,9 @@ pub fn check_moe_experts(e: &dyn Exec) {
     }
 
     let all = specs(e, Family::GroupedGemm);
+    let sorts = specs(e, Family::MoeSort);
+    let combines = specs(e, Family::MoeCombine);
+    let mut ran = 0;
     for up in all.iter().filter(|s| matches!(s.op, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu)) {
         let Op::GroupedGemm(gu) = up.op else { unreachable!() };
         let (hidden, inter) = (gu.k as usize, gu.n as usize / 2);
@@ -705,19 +952,35 @@ pub fn check_moe_experts(e: &dyn Exec) {
             .iter()
             .find(|s| {
                 matches!(s.op, Op::GroupedGemm(g)
-                    if g.fuse == GemmFuse::Combine && g.n as usize == hidden && g.k as usize == inter)
+                    if g.fuse == GemmFuse::Down && g.n as usize == hidden && g.k as usize == inter)
             })
+            .expect("a matching down kernel");
+        let combine = combines
+            .iter()
+            .find(|s| matches!(s.op, Op::MoeCombine(m) if m.hidden as usize == hidden))
             .expect("a matching combine kernel");
-        for (tokens, top_k, num_experts) in [(3usize, 2usize, 8usize), (9, 8, 16)] {
-            if tokens * top_k * 3 * hidden * inter > e.max_work() {
+        // (tokens, top_k, experts, the invalid (pair, id)s).
+        type Case = (usize, usize, usize, &'static [(usize, i32)]);
+        let cases: [Case; 3] = [(36, 2, 8, &[(5, 8)]), (6, 4, 8, &[(13, -3)]), (9, 8, 128, &[(70, 200)])];
+        for (tokens, top_k, num_experts, invalid) in cases {
+            let Some(sort) = sorts.iter().find(|s| matches!(s.op, Op::MoeSort(m) if m.experts as usize == num_experts))
+            else {
+                continue;
+            };
+            let mut rng = Rng::new(tokens as u64);
+            let (ids, weights) = skewed_routing(&mut rng, tokens, top_k, num_experts, invalid);
+            let work = grouped_rows(&ids, num_experts, gu.rows as usize) * 3 * hidden * inter;
+            if work > e.max_work() || num_experts * 3 * hidden * inter > 64 << 20 {
                 continue;
             }
-            let name = format!("{} + {} tokens={tokens} top_k={top_k}", up.kernel_name(), down.kernel_name());
-            let mut rng = Rng::new(tokens as u64);
+            let name = format!("{} + {} tokens={tokens} top_k={top_k} experts={num_experts}", up.kernel_name(), down.kernel_name());
+            let pairs = tokens * top_k;
+            let valid = valid_pairs(&ids, num_experts);
+            let bad_tokens: Vec<usize> = invalid.iter().map(|&(p, _)| p / top_k).collect();
+            let good_tokens: Vec<usize> = (0..tokens).filter(|t| !bad_tokens.contains(t)).collect();
             let w_gu = big_bf16(num_experts * 2 * inter * hidden, 0.05, 5);
             let w_down = big_bf16(num_experts * hidden * inter, 0.05, 6);
             let x = rng.bf16_values(tokens * hidden, 1.0);
-            let (ids, weights) = routing(&mut rng, tokens, top_k, num_experts);
 
             let bank = Bank {
                 gu: (0..num_experts)
@@ -735,65 +998,108 @@ pub fn check_moe_experts(e: &dyn Exec) {
                     })
                     .collect(),
             };
-            let cpu_routing =
-                CpuRouting { top_k, experts: ids.iter().map(|&x| x as usize).collect(), weights: weights.clone() };
+            // The CPU has no invalid ids: it routes those pairs to expert 0 instead, which
+            // changes only the bad tokens' outputs (excluded from the comparisons).
+            let cpu_ids: Vec<usize> =
+                ids.iter().map(|&id| if id >= 0 && (id as usize) < num_experts { id as usize } else { 0 }).collect();
+            let cpu_routing = CpuRouting { top_k, experts: cpu_ids.clone(), weights: weights.clone() };
             let mut want = vec![0.0f32; tokens * hidden];
             experts_forward(&x, tokens, &cpu_routing, &bank, BF16, &mut want);
             // The CPU activations, pair by pair (what experts_forward computes inside).
-            let mut cpu_act = vec![0.0f32; tokens * top_k * inter];
-            for (pair, &ex) in ids.iter().enumerate() {
+            let mut cpu_act = vec![0.0f32; pairs * inter];
+            for (pair, &ex) in cpu_ids.iter().enumerate() {
                 let t = pair / top_k;
-                let mut gu = vec![0.0f32; 2 * inter];
-                cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, &bank.gu[ex as usize], &mut gu, BF16);
-                cpu_geglu(&gu[..inter], &gu[inter..], &mut cpu_act[pair * inter..(pair + 1) * inter], BF16);
+                let mut g = vec![0.0f32; 2 * inter];
+                cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, &bank.gu[ex], &mut g, BF16);
+                cpu_geglu(&g[..inter], &g[inter..], &mut cpu_act[pair * inter..(pair + 1) * inter], BF16);
             }
-            // The combine of `act`, as experts_forward does it: y_j = bf16(act_j . W_down[e_j]),
-            // out = bf16(sum_j y_j * w_j) in slot order. Also returns max_j |y_j w_j| per output.
-            let combine = |act: &[f32]| -> (Vec<f32>, Vec<f32>) {
+            // The down projection and the combine of `act`, as experts_forward does them:
+            // y_j = bf16(act_j . W_down[e_j]), out = bf16(sum_j y_j * w_j) in slot order. Also
+            // returns max_j |y_j w_j| per output.
+            let down_of = |act: &[f32]| -> Vec<f32> {
+                let mut y = vec![0.0f32; pairs * hidden];
+                for (pair, &ex) in cpu_ids.iter().enumerate() {
+                    let (a, o) = (&act[pair * inter..(pair + 1) * inter], &mut y[pair * hidden..(pair + 1) * hidden]);
+                    cpu_linear(a, 1, &bank.down[ex], o, BF16);
+                }
+                y
+            };
+            let combine_of = |y: &[f32]| -> (Vec<f32>, Vec<f32>) {
                 let mut out = vec![0.0f32; tokens * hidden];
                 let mut scale = vec![0.0f32; tokens * hidden];
-                for (pair, &ex) in ids.iter().enumerate() {
+                for pair in 0..pairs {
                     let t = pair / top_k;
-                    let mut y = vec![0.0f32; hidden];
-                    cpu_linear(&act[pair * inter..(pair + 1) * inter], 1, &bank.down[ex as usize], &mut y, BF16);
                     for c in 0..hidden {
-                        out[t * hidden + c] += y[c] * weights[pair];
-                        scale[t * hidden + c] = scale[t * hidden + c].max((y[c] * weights[pair]).abs());
+                        let v = y[pair * hidden + c] * weights[pair];
+                        out[t * hidden + c] += v;
+                        scale[t * hidden + c] = scale[t * hidden + c].max(v.abs());
                     }
                 }
                 (out.into_iter().map(to_bf16).collect(), scale)
             };
-            let (cpu_out, scale) = combine(&cpu_act);
+            let (cpu_out, scale) = combine_of(&down_of(&cpu_act));
             compare(&format!("{name}: CPU stages vs experts_forward"), &cpu_out, &want, EXACT);
 
+            // 1. The routing sort, exactly.
+            let (offsets, sorted) = run_moe_sort(e, sort, &ids);
+            assert_eq!((offsets.clone(), sorted.clone()), sort_pairs(&ids, num_experts), "{name}: routing sort");
             let routing = Routing { tokens, top_k, num_experts };
-            let mut bufs = [hb(&x), Host::I32(ids.clone()), Host::Bf16(w_gu.clone()), nan_bf16(tokens * top_k * inter)];
-            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(up, b[0], b[1], b[2], b[3], routing).unwrap());
-            let act = bufs[3].clone();
+            let sorted_bufs = |b: &[Buf]| ops::SortedPairs { offsets: b[1], sorted: b[2] };
+
+            // 2. gate_up + GeGLU (valid pairs against the CPU; the invalid ones NaN).
+            let mut bufs = [
+                hb(&x),
+                Host::I32(offsets.clone()),
+                Host::I32(sorted.clone()),
+                Host::Bf16(w_gu.clone()),
+                nan_bf16(pairs * inter),
+            ];
+            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(up, b[0], sorted_bufs(b), b[3], b[4], routing).unwrap());
+            let act = bufs[4].clone();
             let gpu_act = act.bf16();
             let gemm_tol = Tol { ulps: 2.0, atol: 2e-6 * hidden as f32 * 0.05, max_mismatch: 0.03 };
-            compare(&format!("{name}: activations"), &gpu_act, &cpu_act, gemm_tol);
-            let mut bufs = [
-                act,
-                Host::I32(ids.clone()),
-                Host::F32(weights.clone()),
-                Host::Bf16(w_down.clone()),
-                nan_bf16(tokens * hidden),
-            ];
-            e.launch(&mut bufs, &|b| {
-                ops::plan_grouped_gemm_combine(down, b[0], b[1], b[2], b[3], b[4], routing).unwrap()
-            });
-            let got = bufs[4].bf16();
-            // The combine alone, on the kernel's own activations: only the dot products' order
-            // differs, so each y_j may flip one rounding (at |y_j w_j|).
-            let (want_from_gpu_act, gpu_scale) = combine(&gpu_act);
-            let tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.03 };
-            compare_scaled(&format!("{name}: combine"), &got, &want_from_gpu_act, Some(&gpu_scale), tol);
-            // End to end against experts_forward: activations that differ (a flipped rounding)
-            // propagate through the down projection by at most sum |d act| * max|w_down| * w_j.
+            compare(&format!("{name}: activations"), &rows_of(&gpu_act, inter, &valid), &rows_of(&cpu_act, inter, &valid), gemm_tol);
+            for (p, row) in gpu_act.chunks(inter).enumerate() {
+                assert_eq!(row.iter().all(|v| v.is_nan()), !valid.contains(&p), "{name}: activations of pair {p}");
+            }
+
+            // 3. down, on the kernel's own activations.
+            let mut bufs =
+                [act, Host::I32(offsets.clone()), Host::I32(sorted.clone()), Host::Bf16(w_down.clone()), nan_bf16(pairs * hidden)];
+            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_down(down, b[0], sorted_bufs(b), b[3], b[4], routing).unwrap());
+            let y = bufs[4].clone();
+            let gpu_y = y.bf16();
+            let clean_act: Vec<f32> = gpu_act.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect();
+            let want_y = down_of(&clean_act);
+            let down_tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.03 };
+            compare(&format!("{name}: expert outputs"), &rows_of(&gpu_y, hidden, &valid), &rows_of(&want_y, hidden, &valid), down_tol);
+            for (p, row) in gpu_y.chunks(hidden).enumerate() {
+                assert_eq!(row.iter().all(|v| v.is_nan()), !valid.contains(&p), "{name}: expert outputs of pair {p}");
+            }
+
+            // 4. The combine, on the kernel's own expert outputs: the same fp32 operations in the
+            // same order as the CPU, so bit for bit; NaN rows for the tokens with an invalid id.
+            let mut bufs = [y, Host::I32(ids.clone()), Host::F32(weights.clone()), nan_bf16(tokens * hidden)];
+            e.launch(&mut bufs, &|b| ops::plan_moe_combine(combine, b[0], b[1], b[2], b[3], routing).unwrap());
+            let got = bufs[3].bf16();
+            let (want_from_gpu_y, _) = combine_of(&gpu_y);
+            compare(
+                &format!("{name}: combine"),
+                &rows_of(&got, hidden, &good_tokens),
+                &rows_of(&want_from_gpu_y, hidden, &good_tokens),
+                EXACT,
+            );
+            for t in 0..tokens {
+                let row = &got[t * hidden..(t + 1) * hidden];
+                assert_eq!(row.iter().all(|v| v.is_nan()), bad_tokens.contains(&t), "{name}: output of token {t}");
+            }
+
+            // 5. End to end against experts_forward: activations that differ (a flipped
+            // rounding) propagate through the down projection by at most
+            // sum |d act| * max|w_down| * w_j, and each y_j may flip one rounding (at |y_j w_j|).
             let max_wd = w_down.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
             let mut slack = vec![0.0f32; tokens * hidden];
-            for pair in 0..tokens * top_k {
+            for &pair in &valid {
                 let t = pair / top_k;
                 let d: f32 = (0..inter).map(|i| (gpu_act[pair * inter + i] - cpu_act[pair * inter + i]).abs()).sum();
                 for s in &mut slack[t * hidden..(t + 1) * hidden] {
@@ -801,9 +1107,19 @@ pub fn check_moe_experts(e: &dyn Exec) {
                 }
             }
             let tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.10 };
-            compare_with(&name, &got, &want, Some(&scale), Some(&slack), tol);
+            compare_with(
+                &name,
+                &rows_of(&got, hidden, &good_tokens),
+                &rows_of(&want, hidden, &good_tokens),
+                Some(&rows_of(&scale, hidden, &good_tokens)),
+                Some(&rows_of(&slack, hidden, &good_tokens)),
+                tol,
+            );
+            eprintln!("{name}: checked");
+            ran += 1;
         }
     }
+    assert!(ran > 0, "no MoE block case ran");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1048,56 +1364,79 @@ pub fn check_soft_embedding(e: &dyn Exec) {
         }
         let scale = to_bf16((h as f32).sqrt());
         let table = big_bf16(v * h, 0.05, h as u64 + v as u64);
+        let params = sampler_params(1, 0, 0, 0.1, 0.005, 1); // T = 0.6
 
-        // Probabilities as the decoder gets them: bf16(softmax(bf16 logits)) (the RowSoftmax
-        // kernel's output and soft_embeddings' own first step), broad rows and a peaked one, over
-        // a partial last group of rows.
+        // The decoder's probabilities pr = bf16(softmax(bf16(P))) (soft_embeddings' own first
+        // step), computed by the kernel from the bf16 logits and the row pass's statistics:
+        // the device path (cap 30, T from params) and the host path's form (cap 0, T = 1); broad
+        // rows and a peaked one, over a partial last group of rows.
         for rows in [1usize, group + 3] {
             if rows * v * h > e.max_work() {
                 continue;
             }
-            let name = format!("{} rows={rows}", spec.kernel_name());
             let mut rng = Rng::new(rows as u64 + 5);
-            let mut logits = rng.bf16_values(rows * v, 12.0);
-            logits[(rows - 1) * v + 7] = 40.0;
-            let mut probs = logits.clone();
-            for row in probs.chunks_mut(v) {
-                softmax_row(row);
-                for x in row.iter_mut() {
-                    *x = to_bf16(*x);
+            let mut x = rng.bf16_values(rows * v, 12.0);
+            x[(rows - 1) * v + 7] = 40.0;
+            for (cap, with_params) in [(30.0f32, true), (0.0, false)] {
+                let name = format!("{} rows={rows} cap={cap}", spec.kernel_name());
+                let t = if with_params { params.temperature } else { 1.0 };
+                let p = device_processed(e, &x, cap, t);
+                let mut stats = Vec::with_capacity(2 * rows);
+                let mut probs = Vec::with_capacity(rows * v);
+                for row in p.chunks(v) {
+                    let (m, inv) = sc_stats_reference(row);
+                    stats.extend([m, inv]);
+                    // softmax_row's last step, with these statistics: exp(x - max) * (1 / sum).
+                    probs.extend(row.iter().map(|&y| to_bf16((to_bf16(y) - m).exp() * inv)));
                 }
+                let (want, mass) = soft_embedding_reference(&probs, rows, &table, h, scale);
+                let mut bufs = [
+                    hb(&x),
+                    params_host(&params),
+                    Host::F32(stats),
+                    Host::Bf16(table.clone()),
+                    nan_bf16(rows * h),
+                ];
+                e.launch(&mut bufs, &|b| {
+                    let x = ops::ProcessedLogits { logits: b[0], cap, params: with_params.then_some(b[1]) };
+                    ops::plan_soft_embedding(&spec, x, b[2], b[3], b[4], scale, rows).unwrap()
+                });
+                // The float32 sums run in another order (ascending v with FMAs here; the CPU splits
+                // v across threads): they differ by a small multiple of eps * sqrt(V) * sum |p e|,
+                // which flips the first rounding now and then. One flip is an ulp of the sum,
+                // times the scale, rounded again: two ulps of the output. The slack covers a sum
+                // that cancels to far below sum |p e| (a few sigma of the two orders' rounding
+                // walk).
+                let slack: Vec<f32> =
+                    mass.iter().map(|m| 8.0 * f32::EPSILON * (v as f32).sqrt() * m * scale).collect();
+                let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.05 };
+                compare_with(&name, &bufs[4].bf16(), &want, None, Some(&slack), tol);
             }
-            let (want, mass) = soft_embedding_reference(&probs, rows, &table, h, scale);
-            let mut bufs = [hb(&probs), Host::Bf16(table.clone()), nan_bf16(rows * h)];
-            e.launch(&mut bufs, &|b| ops::plan_soft_embedding(&spec, b[0], b[1], b[2], scale, rows).unwrap());
-            // The float32 sums run in another order (ascending v with FMAs here; the CPU splits v
-            // across threads): they differ by a small multiple of eps * sqrt(V) * sum |p e|,
-            // which flips the first rounding now and then. One flip is an ulp of the sum, times
-            // the scale, rounded again: two ulps of the output. The slack covers a sum that
-            // cancels to far below sum |p e| (a few sigma of the two orders' rounding walk).
-            let slack: Vec<f32> = mass.iter().map(|m| 8.0 * f32::EPSILON * (v as f32).sqrt() * m * scale).collect();
-            let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.05 };
-            compare_with(&name, &bufs[2].bf16(), &want, None, Some(&slack), tol);
         }
 
-        // One-hot rows: out = bf16(E[id] * scale) exactly, whatever the summation order (the
-        // embedding kernel's result): catches any indexing slip bit for bit.
+        // One-hot rows: x = 0 at the id and -inf elsewhere (no cap, T = 1) gives pr exactly
+        // one-hot with statistics (0, 1), so out = bf16(E[id] * scale) exactly, whatever the
+        // summation order (the embedding kernel's result): catches any indexing slip bit for bit.
         let ids = [0usize, v - 1, 3, v / 2, 3];
         let rows = ids.len();
         if rows * v * h > e.max_work() {
             continue;
         }
-        let mut probs = vec![0.0f32; rows * v];
+        let mut x = vec![f32::NEG_INFINITY; rows * v];
         for (c, &id) in ids.iter().enumerate() {
-            probs[c * v + id] = 1.0;
+            x[c * v + id] = 0.0;
         }
         let want: Vec<f32> = ids
             .iter()
             .flat_map(|&id| table[id * h..(id + 1) * h].iter().map(|x| to_bf16(x.to_f32() * scale)))
             .collect();
-        let mut bufs = [hb(&probs), Host::Bf16(table.clone()), nan_bf16(rows * h)];
-        e.launch(&mut bufs, &|b| ops::plan_soft_embedding(&spec, b[0], b[1], b[2], scale, rows).unwrap());
-        compare(&format!("{} one-hot", spec.kernel_name()), &bufs[2].bf16(), &want, EXACT);
+        let stats: Vec<f32> = (0..rows).flat_map(|_| [0.0f32, 1.0]).collect();
+        let mut bufs = [hb(&x), Host::F32(stats), Host::Bf16(table.clone()), nan_bf16(rows * h)];
+        e.launch(&mut bufs, &|b| {
+            let x = ops::ProcessedLogits { logits: b[0], cap: 0.0, params: None };
+            ops::plan_soft_embedding(&spec, x, b[1], b[2], b[3], scale, rows).unwrap()
+        });
+        compare(&format!("{} one-hot", spec.kernel_name()), &bufs[3].bf16(), &want, EXACT);
     }
 }
 
@@ -1141,11 +1480,33 @@ fn sampler_params(seed: u64, block: u32, step: u32, bound: f32, confidence: f32,
     }
 }
 
-/// Runs gumbel_sample over `rows` rows of `processed`.
-fn run_gumbel(e: &dyn Exec, spec: &KernelSpec, p: &SamplerParams, processed: &[f32], rows: usize) -> Vec<i32> {
-    let mut bufs = [params_host(p), Host::F32(processed.to_vec()), Host::I32(vec![i32::MIN; rows])];
-    e.launch(&mut bufs, &|b| ops::plan_gumbel_sample(spec, b[0], b[1], b[2], rows).unwrap());
+/// Runs gumbel_sample over `rows` rows of the bf16 logits `x` (P = softcap(x) / T, T in `p`).
+fn run_gumbel(e: &dyn Exec, spec: &KernelSpec, p: &SamplerParams, x: &[f32], cap: f32, rows: usize) -> Vec<i32> {
+    let mut bufs = [params_host(p), hb(x), Host::I32(vec![i32::MIN; rows])];
+    e.launch(&mut bufs, &|b| {
+        ops::plan_gumbel_sample(spec, ops::ProcessedLogits { logits: b[1], cap, params: Some(b[0]) }, b[2], rows).unwrap()
+    });
     bufs[2].i32().to_vec()
+}
+
+/// The finite bf16 values whose bit patterns lie within `k` of bf16(x)'s.
+fn bf16_near(x: f32, k: i32) -> impl Iterator<Item = f32> {
+    let base = bf16::from_f32(x).to_bits() as i32;
+    (-k..=k).map(move |d| bf16::from_bits((base + d) as u16).to_f32()).filter(|y| y.is_finite())
+}
+
+/// bf16 values (a, c) for ids lo < hi with Gumbel values g_lo, g_hi such that the sums tie,
+/// fl(a + g_lo) == fl(c + g_hi) (lo must win), or, without `tie`, fl(c + g_hi) is one float32
+/// ulp above fl(a + g_lo) (hi must win).
+fn probe_pair(g_lo: f32, g_hi: f32, tie: bool) -> Option<(f32, f32)> {
+    for c in bf16_near(g_lo - g_hi, 8) {
+        let t = c + g_hi;
+        let lo_sum = if tie { t } else { -next_up(-t) };
+        if let Some(a) = bf16_near(lo_sum - g_lo, 8).find(|&a| a + g_lo == lo_sum) {
+            return Some((a, c));
+        }
+    }
+    None
 }
 
 /// The next float32 above a finite `x`.
@@ -1184,12 +1545,12 @@ pub fn check_gumbel_sample(e: &dyn Exec) {
             continue;
         }
         let mut rng = Rng::new(v as u64 + 11);
-        // Valid rows of several kinds: broad at three temperatures' scales, peaked, all equal (the
-        // Gumbel noise alone decides), huge equal values (fl(P + g) ties often: the first index
-        // must win), two equal maxima, half -inf, a single finite entry.
-        let mut processed = vec![0.0f32; rows * v];
+        // Valid rows of several kinds (bf16 logits): broad at three scales, peaked, all equal (the
+        // Gumbel noise alone decides), huge equal values (fl(P + g) ties often without a cap: the
+        // first index must win), two equal maxima, half -inf, a single finite entry.
+        let mut x = vec![0.0f32; rows * v];
         for r in 0..rows {
-            let row = &mut processed[r * v..(r + 1) * v];
+            let row = &mut x[r * v..(r + 1) * v];
             match r % 8 {
                 0 => row.iter_mut().for_each(|x| *x = rng.uniform() * 2.0),
                 1 => row.iter_mut().for_each(|x| *x = rng.uniform() * 20.0),
@@ -1198,7 +1559,7 @@ pub fn check_gumbel_sample(e: &dyn Exec) {
                     row[rng.below(v)] = 60.0;
                 }
                 3 => row.iter_mut().for_each(|x| *x = 0.0),
-                4 => row.iter_mut().for_each(|x| *x = 1_048_576.0 + 0.5 * (rng.below(3) as f32)),
+                4 => row.iter_mut().for_each(|x| *x = 1_048_576.0 * (1 + rng.below(2)) as f32),
                 5 => {
                     row.iter_mut().for_each(|x| *x = rng.uniform());
                     row[1] = 3.0;
@@ -1214,51 +1575,56 @@ pub fn check_gumbel_sample(e: &dyn Exec) {
                     row[v / 3] = -7.0;
                 }
             }
+            row.iter_mut().for_each(|x| *x = to_bf16(*x));
         }
-        for (seed, block, step) in [(0x0123_4567_89ab_cdefu64, 2usize, 5usize), (7, 0, 0), (u64::MAX, 41, 47)] {
-            let name = format!("{} seed={seed:#x} block={block} step={step}", spec.kernel_name());
-            let p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
-            let got = run_gumbel(e, &spec, &p, &processed, rows);
-            let mut noise = SeededNoise::new(seed, v);
-            let mut want = vec![0u32; rows];
-            noise.sample(block, step, &processed, v, &mut want).unwrap();
-            for r in 0..rows {
-                assert_eq!(got[r], want[r] as i32, "{name}: row {r} (kind {})", r % 8);
-            }
-            // The definition (no pruning) agrees too, on the small vocabularies.
-            if v <= 4096 {
+        for cap in [30.0f32, 0.0] {
+            for (seed, block, step) in [(0x0123_4567_89ab_cdefu64, 2usize, 5usize), (7, 0, 0), (u64::MAX, 41, 47)] {
+                let name = format!("{} cap={cap} seed={seed:#x} block={block} step={step}", spec.kernel_name());
+                let p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
+                let got = run_gumbel(e, &spec, &p, &x, cap, rows);
+                let processed = device_processed(e, &x, cap, p.temperature);
+                let mut noise = SeededNoise::new(seed, v);
+                let mut want = vec![0u32; rows];
+                noise.sample(block, step, &processed, v, &mut want).unwrap();
                 for r in 0..rows {
-                    let brute = gumbel_brute(&noise, block, step, r, &processed[r * v..(r + 1) * v]);
-                    assert_eq!(brute, want[r] as i32, "{name}: row {r}: the CPU's pruning changed the draw");
+                    assert_eq!(got[r], want[r] as i32, "{name}: row {r} (kind {})", r % 8);
+                }
+                // The definition (no pruning) agrees too, on the small vocabularies.
+                if v <= 4096 {
+                    for r in 0..rows {
+                        let brute = gumbel_brute(&noise, block, step, r, &processed[r * v..(r + 1) * v]);
+                        assert_eq!(brute, want[r] as i32, "{name}: row {r}: the CPU's pruning changed the draw");
+                    }
                 }
             }
         }
 
-        // Probes of the Gumbel values' bits: rows with two finite entries v1 < v2 whose sums
-        // fl(P + g) tie exactly (v1 must win) or differ by one float32 ulp (v2 must win). A
-        // device g one ulp off in either direction flips one of the two.
+        // Probes of the Gumbel values' bits: rows with two finite entries lo < hi whose sums
+        // fl(P + g) tie exactly (lo must win) or differ by one float32 ulp (hi must win), P bf16
+        // (no cap, T = 1). hi is the id whose g is nearest lo's, so small bf16 values can reach
+        // the target sums. A device g one ulp off in either direction flips one of the two.
         for (seed, block, step) in [(0x0123_4567_89ab_cdefu64, 2usize, 5usize), (7, 0, 0), (u64::MAX, 41, 47)] {
             let noise = SeededNoise::new(seed, v);
-            let probes = if v >= 65_536 { 32 } else { 1024 };
+            let probes = if v >= 65_536 { 16 } else { 256 };
             let mut probe = vec![f32::NEG_INFINITY; probes * v];
             let mut expect = vec![-2i32; probes];
+            let mut made = 0;
             for r in 0..probes {
-                let v1 = rng.below(v - 1);
-                let v2 = v1 + 1 + rng.below(v - 1 - v1);
-                let g1 = noise.gumbel(block, step, r, v1).unwrap();
-                let g2 = noise.gumbel(block, step, r, v2).unwrap();
-                if !(g1.is_finite() && g2.is_finite()) {
-                    continue;
-                }
-                let target = if r % 2 == 0 { g1 } else { next_up(g1) };
-                let c0 = target - g2;
-                let found =
-                    (-16i32..=16).map(|d| f32::from_bits((c0.to_bits() as i32 + d) as u32)).find(|&c| c + g2 == target);
-                let Some(c) = found else { continue };
-                probe[r * v + v1] = 0.0;
-                probe[r * v + v2] = c;
-                expect[r] = if target == g1 { v1 as i32 } else { v2 as i32 };
+                let g: Vec<f32> = (0..v).map(|id| noise.gumbel(block, step, r, id).unwrap()).collect();
+                let a = rng.below(v);
+                let nearest = (0..v)
+                    .filter(|&id| id != a && g[id].is_finite())
+                    .min_by(|&i, &j| (g[i] - g[a]).abs().total_cmp(&(g[j] - g[a]).abs()));
+                let Some(b) = nearest.filter(|_| g[a].is_finite()) else { continue };
+                let (lo, hi) = (a.min(b), a.max(b));
+                let tie = r % 2 == 0;
+                let Some((pa, pc)) = probe_pair(g[lo], g[hi], tie) else { continue };
+                probe[r * v + lo] = pa;
+                probe[r * v + hi] = pc;
+                expect[r] = if tie { lo as i32 } else { hi as i32 };
+                made += 1;
             }
+            assert!(made >= probes / 4, "{}: only {made} of {probes} probe rows could be built", spec.kernel_name());
             // Rows without a probe: one finite entry.
             for r in 0..probes {
                 if expect[r] == -2 {
@@ -1266,8 +1632,9 @@ pub fn check_gumbel_sample(e: &dyn Exec) {
                     expect[r] = (r % v) as i32;
                 }
             }
-            let p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
-            let got = run_gumbel(e, &spec, &p, &probe, probes);
+            let mut p = sampler_params(seed, block as u32, step as u32, 0.1, 0.005, 1);
+            p.temperature = 1.0;
+            let got = run_gumbel(e, &spec, &p, &probe, 0.0, probes);
             let mut want = vec![0u32; probes];
             SeededNoise::new(seed, v).sample(block, step, &probe, v, &mut want).unwrap();
             let want: Vec<i32> = want.iter().map(|&x| x as i32).collect();
@@ -1275,15 +1642,16 @@ pub fn check_gumbel_sample(e: &dyn Exec) {
             assert_eq!(got, want, "{} seed={seed:#x}: Gumbel probes", spec.kernel_name());
         }
 
-        // Invalid rows (the CPU errors): NaN, +inf, all -inf give -1; a valid row next to them
-        // is unaffected.
+        // Invalid rows (the CPU errors; no cap, which would make infinities finite): NaN, +inf,
+        // all -inf give -1; a valid row next to them is unaffected.
         let rows = 4;
-        let mut bad: Vec<f32> = (0..rows * v).map(|_| rng.uniform() * 3.0).collect();
+        let mut bad: Vec<f32> = (0..rows * v).map(|_| to_bf16(rng.uniform() * 3.0)).collect();
         bad[v / 2] = f32::NAN;
         bad[v + v - 1] = f32::INFINITY;
         bad[2 * v..3 * v].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-        let p = sampler_params(99, 1, 3, 0.1, 0.005, 1);
-        let got = run_gumbel(e, &spec, &p, &bad, rows);
+        let mut p = sampler_params(99, 1, 3, 0.1, 0.005, 1);
+        p.temperature = 1.0;
+        let got = run_gumbel(e, &spec, &p, &bad, 0.0, rows);
         let noise = SeededNoise::new(99, v);
         assert_eq!(got[..3], [-1, -1, -1], "{}: invalid rows", spec.kernel_name());
         // Row 3 alone, as the CPU sees it: position 3 of block 1, step 3.
@@ -1578,11 +1946,15 @@ pub fn check_sampler_end_to_end(e: &dyn Exec) {
             noise.init_canvas(block, &mut canvas).unwrap();
             // Broad logits for most positions; from the middle on, peaked and constant ones so the
             // argmax settles and the mean entropy falls under the threshold.
+            // bf16 logits (the LM head's output, no cap here: the kernels' P is raw / T exactly).
             let peaked: Vec<f32> =
-                (0..c * v).map(|i| if i % v == (i / v * 37) % v { 40.0 } else { rng.uniform() }).collect();
+                (0..c * v).map(|i| if i % v == (i / v * 37) % v { 40.0 } else { to_bf16(rng.uniform()) }).collect();
             for (step, cur_step) in (1..=steps).rev().enumerate() {
-                let raw: Vec<f32> =
-                    if step >= steps / 2 { peaked.clone() } else { (0..c * v).map(|_| rng.uniform() * 8.0).collect() };
+                let raw: Vec<f32> = if step >= steps / 2 {
+                    peaked.clone()
+                } else {
+                    (0..c * v).map(|_| to_bf16(rng.uniform() * 8.0)).collect()
+                };
                 let mut processed = vec![0.0f32; c * v];
                 let out = dgemma_sampler::denoise_step(
                     &settings,
@@ -1596,7 +1968,7 @@ pub fn check_sampler_end_to_end(e: &dyn Exec) {
                 )
                 .unwrap();
                 let name = format!("{} end-to-end V={v} block {block} step {step}", gspec.kernel_name());
-                let p = sampler_params(
+                let mut p = sampler_params(
                     seed,
                     block as u32,
                     step as u32,
@@ -1604,7 +1976,15 @@ pub fn check_sampler_end_to_end(e: &dyn Exec) {
                     settings.confidence_threshold,
                     settings.stability_threshold as u32,
                 );
-                let sampled = run_gumbel(e, &gspec, &p, &processed, c);
+                p.temperature = dgemma_sampler::temperature_on(
+                    settings.device,
+                    cur_step,
+                    steps,
+                    settings.t_min,
+                    settings.t_max,
+                )
+                .unwrap();
+                let sampled = run_gumbel(e, &gspec, &p, &raw, 0.0, c);
                 let want_sampled: Vec<i32> = out.sampled.iter().map(|&x| x as i32).collect();
                 assert_eq!(sampled, want_sampled, "{name}: sampled");
                 let argmax: Vec<i32> = out.argmax_canvas.iter().map(|&x| x as i32).collect();

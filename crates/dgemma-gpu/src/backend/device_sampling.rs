@@ -18,6 +18,7 @@ impl<X: Executor> GpuBackend<X> {
     pub fn step_batch(&mut self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>> {
         let seqs: Vec<usize> = steps.iter().map(|s| s.0).collect();
         let mut tokens = None;
+        let mut params = Vec::with_capacity(steps.len());
         for &(seq, step, temperature) in steps {
             self.check_sequence(seq)?;
             let Some(state) = self.seqs[seq].device_canvas else {
@@ -35,7 +36,7 @@ impl<X: Executor> GpuBackend<X> {
                 return Err(Error::InvalidArgument(format!("device sampler: step {step} is over 2^24")));
             };
             let s = state.settings;
-            let params = ops::SamplerParams {
+            params.push(ops::SamplerParams {
                 seed: s.seed,
                 block: s.block as u32,
                 step: step32,
@@ -43,10 +44,18 @@ impl<X: Executor> GpuBackend<X> {
                 entropy_bound: s.entropy_bound,
                 confidence_threshold: s.confidence_threshold,
                 stability_threshold: s.stability_threshold as u32,
-            };
-            self.seqs[seq].sampler.write_params(&mut self.exec, &params)?;
+            });
         }
         let Some(tokens) = tokens else { return Ok(Vec::new()) };
+        if steps.len() > self.sampler.slots {
+            return Err(Error::InvalidInput(format!(
+                "a decoder pass over {} canvases: this backend was sized for at most {} (GpuOptions::max_batch)",
+                steps.len(),
+                self.sampler.slots
+            )));
+        }
+        // One upload of every canvas's params, slot i for the i-th canvas of the pass.
+        self.sampler.write_params(&mut self.exec, &params)?;
         // Step 0 has no self-conditioning input; later steps read the one the last step wrote.
         let key = self.pass_key(&seqs, tokens, |i| steps[i].1 > 0, true)?;
         self.run_pass(key)?;
@@ -55,9 +64,10 @@ impl<X: Executor> GpuBackend<X> {
                 state.argmax_row0 = Some((i * tokens, self.passes));
             }
         }
+        // One read of every canvas's status.
+        let statuses = self.sampler.read_status(&mut self.exec, steps.len())?;
         let mut out = Vec::with_capacity(steps.len());
-        for &(seq, step, _) in steps {
-            let status = self.seqs[seq].sampler.read_status(&mut self.exec)?;
+        for (&(seq, step, _), status) in steps.iter().zip(statuses) {
             self.device_steps += 1;
             if status.error != 0 {
                 // The canvas on the device is not a valid next canvas any more.

@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define DGEMMA_ABI_VERSION 1
+#define DGEMMA_ABI_VERSION 2
 
 typedef enum DgemmaStatus {
     DGEMMA_OK = 0,
@@ -40,6 +40,23 @@ typedef enum DgemmaFinish {
     DGEMMA_FINISH_EOS = 1,           /* an EOS / stop id appeared in a committed canvas */
     DGEMMA_FINISH_MAX_NEW_TOKENS = 2 /* max_new_tokens generated */
 } DgemmaFinish;
+
+typedef enum DgemmaBackend {
+    DGEMMA_BACKEND_CPU = 0,          /* the CPU reference backend */
+    DGEMMA_BACKEND_CUDA = 1          /* a CUDA GPU (bf16): weights uploaded once, a KV cache per request */
+} DgemmaBackend;
+
+/* How to load an engine: fill with dgemma_engine_options_init(), then change what you need. */
+typedef struct DgemmaEngineOptions {
+    uint32_t backend;         /* DgemmaBackend */
+    uint32_t max_concurrent;  /* most requests generating at once; more wait in a queue */
+    uint32_t cuda_device;     /* CUDA: GPU ordinal */
+    uint32_t context;         /* CUDA: positions per request's KV cache; 0 = model context capped at 8192 */
+    uint32_t max_batch;       /* CUDA: most requests whose denoising steps share one decoder pass */
+    uint32_t prefill_chunk;   /* most prompt tokens a request prefills per scheduler round */
+    uint64_t memory_limit;    /* CUDA: most device bytes the engine allocates; 0 = no limit. A request
+                                 whose KV cache does not fit waits for a running one to finish */
+} DgemmaEngineOptions;
 
 /* Opaque engine: a loaded model and its request scheduler. */
 typedef struct DgemmaEngine DgemmaEngine;
@@ -88,6 +105,11 @@ typedef struct DgemmaEngineStats {
     uint64_t encoder_passes;
     uint64_t decoder_passes;
     uint64_t new_tokens;
+    uint64_t peak_active;     /* the most requests that ran at once */
+    uint64_t batched_passes;  /* decoder passes that served several requests' steps (GPU) */
+    uint64_t largest_batch;   /* the most requests one such pass served */
+    uint64_t prefill_chunks;  /* encoder passes that were prompt chunks */
+    uint64_t memory_waits;    /* times admission waited for a KV cache to fit in device memory */
 } DgemmaEngineStats;
 
 /*
@@ -122,6 +144,15 @@ DgemmaStatus dgemma_engine_load(const char *model_dir, uint32_t max_concurrent, 
  * status is an error whose message says why. */
 DgemmaStatus dgemma_engine_load_cuda(const char *model_dir, uint32_t max_concurrent, uint32_t device, uint32_t context,
                                      DgemmaEngine **out_engine);
+
+/* Fills *options with the defaults: CPU backend, 4 concurrent requests, GPU 0, context 0, batches
+ * of 4, prefill chunks of 2048 tokens, no memory limit. */
+DgemmaStatus dgemma_engine_options_init(DgemmaEngineOptions *options);
+
+/* Loads a model directory with *options (NULL = the defaults). An unknown backend or a zero
+ * count is DGEMMA_ERR_INVALID_ARGUMENT. */
+DgemmaStatus dgemma_engine_load_with_options(const char *model_dir, const DgemmaEngineOptions *options,
+                                             DgemmaEngine **out_engine);
 
 /* Releases an engine (NULL is ignored). */
 void dgemma_engine_free(DgemmaEngine *engine);

@@ -82,8 +82,34 @@ pub const DGEMMA_FINISH_NONE: i32 = 0;
 pub const DGEMMA_FINISH_EOS: i32 = 1;
 pub const DGEMMA_FINISH_MAX_NEW_TOKENS: i32 = 2;
 
-/// ABI version of this library (`DGEMMA_ABI_VERSION` in the header).
-pub const DGEMMA_ABI_VERSION: u32 = 1;
+/// `DgemmaBackend` in the header.
+pub const DGEMMA_BACKEND_CPU: u32 = 0;
+pub const DGEMMA_BACKEND_CUDA: u32 = 1;
+
+/// ABI version of this library (`DGEMMA_ABI_VERSION` in the header). 2: engine options
+/// ([`DgemmaEngineOptions`]) and more engine counters.
+pub const DGEMMA_ABI_VERSION: u32 = 2;
+
+/// How to load an engine. Fill with [`dgemma_engine_options_init`], then change what you need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DgemmaEngineOptions {
+    /// `DGEMMA_BACKEND_CPU` or `DGEMMA_BACKEND_CUDA`.
+    pub backend: u32,
+    /// Most requests generating at once; more wait in a queue.
+    pub max_concurrent: u32,
+    /// CUDA: the GPU ordinal.
+    pub cuda_device: u32,
+    /// CUDA: positions each request's KV cache holds (0: the model's context, capped at 8192).
+    pub context: u32,
+    /// CUDA: most requests whose denoising steps share one decoder pass.
+    pub max_batch: u32,
+    /// Most prompt tokens a request prefills per scheduler round.
+    pub prefill_chunk: u32,
+    /// CUDA: most device bytes the engine allocates (0: no limit); a request whose KV cache
+    /// does not fit waits for a running one to finish.
+    pub memory_limit: u64,
+}
 
 /// Per-request parameters. Fill with [`dgemma_params_init`], then change what you need.
 #[repr(C)]
@@ -168,6 +194,15 @@ pub struct DgemmaEngineStats {
     pub encoder_passes: u64,
     pub decoder_passes: u64,
     pub new_tokens: u64,
+    /// The most requests that ran at once.
+    pub peak_active: u64,
+    /// Decoder passes that served several requests' steps (GPU), and the most in one.
+    pub batched_passes: u64,
+    pub largest_batch: u64,
+    /// Encoder passes that were prompt chunks.
+    pub prefill_chunks: u64,
+    /// Times admission waited because a KV cache did not fit in device memory.
+    pub memory_waits: u64,
 }
 
 /// Called on the calling thread of [`dgemma_generate`] after every committed canvas, with the
@@ -347,6 +382,55 @@ pub unsafe extern "C" fn dgemma_engine_load_cuda(
     load_with(model_dir, out_engine, options)
 }
 
+/// Fills `*options` with the defaults: the CPU backend, 4 concurrent requests, GPU 0, the
+/// model's context capped at 8192, batches of 4, prefill chunks of 2048 tokens, no memory limit.
+#[no_mangle]
+pub unsafe extern "C" fn dgemma_engine_options_init(options: *mut DgemmaEngineOptions) -> DgemmaStatus {
+    guard(|| {
+        if options.is_null() {
+            return fail(DgemmaStatus::InvalidArgument, "options is NULL");
+        }
+        let d = EngineOptions::default();
+        options.write(DgemmaEngineOptions {
+            backend: DGEMMA_BACKEND_CPU,
+            max_concurrent: d.max_concurrent as u32,
+            cuda_device: d.cuda_device as u32,
+            context: 0,
+            max_batch: d.max_batch as u32,
+            prefill_chunk: d.prefill_chunk as u32,
+            memory_limit: 0,
+        });
+        DgemmaStatus::Ok
+    })
+}
+
+/// Loads the model in `model_dir` with `*options` (NULL: the defaults of
+/// [`dgemma_engine_options_init`]). An unknown backend or a zero count is
+/// `DGEMMA_ERR_INVALID_ARGUMENT`; on success `*out_engine` is the engine.
+#[no_mangle]
+pub unsafe extern "C" fn dgemma_engine_load_with_options(
+    model_dir: *const c_char,
+    options: *const DgemmaEngineOptions,
+    out_engine: *mut *mut DgemmaEngine,
+) -> DgemmaStatus {
+    let mut o = EngineOptions::default();
+    if !options.is_null() {
+        let c = *options;
+        o.backend = match c.backend {
+            DGEMMA_BACKEND_CPU => BackendKind::Cpu,
+            DGEMMA_BACKEND_CUDA => BackendKind::Cuda,
+            b => return fail(DgemmaStatus::InvalidArgument, &format!("options.backend {b}: not a DgemmaBackend")),
+        };
+        o.max_concurrent = c.max_concurrent as usize;
+        o.cuda_device = c.cuda_device as usize;
+        o.context = (c.context != 0).then_some(c.context as usize);
+        o.max_batch = c.max_batch as usize;
+        o.prefill_chunk = c.prefill_chunk as usize;
+        o.memory_limit = (c.memory_limit != 0).then(|| usize::try_from(c.memory_limit).unwrap_or(usize::MAX));
+    }
+    load_with(model_dir, out_engine, o)
+}
+
 fn concurrency(max_concurrent: u32) -> usize {
     if max_concurrent == 0 {
         4
@@ -408,6 +492,11 @@ pub unsafe extern "C" fn dgemma_engine_stats(
             encoder_passes: s.encoder_passes,
             decoder_passes: s.decoder_passes,
             new_tokens: s.new_tokens,
+            peak_active: s.peak_active as u64,
+            batched_passes: s.batched_passes,
+            largest_batch: s.largest_batch as u64,
+            prefill_chunks: s.prefill_chunks,
+            memory_waits: s.memory_waits,
         });
         DgemmaStatus::Ok
     })

@@ -2,7 +2,7 @@
 //! model; also compiles a layout probe so the header's structs are checked against Rust's.
 //! Skipped (with a message) only when gcc is not installed.
 
-use dgemma_capi::{DgemmaEngineStats, DgemmaParams, DgemmaResult};
+use dgemma_capi::{DgemmaEngineOptions, DgemmaEngineStats, DgemmaParams, DgemmaResult};
 use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -233,11 +233,20 @@ fn struct_layouts_match_the_header() {
             "new_tokens",
             offset_of!(DgemmaEngineStats, new_tokens),
         ),
+        (
+            "DgemmaEngineStats",
+            "memory_waits",
+            offset_of!(DgemmaEngineStats, memory_waits),
+        ),
+        ("DgemmaEngineOptions", "backend", offset_of!(DgemmaEngineOptions, backend)),
+        ("DgemmaEngineOptions", "prefill_chunk", offset_of!(DgemmaEngineOptions, prefill_chunk)),
+        ("DgemmaEngineOptions", "memory_limit", offset_of!(DgemmaEngineOptions, memory_limit)),
     ];
     let sizes = [
         ("DgemmaParams", size_of::<DgemmaParams>()),
         ("DgemmaResult", size_of::<DgemmaResult>()),
         ("DgemmaEngineStats", size_of::<DgemmaEngineStats>()),
+        ("DgemmaEngineOptions", size_of::<DgemmaEngineOptions>()),
         ("DgemmaStatus", size_of::<dgemma_capi::DgemmaStatus>()),
     ];
     let mut c = String::from(

@@ -316,3 +316,43 @@ fn cuda_load_works_or_says_why() {
         assert!(msg.contains("CUDA") || msg.contains("cuda") || msg.contains("GPU"), "{msg}");
     }
 }
+
+/// `dgemma_engine_load_with_options`: the defaults load the CPU engine, its options reach the
+/// scheduler (prefill chunks, peak concurrency in the stats), and bad options are refused.
+#[test]
+fn options_load_an_engine_and_bad_options_are_refused() {
+    let mut o = std::mem::MaybeUninit::uninit();
+    assert_eq!(unsafe { dgemma_engine_options_init(o.as_mut_ptr()) }, DgemmaStatus::Ok);
+    let mut o = unsafe { o.assume_init() };
+    assert_eq!((o.backend, o.max_concurrent, o.max_batch, o.prefill_chunk, o.memory_limit), (DGEMMA_BACKEND_CPU, 4, 4, 2048, 0));
+    o.max_concurrent = 2;
+    o.prefill_chunk = 2;
+    let mut e = ptr::null_mut();
+    let st = unsafe { dgemma_engine_load_with_options(model_dir().as_ptr(), &o, &mut e) };
+    assert_eq!(st, DgemmaStatus::Ok, "{}", last_error());
+    let engine = Engine(e);
+    let (st, ids, _) = generate(&engine, "Hello", &params(5, 16));
+    assert_eq!(st, DgemmaStatus::Ok, "{}", last_error());
+    assert_eq!(ids.len(), 16);
+    let mut stats = std::mem::MaybeUninit::uninit();
+    assert_eq!(unsafe { dgemma_engine_stats(engine.0, stats.as_mut_ptr()) }, DgemmaStatus::Ok);
+    let stats = unsafe { stats.assume_init() };
+    // The chat prompt is longer than 2 tokens, so it went in as several chunks.
+    assert!(stats.prefill_chunks >= 2, "{stats:?}");
+    assert_eq!((stats.completed, stats.peak_active, stats.memory_waits), (1, 1, 0));
+
+    for (field, bad) in [("backend", 7u32), ("max_concurrent", 0), ("prefill_chunk", 0)] {
+        let mut b = o;
+        match field {
+            "backend" => b.backend = bad,
+            "max_concurrent" => b.max_concurrent = bad,
+            _ => b.prefill_chunk = bad,
+        }
+        let mut e = ptr::null_mut();
+        let st = unsafe { dgemma_engine_load_with_options(model_dir().as_ptr(), &b, &mut e) };
+        assert_eq!(st, DgemmaStatus::InvalidArgument, "{field}");
+        assert!(e.is_null());
+        assert!(last_error().contains(field), "{field}: {}", last_error());
+    }
+    assert_eq!(unsafe { dgemma_engine_options_init(ptr::null_mut()) }, DgemmaStatus::InvalidArgument);
+}

@@ -4,8 +4,8 @@
 //! struct layouts are compared with gcc in `c_example.rs`.
 
 use dgemma_capi::{
-    DgemmaStatus, DGEMMA_ABI_VERSION, DGEMMA_FINISH_EOS, DGEMMA_FINISH_MAX_NEW_TOKENS,
-    DGEMMA_FINISH_NONE,
+    DgemmaStatus, DGEMMA_ABI_VERSION, DGEMMA_BACKEND_CPU, DGEMMA_BACKEND_CUDA, DGEMMA_FINISH_EOS,
+    DGEMMA_FINISH_MAX_NEW_TOKENS, DGEMMA_FINISH_NONE,
 };
 use std::collections::BTreeMap;
 
@@ -188,6 +188,8 @@ fn constants_match() {
         "DGEMMA_FINISH_MAX_NEW_TOKENS".into(),
         DGEMMA_FINISH_MAX_NEW_TOKENS as i64,
     );
+    want.insert("DGEMMA_BACKEND_CPU".into(), DGEMMA_BACKEND_CPU as i64);
+    want.insert("DGEMMA_BACKEND_CUDA".into(), DGEMMA_BACKEND_CUDA as i64);
     want.insert("DGEMMA_ABI_VERSION".into(), DGEMMA_ABI_VERSION as i64);
     assert_eq!(c, want);
 }

@@ -10,6 +10,7 @@ use dgemma::gpu::{Executor, GpuBackend, GpuExecutor, GpuOptions};
 use dgemma_model::config::ModelConfig;
 
 use crate::load;
+use crate::serve_bench;
 use crate::progress::Progress;
 
 #[derive(clap::Args)]
@@ -37,6 +38,23 @@ pub struct BenchArgs {
     /// sequence at context --prompt); the workspace is sized for the largest.
     #[arg(long, value_delimiter = ',', default_value = "4,16")]
     pub batches: Vec<usize>,
+    /// Concurrency levels of the serving figures (`throughput.bf16.concurrency{N}`, TTFT
+    /// percentiles, peak memory): N requests at once through the runtime's scheduler on
+    /// synthetic weights (see serve_bench.rs). Empty: not run.
+    #[arg(long, value_delimiter = ',')]
+    pub serve: Vec<usize>,
+    /// Canvases each serving request generates.
+    #[arg(long, default_value_t = 1)]
+    pub serve_canvases: usize,
+    /// Denoising steps per canvas of the serving requests (fixed: early stopping off).
+    #[arg(long, default_value_t = 16)]
+    pub serve_steps: usize,
+    /// Most canvases per batched decoder pass in the serving figures (halved until it fits).
+    #[arg(long, default_value_t = 16)]
+    pub serve_batch: usize,
+    /// Only the serving figures (no floors, steps, prefill).
+    #[arg(long)]
+    pub serve_only: bool,
     /// Write the records as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -53,6 +71,49 @@ fn bench_options(cfg: &dgemma_model::config::TextConfig, canvas: usize, longest:
 pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dev = dgemma::cuda::open_device(0)?;
     let device_name = dev.name().to_string();
+    let config_path = match a.synthetic.as_deref() {
+        None | Some("26b") => load::repo_root().join("reference/configs/diffusiongemma-26B-A4B/config.json"),
+        Some(p) => PathBuf::from(p),
+    };
+    let mut records = if a.serve_only { Vec::new() } else { model_figures(&a, dev, &config_path)? };
+    if !a.serve.is_empty() {
+        if a.model.is_some() {
+            return Err("--serve runs on synthetic weights: use it with --synthetic, not --model".into());
+        }
+        let plan = serve_bench::ServePlan {
+            levels: a.serve.clone(),
+            prompt: a.prompt,
+            canvases: a.serve_canvases.max(1),
+            steps: a.serve_steps.max(1),
+            max_batch: a.serve_batch.max(1),
+        };
+        records.extend(serve_bench::run(&config_path, &load::repo_root().join("reference/tokenizer"), &plan));
+    }
+    println!("| record | value | unit | floor | ratio | note |");
+    println!("| --- | ---: | --- | ---: | ---: | --- |");
+    for r in &records {
+        let f = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.3}"));
+        println!("| {} | {:.3} | {} | {} | {} | {} |", r.name, r.value, r.unit, f(r.floor), f(r.ratio_to_floor()), r.note);
+    }
+    if let Some(path) = &a.json {
+        let what = match &a.model {
+            Some(dir) => format!("checkpoint {}", dir.display()),
+            None => format!("synthetic weights of {}", config_path.display()),
+        };
+        let body: Vec<String> = records.iter().map(|r| format!("  {}", r.to_json())).collect();
+        let doc = format!(
+            "{{\"device\": \"{device_name}\", \"commit\": \"{}\", \"what\": \"{}\", \"records\": [\n{}\n]}}\n",
+            dgemma::GIT_COMMIT,
+            what.replace('"', "'"),
+            body.join(",\n")
+        );
+        std::fs::write(path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The floors and the CUDA backend's own figures (steps, prefill, commit, tokens/s, batches).
+fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::path::Path) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
     // The floors on an executor of their own, dropped (its 4 GiB of probe buffers freed)
     // before the model is allocated.
     let (copy_gbs, read_gbs) = {
@@ -61,13 +122,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let longest = a.contexts.iter().copied().max().unwrap_or(0).max(a.prompt);
     let loaded = a.model.as_ref().map(|dir| load::open(dir)).transpose()?;
-    let config_path = match a.synthetic.as_deref() {
-        None | Some("26b") => load::repo_root().join("reference/configs/diffusiongemma-26B-A4B/config.json"),
-        Some(p) => PathBuf::from(p),
-    };
     let cfg = match &loaded {
         Some(l) => l.checkpoint.config.clone(),
-        None => ModelConfig::from_file(&config_path)?,
+        None => ModelConfig::from_file(config_path)?,
     };
     let what = match &a.model {
         Some(dir) => format!("checkpoint {}", dir.display()),
@@ -86,7 +143,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         };
         match built {
             Ok(b) => break b,
-            Err(e) if options.max_batch > 1 && e.to_string().contains("out of GPU memory") => {
+            Err(e @ dgemma_model::error::Error::OutOfMemory { .. }) if options.max_batch > 1 => {
                 eprintln!("dgemma bench: batches of {} do not fit ({e}); trying {}", options.max_batch, options.max_batch / 2);
                 options.max_batch /= 2;
             }
@@ -94,7 +151,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     eprintln!(
-        "dgemma bench: {device_name} | {what} | {:.2} GB weights, {:.2} GB allocated | HBM read {read_gbs:.0} GB/s, copy {copy_gbs:.0} GB/s",
+        "dgemma bench: {} | {what} | {:.2} GB weights, {:.2} GB allocated | HBM read {read_gbs:.0} GB/s, copy {copy_gbs:.0} GB/s",
+        backend.executor().describe(),
         backend.weight_bytes() as f64 / 1e9,
         backend.executor().allocated_bytes() as f64 / 1e9
     );
@@ -130,21 +188,5 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         target: None,
         note: "bytes allocated by the backend (weights, cache, workspace, probe buffers)".into(),
     });
-    println!("| record | value | unit | floor | ratio | note |");
-    println!("| --- | ---: | --- | ---: | ---: | --- |");
-    for r in &records {
-        let f = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.3}"));
-        println!("| {} | {:.3} | {} | {} | {} | {} |", r.name, r.value, r.unit, f(r.floor), f(r.ratio_to_floor()), r.note);
-    }
-    if let Some(path) = &a.json {
-        let body: Vec<String> = records.iter().map(|r| format!("  {}", r.to_json())).collect();
-        let doc = format!(
-            "{{\"device\": \"{device_name}\", \"commit\": \"{}\", \"what\": \"{}\", \"records\": [\n{}\n]}}\n",
-            dgemma::GIT_COMMIT,
-            what.replace('"', "'"),
-            body.join(",\n")
-        );
-        std::fs::write(path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(records)
 }

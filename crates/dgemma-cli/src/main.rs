@@ -3,13 +3,15 @@
 //! * `dgemma run [--model DIR] "prompt"`: generate, streaming each committed canvas.
 //! * `dgemma info --model DIR`: the parsed config, tensor count and bytes.
 //! * `dgemma verify --model DIR --case FILE`: check the engine against a transformers dump.
-//! * `dgemma bench [--synthetic 26b | --model DIR]`: CUDA backend timings against the floor.
+//! * `dgemma bench [--synthetic 26b | --model DIR]`: CUDA backend timings against the floor;
+//!   `--serve 1,4,16,32`: the serving runtime's throughput and TTFT under concurrent requests.
 
 mod bench;
 mod info;
 mod load;
 mod progress;
 mod run;
+mod serve_bench;
 mod verify;
 
 use clap::{Parser, Subcommand};

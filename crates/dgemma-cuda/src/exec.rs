@@ -116,6 +116,10 @@ pub trait Executor {
     fn timer_stop(&mut self) -> Result<f64>;
     /// Bytes allocated through this executor.
     fn allocated_bytes(&self) -> usize;
+    /// Caps [`allocated_bytes`](Executor::allocated_bytes): an allocation past `limit` fails with
+    /// [`CudaError::OutOfMemory`] as if the device were full (a server sharing a GPU, or tests of
+    /// running out of memory). `None` removes the cap.
+    fn set_memory_limit(&mut self, limit: Option<usize>);
 
     /// The spec that runs `op` here: this arch's variant if the image has it, else the portable one.
     fn resolve(&self, op: Op) -> Result<KernelSpec> {
@@ -227,6 +231,7 @@ pub struct GpuExecutor {
     arena: Vec<CudaSlice<u8>>,
     graphs: Recordings<CudaGraph>,
     timer: Option<cudarc::driver::CudaEvent>,
+    limit: Option<usize>,
 }
 
 // SAFETY: the only non-Send fields are the CUDA graph handles (raw driver pointers). The CUDA
@@ -237,7 +242,7 @@ unsafe impl Send for GpuExecutor {}
 
 impl GpuExecutor {
     pub fn new(dev: Device) -> GpuExecutor {
-        GpuExecutor { dev, arena: Vec::new(), graphs: Recordings::default(), timer: None }
+        GpuExecutor { dev, arena: Vec::new(), graphs: Recordings::default(), timer: None, limit: None }
     }
 
     pub fn device(&self) -> &Device {
@@ -286,6 +291,7 @@ impl Executor for GpuExecutor {
     }
 
     fn alloc(&mut self, bytes: usize, what: &str) -> Result<Region> {
+        check_limit(self.limit, self.allocated_bytes(), bytes, what)?;
         let dev = &self.dev;
         let slice = guard("alloc", || match dev.alloc_zeros::<u8>(bytes.max(1)) {
             Ok(s) => Ok(s),
@@ -381,6 +387,23 @@ impl Executor for GpuExecutor {
     fn allocated_bytes(&self) -> usize {
         self.arena.iter().map(|s| s.len()).sum()
     }
+
+    fn set_memory_limit(&mut self, limit: Option<usize>) {
+        self.limit = limit;
+    }
+}
+
+/// The error of an allocation of `bytes` that would take an executor past its memory limit.
+fn check_limit(limit: Option<usize>, allocated: usize, bytes: usize, what: &str) -> Result<()> {
+    match limit {
+        Some(total) if allocated.saturating_add(bytes) > total => Err(CudaError::OutOfMemory {
+            what: format!("{what} (over the memory limit set for this engine)"),
+            bytes,
+            free: total.saturating_sub(allocated),
+            total,
+        }),
+        _ => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,6 +417,7 @@ pub struct EmuExecutor {
     arena: Vec<Box<[u64]>>,
     recordings: Recordings<Vec<Step>>,
     timer: Option<std::time::Instant>,
+    limit: Option<usize>,
     /// Steps run so far (launches and copies), for tests of replay.
     pub steps_run: usize,
 }
@@ -433,7 +457,8 @@ impl Executor for EmuExecutor {
         dgemma_codegen::supported_specs().contains(spec)
     }
 
-    fn alloc(&mut self, bytes: usize, _what: &str) -> Result<Region> {
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<Region> {
+        check_limit(self.limit, self.allocated_bytes(), bytes, what)?;
         let words = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
         let ptr = words.as_ptr() as u64;
         self.arena.push(words);
@@ -516,5 +541,9 @@ impl Executor for EmuExecutor {
 
     fn allocated_bytes(&self) -> usize {
         self.arena.iter().map(|a| 8 * a.len()).sum()
+    }
+
+    fn set_memory_limit(&mut self, limit: Option<usize>) {
+        self.limit = limit;
     }
 }

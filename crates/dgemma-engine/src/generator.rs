@@ -3,7 +3,8 @@
 //! [`generate`](crate::generate::generate) is this machine run to the end.
 //!
 //! ```text
-//! Prefill  --encode(prompt)-->                      Denoise(block 0, step 0)
+//! Prefill  --encode(prompt chunk), more to go-->    Prefill
+//! Prefill  --encode(last prompt chunk)-->           Denoise(block 0, step 0)
 //! Denoise  --denoise + sample, not finished-->      Denoise(step + 1)
 //! Denoise  --denoise + sample, finished/last step-> commit --> Encode(block + 1) | Done
 //! Encode   --encode(committed canvas)-->            Denoise(block + 1, step 0)
@@ -66,6 +67,10 @@ pub struct Generator<N: NoiseSource> {
     stopping: StableAndConfident,
     /// The noise seed when this request may sample on a device (see the module docs).
     device_seed: Option<u64>,
+    /// Prompt tokens encoded so far (the prefill is complete at `prompt_len`).
+    prefilled: usize,
+    /// Most prompt tokens one prefill pass encodes (`None`: the whole prompt in one pass).
+    prefill_chunk: Option<usize>,
     block: usize,
     /// Index of the next step within the block (0 = `cur_step = N`).
     step: usize,
@@ -119,6 +124,8 @@ impl<N: NoiseSource> Generator<N> {
             sc: Vec::new(),
             have_sc: false,
             stopping,
+            prefilled: 0,
+            prefill_chunk: None,
             block: 0,
             step: 0,
             phase: Phase::Prefill,
@@ -134,8 +141,26 @@ impl<N: NoiseSource> Generator<N> {
         })
     }
 
+    /// Splits the prefill into encoder passes of at most `tokens` prompt tokens, one per
+    /// [`advance`](Self::advance), so that a scheduler can run other requests' passes between
+    /// the chunks of a long prompt (the cache is filled in order; the result is the same as one
+    /// pass wherever the backend's own chunking lines up, see `EngineOptions::prefill_chunk`).
+    /// `tokens` = 0 is refused.
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Result<Self, EngineError> {
+        if tokens == 0 {
+            return Err(EngineError::InvalidRequest("the prefill chunk must hold at least one token".into()));
+        }
+        self.prefill_chunk = Some(tokens);
+        Ok(self)
+    }
+
     pub fn settings(&self) -> &GenerationSettings {
         &self.settings
+    }
+
+    /// Prompt tokens still to encode (0 once the prefill is complete).
+    pub fn prefill_remaining(&self) -> usize {
+        self.prompt_len - self.prefilled
     }
 
     /// True once the last canvas has been committed.
@@ -170,11 +195,20 @@ impl<N: NoiseSource> Generator<N> {
         match self.phase {
             Phase::Done => Ok(Pass::None),
             Phase::Prefill => {
-                backend.reset();
+                if self.prefilled == 0 {
+                    backend.reset();
+                }
                 let t = Instant::now();
-                backend.encode(&self.ids)?;
-                self.stats.prefill_time = t.elapsed();
-                self.begin_block()?;
+                let end = match self.prefill_chunk {
+                    Some(chunk) => (self.prefilled + chunk).min(self.prompt_len),
+                    None => self.prompt_len,
+                };
+                backend.encode(&self.ids[self.prefilled..end])?;
+                self.prefilled = end;
+                self.stats.prefill_time += t.elapsed();
+                if self.prefilled == self.prompt_len {
+                    self.begin_block()?;
+                }
                 Ok(Pass::Encode)
             }
             Phase::Encode => {

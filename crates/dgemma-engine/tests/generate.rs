@@ -192,3 +192,38 @@ fn bad_requests_are_rejected() {
     assert!(err.to_string().contains("context of 20"), "{err}");
     assert!(b.encoded.is_empty(), "nothing may be encoded for a refused request");
 }
+
+#[test]
+fn a_chunked_prefill_fills_the_cache_in_order_one_pass_per_chunk() {
+    use dgemma_engine::generator::{Generator, Pass};
+    let prompt = [2u32, 5, 6, 7, 8];
+    let run = |chunk: Option<usize>| {
+        let mut b = Scripted::new(|_, p| 30 + p as u32);
+        let mut gen = Generator::seeded(&prompt, settings(2 * C), 9).unwrap();
+        if let Some(n) = chunk {
+            gen = gen.with_prefill_chunk(n).unwrap();
+        }
+        let mut passes = Vec::new();
+        let mut logits = Vec::new();
+        let mut rec = Record::default();
+        while !gen.is_done() {
+            let remaining = gen.prefill_remaining();
+            passes.push((gen.advance(&mut b, &mut logits, &mut rec).unwrap(), remaining));
+        }
+        (gen.into_generation().unwrap(), b.encoded, passes)
+    };
+    let (whole, whole_encoded, _) = run(None);
+    let (chunked, encoded, passes) = run(Some(2));
+    // The prompt goes in as [2, 5], [6, 7], [8] at positions 0, 2, 4, one pass each; then the
+    // canvases exactly as with a single prefill pass.
+    assert_eq!(&encoded[..3], &[(0, vec![2, 5]), (2, vec![6, 7]), (4, vec![8])]);
+    assert_eq!(&encoded[3..], &whole_encoded[1..]);
+    assert_eq!(whole_encoded[0], (0, prompt.to_vec()));
+    assert_eq!(passes[..4].iter().map(|p| p.1).collect::<Vec<_>>(), vec![5, 3, 1, 0]);
+    assert!(passes[..3].iter().all(|p| p.0 == Pass::Encode));
+    assert_eq!(passes[3].0, Pass::Denoise);
+    assert_eq!(chunked.ids, whole.ids);
+    assert_eq!(chunked.stats.steps_per_canvas, whole.stats.steps_per_canvas);
+    // A chunk of zero tokens is refused.
+    assert!(Generator::seeded(&prompt, settings(C), 9).unwrap().with_prefill_chunk(0).is_err());
+}

@@ -10,7 +10,10 @@ pub fn backend_error(msg: impl Into<String>) -> Error {
     Error::Backend { backend: NAME.into(), msg: msg.into() }
 }
 
-/// Converts a CUDA runtime error.
+/// Converts a CUDA runtime error (out of memory stays recognisable: [`Error::OutOfMemory`]).
 pub fn cuda(e: dgemma_cuda::CudaError) -> Error {
-    backend_error(e.to_string())
+    match e {
+        dgemma_cuda::CudaError::OutOfMemory { .. } => Error::OutOfMemory { backend: NAME.into(), msg: e.to_string() },
+        e => backend_error(e.to_string()),
+    }
 }

@@ -152,6 +152,8 @@ pub trait SharedBackend: Send + Sync {
     fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>>;
     /// The backend's sizes.
     fn options(&self) -> crate::GpuOptions;
+    /// Device bytes allocated so far, and what one more sequence takes.
+    fn memory(&self) -> (usize, usize);
 }
 
 impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
@@ -167,5 +169,10 @@ impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
 
     fn options(&self) -> crate::GpuOptions {
         lock(&self.inner).backend.options()
+    }
+
+    fn memory(&self) -> (usize, usize) {
+        let g = lock(&self.inner);
+        (g.backend.allocated_bytes(), g.backend.sequence_bytes())
     }
 }

@@ -63,6 +63,11 @@ pub enum Error {
     /// A backend (model executor) failed.
     #[error("{backend} backend: {msg}")]
     Backend { backend: String, msg: String },
+
+    /// A backend could not allocate device memory (the device is full, or the memory limit it
+    /// was given is reached). A server may queue the work and retry once memory is freed.
+    #[error("{backend} backend: {msg}")]
+    OutOfMemory { backend: String, msg: String },
 }
 
 fn list_errors(errors: &[Error]) -> String {

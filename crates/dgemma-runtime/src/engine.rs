@@ -4,11 +4,13 @@ use crate::error::{Result, RuntimeError};
 use dgemma_engine::{Generator, Pass};
 use dgemma_sampler::SeededNoise;
 use crate::request::{PreparedRequest, Prompt, Request};
-use dgemma::gpu::{GpuBackend, GpuExecutor, GpuOptions, SharedBackend, SharedModel};
+use dgemma::gpu::{Executor, GpuBackend, GpuExecutor, GpuOptions, SharedBackend, SharedModel};
 use dgemma_model::DeviceStepStatus;
 use dgemma_cpu::CpuBackend;
 use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats, Observer};
 use dgemma_model::checkpoint::Checkpoint;
+use dgemma_model::config::{ModelConfig, TextConfig};
+use dgemma_model::generation::GenerationConfig;
 use dgemma_model::tensor::DType;
 use dgemma_model::weights::ModelWeights;
 use dgemma_model::{Backend, Precision};
@@ -56,8 +58,20 @@ pub struct EngineOptions {
     /// longer requests are rejected. `None`: the model's context, capped at 8192.
     pub context: Option<usize>,
     /// [`BackendKind::Cuda`]: most requests whose denoising steps share one decoder pass (the
-    /// weights are read once for all of them). The vocab-wide buffers scale with it.
+    /// weights are read once for all of them). The workspace holds each batched canvas's bf16
+    /// logits (2 bytes per position and vocabulary entry: 134 MB for the 26B model), so it
+    /// grows with this.
     pub max_batch: usize,
+    /// Most prompt tokens a request encodes per scheduler round: a long prompt is prefilled in
+    /// chunks, and the other requests' denoising steps run between them, so a 32K-token prompt
+    /// delays them by one chunk's pass, not the whole prefill. On the CUDA backend a multiple
+    /// of its own encoder chunk (512) keeps the passes identical to an unchunked prefill.
+    pub prefill_chunk: usize,
+    /// [`BackendKind::Cuda`]: most bytes of device memory the engine allocates (weights,
+    /// workspace and every request's KV cache); `None`: as much as the device has. A request
+    /// whose KV cache does not fit waits in the queue until a running request frees its cache
+    /// (it fails only when nothing else is running, so it could never fit).
+    pub memory_limit: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +83,8 @@ impl Default for EngineOptions {
             cuda_device: 0,
             context: None,
             max_batch: 4,
+            prefill_chunk: 2048,
+            memory_limit: None,
         }
     }
 }
@@ -132,6 +148,15 @@ impl Event {
     }
 }
 
+/// Device memory of a GPU engine ([`Engine::device_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes allocated on the device now.
+    pub allocated: usize,
+    /// Bytes one more concurrent request's KV cache (and per-request state) takes.
+    pub per_request: usize,
+}
+
 /// Counters of an engine since it was loaded ([`Engine::stats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -146,9 +171,17 @@ pub struct EngineStats {
     pub queued: usize,
     /// Requests generating now.
     pub active: usize,
+    /// The most requests that were generating at once.
+    pub peak_active: usize,
     /// Backends (KV caches) built so far; at most `max_concurrent`, reused between requests.
     pub backends: usize,
+    /// Times admission stopped because a request's KV cache did not fit in device memory (the
+    /// request waited in the queue for a running one to finish).
+    pub memory_waits: u64,
     pub encoder_passes: u64,
+    /// Encoder passes that were prompt chunks (at most `prefill_chunk` tokens each; the rest
+    /// of `encoder_passes` encode committed canvases).
+    pub prefill_chunks: u64,
     /// Denoising steps run, counted per request (a batched pass counts each of its canvases).
     pub decoder_passes: u64,
     /// Decoder passes that served several requests' steps at once (GPU backends).
@@ -281,8 +314,9 @@ impl Drop for RequestHandle {
 /// The model, loaded once and shared by every request.
 struct Model {
     dir: PathBuf,
-    checkpoint: Checkpoint,
-    weights: ModelWeights,
+    /// The text config and the memory-mapped weights, for the CPU backend's per-request
+    /// backends (`None` on a GPU: the weights live on the device).
+    cpu: Option<(TextConfig, ModelWeights)>,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     defaults: GenerationSettings,
@@ -298,29 +332,61 @@ struct Slot {
 }
 
 impl Model {
-    /// A backend for one request. On the GPU this allocates a KV cache, which can fail (out
-    /// of memory): that fails the request, not the engine.
-    fn new_backend(&self) -> Result<Slot> {
+    /// A backend for one request. On the GPU this allocates a KV cache, which can fail: out
+    /// of memory is [`NoSlot::OutOfMemory`] (the scheduler queues the request until memory is
+    /// freed), anything else fails the request, never the engine.
+    fn new_backend(&self) -> std::result::Result<Slot, NoSlot> {
         match &self.gpu {
-            Some(gpu) => {
-                let (backend, seq) = gpu.sequence().map_err(|e| RuntimeError::Generation(e.to_string()))?;
-                Ok(Slot { backend, seq: Some(seq) })
-            }
+            Some(gpu) => match gpu.sequence() {
+                Ok((backend, seq)) => Ok(Slot { backend, seq: Some(seq) }),
+                Err(e @ dgemma_model::error::Error::OutOfMemory { .. }) => Err(NoSlot::OutOfMemory(e.to_string())),
+                Err(e) => Err(NoSlot::Failed(RuntimeError::Generation(e.to_string()))),
+            },
             // Cheap: the big matrices stay in the shared memory map (`TensorRef` holds an `Arc`
             // of it); only the norm and router vectors are widened to f32 per backend.
-            None => Ok(Slot {
-                backend: Box::new(CpuBackend::new(&self.checkpoint.config.text, &self.weights, self.precision)),
-                seq: None,
-            }),
+            None => {
+                let (text, weights) = self.cpu.as_ref().expect("a model without a GPU keeps its host weights");
+                Ok(Slot { backend: Box::new(CpuBackend::new(text, weights, self.precision)), seq: None })
+            }
         }
     }
 }
 
-/// Uploads the weights to GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`]
-/// (or to the emulator's memory for `BackendKind::Emulator`).
+/// Why [`Model::new_backend`] gave no backend.
+enum NoSlot {
+    /// The KV cache did not fit in the device memory (or the engine's memory limit).
+    OutOfMemory(String),
+    Failed(RuntimeError),
+}
+
+/// Refuses options no engine can run with.
+fn check_options(options: &EngineOptions) -> Result<()> {
+    let bad = |what: &str| Err(RuntimeError::InvalidOptions(what.into()));
+    if options.max_concurrent == 0 {
+        return bad("max_concurrent must be at least 1");
+    }
+    if options.prefill_chunk == 0 {
+        return bad("prefill_chunk must be at least 1 token");
+    }
+    if options.backend != BackendKind::Cpu && options.max_batch == 0 {
+        return bad("max_batch must be at least 1");
+    }
+    Ok(())
+}
+
+/// Where a GPU model's weights come from.
+enum GpuWeights<'a> {
+    /// A checkpoint's weights, uploaded.
+    Checkpoint(&'a ModelWeights),
+    /// Random weights of the config's shapes generated on the device from this seed.
+    Synthetic(u64),
+}
+
+/// Puts the weights on GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`] (or in
+/// the emulator's memory for `BackendKind::Emulator`).
 fn load_gpu(
-    checkpoint: &Checkpoint,
-    weights: &ModelWeights,
+    cfg: &ModelConfig,
+    weights: GpuWeights<'_>,
     precision: Precision,
     options: &EngineOptions,
 ) -> std::result::Result<Box<dyn SharedBackend>, String> {
@@ -330,7 +396,6 @@ fn load_gpu(
             precision.name()
         ));
     }
-    let cfg = &checkpoint.config;
     let context = options
         .context
         .unwrap_or(8192)
@@ -339,14 +404,27 @@ fn load_gpu(
     gpu_options.max_batch = options.max_batch.clamp(1, options.max_concurrent);
     #[cfg(feature = "emulator")]
     if options.backend == BackendKind::Emulator {
-        let exec = dgemma::gpu::EmuExecutor::new();
-        let backend = GpuBackend::new(exec, &cfg.text, weights, gpu_options, &mut |_, _| {}).map_err(|e| e.to_string())?;
-        return Ok(Box::new(SharedModel::new(backend)));
+        let mut exec = dgemma::gpu::EmuExecutor::new();
+        exec.set_memory_limit(options.memory_limit);
+        return build_gpu(exec, cfg, weights, gpu_options);
     }
     let device = dgemma::cuda::open_device(options.cuda_device).map_err(|e| e.to_string())?;
-    let backend = GpuBackend::new(GpuExecutor::new(device), &cfg.text, weights, gpu_options, &mut |_, _| {})
-        .map_err(|e| e.to_string())?;
-    Ok(Box::new(SharedModel::new(backend)))
+    let mut exec = GpuExecutor::new(device);
+    exec.set_memory_limit(options.memory_limit);
+    build_gpu(exec, cfg, weights, gpu_options)
+}
+
+fn build_gpu<X: Executor + Send + 'static>(
+    exec: X,
+    cfg: &ModelConfig,
+    weights: GpuWeights<'_>,
+    options: GpuOptions,
+) -> std::result::Result<Box<dyn SharedBackend>, String> {
+    let backend = match weights {
+        GpuWeights::Checkpoint(w) => GpuBackend::new(exec, &cfg.text, w, options, &mut |_, _| {}),
+        GpuWeights::Synthetic(seed) => GpuBackend::synthetic(exec, &cfg.text, seed, options, &mut |_, _| {}),
+    };
+    Ok(Box::new(SharedModel::new(backend.map_err(|e| e.to_string())?)))
 }
 
 struct Shared {
@@ -417,11 +495,7 @@ impl Engine {
     /// starts the scheduler thread.
     pub fn load(model_dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine> {
         let dir = model_dir.as_ref().to_path_buf();
-        if options.max_concurrent == 0 {
-            return Err(RuntimeError::InvalidOptions(
-                "max_concurrent must be at least 1".into(),
-            ));
-        }
+        check_options(&options)?;
         let load_err = |m: String| RuntimeError::Load {
             path: dir.clone(),
             message: m,
@@ -439,33 +513,52 @@ impl Engine {
                 DType::F32 => Precision::F32,
                 _ => Precision::Bf16,
             });
-        let mut defaults = GenerationSettings::from_checkpoint(
+        let defaults = GenerationSettings::from_checkpoint(
             &checkpoint.config,
             &checkpoint.generation,
             precision,
         );
-        let gpu = match options.backend {
-            BackendKind::Cpu => None,
+        let (cpu, gpu) = match options.backend {
+            BackendKind::Cpu => (Some((checkpoint.config.text.clone(), weights)), None),
             _ => {
-                if options.max_batch == 0 {
-                    return Err(RuntimeError::InvalidOptions("max_batch must be at least 1".into()));
-                }
-                let gpu = load_gpu(&checkpoint, &weights, precision, &options).map_err(load_err)?;
-                // Requests are validated against what a sequence's cache holds.
-                defaults.context_length = gpu.options().context;
-                Some(gpu)
+                let gpu = load_gpu(&checkpoint.config, GpuWeights::Checkpoint(&weights), precision, &options)
+                    .map_err(load_err)?;
+                // The weights are on the device now: the memory map is dropped.
+                (None, Some(gpu))
             }
         };
-        let model = Model {
-            dir,
-            checkpoint,
-            weights,
-            tokenizer,
-            template,
-            defaults,
-            precision,
-            gpu,
-        };
+        Engine::start(Model { dir, cpu, tokenizer, template, defaults, precision, gpu }, options)
+    }
+
+    /// An engine on random weights of the exact shapes of `config` (a config.json), generated
+    /// on the GPU: the full-size model without its checkpoint, for benchmarks of the serving
+    /// path (`dgemma bench --serve`). Its outputs mean nothing. `tokenizer_dir` holds the
+    /// tokenizer.json (and optional chat template) requests are tokenized and streamed with;
+    /// ids it does not know decode to nothing. GPU backends only (bf16), with transformers'
+    /// default generation settings.
+    pub fn load_synthetic(config: impl AsRef<Path>, tokenizer_dir: impl AsRef<Path>, seed: u64, options: EngineOptions) -> Result<Engine> {
+        let path = config.as_ref().to_path_buf();
+        check_options(&options)?;
+        if options.backend == BackendKind::Cpu {
+            return Err(RuntimeError::InvalidOptions("synthetic weights are generated on a GPU backend only".into()));
+        }
+        let load_err = |p: &Path, m: String| RuntimeError::Load { path: p.to_path_buf(), message: m };
+        let cfg = ModelConfig::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?;
+        let dir = tokenizer_dir.as_ref();
+        let tokenizer = Tokenizer::from_dir(dir).map_err(|e| load_err(dir, e.to_string()))?;
+        let template = ChatTemplate::from_dir(dir).map_err(|e| load_err(dir, e.to_string()))?;
+        let precision = options.precision.unwrap_or(Precision::Bf16);
+        let defaults = GenerationSettings::from_checkpoint(&cfg, &GenerationConfig::defaults_for(&cfg), precision);
+        let gpu = load_gpu(&cfg, GpuWeights::Synthetic(seed), precision, &options).map_err(|m| load_err(&path, m))?;
+        Engine::start(Model { dir: path, cpu: None, tokenizer, template, defaults, precision, gpu: Some(gpu) }, options)
+    }
+
+    /// Starts the scheduler thread on a loaded model.
+    fn start(mut model: Model, options: EngineOptions) -> Result<Engine> {
+        if let Some(gpu) = &model.gpu {
+            // Requests are validated against what a sequence's cache holds.
+            model.defaults.context_length = gpu.options().context;
+        }
         let shared = Arc::new(Shared {
             model,
             options,
@@ -645,6 +738,15 @@ impl Engine {
     }
 
     /// A snapshot of the engine's counters.
+    /// On a GPU backend: the device bytes allocated now (weights, workspace, the KV caches
+    /// built so far) and the bytes each further concurrent request's KV cache takes. `None` on
+    /// the CPU backend. Use it to size `memory_limit` / `max_concurrent`.
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        let gpu = self.shared.model.gpu.as_ref()?;
+        let (allocated, per_request) = gpu.memory();
+        Some(DeviceMemory { allocated, per_request })
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.shared.stats().clone()
     }
@@ -706,13 +808,17 @@ impl Active<'_> {
     /// One forward pass and the events it produced.
     fn step(&mut self, logits: &mut Vec<f32>, stats: &Mutex<EngineStats>) -> Outcome {
         let mut obs = self.collector();
+        let prefill = self.gen.prefill_remaining() > 0;
         let t = Instant::now();
         let pass = self.gen.advance(self.slot.backend.as_mut(), logits, &mut obs);
         {
             let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
             st.busy_time += t.elapsed();
             match pass {
-                Ok(Pass::Encode) => st.encoder_passes += 1,
+                Ok(Pass::Encode) => {
+                    st.encoder_passes += 1;
+                    st.prefill_chunks += u64::from(prefill);
+                }
                 Ok(Pass::Denoise) => st.decoder_passes += 1,
                 _ => {}
             }
@@ -861,6 +967,8 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
     // One logits buffer for every request: passes run one at a time on this thread.
     let mut logits: Vec<f32> = Vec::new();
     let mut shutdown = false;
+    // A KV cache allocation failed for lack of memory; cleared when a request leaves.
+    let mut memory_full = false;
 
     let stats = || shared.stats();
     'outer: loop {
@@ -898,14 +1006,16 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                 true
             }
         });
-        // Admission.
-        while active.len() < max {
+        // Admission (after an out-of-memory, only once a request has freed its cache).
+        while active.len() < max && !memory_full {
             let Some(job) = queue.pop_front() else { break };
             let gen = match Generator::seeded(
                 &job.prepared.prompt_ids,
                 job.prepared.settings.clone(),
                 job.prepared.seed,
-            ) {
+            )
+            .and_then(|g| g.with_prefill_chunk(shared.options.prefill_chunk))
+            {
                 Ok(g) => g,
                 Err(e) => {
                     // `submit` validated the request, so this is not expected; report it anyway.
@@ -925,7 +1035,21 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                         stats().backends += 1;
                         b
                     }
+                    // The device is full: wait for a running request to free its cache (the
+                    // request keeps its place at the head of the queue), unless nothing runs.
+                    Err(NoSlot::OutOfMemory(_)) if !active.is_empty() => {
+                        queue.push_front(job);
+                        stats().memory_waits += 1;
+                        memory_full = true;
+                        break;
+                    }
                     Err(e) => {
+                        let e = match e {
+                            NoSlot::OutOfMemory(msg) => RuntimeError::Generation(format!(
+                                "the request's KV cache does not fit even with no other request running: {msg}"
+                            )),
+                            NoSlot::Failed(e) => e,
+                        };
                         let _ = job.events.send(Event::Error(e));
                         let mut st = stats();
                         st.queued -= 1;
@@ -939,6 +1063,7 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                 let mut st = stats();
                 st.queued -= 1;
                 st.active += 1;
+                st.peak_active = st.peak_active.max(st.active);
             }
             active.push(Active {
                 job,
@@ -1001,6 +1126,7 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
             // Free the KV cache now and keep the (empty) backend for the next request.
             a.slot.backend.reset();
             free.push(a.slot);
+            memory_full = false;
             // swap_remove moved the last request to `i`: do not advance.
         }
     }

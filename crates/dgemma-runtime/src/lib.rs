@@ -53,7 +53,7 @@ mod error;
 mod request;
 
 pub use engine::{
-    BackendKind, CancelToken, Completion, Engine, EngineOptions, EngineStats, Event, RequestHandle,
+    BackendKind, DeviceMemory, CancelToken, Completion, Engine, EngineOptions, EngineStats, Event, RequestHandle,
     RequestStats,
 };
 pub use error::{Result, RuntimeError};

@@ -31,6 +31,29 @@ fn batched_requests_equal_their_solo_runs() {
         let engine = Engine::load(tiny(), options(1, 1)).unwrap();
         requests().into_iter().map(|r| engine.submit(r).unwrap().wait().unwrap().ids).collect()
     };
+    // What an engine of this size allocates at load (weights, workspace, one KV cache).
+    let memory = Engine::load(tiny(), options(3, 3)).unwrap().device_memory().expect("a GPU engine reports its memory");
+    // Memory for the weights, the workspace and one KV cache only: with room for 3 requests
+    // by count, admission waits for memory, so the requests run one after another, and each
+    // still gives its solo output.
+    {
+        assert!(memory.per_request > 0 && memory.allocated > memory.per_request, "{memory:?}");
+        let limit = memory.allocated + memory.per_request / 2;
+        let engine = Engine::load(tiny(), EngineOptions { memory_limit: Some(limit), ..options(3, 3) }).unwrap();
+        let handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
+        for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+            assert_eq!(&h.wait().unwrap().ids, want, "request {i} under the memory limit");
+        }
+        let st = engine.stats();
+        assert_eq!((st.completed, st.failed, st.backends, st.peak_active), (3, 0, 1, 1), "{st:?}");
+        assert!(st.memory_waits >= 1, "{st:?}");
+        assert!(engine.device_memory().unwrap().allocated <= limit);
+        // Below the weights, loading itself fails, naming the limit.
+        let e = Engine::load(tiny(), EngineOptions { memory_limit: Some(memory.per_request), ..options(1, 1) })
+            .err()
+            .expect("the weights do not fit");
+        assert!(e.to_string().contains("memory limit"), "{e}");
+    }
     let engine = Engine::load(tiny(), options(3, 3)).unwrap();
     let mut handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
     let mut with_drafts = handles.pop().unwrap();
@@ -54,4 +77,27 @@ fn batched_requests_equal_their_solo_runs() {
     let st = engine.stats();
     assert_eq!(st.completed, 3);
     assert!(st.batched_passes > 0 && st.largest_batch >= 2, "{st:?}");
+}
+
+/// An engine on synthetic weights of a config's shapes (the serving benchmark's model) runs
+/// requests like any other; it needs a GPU backend.
+#[test]
+fn synthetic_weights_serve_requests() {
+    let config = tiny().join("config.json");
+    let engine = Engine::load_synthetic(&config, tiny(), 7, options(2, 2)).unwrap();
+    let handles: Vec<_> = (0..2u32)
+        .map(|i| {
+            let r = Request::ids(vec![2, 10 + i, 20]).seed(i as u64).max_new_tokens(16).max_denoising_steps(3);
+            engine.submit(r).unwrap()
+        })
+        .collect();
+    for h in handles {
+        let done = h.wait().unwrap();
+        assert_eq!(done.ids.len(), 16);
+        assert!(done.ids.iter().all(|&id| (id as usize) < engine.default_settings().vocab_size));
+    }
+    assert_eq!(engine.stats().completed, 2);
+    let cpu = EngineOptions { backend: BackendKind::Cpu, ..Default::default() };
+    let e = Engine::load_synthetic(&config, tiny(), 7, cpu).err().unwrap();
+    assert!(e.to_string().contains("GPU backend only"), "{e}");
 }

@@ -355,3 +355,36 @@ fn dropping_the_engine_ends_running_requests_with_shutdown() {
     );
     assert!(matches!(queued.wait(), Err(RuntimeError::ShutDown)));
 }
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks_between_other_requests_passes() {
+    let engine = Engine::load(
+        tiny(),
+        EngineOptions {
+            max_concurrent: 2,
+            prefill_chunk: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // A 38-token prompt goes in as 10 chunks, one per round, while a 3-token one (1 chunk)
+    // denoises beside it; both still generate exactly their solo (one-pass prefill) output.
+    let long_prompt: Vec<u32> = (0..38).map(|i| 2 + (i * 7) % 200).collect();
+    let requests = [
+        Request::ids(vec![2, 5, 9]).seed(3).max_new_tokens(32).stop_ids(vec![]),
+        Request::ids(long_prompt).seed(4).max_new_tokens(16).stop_ids(vec![]),
+    ];
+    let handles: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+    for (req, h) in requests.iter().zip(handles) {
+        let done = h.wait().unwrap();
+        let (want, _) = solo(&engine.prepare(req).unwrap());
+        assert_eq!(done.ids, want.new_ids(), "{req:?}");
+        assert_eq!(done.stats.generation.steps_per_canvas, want.stats.steps_per_canvas);
+    }
+    let st = engine.stats();
+    assert_eq!(st.prefill_chunks, 10 + 1);
+    // Each request's committed canvases are re-encoded except its last: 2 + 1 canvases.
+    assert_eq!(st.encoder_passes, st.prefill_chunks + 1);
+    let e = Engine::load(tiny(), EngineOptions { prefill_chunk: 0, ..Default::default() }).err().unwrap();
+    assert!(e.to_string().contains("prefill_chunk must be at least 1"), "{e}");
+}

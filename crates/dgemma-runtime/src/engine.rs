@@ -318,6 +318,9 @@ struct Model {
     /// backends (`None` on a GPU: the weights live on the device).
     cpu: Option<(TextConfig, ModelWeights)>,
     tokenizer: Tokenizer,
+    /// Whether committed canvases are decoded to text: false only for a synthetic model whose
+    /// vocabulary is larger than the tokenizer's (its ids mean nothing; events carry no text).
+    decode_text: bool,
     template: Option<ChatTemplate>,
     defaults: GenerationSettings,
     precision: Precision,
@@ -527,14 +530,15 @@ impl Engine {
                 (None, Some(gpu))
             }
         };
-        Engine::start(Model { dir, cpu, tokenizer, template, defaults, precision, gpu }, options)
+        Engine::start(Model { dir, cpu, tokenizer, decode_text: true, template, defaults, precision, gpu }, options)
     }
 
     /// An engine on random weights of the exact shapes of `config` (a config.json), generated
     /// on the GPU: the full-size model without its checkpoint, for benchmarks of the serving
     /// path (`dgemma bench --serve`). Its outputs mean nothing. `tokenizer_dir` holds the
-    /// tokenizer.json (and optional chat template) requests are tokenized and streamed with;
-    /// ids it does not know decode to nothing. GPU backends only (bf16), with transformers'
+    /// tokenizer.json (and optional chat template) requests are tokenized with; when the
+    /// model's vocabulary is larger than the tokenizer's, committed canvases are not decoded
+    /// (events carry the ids and empty text). GPU backends only (bf16), with transformers'
     /// default generation settings.
     pub fn load_synthetic(config: impl AsRef<Path>, tokenizer_dir: impl AsRef<Path>, seed: u64, options: EngineOptions) -> Result<Engine> {
         let path = config.as_ref().to_path_buf();
@@ -550,7 +554,9 @@ impl Engine {
         let precision = options.precision.unwrap_or(Precision::Bf16);
         let defaults = GenerationSettings::from_checkpoint(&cfg, &GenerationConfig::defaults_for(&cfg), precision);
         let gpu = load_gpu(&cfg, GpuWeights::Synthetic(seed), precision, &options).map_err(|m| load_err(&path, m))?;
-        Engine::start(Model { dir: path, cpu: None, tokenizer, template, defaults, precision, gpu: Some(gpu) }, options)
+        let decode_text = tokenizer.vocab_size() >= cfg.text.vocab_size;
+        let model = Model { dir: path, cpu: None, tokenizer, decode_text, template, defaults, precision, gpu: Some(gpu) };
+        Engine::start(model, options)
     }
 
     /// Starts the scheduler thread on a loaded model.
@@ -790,7 +796,8 @@ struct Active<'m> {
     job: Job,
     gen: Generator<SeededNoise>,
     slot: Slot,
-    decoder: StreamDecoder<'m>,
+    /// The text decoder (None: the model does not decode text, see `Model::decode_text`).
+    decoder: Option<StreamDecoder<'m>>,
     text: String,
     admitted: Instant,
     /// What this round's batched device step did for this request (then it skips its own pass).
@@ -880,12 +887,15 @@ impl Active<'_> {
         }
         let last = obs.canvases.len().saturating_sub(1);
         for (i, (index, ids)) in obs.canvases.into_iter().enumerate() {
-            let text = self.decoder.push(&ids).and_then(|mut t| {
-                if self.gen.is_done() && i == last {
-                    t.push_str(&self.decoder.finish()?);
-                }
-                Ok(t)
-            });
+            let text = match self.decoder.as_mut() {
+                None => Ok(String::new()),
+                Some(decoder) => decoder.push(&ids).and_then(|mut t| {
+                    if self.gen.is_done() && i == last {
+                        t.push_str(&decoder.finish()?);
+                    }
+                    Ok(t)
+                }),
+            };
             let text = match text {
                 Ok(t) => t,
                 Err(e) => {
@@ -1058,7 +1068,9 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                     }
                 },
             };
-            let decoder = StreamDecoder::new(&model.tokenizer, job.prepared.skip_special_tokens);
+            let decoder = model
+                .decode_text
+                .then(|| StreamDecoder::new(&model.tokenizer, job.prepared.skip_special_tokens));
             {
                 let mut st = stats();
                 st.queued -= 1;

@@ -95,8 +95,39 @@ fn synthetic_weights_serve_requests() {
         let done = h.wait().unwrap();
         assert_eq!(done.ids.len(), 16);
         assert!(done.ids.iter().all(|&id| (id as usize) < engine.default_settings().vocab_size));
+        assert_eq!(done.text, engine.tokenizer().decode(&done.ids, true).unwrap());
     }
     assert_eq!(engine.stats().completed, 2);
+
+    // A tokenizer smaller than the model's vocabulary (the 26B shapes with the bundled tiny
+    // tokenizer, in `dgemma bench --serve`): the ids are not decoded, the events carry no text.
+    let dir = std::env::temp_dir().join(format!("dgemma-small-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "a": 4},
+                      "unk_token": "<unk>"}}"#,
+    )
+    .unwrap();
+    let small = Engine::load_synthetic(&config, &dir, 7, options(1, 1)).unwrap();
+    let mut h = small.submit(Request::ids(vec![2, 4]).seed(1).max_new_tokens(16).max_denoising_steps(2)).unwrap();
+    let mut canvases = 0;
+    while let Some(event) = h.next_event() {
+        match event {
+            dgemma_runtime::Event::Canvas { ids, text, .. } => {
+                assert_eq!(ids.len(), 16);
+                assert_eq!(text, "", "a synthetic model's ids past the tokenizer are not decoded");
+                canvases += 1;
+            }
+            dgemma_runtime::Event::Finished(done) => assert_eq!((done.ids.len(), done.text.as_str()), (16, "")),
+            dgemma_runtime::Event::Draft { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(canvases, 1);
+    std::fs::remove_dir_all(&dir).ok();
     let cpu = EngineOptions { backend: BackendKind::Cpu, ..Default::default() };
     let e = Engine::load_synthetic(&config, tiny(), 7, cpu).err().unwrap();
     assert!(e.to_string().contains("GPU backend only"), "{e}");

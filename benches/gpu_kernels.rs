@@ -53,6 +53,14 @@ fn bf16s(exec: &mut GpuExecutor, n: usize, scale: f32, seed: u64, what: &str) ->
     region_with(exec, 2 * n, &bf16_pattern((1 << 20) - 3, scale, seed), what)
 }
 
+/// `n` e4m3 codes (FP8 expert weights): random finite codes of either sign (never the NaN codes
+/// 0x7f / 0xff), from a repeating pattern of an odd length.
+fn e4m3s(exec: &mut GpuExecutor, n: usize, seed: u64, what: &str) -> Region {
+    let mut rng = Rng::new(seed);
+    let pattern: Vec<u8> = (0..(1 << 20) - 3).map(|_| rng.below(0x7e) as u8 | if rng.below(2) == 1 { 0x80 } else { 0 }).collect();
+    region_with(exec, n, &pattern, what)
+}
+
 /// An output buffer of `bytes` (its contents are overwritten).
 fn out(exec: &mut GpuExecutor, bytes: usize, what: &str) -> Region {
     exec.alloc(bytes, what).unwrap_or_else(|e| panic!("{what}: {e}"))
@@ -240,6 +248,9 @@ fn cases(
                 causal: bool,
                 win: Option<usize>| {
         let pairs = visible_pairs(q_len, kv_len, q_pos0, k_pos0, causal, if causal { win } else { None });
+        // The least bytes: q, k and v read once, out written once (a split's fp32 partials stay
+        // in L2 mostly and are not counted). FLOPs: the useful 4 x pairs x d per head (QK^T and
+        // P.V); the kernel's exact max recomputes QK^T, so it executes 1.5x this.
         let bytes = 2.0 * (2 * q_len * heads * d + 2 * kv_len * kv_heads * d) as f64;
         let flops = 4.0 * pairs * (d * heads) as f64;
         case(Figure::new(label, bytes, flops), move |x| {
@@ -247,19 +258,23 @@ fn cases(
             let (kk, vv) =
                 (bf16s(x, kv_len * kv_heads * d, 1.0, 19, "k"), bf16s(x, kv_len * kv_heads * d, 1.0, 20, "v"));
             let o = out(x, 2 * q_len * heads * d, "out");
-            launch(ops::plan_attention(
+            let scratch_len = ops::attention_scratch_len(&spec, q_len).unwrap_or_else(|e| panic!("{e}"));
+            let scratch = out(x, 4 * scratch_len.max(1), "attention scratch");
+            let plans = ops::plan_attention(
                 &spec,
                 q.b16(),
                 kk.b16(),
                 vv.b16(),
                 o.b16(),
+                Some(scratch.b32()),
                 q_len,
                 kv_len,
                 kv_len,
                 q_pos0,
                 k_pos0,
                 win,
-            ))
+            );
+            plans.unwrap_or_else(|e| panic!("planning a launch: {e}")).into_iter().map(Step::Launch).collect()
         })
     };
     let (sd, skv) = (text.head_dim, text.num_key_value_heads);
@@ -411,6 +426,36 @@ fn cases(
             },
         ));
     }
+    // The same two GEMMs on FP8 experts (e4m3 codes and one fp32 scale per row: half the weight
+    // bytes), weight-only: dequantised while staged, the same fp32 SIMT math.
+    for down in [false, true] {
+        let (offsets, sorted) = (offsets.clone(), sorted.clone());
+        let (n, kk, name) = if down { (h, moe, "down") } else { (2 * moe, h, "gate_up_geglu") };
+        let (x_rows, out_cols) = if down { (pairs, h) } else { (m, moe) };
+        v_cases.push(case(
+            Figure::new(
+                format!("grouped_gemm.{name}.e4m3.n{n}.k{kk}.tokens{m}.top{top_k}"),
+                (2 * (x_rows * kk + pairs * out_cols) + used * n * kk + 4 * used * n + 4 * (pairs + e + 1)) as f64,
+                2.0 * (pairs * n * kk) as f64,
+            ),
+            move |x| {
+                let a = bf16s(x, x_rows * kk, 2.0, 34, "x");
+                let codes = e4m3s(x, e * n * kk, 35, "experts (e4m3)");
+                let scales: Vec<f32> = (0..e * n).map(|i| 0.03 / 448.0 * (1.0 + 0.01 * (i % 13) as f32)).collect();
+                let sc = region_of(x, &scales, "expert scales");
+                let sp = ops::SortedPairs {
+                    offsets: region_of(x, &offsets, "offsets").b32(),
+                    sorted: region_of(x, &sorted, "sorted").b32(),
+                };
+                let o = out(x, 2 * pairs * out_cols, "out");
+                launch(if down {
+                    ops::plan_grouped_gemm_down_fp8(&k.experts_down_fp8, a.b16(), sp, codes.buf(1), sc.b32(), o.b16(), r)
+                } else {
+                    ops::plan_grouped_gemm_geglu_fp8(&k.experts_gate_up_fp8, a.b16(), sp, codes.buf(1), sc.b32(), o.b16(), r)
+                })
+            },
+        ));
+    }
     v_cases.push(case(
         Figure::new(
             format!("grouped_gemm.down.n{h}.k{moe}.tokens{m}.top{top_k}"),
@@ -440,10 +485,17 @@ fn cases(
     ));
 
     // ---- Self-conditioning: softmax(bf16(P)) [256, V] @ E [V, H], P recomputed from the logits
+    // (the device path: cap 30, T from the params buffer). Three launches: the probabilities into
+    // a [256, V] bf16 scratch, the split-K tensor-core GEMM into fp32 partial sums, the fixed-order
+    // reduction. Bytes: the logits read, pr written and read once (the GEMM's column tiles of a
+    // split share it through L2), E read once, the partial sums written and read, the output
+    // written, the statistics read.
+    let Op::SoftEmbedding(se) = k.soft_embedding.op else { unreachable!("the soft embedding's GEMM spec") };
+    let splits = se.splits as usize;
     v_cases.push(case(
         Figure::new(
             format!("soft_embedding.h{h}.v{v}.rows{m}"),
-            2.0 * (m * v + v * h + m * h) as f64,
+            (2 * (3 * m * v + v * h + m * h) + 4 * 2 * splits * m * h + 8 * m) as f64,
             2.0 * (m * v * h) as f64,
         ),
         move |x| {
@@ -452,8 +504,22 @@ fn cases(
             // Statistics of a flat row: max 8, 1 / sum over V entries of about exp(-4).
             let stats: Vec<f32> = (0..m).flat_map(|_| [8.0f32, (-4.0f32).exp().recip() / v as f32]).collect();
             let st = region_of(x, &stats, "sc stats");
-            let lx = ops::ProcessedLogits { logits: l.b16(), cap: 0.0, params: None };
-            launch(ops::plan_soft_embedding(&k.soft_embedding, lx, st.b32(), t.b16(), o.b16(), 53.0, m))
+            let params = SamplerParams {
+                seed: 11,
+                block: 1,
+                step: 5,
+                temperature: 0.8,
+                entropy_bound: 0.1,
+                confidence_threshold: 0.005,
+                stability_threshold: 1,
+            };
+            let p = region_of(x, &params.to_words(), "params");
+            let lx = ops::ProcessedLogits { logits: l.b16(), cap: 30.0, params: Some(p.b32()) };
+            let (np, nq) = ops::soft_embedding_scratch(&k.soft_embedding, m).unwrap_or_else(|e| panic!("{e}"));
+            let scratch =
+                ops::SoftEmbeddingScratch { probs: out(x, 2 * np, "probs").b16(), partials: out(x, 4 * nq, "partials").b32() };
+            let plans = ops::plan_soft_embedding(&k.soft_embedding, lx, st.b32(), t.b16(), scratch, o.b16(), 53.0, m);
+            plans.unwrap_or_else(|e| panic!("planning a launch: {e}")).into_iter().map(Step::Launch).collect()
         },
     ));
 

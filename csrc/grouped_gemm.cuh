@@ -11,6 +11,15 @@
 // (E = num_experts). Expert weights are one tensor [E, N, K], PyTorch layout (row n of expert e
 // at (e * N + n) * K).
 //
+// Weight formats (template parameter W; codegen's GroupedGemm::weights):
+//   WeightBf16: bf16 weights, used as they are.
+//   WeightE4m3: FP8 E4M3 codes (fp8.cuh) with one fp32 scale per output row, w_scale[e * N + n]:
+//               weight-only FP8. Each weight is dequantised while it is staged into shared memory,
+//               W[e][n][k] = bf16(f32(code) * w_scale[e * N + n]) (one fp32 product, then the bf16
+//               rounding of any weight of the bf16 model): exactly the CPU backend's FP8 expert
+//               matrices (crates/dgemma-cpu/src/weights.rs, Fp8Matrix, bf16 mode), so everything
+//               below, bit-identical dots included, holds for both formats.
+//
 // grouped_gemm_sorted<GEGLU = true> (gate_up projection + GeGLU), N = 2 * moe_width, gate rows
 // first, K = hidden, input x [tokens, K] (row t = pair / top_k):
 //   g = bf16(x[t] . W[e][c]);  u = bf16(x[t] . W[e][N/2 + c])          fp32 dot, bf16 store
@@ -52,13 +61,17 @@
 // The k past K in the last step (K % KT != 0, the tiny test models) are zero-filled: they add
 // +0 to the lanes, which changes nothing but the sign of a lane that is exactly -0.
 //
-// Limits: K % 8 == 0 (16-byte loads of 8 bf16, the CPU dot without a tail; x / act and W must be
-// 16-byte aligned, checked by the plan functions), ROWS % 4 == 0, WROWS % 2 == 0, and
+// Limits: K % 8 == 0 (16-byte loads of 8 bf16 or 8-byte loads of 8 e4m3 codes, the CPU dot without
+// a tail; x / act and bf16 W must be 16-byte aligned, e4m3 W 8-byte and w_scale 4-byte aligned,
+// checked by the plan functions), ROWS % 4 == 0, WROWS % 2 == 0, and
 // (ROWS / 4) * (WROWS / 2) threads (codegen's GroupedGemm::validate). With ROWS 32 and 64 weight
 // rows: 256 threads, 26 KiB of shared memory, about 140 registers per thread (ptxas, sm_90a and
 // sm_120; no spills), so one block per SM at a time: occupancy is the first thing to tune on a GPU.
+// The e4m3 kernels of the 26B shapes: 139-141 registers on sm_90a without spills; on sm_120 ptxas
+// caps them at 128 with 8-24 bytes of spills (nvcc 13.0), plus 256 bytes of shared row scales.
 #pragma once
 #include "common.cuh"
+#include "fp8.cuh"
 
 namespace dgemma {
 
@@ -79,6 +92,32 @@ __device__ __forceinline__ void widen_bf16x8(const uint4& q, F32x4& lo, F32x4& h
     hi.z = __uint_as_float(q.w << 16);
     hi.w = __uint_as_float(q.w & 0xffff0000u);
 }
+
+// The expert weight formats (see the top of the file): the element type in memory, the vector
+// of 8 weights read at once, and its widening to fp32 (`scale`: the row's scale, if any).
+struct WeightBf16 {
+    using T = bf16;
+    using Vec = uint4;
+    static constexpr bool SCALED = false;
+    __device__ static __forceinline__ void widen(const Vec& q, float, F32x4& lo, F32x4& hi) { widen_bf16x8(q, lo, hi); }
+};
+
+struct WeightE4m3 {
+    using T = e4m3;
+    using Vec = uint2;
+    static constexpr bool SCALED = true;
+    __device__ static __forceinline__ void widen(const Vec& q, float scale, F32x4& lo, F32x4& hi)
+    {
+        lo.x = dequant_e4m3(q.x & 0xffu, scale);
+        lo.y = dequant_e4m3((q.x >> 8) & 0xffu, scale);
+        lo.z = dequant_e4m3((q.x >> 16) & 0xffu, scale);
+        lo.w = dequant_e4m3(q.x >> 24, scale);
+        hi.x = dequant_e4m3(q.y & 0xffu, scale);
+        hi.y = dequant_e4m3((q.y >> 8) & 0xffu, scale);
+        hi.z = dequant_e4m3((q.y >> 16) & 0xffu, scale);
+        hi.w = dequant_e4m3(q.y >> 24, scale);
+    }
+};
 
 // acc[l] += a[l] * b[l] for the four lanes of a product group (lanes 0-3 or 4-7 of a dot).
 __device__ __forceinline__ void fma4(float* acc, const F32x4& a, const F32x4& b)
@@ -118,12 +157,12 @@ __device__ __forceinline__ void grouped_tile_fma(float (&acc)[4][2][8], const F3
     }
 }
 
-template <int N, int K, bool GEGLU, int ROWS, int COLS>
+template <int N, int K, bool GEGLU, int ROWS, int COLS, typename W = WeightBf16>
 __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* sorted, const int* offsets,
-                                                    const bf16* w, bf16* out, int tokens, int top_k,
-                                                    int num_experts)
+                                                    const typename W::T* w, const float* w_scale, bf16* out,
+                                                    int tokens, int top_k, int num_experts)
 {
-    static_assert(K % 8 == 0, "16-byte loads of 8 bf16 along K; the CPU dot's 8 lanes without a tail");
+    static_assert(K % 8 == 0, "loads of 8 weights along K; the CPU dot's 8 lanes without a tail");
     static_assert(!GEGLU || N % 2 == 0, "gate rows then up rows");
     static_assert(ROWS % 4 == 0 && COLS % 2 == 0, "4 x 2 register tiles");
     constexpr int OUT_COLS = GEGLU ? N / 2 : N;     // output row width
@@ -139,6 +178,7 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
     __shared__ F32x4 ws[WROWS][PAD_KQ];
     __shared__ int pair_s[ROWS]; // the chunk's pairs (-1 past its end)
     __shared__ int row_s[ROWS];  // their input rows
+    __shared__ float wscale_s[W::SCALED ? WROWS : 1]; // the tile's weight rows' scales
 
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
     const int e = blockIdx.x;
@@ -159,7 +199,7 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
         return;
     }
 
-    const bf16* we = w + (size_t)e * N * K;
+    const typename W::T* we = w + (size_t)e * N * K;
     const int in_div = GEGLU ? top_k : 1; // GeGLU reads token rows, the down projection pair rows
     // Weight row of tile row j (-1: past the last column).
     auto weight_row = [&](int j) -> int {
@@ -169,6 +209,18 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
         }
         const int c = c0 + j;
         return c < N ? c : -1;
+    };
+    // The scales of the tile's weight rows, fixed for the block (0 past the last column, whose
+    // codes are zero-filled); visible after the first chunk's barrier.
+    if constexpr (W::SCALED) {
+        for (int j = tid; j < WROWS; j += THREADS) {
+            const int row = weight_row(j);
+            wscale_s[j] = row >= 0 ? w_scale[(size_t)e * N + row] : 0.0f;
+        }
+    }
+    auto row_scale = [&](int j) -> float {
+        if constexpr (W::SCALED) return wscale_s[j];
+        else return 1.0f;
     };
 
     for (int chunk = begin; chunk < end; chunk += ROWS) {
@@ -181,7 +233,8 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
         __syncthreads();
         const int groups = (n + TY - 1) / TY; // pair groups i with a pair (block-uniform)
 
-        uint4 px[XL], pw[WL];
+        uint4 px[XL];
+        typename W::Vec pw[WL];
         auto load = [&](int k0) {
 #pragma unroll
             for (int l = 0; l < XL; ++l) {
@@ -193,10 +246,11 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
 #pragma unroll
             for (int l = 0; l < WL; ++l) {
                 const int v = tid + l * THREADS, j = v / (KT / 8), k = k0 + (v % (KT / 8)) * 8;
-                pw[l] = uint4{0, 0, 0, 0};
+                pw[l] = typename W::Vec{};
                 if (v < WV) {
                     const int row = weight_row(j);
-                    if (row >= 0 && k < K) pw[l] = *reinterpret_cast<const uint4*>(we + (size_t)row * K + k);
+                    if (row >= 0 && k < K)
+                        pw[l] = *reinterpret_cast<const typename W::Vec*>(we + (size_t)row * K + k);
                 }
             }
         };
@@ -218,7 +272,7 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
 #pragma unroll
             for (int l = 0; l < WL; ++l) {
                 const int v = tid + l * THREADS, j = v / (KT / 8), kv = (v % (KT / 8)) * 2;
-                if (v < WV) widen_bf16x8(pw[l], ws[j][kv], ws[j][kv + 1]);
+                if (v < WV) W::widen(pw[l], row_scale(j), ws[j][kv], ws[j][kv + 1]);
             }
             __syncthreads();
             if (k0 + KT < K) load(k0 + KT); // in flight during the FMAs below
@@ -253,6 +307,16 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
         }
         __syncthreads(); // pair_s is rewritten by the next chunk
     }
+}
+
+// The bf16-weight form without a scale argument (the signature of the bf16 kernels).
+template <int N, int K, bool GEGLU, int ROWS, int COLS>
+__device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* sorted, const int* offsets,
+                                                    const bf16* w, bf16* out, int tokens, int top_k,
+                                                    int num_experts)
+{
+    grouped_gemm_sorted<N, K, GEGLU, ROWS, COLS, WeightBf16>(x, sorted, offsets, w, nullptr, out, tokens, top_k,
+                                                             num_experts);
 }
 
 // out[t, c] = bf16(sum_j y[t * top_k + j, c] * weights[t * top_k + j]) in slot order (fp32), NaN

@@ -18,7 +18,7 @@
 // contiguous bf16 pair of W's row n, so both operands load straight from row-major memory
 // (x rows, W rows) with 32-bit loads: load_frag_a / load_frag_b below, given a pointer to the
 // fragment's first element and the leading dimension in elements (even, so every pair is
-// 4-byte aligned). No ldmatrix.
+// 4-byte aligned), with no ldmatrix.
 //
 // Numerics: the products of two bf16 values are exact in fp32; the tensor core sums them into
 // the fp32 accumulator (on the GPU in an internal order and precision of its own; the emulator
@@ -27,11 +27,23 @@
 //
 // Staging: Stage<ROWS, BK, THREADS> moves a ROWS x BK bf16 tile of a row-major matrix from global
 // memory into registers (16-byte loads; rows and k past the matrix's end read as zeros) and then
-// into shared memory, so a K loop can fetch tile k+1 while the tensor cores work on tile k.
+// into shared memory, so a K loop can fetch tile k+1 while the tensor cores work on tile k;
+// fetch_rows does the same for a tile whose rows are gathered (attention's GQA-packed queries,
+// the KV ring's rows); prefetch_l2 requests a later tile into L2 without using registers.
+//
+// ldmatrix path (for tiles stored unpadded and swizzled in shared memory, and for a B operand
+// stored [K, N] row-major, e.g. the embedding table, whose k pairs are not contiguous):
+// ldmatrix_x4 / ldmatrix_x4_trans (ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16) load four
+// 8x8 bf16 matrices per instruction; Swizzle<COLS> places the 16-byte chunks of a tile row so
+// that neither the staging stores nor an ldmatrix phase (8 rows, one chunk each) conflict on
+// banks; Stage::store_swizzled writes a tile that way; load_frag_a_sw (A, row-major [M, K] tile)
+// and load_frag_b_pair_trans (two n8 B fragments from a [K, N] tile, transposed by ldmatrix) read
+// it back in the fragment layouts above.
 //
 // Emulator: under DGEMMA_EMULATOR (defined by crates/dgemma-cuda/emu/cuda_emu.hpp)
-// mma_bf16_16816 calls emu::mma_bf16_16816, a warp-collective implementation of the same layout
-// (every lane must take part, as with .aligned on the GPU).
+// mma_bf16_16816 and the ldmatrix loads call emu::mma_bf16_16816 / emu::ldmatrix_x4,
+// warp-collective implementations of the same layouts (every lane must take part, as with
+// .aligned on the GPU).
 #pragma once
 #include "common.cuh"
 
@@ -81,6 +93,19 @@ __device__ __forceinline__ FragB load_frag_b(const bf16* w, int ld)
     return f;
 }
 
+// B[k][n] = b[k * ld + n] for k in 0..15, n in 0..7: a k-major operand (row-major [K, N], e.g. V
+// in attention's P.V, whose rows are keys). A register pairs two k, which are ld elements apart
+// here, so each is gathered from two 16-bit loads (ldmatrix.trans would do it in one).
+__device__ __forceinline__ FragB load_frag_b_kmajor(const bf16* b, int ld)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned short* p = reinterpret_cast<const unsigned short*>(b + 2 * t * ld + g);
+    FragB f;
+    f.r[0] = (unsigned)p[0] | ((unsigned)p[ld] << 16);
+    f.r[1] = (unsigned)p[8 * ld] | ((unsigned)p[9 * ld] << 16);
+    return f;
+}
+
 // d += a * b (fp32 accumulation). Warp-collective: all 32 lanes, converged.
 __device__ __forceinline__ void mma_bf16_16816(FragC& d, const FragA& a, const FragB& b)
 {
@@ -102,6 +127,28 @@ __device__ __forceinline__ void store_bf16_pair(bf16* p, float lo, float hi)
 {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(lo, hi);
 }
+
+// The placement of the 16-byte chunks (8 bf16) of a shared-memory tile with unpadded rows of COLS
+// elements: chunk c of row r is stored at chunk c ^ f(r) of the same row, f(r) = (r / L) % S with
+// S = min(COLS / 8, 8) chunks permuted per 128-byte line and L = 8 / S rows per line. Shared
+// memory has 32 banks of 4 bytes, i.e. eight 16-byte bank groups per 128 bytes: an ldmatrix
+// phase reads one chunk from each of 8 consecutive rows (from a multiple of 8), and eight
+// consecutive threads of a staging store write 8 consecutive chunks; with the XOR both land in
+// 8 distinct bank groups (no conflict), where unpadded rows of 64 bytes or more would put all 8
+// rows of a phase in the same group.
+template <int COLS>
+struct Swizzle {
+    static constexpr int CHUNKS = COLS / 8;
+    static_assert(COLS % 8 == 0 && CHUNKS >= 2 && (CHUNKS & (CHUNKS - 1)) == 0,
+                  "a swizzled row is a power of two of at least two 16-byte chunks");
+    static constexpr int SPAN = CHUNKS < 8 ? CHUNKS : 8;
+    static constexpr int ROWS_PER_LINE = 8 / SPAN;
+    // Element offset of the chunk holding (row, col), col a multiple of 8.
+    __device__ static __forceinline__ int at(int row, int col)
+    {
+        return row * COLS + 8 * ((col >> 3) ^ ((row / ROWS_PER_LINE) & (SPAN - 1)));
+    }
+};
 
 // A ROWS x BK tile of a row-major bf16 matrix [row_end.., ld], staged global -> registers ->
 // shared memory in 16-byte chunks (8 elements). Chunk c of the tile is row c / (BK / 8), elements
@@ -130,6 +177,39 @@ struct Stage {
         }
     }
 
+    // As fetch, for a tile whose rows are not evenly spaced: tile row i is the matrix row r =
+    // row0 + i, which starts at `row(r)` (16-byte aligned); rows outside [row_begin, row_end) and
+    // k >= k_end read as zero and `row` is not called for them (row0 may be below row_begin).
+    template <class RowPtr>
+    __device__ __forceinline__ void fetch_rows(RowPtr row, int row0, int row_begin, int row_end, int k0, int k_end)
+    {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            const int r = row0 + c / CHUNKS_PER_ROW, k = k0 + 8 * (c % CHUNKS_PER_ROW);
+            if (c < CHUNKS && r >= row_begin && r < row_end && k < k_end)
+                v[i] = *reinterpret_cast<const uint4*>(row(r) + k);
+            else
+                v[i] = uint4{0u, 0u, 0u, 0u};
+        }
+    }
+
+    // The chunks fetch() would read for the same arguments, requested into L2 (prefetch.global.L2:
+    // a hint without a result, so a later fetch() finds them there instead of waiting on HBM;
+    // nothing in the emulator).
+    __device__ __forceinline__ void prefetch_l2(const bf16* src, int ld, int row0, int row_end, int k0, int k_end) const
+    {
+#if !defined(DGEMMA_EMULATOR) && defined(__CUDA_ARCH__)
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            const int r = row0 + c / CHUNKS_PER_ROW, k = k0 + 8 * (c % CHUNKS_PER_ROW);
+            if (c < CHUNKS && r < row_end && k < k_end)
+                asm volatile("prefetch.global.L2 [%0];\n" ::"l"(src + (size_t)r * ld + k));
+        }
+#endif
+    }
+
     // Into shared memory `dst`: ROWS rows of leading dimension `lds` (a multiple of 8 elements).
     __device__ __forceinline__ void store(bf16* dst, int lds) const
     {
@@ -140,6 +220,120 @@ struct Stage {
                 *reinterpret_cast<uint4*>(dst + (c / CHUNKS_PER_ROW) * lds + 8 * (c % CHUNKS_PER_ROW)) = v[i];
         }
     }
+
+    // Into shared memory `dst` (16-byte aligned): ROWS unpadded rows of BK elements, chunks placed
+    // by Swizzle<BK> (read back with load_frag_a_sw / load_frag_b_pair_trans).
+    __device__ __forceinline__ void store_swizzled(bf16* dst) const
+    {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            if (c < CHUNKS)
+                *reinterpret_cast<uint4*>(dst + Swizzle<BK>::at(c / CHUNKS_PER_ROW, 8 * (c % CHUNKS_PER_ROW))) = v[i];
+        }
+    }
 };
+
+// ---------------------------------------------------------------------------------------------
+// ldmatrix
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16. Lane l passes `row`, the address in shared
+// memory of row l % 8 of matrix l / 8 (8 contiguous bf16, 16-byte aligned). With g = lane >> 2,
+// t = lane & 3 and M_q[i][j] element j of row i of matrix q, register q receives
+//   ldmatrix_x4:        M_q[g][2t], M_q[g][2t+1]        (the A / B fragment register layout)
+//   ldmatrix_x4_trans:  M_q[2t][g], M_q[2t+1][g]        (the same of the transposed matrix)
+// the first in the low 16 bits. Warp-collective: all 32 lanes, converged.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16* row)
+{
+#if defined(DGEMMA_EMULATOR)
+    emu::ldmatrix_x4(r, row, false);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    trap_wrong_arch();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16* row)
+{
+#if defined(DGEMMA_EMULATOR)
+    emu::ldmatrix_x4(r, row, true);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    trap_wrong_arch();
+#endif
+}
+
+// A[row0..row0+15][k0..k0+15] (k0 a multiple of 16) from a swizzled tile of COLS-element rows
+// holding A row-major (k along the row): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+// (rows 0-7, k 8-15), (rows 8-15, k 8-15) are FragA's r[0..3].
+template <int COLS>
+__device__ __forceinline__ FragA load_frag_a_sw(const bf16* tile, int row0, int k0)
+{
+    const int lane = threadIdx.x & 31, q = lane >> 3, i = lane & 7;
+    FragA f;
+    ldmatrix_x4(f.r, tile + Swizzle<COLS>::at(row0 + 8 * (q & 1) + i, k0 + 8 * (q >> 1)));
+    return f;
+}
+
+// The B fragments of columns n0..n0+7 (b0) and n0+8..n0+15 (b1), k0..k0+15 (k0 a multiple of 16),
+// from a swizzled tile of COLS-element rows holding B[k][n] row-major (n along the row: a [K, N]
+// weight such as the embedding table). ldmatrix.trans of matrices (k 0-7, n 0-7), (k 8-15, n 0-7),
+// (k 0-7, n 8-15), (k 8-15, n 8-15) gives b0.r[0], b0.r[1], b1.r[0], b1.r[1].
+template <int COLS>
+__device__ __forceinline__ void load_frag_b_pair_trans(FragB& b0, FragB& b1, const bf16* tile, int k0, int n0)
+{
+    const int lane = threadIdx.x & 31, q = lane >> 3, i = lane & 7;
+    unsigned r[4];
+    ldmatrix_x4_trans(r, tile + Swizzle<COLS>::at(k0 + 8 * (q & 1) + i, n0 + 8 * (q >> 1)));
+    b0.r[0] = r[0];
+    b0.r[1] = r[1];
+    b1.r[0] = r[2];
+    b1.r[1] = r[3];
+}
+
+// The fragments of a padded tile (rows of `ld` elements with ld = 8 mod 16: rows 16-byte aligned
+// and an odd number of 16-byte bank groups apart, so the 8 rows an ldmatrix phase reads fall in 8
+// distinct groups), one ldmatrix.x4 each: A[0..15][0..15] at `a` (row-major, as load_frag_a); ...
+__device__ __forceinline__ FragA load_frag_a_ldsm(const bf16* a, int ld)
+{
+    const int lane = threadIdx.x & 31, q = lane >> 3, i = lane & 7;
+    FragA f;
+    ldmatrix_x4(f.r, a + (8 * (q & 1) + i) * ld + 8 * (q >> 1));
+    return f;
+}
+
+// ... the B fragments of columns 0..7 (b0) and 8..15 (b1) with B[k][n] = w[n * ld + k] (rows of a
+// [N, K] weight, as load_frag_b: attention's K) ...
+__device__ __forceinline__ void load_frag_b_pair_ldsm(FragB& b0, FragB& b1, const bf16* w, int ld)
+{
+    const int lane = threadIdx.x & 31, q = lane >> 3, i = lane & 7;
+    unsigned r[4];
+    ldmatrix_x4(r, w + (8 * (q >> 1) + i) * ld + 8 * (q & 1));
+    b0.r[0] = r[0];
+    b0.r[1] = r[1];
+    b1.r[0] = r[2];
+    b1.r[1] = r[3];
+}
+
+// ... and the same with B[k][n] = b[k * ld + n] (k-major, as load_frag_b_kmajor: attention's V),
+// transposed by ldmatrix.trans.
+__device__ __forceinline__ void load_frag_b_pair_kmajor_ldsm(FragB& b0, FragB& b1, const bf16* b, int ld)
+{
+    const int lane = threadIdx.x & 31, q = lane >> 3, i = lane & 7;
+    unsigned r[4];
+    ldmatrix_x4_trans(r, b + (8 * (q & 1) + i) * ld + 8 * (q >> 1));
+    b0.r[0] = r[0];
+    b0.r[1] = r[1];
+    b1.r[0] = r[2];
+    b1.r[1] = r[3];
+}
 
 } // namespace dgemma

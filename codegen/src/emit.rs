@@ -8,7 +8,7 @@
 //!
 //! Output is a pure function of the spec: no timestamps, no paths, no hash-map order.
 
-use crate::spec::{GemmFuse, KernelSpec, MaskKind, Op, Target};
+use crate::spec::{GemmFuse, KernelSpec, MaskKind, Op, Target, WeightFormat};
 use std::fmt::Write as _;
 
 /// One kernel parameter: C type and name.
@@ -69,17 +69,22 @@ const ROW_SOFTMAX_ENTROPY_ARGMAX: &[Param] = &[
     p("float*", "sc_stats"),
     p("int", "rows"),
 ];
+/// `scratch` (fp32) holds a split attention's partial statistics (null when `splits` is 1);
+/// `phase` says which of its launches this is (`csrc/attention.cuh`).
 const ATTENTION: &[Param] = &[
     p(BF16_IN, "q"),
     p(BF16_IN, "k"),
     p(BF16_IN, "v"),
     p(BF16_OUT, "out"),
+    p("float*", "scratch"),
     p("int", "q_len"),
     p("int", "kv_len"),
     p("int", "kv_rows"),
     p("int", "q_pos0"),
     p("int", "k_pos0"),
     p("int", "window"),
+    p("int", "splits"),
+    p("int", "phase"),
 ];
 const LINEAR: &[Param] = &[p(BF16_IN, "x"), p(BF16_IN, "w"), p(BF16_OUT, "y"), p("int", "rows")];
 /// Both grouped GEMMs: `x` is the input (token rows for GeGLU, pair rows for the down
@@ -89,6 +94,19 @@ const GROUPED_GEMM: &[Param] = &[
     p("const int*", "sorted"),
     p("const int*", "offsets"),
     p(BF16_IN, "w"),
+    p(BF16_OUT, "out"),
+    p("int", "tokens"),
+    p("int", "top_k"),
+    p("int", "num_experts"),
+];
+/// The grouped GEMMs on e4m3 expert weights: `w` the codes `[E, n, k]`, `w_scale [E * n]` fp32
+/// (one scale per output row).
+const GROUPED_GEMM_E4M3: &[Param] = &[
+    p(BF16_IN, "x"),
+    p("const int*", "sorted"),
+    p("const int*", "offsets"),
+    p("const dgemma::e4m3*", "w"),
+    p("const float*", "w_scale"),
     p(BF16_OUT, "out"),
     p("int", "tokens"),
     p("int", "top_k"),
@@ -116,16 +134,19 @@ const ROUTER: &[Param] = &[
     p("float", "root"),
     p("int", "tokens"),
 ];
-const SOFT_EMBEDDING: &[Param] = &[
+/// The soft embedding's three kernels: pr into the `probs` scratch, the split-K GEMM into the
+/// fp32 `partials` scratch, and the reduction into `out`.
+const SOFT_EMBEDDING_PROBS: &[Param] = &[
     p(BF16_IN, "logits"),
     p("float", "cap"),
     p("const unsigned int*", "params"),
     p("const float*", "sc_stats"),
-    p(BF16_IN, "table"),
-    p(BF16_OUT, "out"),
-    p("float", "scale"),
+    p(BF16_OUT, "probs"),
     p("int", "rows"),
 ];
+const SOFT_EMBEDDING: &[Param] = &[p(BF16_IN, "probs"), p(BF16_IN, "table"), p("float*", "partials"), p("int", "rows")];
+const SOFT_EMBEDDING_REDUCE: &[Param] =
+    &[p("const float*", "partials"), p(BF16_OUT, "out"), p("float", "scale"), p("int", "rows")];
 
 const GUMBEL_SAMPLE: &[Param] = &[
     p("const unsigned int*", "params"),
@@ -162,11 +183,16 @@ pub fn params(spec: &KernelSpec) -> &'static [Param] {
         Op::RowSoftmaxEntropyArgmax(_) => ROW_SOFTMAX_ENTROPY_ARGMAX,
         Op::Attention(_) => ATTENTION,
         Op::Linear(_) => LINEAR,
-        Op::GroupedGemm(_) => GROUPED_GEMM,
+        Op::GroupedGemm(g) => match g.weights {
+            WeightFormat::Bf16 => GROUPED_GEMM,
+            WeightFormat::E4m3 => GROUPED_GEMM_E4M3,
+        },
         Op::MoeSort(_) => MOE_SORT,
         Op::MoeCombine(_) => MOE_COMBINE,
         Op::Router(_) => ROUTER,
         Op::SoftEmbedding(_) => SOFT_EMBEDDING,
+        Op::SoftEmbeddingProbs(_) => SOFT_EMBEDDING_PROBS,
+        Op::SoftEmbeddingReduce(_) => SOFT_EMBEDDING_REDUCE,
         Op::GumbelSample(_) => GUMBEL_SAMPLE,
         Op::SamplerCanvas(_) => SAMPLER_CANVAS,
         Op::ReadBandwidth(_) => READ_BANDWIDTH,
@@ -193,26 +219,36 @@ fn template_call(spec: &KernelSpec) -> String {
                 MaskKind::CausalSliding => "dgemma::Mask::CausalSliding",
                 MaskKind::Bidirectional => "dgemma::Mask::Bidirectional",
             };
-            format!("dgemma::attention<{}, {}, {}, {mask}, {}, {t}>", a.head_dim, a.q_heads, a.kv_heads, a.key_tile)
+            format!(
+                "dgemma::attention<{}, {}, {}, {mask}, {}, {}, {}, {}, {}>",
+                a.head_dim, a.q_heads, a.kv_heads, a.block_m, a.block_n, a.block_k, a.warps_m, a.warps_n
+            )
         }
         Op::Linear(l) => format!(
             "dgemma::linear<{}, {}, {}, {}, {}, {}, {}>",
             l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
         ),
         Op::GroupedGemm(g) => format!(
-            "dgemma::grouped_gemm_sorted<{}, {}, {}, {}, {}>",
+            "dgemma::grouped_gemm_sorted<{}, {}, {}, {}, {}{}>",
             g.n,
             g.k,
             g.fuse == GemmFuse::Geglu,
             g.rows,
-            g.cols
+            g.cols,
+            match g.weights {
+                WeightFormat::Bf16 => "",
+                WeightFormat::E4m3 => ", dgemma::WeightE4m3",
+            }
         ),
         Op::MoeSort(m) => format!("dgemma::moe_sort<{}, {t}>", m.experts),
         Op::MoeCombine(m) => format!("dgemma::moe_combine<{}, {t}>", m.hidden),
         Op::Router(r) => format!("dgemma::router<{}, {}, {}, {t}>", r.hidden, r.experts, r.top_k),
-        Op::SoftEmbedding(e) => {
-            format!("dgemma::soft_embedding<{}, {}, {}, {t}>", e.hidden, e.vocab, e.rows_per_block)
-        }
+        Op::SoftEmbedding(e) => format!(
+            "dgemma::soft_embedding<{}, {}, {}, {}, {}, {}, {}, {}>",
+            e.hidden, e.vocab, e.splits, e.block_m, e.block_n, e.block_k, e.warp_m, e.warp_n
+        ),
+        Op::SoftEmbeddingProbs(p) => format!("dgemma::soft_embedding_probs<{}, {t}>", p.vocab),
+        Op::SoftEmbeddingReduce(r) => format!("dgemma::soft_embedding_reduce<{}, {}, {t}>", r.hidden, r.splits),
         Op::GumbelSample(g) => format!("dgemma::gumbel_sample<{}, {t}>", g.vocab),
         Op::SamplerCanvas(c) => format!("dgemma::sampler_canvas<{}, {t}>", c.max_canvas),
         Op::ReadBandwidth(r) => format!("dgemma::read_bandwidth<{t}, {}>", r.unroll),

@@ -26,5 +26,5 @@ pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, S
 pub use spec::{
     Arch, Attention, Dtype, Embedding, Family, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind,
     MoeCombine, MoeSort, Op, ReadBandwidth, RmsNorm, Rope, Router, RowSoftmaxEntropyArgmax, SamplerCanvas,
-    SoftEmbedding, Target,
+    SoftEmbedding, SoftEmbeddingProbs, SoftEmbeddingReduce, Target, WeightFormat,
 };

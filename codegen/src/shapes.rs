@@ -7,7 +7,7 @@
 
 use crate::spec::{
     Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, MoeCombine, MoeSort,
-    Op, RmsNorm, Rope, ReadBandwidth, Router, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding,
+    Op, RmsNorm, Rope, ReadBandwidth, Router, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding, WeightFormat,
 };
 
 /// Attention shape of one layer type.
@@ -95,11 +95,70 @@ pub const SUPPORTED_MODELS: &[(&str, ModelShape)] = &[
     ("tiny-sharded-f32", ModelShape::TINY_SHARDED),
 ];
 
-/// Attention tile parameters: 64 keys scored per shared-memory tile; 128 threads (2-4 output
-/// dims each) for the large heads, 64 for tiny ones.
+/// Attention tile parameters (`csrc/attention.cuh`, mma.sync; Portable). Every head dim gets
+/// blocks of 64 GQA-packed query rows scanning 64-key tiles:
+///
+/// * 64 rows: the block's fp32 output tile is 64 x head_dim, 128 KiB of registers at the full
+///   layers' 512 (half an SM's register file: 256 threads x 128), the most that leaves room for
+///   the scores and the staging; and every K/V byte a block stages serves 64 rows (8 queries of
+///   a full layer's 8-head group, 32 of a sliding layer's 2-head group).
+/// * head_dim >= 128 (the 26B model: 256 sliding, 512 full): 2 x 4 warps (256 threads), each
+///   owning 32 rows x 16 keys of S and 32 rows x head_dim / 4 of O (2 x 16 fragments, 128 fp32
+///   registers, at 512). Q and K stream in 64-wide head-dim chunks, two buffers of 128 x 72 bf16
+///   (36 KiB; the two 16-key V slices reuse them: 33 KiB at 512), plus the 9 KiB P tile: 46 KiB
+///   of the 48 KiB of static shared memory.
+/// * smaller heads (the tiny test models: 16, 24, 32, 64): 4 x 1 warps (128 threads), each
+///   owning 16 rows x all 64 keys and the whole head (24 is a multiple of 8 but not of 16, so
+///   one warp column); one head-dim chunk, the head rounded up to 16.
 pub fn attention_spec(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind) -> KernelSpec {
-    let threads = if head_dim >= 128 { 128 } else { 64 };
-    KernelSpec::portable(Op::Attention(Attention { head_dim, q_heads, kv_heads, mask, key_tile: 64, threads }))
+    let (block_k, warps_m, warps_n) = if head_dim >= 128 { (64, 2, 4) } else { (head_dim.next_multiple_of(16), 4, 1) };
+    KernelSpec::portable(Op::Attention(Attention {
+        head_dim,
+        q_heads,
+        kv_heads,
+        mask,
+        block_m: 64,
+        block_n: 64,
+        block_k,
+        warps_m,
+        warps_n,
+    }))
+}
+
+/// Blocks an attention launch should have: one per SM of an H100 (132). The 26B model's tiles
+/// take 46 KiB of shared memory and 256 threads of 237-246 registers at head_dim 512 (167-180 at
+/// 256; ptxas, sm_90a / sm_120), so an SM holds one such block. A pass whose (row tiles x kv heads) blocks are fewer splits its key
+/// range ([`attention_splits`]): a 256-token canvas has 256 x 8 / 64 = 32 row tiles per kv head
+/// on the full layers (2 kv heads) and 256 x 2 / 64 = 8 on the sliding ones (8 kv heads), 64
+/// blocks either way, so the decoder's attention runs as 2 splits of 64.
+pub const ATTENTION_SLOTS: usize = 132;
+
+/// The fewest keys a split's share may hold: two 64-key tiles, so that the work of a split
+/// (6 x head_dim flop per row and key) stays large beside the fp32 partial accumulators it
+/// writes and the combine reads back (8 x head_dim bytes per row).
+pub const ATTENTION_MIN_SPLIT_KEYS: usize = 128;
+
+/// How many shares the key range of an attention of `q_len` queries over `kv_len` keys is split
+/// into (flash-decoding; `csrc/attention.cuh`): 1 when its blocks fill [`ATTENTION_SLOTS`], else
+/// the most splits whose blocks still fit one wave of them, at most one per
+/// [`ATTENTION_MIN_SPLIT_KEYS`] keys. A function of the shape only, so a sequence's attention
+/// gives the same bits whatever else shares the pass.
+///
+/// Only the decoder's (bidirectional) passes split: their shape is the canvas's whatever the
+/// schedule, while an encoder pass's shape depends on the prefill chunking, and the split
+/// changes the fp32 summation order, so splitting one would make a chunked prefill differ from
+/// a whole one in the last bits. An encoder pass with few blocks (a ragged last prefill chunk, a
+/// canvas commit) runs once per prompt or canvas, against up to 48 decoder passes per canvas.
+pub fn attention_splits(a: &Attention, q_len: usize, kv_len: usize) -> usize {
+    if a.mask != MaskKind::Bidirectional {
+        return 1;
+    }
+    let rows = q_len * a.group() as usize;
+    let blocks = rows.div_ceil(a.block_m.max(1) as usize) * a.kv_heads as usize;
+    if blocks == 0 || blocks >= ATTENTION_SLOTS {
+        return 1;
+    }
+    (ATTENTION_SLOTS / blocks).min(kv_len / ATTENTION_MIN_SPLIT_KEYS).max(1)
 }
 
 /// The row count [`linear_spec`] sizes its tiles for: one 256-token canvas, the decoder's pass,
@@ -148,11 +207,19 @@ pub fn linear_spec(n: u32, k: u32) -> KernelSpec {
 /// shared memory; the grid is (128 experts and the invalid bucket) x 22 (gate_up, 704 / 32) or
 /// x 44 (down, 2816 / 64) tiles.
 pub fn grouped_gemm_spec(n: u32, k: u32, fuse: GemmFuse, arch: Arch) -> KernelSpec {
+    grouped_gemm_spec_for(n, k, fuse, WeightFormat::Bf16, arch)
+}
+
+/// [`grouped_gemm_spec`] for expert weights stored as `weights`: the same tiles for e4m3 codes
+/// (weight-only FP8, dequantised into the same fp32 shared-memory tiles, plus 256 bytes of row
+/// scales; the 8-byte code loads halve the weight bytes read, the point of FP8 for a denoising
+/// step bound by reading the experts).
+pub fn grouped_gemm_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
     let cols = match fuse {
         GemmFuse::Geglu => 32,
         GemmFuse::Down => 64,
     };
-    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, rows: 32, cols }), arch)
+    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, rows: 32, cols, weights }), arch)
 }
 
 /// The routing sort of the MoE block (one block; `csrc/moe_sort.cuh`).
@@ -170,14 +237,44 @@ pub fn router_spec(hidden: u32, experts: u32, top_k: u32) -> KernelSpec {
     KernelSpec::portable(Op::Router(Router { hidden, experts, top_k }))
 }
 
-/// The self-conditioning soft embedding `probs [C, vocab] @ E [vocab, hidden]`. Each block
-/// covers `rows_per_block` canvas rows, so the table is streamed `ceil(C / rows_per_block)`
-/// times: 16 rows for a real vocabulary (16 passes over the 1.5 GB table for a 256-token
-/// canvas, and 16 x 11 column tiles = 176 blocks to fill an H100's 132 SMs), 8 for the tiny
-/// test models.
+/// Blocks the soft embedding's split-K GEMM aims for at a canvas: one wave of an H100's 132 SMs
+/// (its 256 x 128 tile keeps 128 fp32 accumulators per thread, so one 256-thread block fits an SM).
+pub const SOFT_EMBEDDING_TARGET_BLOCKS: u32 = 132;
+
+/// The self-conditioning soft embedding `pr [C, vocab] @ E [vocab, hidden]` (`csrc/soft_embedding.cuh`):
+/// the split-K tensor-core GEMM's spec; [`SoftEmbedding::probs_spec`] and
+/// [`SoftEmbedding::reduce_spec`] name the kernels that run before and after it.
+///
+/// Tiles: 256 x 128 blocks, so one block covers every row of a 256-token canvas and the 1.5 GB
+/// table is read from HBM once per canvas (a 128-row tile would read it twice); 32-wide vocabulary
+/// slices (two 24 KiB buffers of unpadded, swizzled pr and E slices fill the 48 KiB of static
+/// shared memory); 64 x 64 warp tiles (8 warps, 4 x 8 mma fragments each). Splits: the vocabulary
+/// is cut into as many ranges as make [`SOFT_EMBEDDING_TARGET_BLOCKS`] blocks with the column
+/// tiles (26B: 22 column tiles x 6 splits = 132; the fp32 partial sums of one canvas are 17 MB),
+/// but at least 3 slices per split, so every block runs its prefetch pipeline: the tiny test
+/// models (one column tile) get 5 (vocab 512: 16 slices, splits of 3 and 4) and 3 (vocab 320:
+/// 10 slices, 3 and 4), which the emulator tests run, the same code as the 26B kernel's.
 pub fn soft_embedding_spec(hidden: u32, vocab: u32) -> KernelSpec {
-    let rows_per_block = if vocab >= 65_536 { 16 } else { 8 };
-    KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding { hidden, vocab, rows_per_block }))
+    let (block_m, block_n, block_k) = (256, 128, 32);
+    let k_tiles = vocab.div_ceil(block_k);
+    let splits = (SOFT_EMBEDDING_TARGET_BLOCKS / hidden.div_ceil(block_n).max(1)).clamp(1, (k_tiles / 3).max(1));
+    KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding {
+        hidden,
+        vocab,
+        block_m,
+        block_n,
+        block_k,
+        warp_m: 64,
+        warp_n: 64,
+        splits,
+    }))
+}
+
+/// The soft embedding's three kernels in launch order: probabilities, GEMM, reduction.
+pub fn soft_embedding_specs(hidden: u32, vocab: u32) -> [KernelSpec; 3] {
+    let gemm = soft_embedding_spec(hidden, vocab);
+    let Op::SoftEmbedding(e) = gemm.op else { unreachable!("soft_embedding_spec returns a SoftEmbedding") };
+    [e.probs_spec(), gemm, e.reduce_spec()]
 }
 
 /// The largest canvas (`canvas_length`, HF's default and the 26B checkpoint's 256) the device
@@ -246,7 +343,6 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         router_spec(h, s.experts, s.top_k),
         moe_sort_spec(s.experts),
         moe_combine_spec(h),
-        soft_embedding_spec(h, s.vocab),
         gumbel_sample_spec(s.vocab),
         sampler_canvas_spec(),
     ];
@@ -267,9 +363,12 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         v.push(linear_spec(h, width)); // down_proj
     }
     v.push(linear_spec(s.vocab, h)); // lm_head (tied embedding)
+    v.extend(soft_embedding_specs(h, s.vocab));
     for arch in Arch::ALL {
-        v.push(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch));
-        v.push(grouped_gemm_spec(h, s.moe_width, GemmFuse::Down, arch));
+        for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+            v.push(grouped_gemm_spec_for(2 * s.moe_width, h, GemmFuse::Geglu, weights, arch));
+            v.push(grouped_gemm_spec_for(h, s.moe_width, GemmFuse::Down, weights, arch));
+        }
     }
     sort_dedup(v)
 }
@@ -290,12 +389,23 @@ pub fn linear_self_test_specs() -> Vec<KernelSpec> {
     v
 }
 
+/// Soft embedding kernels no model needs, compiled in so the kernel tests (emulator and GPU) run
+/// the split-K GEMM's paths that the tiny models' shapes do not reach and the 26B one reaches only
+/// on a GPU: hidden 136 is two column tiles, the second with one live n8 fragment (half of an
+/// ldmatrix pair past H); vocab 520 ends in a slice of 8 entries (half a k16 step, then a step
+/// wholly past V); 5 splits of 3 or 4 of its 17 slices.
+pub fn soft_embedding_self_test_specs() -> Vec<KernelSpec> {
+    soft_embedding_specs(136, 520).to_vec()
+}
+
 /// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`], plus the model-independent
-/// [`read_bandwidth_spec`] and [`linear_self_test_specs`]: what build.rs compiles.
+/// [`read_bandwidth_spec`], [`linear_self_test_specs`] and [`soft_embedding_self_test_specs`]:
+/// what build.rs compiles.
 pub fn supported_specs() -> Vec<KernelSpec> {
     let mut v: Vec<KernelSpec> = SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect();
     v.push(read_bandwidth_spec());
     v.extend(linear_self_test_specs());
+    v.extend(soft_embedding_self_test_specs());
     sort_dedup(v)
 }
 
@@ -349,8 +459,8 @@ mod tests {
             "rope_d512_p64_bf16",
             "embedding_h2816_bf16",
             "row_softmax_entropy_argmax_v262144_bf16",
-            "attention_d256_q16_kv8_sliding_kt64_t128_bf16",
-            "attention_d512_q16_kv2_bidir_kt64_t128_bf16",
+            "attention_d256_q16_kv8_sliding_t64x64x64_w2x4_bf16",
+            "attention_d512_q16_kv2_bidir_t64x64x64_w2x4_bf16",
             "linear_n262144_k2816_t64x128x32_w32x32_bf16",
             "linear_n2816_k8192_t32x64x32_w32x32_bf16",
             "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a",
@@ -358,7 +468,9 @@ mod tests {
             "moe_sort_e128_bf16",
             "moe_combine_h2816_bf16",
             "router_h2816_e128_k8_bf16",
-            "soft_embedding_h2816_v262144_r16_bf16",
+            "soft_embedding_probs_v262144_bf16",
+            "soft_embedding_h2816_v262144_t256x128x32_w64x64_s6_bf16",
+            "soft_embedding_reduce_h2816_s6_bf16",
             "gumbel_sample_v262144_bf16",
             "sampler_canvas_c256_bf16",
         ] {
@@ -405,17 +517,59 @@ mod tests {
     }
 
     #[test]
+    fn attention_tiles_fit_and_split_the_decoder_full_layers() {
+        for spec in supported_specs() {
+            if let Op::Attention(a) = spec.op {
+                assert_eq!(spec.target, Target::Portable, "{}", spec.kernel_name());
+                assert!(a.shared_bytes() <= 48 * 1024, "{}", spec.kernel_name());
+            }
+        }
+        let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
+        let attn = |l: LayerAttention, mask| match attention_spec(l.head_dim, s.heads, l.kv_heads, mask).op {
+            Op::Attention(a) => a,
+            _ => unreachable!(),
+        };
+        let (full, sliding) = (attn(s.full, MaskKind::Bidirectional), attn(s.sliding, MaskKind::Bidirectional));
+        // Decoder: 64 blocks on both layer types (256 x 8 / 64 x 2 kv heads, 256 x 2 / 64 x 8), so
+        // 2 splits at any real context; a 512-token prefill chunk fills the GPU without splitting.
+        assert_eq!(attention_splits(&full, 256, 4096 + 256), 2);
+        assert_eq!(attention_splits(&full, 256, 32_768 + 256), 2);
+        assert_eq!(attention_splits(&full, 256, 200), 1); // too few keys to share
+        assert_eq!(attention_splits(&sliding, 256, 1023 + 256), 2);
+        assert_eq!(attention_splits(&attn(s.sliding, MaskKind::CausalSliding), 512, 1023 + 512), 1);
+        // A canvas commit (an encoder pass of 256 tokens) has 64 blocks too, but never splits.
+        assert_eq!(attention_splits(&attn(s.full, MaskKind::Causal), 256, 4096 + 256), 1);
+        assert_eq!(attention_splits(&attn(s.sliding, MaskKind::CausalSliding), 256, 1023 + 256), 1);
+        assert_eq!(attention_splits(&attn(s.full, MaskKind::Causal), 512, 4096 + 512), 1);
+        // One query (8 packed rows): 2 blocks, as many splits as fit a wave and the keys allow.
+        assert_eq!(attention_splits(&full, 1, 8192), 64);
+        assert_eq!(attention_splits(&full, 1, 300), 2);
+        assert_eq!(attention_splits(&full, 0, 300), 1);
+    }
+
+    #[test]
     fn router_and_soft_embedding_for_every_shape() {
         for (name, shape) in SUPPORTED_MODELS {
             let specs = specs_for_model(shape);
             let router = Op::Router(Router { hidden: shape.hidden, experts: shape.experts, top_k: shape.top_k });
             assert!(specs.iter().any(|s| s.op == router), "{name}: no router");
-            assert!(
-                specs.iter().any(
-                    |s| matches!(s.op, Op::SoftEmbedding(e) if e.hidden == shape.hidden && e.vocab == shape.vocab)
-                ),
-                "{name}: no soft embedding"
-            );
+            for spec in soft_embedding_specs(shape.hidden, shape.vocab) {
+                assert!(specs.contains(&spec), "{name}: no {}", spec.kernel_name());
+                spec.validate().unwrap();
+            }
+            let Op::SoftEmbedding(e) = soft_embedding_spec(shape.hidden, shape.vocab).op else { unreachable!() };
+            assert!(e.splits >= 2 && e.k_tiles() >= 3 * e.splits, "{name}: {e:?}");
+        }
+        // 26B: one block per SM of an H100, every row of a canvas in one tile.
+        let Op::SoftEmbedding(big) = soft_embedding_spec(2816, 262_144).op else { unreachable!() };
+        assert_eq!((big.block_m, big.block_n, big.block_k, big.splits), (256, 128, 32, 6));
+        assert_eq!(2816u32.div_ceil(big.block_n) * big.splits, SOFT_EMBEDDING_TARGET_BLOCKS);
+        // The self-test shape: two column tiles, a ragged last slice, ragged splits.
+        for spec in soft_embedding_self_test_specs() {
+            assert!(supported_specs().contains(&spec), "{}", spec.kernel_name());
+            if let Op::SoftEmbedding(e) = spec.op {
+                assert_eq!((e.hidden.div_ceil(e.block_n), e.vocab % e.block_k, e.k_tiles(), e.splits), (2, 8, 17, 5));
+            }
         }
     }
 
@@ -426,12 +580,14 @@ mod tests {
             assert!(specs.contains(&moe_sort_spec(shape.experts)), "{name}: no routing sort");
             assert!(specs.contains(&moe_combine_spec(shape.hidden)), "{name}: no combine");
             for arch in Arch::ALL {
-                let up = grouped_gemm_spec(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, arch);
-                let down = grouped_gemm_spec(shape.hidden, shape.moe_width, GemmFuse::Down, arch);
-                assert!(specs.contains(&up) && specs.contains(&down), "{name}: no {arch:?} expert GEMMs");
-                for s in [up, down] {
-                    s.validate().unwrap();
-                    assert_eq!(s.block_threads(), 256, "{}", s.kernel_name());
+                for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+                    let up = grouped_gemm_spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, weights, arch);
+                    let down = grouped_gemm_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, arch);
+                    assert!(specs.contains(&up) && specs.contains(&down), "{name}: no {arch:?} {weights:?} expert GEMMs");
+                    for s in [up, down] {
+                        s.validate().unwrap();
+                        assert_eq!(s.block_threads(), 256, "{}", s.kernel_name());
+                    }
                 }
             }
         }

@@ -160,17 +160,44 @@ impl MaskKind {
 }
 
 /// Scaled (scale 1.0) dot-product attention with GQA, `q: [S, q_heads, D]`,
-/// `k, v: [kv_rows, kv_heads, D]` (a ring: position p in row p % kv_rows), `out: [S, q_heads, D]`.
-/// Tile parameters: `key_tile` keys are
-/// scored per shared-memory tile; `threads` per block (one block per query row and head).
+/// `k, v: [kv_rows, kv_heads, D]` (a ring: position p in row p % kv_rows), `out: [S, q_heads, D]`,
+/// on tensor cores (`csrc/attention.cuh`, mma.sync m16n8k16; two passes over the keys for the
+/// exact row max). The `q_heads / kv_heads` query heads of a kv head are packed into the rows
+/// (`S * q_heads / kv_heads` rows per kv head). Tile parameters: a block owns `block_m` packed rows
+/// of one kv head and scans the keys in tiles of `block_n`; Q and K stream through shared memory
+/// in `block_k`-wide head-dim chunks; its `warps_m x warps_n` warps each own a
+/// `(block_m / warps_m) x (block_n / warps_n)` sub-tile of the scores and a
+/// `(block_m / warps_m) x (head_dim / warps_n)` sub-tile of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Attention {
     pub head_dim: u32,
     pub q_heads: u32,
     pub kv_heads: u32,
     pub mask: MaskKind,
-    pub key_tile: u32,
-    pub threads: u32,
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    pub warps_m: u32,
+    pub warps_n: u32,
+}
+
+impl Attention {
+    /// Query heads per kv head (the packed rows of one query).
+    pub fn group(&self) -> u32 {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// Bytes of static shared memory (`csrc/attention.cuh`): two Q + K chunk buffers of
+    /// `(block_m + block_n) x (block_k + 8)` bf16, or (reusing them) two 16-key V slices of
+    /// `head_dim + 8` (`+ 16` when head_dim is an odd multiple of 8) bf16 per key, whichever is
+    /// larger; the P tile `block_m x (block_n + 8)` bf16; two fp32 row statistics, one per block
+    /// row and one per block row and warp column.
+    pub fn shared_bytes(&self) -> u64 {
+        let (bm, bn, bk, d) = (self.block_m as u64, self.block_n as u64, self.block_k as u64, self.head_dim as u64);
+        let ldv = if d % 16 == 0 { d + 8 } else { d + 16 };
+        let staged = (2 * (bm + bn) * (bk + 8)).max(2 * 16 * ldv);
+        2 * (staged + bm * (bn + 8)) + 4 * bm * (1 + self.warps_n as u64)
+    }
 }
 
 /// `y[rows, n] = round(x[rows, k] @ W[n, k]^T)` (nn.Linear, PyTorch weight layout), a tensor-core
@@ -217,6 +244,35 @@ impl GemmFuse {
     }
 }
 
+/// Storage format of the expert weights of a [`GroupedGemm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WeightFormat {
+    /// bf16 weights (the checkpoint's).
+    Bf16,
+    /// FP8 E4M3 codes with one fp32 scale per output row (`csrc/fp8.cuh`): weight-only FP8, each
+    /// weight dequantised to `bf16(f32(code) * scale)` while it is staged in shared memory. The
+    /// kernel takes a `w_scale [E * n]` argument after `w`.
+    E4m3,
+}
+
+impl WeightFormat {
+    /// Name fragment: empty for bf16 (the activations' dtype names it already), `_e4m3`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            WeightFormat::Bf16 => "",
+            WeightFormat::E4m3 => "_e4m3",
+        }
+    }
+
+    /// Bytes per weight in memory.
+    pub fn bytes(self) -> u32 {
+        match self {
+            WeightFormat::Bf16 => 2,
+            WeightFormat::E4m3 => 1,
+        }
+    }
+}
+
 /// MoE expert GEMM over the routed (token, slot) pairs grouped by expert ([`MoeSort`]'s output),
 /// expert weights `W[e]: [n, k]` (`csrc/grouped_gemm.cuh`; the dot products in the CPU's 8-lane
 /// order, so bit-identical to it). Tile parameters: a block computes `cols` output columns for
@@ -231,6 +287,8 @@ pub struct GroupedGemm {
     pub fuse: GemmFuse,
     pub rows: u32,
     pub cols: u32,
+    /// How the expert weights are stored (bf16, or e4m3 codes with per-row scales).
+    pub weights: WeightFormat,
 }
 
 impl GroupedGemm {
@@ -243,11 +301,15 @@ impl GroupedGemm {
     }
 
     /// Bytes of static shared memory (`csrc/grouped_gemm.cuh`): the fp32 input and weight
-    /// slices of one k step (64 wide, 32 for k < 64), rows padded by 4 floats, and two ints
-    /// per pair slot.
+    /// slices of one k step (64 wide, 32 for k < 64), rows padded by 4 floats, two ints per pair
+    /// slot, and for e4m3 weights one fp32 scale per weight row.
     pub fn shared_bytes(&self) -> u64 {
         let kt: u64 = if self.k >= 64 { 64 } else { 32 };
-        (self.rows + self.weight_rows()) as u64 * (kt + 4) * 4 + 8 * self.rows as u64
+        let scales = match self.weights {
+            WeightFormat::Bf16 => 4,
+            WeightFormat::E4m3 => 4 * self.weight_rows() as u64,
+        };
+        (self.rows + self.weight_rows()) as u64 * (kt + 4) * 4 + 8 * self.rows as u64 + scales
     }
 }
 
@@ -289,17 +351,67 @@ pub struct Router {
     pub top_k: u32,
 }
 
-/// The decoder's self-conditioning input (model-spec 3.7; `dgemma-cpu` `model::soft_embeddings`):
-/// `out[c, h] = bf16(bf16(sum_v pr[c, v] * E[v, h]) * scale)` with `pr = bf16(softmax(bf16(P)))`
-/// computed on the fly from the bf16 LM-head output (`P = softcap(x) / T`) and the row pass's
-/// softmax statistics, E `[vocab, hidden]` bf16, fp32 accumulation. Tile parameter: each block computes
-/// `rows_per_block` rows for one tile of hidden columns (two columns per thread), so the
-/// embedding table is read `ceil(rows / rows_per_block)` times.
+/// The decoder's self-conditioning input (model-spec 3.7; `dgemma-cpu` `model::soft_embeddings`),
+/// `out[c, h] = bf16(bf16(sum_v pr[c, v] * E[v, h]) * scale)` with `pr = bf16(softmax(bf16(P)))`,
+/// runs as three kernels (`csrc/soft_embedding.cuh`; `dgemma_cuda::ops::plan_soft_embedding`
+/// plans all three from this spec): [`SoftEmbeddingProbs`] writes pr, this split-K tensor-core
+/// GEMM writes fp32 partial sums, and [`SoftEmbeddingReduce`] adds them in a fixed order.
+///
+/// The GEMM: `partials[s, c, h] = sum_{v in split s} pr[c, v] * E[v, h]` (fp32), E
+/// `[vocab, hidden]` bf16 row-major. Tile parameters: each block computes a `block_m x block_n`
+/// tile for one of `splits` contiguous ranges of the vocabulary (whole `block_k` slices), staged
+/// through shared memory; each warp owns a `warp_m x warp_n` sub-tile, so a block has
+/// `(block_m / warp_m) * (block_n / warp_n)` warps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SoftEmbedding {
     pub hidden: u32,
     pub vocab: u32,
-    pub rows_per_block: u32,
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    pub warp_m: u32,
+    pub warp_n: u32,
+    pub splits: u32,
+}
+
+impl SoftEmbedding {
+    /// Bytes of static shared memory: two buffers of a pr slice `[block_m, block_k]` and an E
+    /// slice `[block_k, block_n]`, unpadded (swizzled) bf16.
+    pub fn shared_bytes(&self) -> u64 {
+        2 * (self.block_m as u64 + self.block_n as u64) * self.block_k as u64 * 2
+    }
+
+    /// The vocabulary slices (`ceil(vocab / block_k)`); split s covers slices
+    /// `[s * k_tiles / splits, (s + 1) * k_tiles / splits)`.
+    pub fn k_tiles(&self) -> u32 {
+        self.vocab.div_ceil(self.block_k.max(1))
+    }
+
+    /// The kernel that writes this GEMM's A operand, pr.
+    pub fn probs_spec(&self) -> KernelSpec {
+        KernelSpec::portable(Op::SoftEmbeddingProbs(SoftEmbeddingProbs { vocab: self.vocab }))
+    }
+
+    /// The kernel that reduces this GEMM's partial sums.
+    pub fn reduce_spec(&self) -> KernelSpec {
+        KernelSpec::portable(Op::SoftEmbeddingReduce(SoftEmbeddingReduce { hidden: self.hidden, splits: self.splits }))
+    }
+}
+
+/// The soft embedding's probabilities: `probs[c, v] = bf16(exp(f32(bf16(P[c, v])) - m_c) * inv_c)`
+/// from the bf16 LM-head output (`P = softcap(x) / T`) and the row pass's softmax statistics
+/// `(m, inv)` (see [`RowSoftmaxEntropyArgmax`]), exactly the CPU's softmax_row and bf16 store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SoftEmbeddingProbs {
+    pub vocab: u32,
+}
+
+/// The soft embedding's reduction: `out[c, h] = bf16(bf16(sum_s partials[s, c, h]) * scale)`,
+/// the `splits` partial sums of a [`SoftEmbedding`] added in ascending order (fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SoftEmbeddingReduce {
+    pub hidden: u32,
+    pub splits: u32,
 }
 
 /// The sampler's categorical draw on the device (one block per canvas row): over the processed
@@ -351,6 +463,8 @@ pub enum Op {
     MoeCombine(MoeCombine),
     Router(Router),
     SoftEmbedding(SoftEmbedding),
+    SoftEmbeddingProbs(SoftEmbeddingProbs),
+    SoftEmbeddingReduce(SoftEmbeddingReduce),
     GumbelSample(GumbelSample),
     SamplerCanvas(SamplerCanvas),
     ReadBandwidth(ReadBandwidth),
@@ -372,13 +486,15 @@ pub enum Family {
     MoeCombine,
     Router,
     SoftEmbedding,
+    SoftEmbeddingProbs,
+    SoftEmbeddingReduce,
     GumbelSample,
     SamplerCanvas,
     ReadBandwidth,
 }
 
 impl Family {
-    pub const ALL: [Family; 16] = [
+    pub const ALL: [Family; 18] = [
         Family::RmsNorm,
         Family::Rope,
         Family::Embedding,
@@ -392,6 +508,8 @@ impl Family {
         Family::MoeCombine,
         Family::Router,
         Family::SoftEmbedding,
+        Family::SoftEmbeddingProbs,
+        Family::SoftEmbeddingReduce,
         Family::GumbelSample,
         Family::SamplerCanvas,
         Family::ReadBandwidth,
@@ -411,7 +529,7 @@ impl Family {
             Family::GroupedGemm | Family::MoeCombine => "grouped_gemm.cuh",
             Family::MoeSort => "moe_sort.cuh",
             Family::Router => "router.cuh",
-            Family::SoftEmbedding => "soft_embedding.cuh",
+            Family::SoftEmbedding | Family::SoftEmbeddingProbs | Family::SoftEmbeddingReduce => "soft_embedding.cuh",
             Family::GumbelSample | Family::SamplerCanvas => "sampler.cuh",
             Family::ReadBandwidth => "bandwidth.cuh",
         }
@@ -456,6 +574,8 @@ impl KernelSpec {
             Op::MoeCombine(_) => Family::MoeCombine,
             Op::Router(_) => Family::Router,
             Op::SoftEmbedding(_) => Family::SoftEmbedding,
+            Op::SoftEmbeddingProbs(_) => Family::SoftEmbeddingProbs,
+            Op::SoftEmbeddingReduce(_) => Family::SoftEmbeddingReduce,
             Op::GumbelSample(_) => Family::GumbelSample,
             Op::SamplerCanvas(_) => Family::SamplerCanvas,
             Op::ReadBandwidth(_) => Family::ReadBandwidth,
@@ -486,13 +606,16 @@ impl KernelSpec {
             Op::RowSoftmaxEntropyArgmax(r) => write!(s, "row_softmax_entropy_argmax_v{}", r.vocab).unwrap(),
             Op::Attention(a) => write!(
                 s,
-                "attention_d{}_q{}_kv{}_{}_kt{}_t{}",
+                "attention_d{}_q{}_kv{}_{}_t{}x{}x{}_w{}x{}",
                 a.head_dim,
                 a.q_heads,
                 a.kv_heads,
                 a.mask.suffix(),
-                a.key_tile,
-                a.threads
+                a.block_m,
+                a.block_n,
+                a.block_k,
+                a.warps_m,
+                a.warps_n
             )
             .unwrap(),
             Op::Linear(l) => write!(
@@ -501,15 +624,28 @@ impl KernelSpec {
                 l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
             )
             .unwrap(),
-            Op::GroupedGemm(g) => {
-                write!(s, "grouped_gemm_n{}_k{}_{}_r{}_c{}", g.n, g.k, g.fuse.suffix(), g.rows, g.cols).unwrap()
-            }
+            Op::GroupedGemm(g) => write!(
+                s,
+                "grouped_gemm_n{}_k{}_{}_r{}_c{}{}",
+                g.n,
+                g.k,
+                g.fuse.suffix(),
+                g.rows,
+                g.cols,
+                g.weights.suffix()
+            )
+            .unwrap(),
             Op::MoeSort(m) => write!(s, "moe_sort_e{}", m.experts).unwrap(),
             Op::MoeCombine(m) => write!(s, "moe_combine_h{}", m.hidden).unwrap(),
             Op::Router(r) => write!(s, "router_h{}_e{}_k{}", r.hidden, r.experts, r.top_k).unwrap(),
-            Op::SoftEmbedding(e) => {
-                write!(s, "soft_embedding_h{}_v{}_r{}", e.hidden, e.vocab, e.rows_per_block).unwrap()
-            }
+            Op::SoftEmbedding(e) => write!(
+                s,
+                "soft_embedding_h{}_v{}_t{}x{}x{}_w{}x{}_s{}",
+                e.hidden, e.vocab, e.block_m, e.block_n, e.block_k, e.warp_m, e.warp_n, e.splits
+            )
+            .unwrap(),
+            Op::SoftEmbeddingProbs(p) => write!(s, "soft_embedding_probs_v{}", p.vocab).unwrap(),
+            Op::SoftEmbeddingReduce(r) => write!(s, "soft_embedding_reduce_h{}_s{}", r.hidden, r.splits).unwrap(),
             Op::GumbelSample(g) => write!(s, "gumbel_sample_v{}", g.vocab).unwrap(),
             Op::SamplerCanvas(c) => write!(s, "sampler_canvas_c{}", c.max_canvas).unwrap(),
             Op::ReadBandwidth(r) => write!(s, "read_bandwidth_t{}_u{}", r.threads, r.unroll).unwrap(),
@@ -532,7 +668,7 @@ impl KernelSpec {
             Op::Embedding(e) => next_pow2_clamped(e.hidden.div_ceil(4), 32, 256),
             Op::Geglu | Op::Softcap => 256,
             Op::RowSoftmaxEntropyArgmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
-            Op::Attention(a) => a.threads,
+            Op::Attention(a) => 32 * a.warps_m * a.warps_n,
             Op::Linear(l) => 32 * (l.block_m / l.warp_m.max(1)) * (l.block_n / l.warp_n.max(1)),
             // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
             Op::GroupedGemm(g) => (g.rows / 4) * (g.weight_rows() / 2),
@@ -550,8 +686,10 @@ impl KernelSpec {
             // About 8 elements of the row per thread (loading and scaling it, as RMSNorm) and 8
             // threads per expert logit (the CPU dot's 8 accumulators).
             Op::Router(r) => next_pow2_clamped(r.hidden.div_ceil(8), 32, 256),
-            // Two hidden columns per thread, at most 128 threads (256 columns) per tile.
-            Op::SoftEmbedding(e) => next_pow2_clamped(e.hidden.div_ceil(2), 32, 128),
+            Op::SoftEmbedding(e) => 32 * (e.block_m / e.warp_m.max(1)) * (e.block_n / e.warp_n.max(1)),
+            // Grid-stride element-wise passes (8 vocabulary entries / 2 hidden columns per thread
+            // and step).
+            Op::SoftEmbeddingProbs(_) | Op::SoftEmbeddingReduce(_) => 256,
             // One Philox block (4 vocab ids) per thread and iteration, about 4 iterations each.
             Op::GumbelSample(g) => next_pow2_clamped(g.vocab.div_ceil(16), 32, 1024),
             // One canvas position per thread.
@@ -583,7 +721,27 @@ impl KernelSpec {
             Op::Attention(a) if a.head_dim == 0 || a.kv_heads == 0 || a.q_heads % a.kv_heads != 0 => {
                 fail("q_heads must be a positive multiple of kv_heads and head_dim positive")
             }
-            Op::Attention(a) if a.key_tile == 0 || a.key_tile > 1024 => fail("key_tile must be in 1..=1024"),
+            Op::Attention(a) if a.head_dim % 8 != 0 => fail("head_dim must be a multiple of 8 (16-byte row chunks)"),
+            Op::Attention(a)
+                if a.warps_m == 0
+                    || a.warps_n == 0
+                    || a.block_m == 0
+                    || a.block_n == 0
+                    || a.block_m % (16 * a.warps_m) != 0
+                    || a.block_n % (16 * a.warps_n) != 0
+                    || a.head_dim % (8 * a.warps_n) != 0
+                    || a.block_k == 0
+                    || a.block_k % 16 != 0 =>
+            {
+                fail(
+                    "warp tiles must be whole m16 fragments of block_m rows, whole pairs of n8 fragments of \
+                     block_n keys (ldmatrix.x4; so block_n is whole 16-key V slices too) and whole n8 fragments of \
+                     head_dim, block_k a multiple of 16",
+                )
+            }
+            Op::Attention(a) if a.shared_bytes() > 48 * 1024 => {
+                fail("the staged tiles must fit 48 KiB of static shared memory")
+            }
             Op::Linear(l) if l.n == 0 || l.k == 0 || l.k % 8 != 0 || l.n % 2 != 0 => {
                 fail("k must be a positive multiple of 8 (16-byte row chunks) and n positive and even (paired stores)")
             }
@@ -628,11 +786,37 @@ impl KernelSpec {
             Op::Router(r) if 4 * r.hidden as u64 + 12 * r.experts as u64 > 40 * 1024 => {
                 fail("the router's row and expert arrays must fit 40 KiB of shared memory")
             }
-            Op::SoftEmbedding(e) if e.hidden == 0 || e.hidden % 2 != 0 || e.vocab == 0 => {
-                fail("hidden must be positive and even (column pairs), vocab positive")
+            Op::SoftEmbedding(e) if e.hidden == 0 || e.hidden % 8 != 0 || e.vocab == 0 || e.vocab % 8 != 0 => {
+                fail("hidden and vocab must be positive multiples of 8 (16-byte row chunks of E and pr)")
             }
-            Op::SoftEmbedding(e) if e.rows_per_block == 0 || e.rows_per_block > 32 => {
-                fail("rows_per_block must be in 1..=32")
+            Op::SoftEmbedding(e)
+                if e.warp_m == 0
+                    || e.warp_n == 0
+                    || e.warp_m % 16 != 0
+                    || e.warp_n % 16 != 0
+                    || e.block_m == 0
+                    || e.block_n == 0
+                    || e.block_m % e.warp_m != 0
+                    || e.block_n % e.warp_n != 0
+                    || e.block_k == 0
+                    || e.block_k % 16 != 0 =>
+            {
+                fail("warp tiles must be whole m16 x (pairs of n8) fragments tiling the block, block_k a multiple of 16")
+            }
+            Op::SoftEmbedding(e) if !(e.block_k / 8).is_power_of_two() || !(e.block_n / 8).is_power_of_two() => {
+                fail("the swizzled slices need block_k and block_n to be 8 times a power of two")
+            }
+            Op::SoftEmbedding(e) if e.shared_bytes() > 48 * 1024 => {
+                fail("the staged slices must fit 48 KiB of static shared memory")
+            }
+            Op::SoftEmbedding(e) if e.splits == 0 || e.splits > e.k_tiles() => {
+                fail("splits must be in 1..=ceil(vocab / block_k) (every split has a slice)")
+            }
+            Op::SoftEmbeddingProbs(p) if p.vocab == 0 || p.vocab % 8 != 0 => {
+                fail("vocab must be a positive multiple of 8 (16-byte chunks)")
+            }
+            Op::SoftEmbeddingReduce(r) if r.hidden == 0 || r.hidden % 2 != 0 || r.splits == 0 => {
+                fail("hidden must be positive and even (column pairs), splits positive")
             }
             Op::GumbelSample(g) if g.vocab == 0 => fail("vocab must be positive"),
             Op::SamplerCanvas(c) if c.max_canvas == 0 || c.max_canvas > 1024 => {
@@ -692,12 +876,16 @@ mod tests {
 
     #[test]
     fn moe_names_and_blocks() {
-        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 32, cols: 32 };
+        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16 };
+        let fp8 = KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { weights: WeightFormat::E4m3, ..up }), Arch::Sm90a);
+        assert_eq!(fp8.kernel_name(), "grouped_gemm_n1408_k2816_geglu_r32_c32_e4m3_bf16_sm90a");
+        assert_eq!(fp8.block_threads(), 256);
+        fp8.validate().unwrap();
         let up = KernelSpec::for_arch(Op::GroupedGemm(up), Arch::Sm90a);
         assert_eq!(up.kernel_name(), "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a");
         assert_eq!(up.block_threads(), 256); // 8 groups of 4 pairs x 32 groups of 2 weight rows
         up.validate().unwrap();
-        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 32, cols: 64 };
+        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16 };
         let down = KernelSpec::for_arch(Op::GroupedGemm(down), Arch::Sm120);
         assert_eq!(down.kernel_name(), "grouped_gemm_n2816_k704_down_r32_c64_bf16_sm120");
         assert_eq!(down.block_threads(), 256);
@@ -724,11 +912,41 @@ mod tests {
         let tiny = KernelSpec::portable(Op::Router(Router { hidden: 48, experts: 6, top_k: 3 }));
         assert_eq!(tiny.block_threads(), 32);
         tiny.validate().unwrap();
-        let soft =
-            KernelSpec::portable(Op::SoftEmbedding(SoftEmbedding { hidden: 2816, vocab: 262_144, rows_per_block: 16 }));
-        assert_eq!(soft.kernel_name(), "soft_embedding_h2816_v262144_r16_bf16");
-        assert_eq!(soft.block_threads(), 128);
+        let gemm = SoftEmbedding {
+            hidden: 2816,
+            vocab: 262_144,
+            block_m: 256,
+            block_n: 128,
+            block_k: 32,
+            warp_m: 64,
+            warp_n: 64,
+            splits: 6,
+        };
+        let soft = KernelSpec::portable(Op::SoftEmbedding(gemm));
+        assert_eq!(soft.kernel_name(), "soft_embedding_h2816_v262144_t256x128x32_w64x64_s6_bf16");
+        assert_eq!(soft.block_threads(), 256);
+        assert_eq!(gemm.shared_bytes(), 48 * 1024);
         soft.validate().unwrap();
+        assert_eq!(gemm.probs_spec().kernel_name(), "soft_embedding_probs_v262144_bf16");
+        assert_eq!(gemm.reduce_spec().kernel_name(), "soft_embedding_reduce_h2816_s6_bf16");
+        for s in [gemm.probs_spec(), gemm.reduce_spec()] {
+            assert_eq!(s.family().header(), "soft_embedding.cuh");
+            assert_eq!(s.block_threads(), 256);
+            s.validate().unwrap();
+        }
+        let bad = [
+            SoftEmbedding { hidden: 60, ..gemm },                             // not whole 16-byte chunks
+            SoftEmbedding { vocab: 262_140, ..gemm },                         // likewise
+            SoftEmbedding { warp_n: 8, block_n: 16, ..gemm },                 // not pairs of n8 fragments
+            SoftEmbedding { block_m: 224, ..gemm },                           // warps do not tile the block
+            SoftEmbedding { block_n: 192, warp_n: 64, ..gemm },               // not a swizzle width
+            SoftEmbedding { block_k: 64, ..gemm },                            // shared memory
+            SoftEmbedding { splits: 0, ..gemm },                              // no split
+            SoftEmbedding { vocab: 64, splits: 3, ..gemm },                   // an empty split
+        ];
+        for e in bad {
+            assert!(KernelSpec::portable(Op::SoftEmbedding(e)).validate().is_err(), "{e:?}");
+        }
     }
 
     #[test]
@@ -766,39 +984,68 @@ mod tests {
         assert!(!Target::Only(Arch::Sm90a).runs_on(Arch::Sm120));
     }
 
+    const ATTN: Attention = Attention {
+        head_dim: 16,
+        q_heads: 8,
+        kv_heads: 4,
+        mask: MaskKind::Causal,
+        block_m: 64,
+        block_n: 64,
+        block_k: 16,
+        warps_m: 4,
+        warps_n: 1,
+    };
+
+    #[test]
+    fn attention_name_block_and_shared_memory() {
+        let spec = KernelSpec::portable(Op::Attention(ATTN));
+        spec.validate().unwrap();
+        assert_eq!(spec.kernel_name(), "attention_d16_q8_kv4_causal_t64x64x16_w4x1_bf16");
+        assert_eq!(spec.block_threads(), 128);
+        let big = Attention {
+            head_dim: 512,
+            q_heads: 16,
+            kv_heads: 2,
+            mask: MaskKind::Bidirectional,
+            block_k: 64,
+            warps_m: 2,
+            warps_n: 4,
+            ..ATTN
+        };
+        // Q + K chunks 2 x 128 x 72, P 64 x 72 (bf16); 64 x 5 floats.
+        assert_eq!(big.shared_bytes(), 2 * (2 * 128 * 72 + 64 * 72) + 4 * 64 * 5);
+        assert_eq!(big.group(), 8);
+        KernelSpec::portable(Op::Attention(big)).validate().unwrap();
+        // head_dim 24 (an odd multiple of 8): V rows of 40.
+        let odd = Attention { head_dim: 24, block_k: 32, ..ATTN };
+        assert_eq!(odd.shared_bytes(), 2 * (2 * 128 * 40 + 64 * 72) + 4 * 64 * 2);
+    }
+
     #[test]
     fn validation_rejects_bad_shapes() {
         let bad = [
             Op::Rope(Rope { head_dim: 16, rotary_pairs: 9 }),
-            Op::Attention(Attention {
-                head_dim: 16,
-                q_heads: 6,
-                kv_heads: 4,
-                mask: MaskKind::Causal,
-                key_tile: 32,
-                threads: 64,
-            }),
-            Op::Attention(Attention {
-                head_dim: 16,
-                q_heads: 8,
-                kv_heads: 4,
-                mask: MaskKind::Causal,
-                key_tile: 32,
-                threads: 48,
-            }),
-            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, rows: 32, cols: 32 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 60, fuse: GemmFuse::Down, rows: 32, cols: 64 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 30, cols: 64 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 32, cols: 5 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 128, cols: 64 }),
+            Op::Attention(Attention { q_heads: 6, kv_heads: 4, ..ATTN }),
+            Op::Attention(Attention { head_dim: 20, ..ATTN }),
+            Op::Attention(Attention { block_m: 48, ..ATTN }),
+            Op::Attention(Attention { block_n: 40, ..ATTN }),
+            Op::Attention(Attention { warps_n: 4, ..ATTN }),
+            Op::Attention(Attention { block_k: 24, ..ATTN }),
+            Op::Attention(Attention { head_dim: 512, block_m: 128, block_n: 128, block_k: 64, ..ATTN }),
+            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 60, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 30, cols: 64, weights: WeightFormat::Bf16 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 32, cols: 5, weights: WeightFormat::Bf16 }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 128, cols: 64, weights: WeightFormat::Bf16 }),
             Op::MoeSort(MoeSort { experts: 0 }),
             Op::MoeSort(MoeSort { experts: 400 }),
             Op::MoeCombine(MoeCombine { hidden: 0 }),
             Op::Router(Router { hidden: 64, experts: 8, top_k: 9 }),
             Op::Router(Router { hidden: 64, experts: 8, top_k: 0 }),
             Op::Router(Router { hidden: 16384, experts: 128, top_k: 8 }),
-            Op::SoftEmbedding(SoftEmbedding { hidden: 63, vocab: 512, rows_per_block: 4 }),
-            Op::SoftEmbedding(SoftEmbedding { hidden: 64, vocab: 512, rows_per_block: 33 }),
+            Op::SoftEmbeddingProbs(SoftEmbeddingProbs { vocab: 500 }),
+            Op::SoftEmbeddingReduce(SoftEmbeddingReduce { hidden: 63, splits: 2 }),
+            Op::SoftEmbeddingReduce(SoftEmbeddingReduce { hidden: 64, splits: 0 }),
             Op::GumbelSample(GumbelSample { vocab: 0 }),
             Op::SamplerCanvas(SamplerCanvas { max_canvas: 0 }),
             Op::SamplerCanvas(SamplerCanvas { max_canvas: 1025 }),

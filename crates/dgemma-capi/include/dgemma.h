@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define DGEMMA_ABI_VERSION 2
+#define DGEMMA_ABI_VERSION 3
 
 typedef enum DgemmaStatus {
     DGEMMA_OK = 0,
@@ -46,6 +46,11 @@ typedef enum DgemmaBackend {
     DGEMMA_BACKEND_CUDA = 1          /* a CUDA GPU (bf16): weights uploaded once, a KV cache per request */
 } DgemmaBackend;
 
+typedef enum DgemmaQuant {
+    DGEMMA_QUANT_NONE = 0,           /* MoE experts as the checkpoint stores them */
+    DGEMMA_QUANT_FP8 = 1             /* FP8 E4M3 experts, per-output-channel scales (quantised at load) */
+} DgemmaQuant;
+
 /* How to load an engine: fill with dgemma_engine_options_init(), then change what you need. */
 typedef struct DgemmaEngineOptions {
     uint32_t backend;         /* DgemmaBackend */
@@ -56,6 +61,7 @@ typedef struct DgemmaEngineOptions {
     uint32_t prefill_chunk;   /* most prompt tokens a request prefills per scheduler round */
     uint64_t memory_limit;    /* CUDA: most device bytes the engine allocates; 0 = no limit. A request
                                  whose KV cache does not fit waits for a running one to finish */
+    uint32_t quant;           /* DgemmaQuant: how the MoE experts are held (ABI 3) */
 } DgemmaEngineOptions;
 
 /* Opaque engine: a loaded model and its request scheduler. */

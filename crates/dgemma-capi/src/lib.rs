@@ -86,9 +86,13 @@ pub const DGEMMA_FINISH_MAX_NEW_TOKENS: i32 = 2;
 pub const DGEMMA_BACKEND_CPU: u32 = 0;
 pub const DGEMMA_BACKEND_CUDA: u32 = 1;
 
+/// `DgemmaQuant` in the header: how the MoE experts are held.
+pub const DGEMMA_QUANT_NONE: u32 = 0;
+pub const DGEMMA_QUANT_FP8: u32 = 1;
+
 /// ABI version of this library (`DGEMMA_ABI_VERSION` in the header). 2: engine options
-/// ([`DgemmaEngineOptions`]) and more engine counters.
-pub const DGEMMA_ABI_VERSION: u32 = 2;
+/// ([`DgemmaEngineOptions`]) and more engine counters. 3: `DgemmaEngineOptions::quant`.
+pub const DGEMMA_ABI_VERSION: u32 = 3;
 
 /// How to load an engine. Fill with [`dgemma_engine_options_init`], then change what you need.
 #[repr(C)]
@@ -109,6 +113,9 @@ pub struct DgemmaEngineOptions {
     /// CUDA: most device bytes the engine allocates (0: no limit); a request whose KV cache
     /// does not fit waits for a running one to finish.
     pub memory_limit: u64,
+    /// `DGEMMA_QUANT_NONE` (experts as stored) or `DGEMMA_QUANT_FP8` (FP8 E4M3 experts with
+    /// per-output-channel scales, quantised at load; weight-only).
+    pub quant: u32,
 }
 
 /// Per-request parameters. Fill with [`dgemma_params_init`], then change what you need.
@@ -399,6 +406,7 @@ pub unsafe extern "C" fn dgemma_engine_options_init(options: *mut DgemmaEngineOp
             max_batch: d.max_batch as u32,
             prefill_chunk: d.prefill_chunk as u32,
             memory_limit: 0,
+            quant: DGEMMA_QUANT_NONE,
         });
         DgemmaStatus::Ok
     })
@@ -427,6 +435,11 @@ pub unsafe extern "C" fn dgemma_engine_load_with_options(
         o.max_batch = c.max_batch as usize;
         o.prefill_chunk = c.prefill_chunk as usize;
         o.memory_limit = (c.memory_limit != 0).then(|| usize::try_from(c.memory_limit).unwrap_or(usize::MAX));
+        o.quant = match c.quant {
+            DGEMMA_QUANT_NONE => dgemma_runtime::Quant::None,
+            DGEMMA_QUANT_FP8 => dgemma_runtime::Quant::Fp8,
+            q => return fail(DgemmaStatus::InvalidArgument, &format!("options.quant {q}: not a DgemmaQuant")),
+        };
     }
     load_with(model_dir, out_engine, o)
 }

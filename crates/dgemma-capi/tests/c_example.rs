@@ -241,6 +241,7 @@ fn struct_layouts_match_the_header() {
         ("DgemmaEngineOptions", "backend", offset_of!(DgemmaEngineOptions, backend)),
         ("DgemmaEngineOptions", "prefill_chunk", offset_of!(DgemmaEngineOptions, prefill_chunk)),
         ("DgemmaEngineOptions", "memory_limit", offset_of!(DgemmaEngineOptions, memory_limit)),
+        ("DgemmaEngineOptions", "quant", offset_of!(DgemmaEngineOptions, quant)),
     ];
     let sizes = [
         ("DgemmaParams", size_of::<DgemmaParams>()),

@@ -190,6 +190,8 @@ fn constants_match() {
     );
     want.insert("DGEMMA_BACKEND_CPU".into(), DGEMMA_BACKEND_CPU as i64);
     want.insert("DGEMMA_BACKEND_CUDA".into(), DGEMMA_BACKEND_CUDA as i64);
+    want.insert("DGEMMA_QUANT_NONE".into(), dgemma_capi::DGEMMA_QUANT_NONE as i64);
+    want.insert("DGEMMA_QUANT_FP8".into(), dgemma_capi::DGEMMA_QUANT_FP8 as i64);
     want.insert("DGEMMA_ABI_VERSION".into(), DGEMMA_ABI_VERSION as i64);
     assert_eq!(c, want);
 }

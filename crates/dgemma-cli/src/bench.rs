@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// Write the records as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// How the MoE experts are held (`fp8`: FP8 E4M3 with per-row scales, quantised at load for
+    /// --model, random codes for --synthetic). The model figures are then named `*.fp8.*`
+    /// instead of `*.bf16.*`; the serving figures stay bf16.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: load::QuantArg,
 }
 
 /// The backend's sizes: a cache for the longest context plus two canvases, a workspace for the
@@ -121,7 +126,8 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
         (bench::copy_bandwidth(&mut probe, 1 << 30, 10)?, bench::read_bandwidth(&mut probe, 2 << 30, 5)?)
     };
     let longest = a.contexts.iter().copied().max().unwrap_or(0).max(a.prompt);
-    let loaded = a.model.as_ref().map(|dir| load::open(dir)).transpose()?;
+    let quant: dgemma_model::quant::Quant = a.quant.into();
+    let loaded = a.model.as_ref().map(|dir| load::open(dir, quant)).transpose()?;
     let cfg = match &loaded {
         Some(l) => l.checkpoint.config.clone(),
         None => ModelConfig::from_file(config_path)?,
@@ -139,7 +145,7 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
         let mut progress = |done: usize, total: usize| bar.update(done as u64, total as u64);
         let built = match &loaded {
             Some(l) => GpuBackend::new(exec, &cfg.text, &l.weights, options, &mut progress),
-            None => GpuBackend::synthetic(exec, &cfg.text, 0, options, &mut progress),
+            None => GpuBackend::synthetic_quant(exec, &cfg.text, 0, quant, options, &mut progress),
         };
         match built {
             Ok(b) => break b,
@@ -188,5 +194,10 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
         target: None,
         note: "bytes allocated by the backend (weights, cache, workspace, probe buffers)".into(),
     });
+    if quant == dgemma_model::quant::Quant::Fp8 {
+        for r in &mut records {
+            r.name = r.name.replace(".bf16.", ".fp8.");
+        }
+    }
     Ok(records)
 }

@@ -3,6 +3,7 @@
 use crate::progress::Progress;
 use dgemma_cpu::CpuBackend;
 use dgemma_model::checkpoint::Checkpoint;
+use dgemma_model::quant::Quant;
 use dgemma_model::tensor::DType;
 use dgemma_model::weights::ModelWeights;
 use dgemma_model::{Backend, Precision};
@@ -44,15 +45,48 @@ pub enum PrecisionArg {
     Bf16,
 }
 
+/// How the MoE experts are held (`--quant`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantArg {
+    /// As the checkpoint stores them (a compressed-tensors FP8 checkpoint's experts stay FP8).
+    None,
+    /// FP8 E4M3 experts with per-output-channel scales: bf16/f32 experts are quantised at load
+    /// (weight-only FP8; activations stay bf16).
+    Fp8,
+}
+
+impl From<QuantArg> for Quant {
+    fn from(q: QuantArg) -> Quant {
+        match q {
+            QuantArg::None => Quant::None,
+            QuantArg::Fp8 => Quant::Fp8,
+        }
+    }
+}
+
 pub struct Loaded {
     pub checkpoint: Checkpoint,
     pub weights: ModelWeights,
 }
 
-pub fn open(dir: &Path) -> Result<Loaded, Box<dyn std::error::Error>> {
+pub fn open(dir: &Path, quant: Quant) -> Result<Loaded, Box<dyn std::error::Error>> {
     let checkpoint = Checkpoint::open(dir)?;
-    let weights = ModelWeights::load(&checkpoint)?;
-    if checkpoint.total_bytes() >= PREFETCH_BYTES {
+    let big = checkpoint.total_bytes() >= PREFETCH_BYTES;
+    if quant == Quant::Fp8 {
+        // Quantising at load reads every expert weight: page the files in first (with the
+        // progress bar), then quantise from memory. Checking the float layout first keeps a
+        // broken checkpoint from costing a full read.
+        ModelWeights::load(&checkpoint)?;
+        if big {
+            let mut bar = Progress::new("loading");
+            checkpoint.prefetch(&mut |done, total| bar.update(done, total));
+            eprintln!("dgemma: quantising the experts to FP8 (e4m3, per-output-channel scales)");
+        }
+        let weights = ModelWeights::load_with(&checkpoint, quant)?;
+        return Ok(Loaded { checkpoint, weights });
+    }
+    let weights = ModelWeights::load_with(&checkpoint, quant)?;
+    if big {
         let mut bar = Progress::new("loading");
         checkpoint.prefetch(&mut |done, total| bar.update(done, total));
     }

@@ -1,7 +1,7 @@
 //! `dgemma run`: generate for one prompt, streaming each committed canvas to stdout and the
 //! statistics to stderr.
 
-use crate::load::{self, BackendKind, PrecisionArg};
+use crate::load::{self, BackendKind, PrecisionArg, QuantArg};
 use dgemma_engine::generate::{generate, FinishReason, GenerationSettings, Observer};
 use dgemma_sampler::noise::SeededNoise;
 use dgemma_tokenizer::{chat_prompt_ids, raw_prompt_ids, ChatTemplate, StreamDecoder, Tokenizer};
@@ -55,6 +55,11 @@ pub struct RunArgs {
     pub backend: BackendKind,
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: PrecisionArg,
+    /// How the MoE experts are held: `none` as stored, `fp8` FP8 E4M3 with per-output-channel
+    /// scales (quantised at load from a bf16 checkpoint; weight-only, activations stay bf16).
+    /// A compressed-tensors FP8 checkpoint's experts are FP8 either way.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
     /// Print special tokens (EOS, pad, turn markers) in the output.
     #[arg(long)]
     pub show_special: bool,
@@ -102,7 +107,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dir = a.model.clone().unwrap_or_else(load::default_model_dir);
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let template = ChatTemplate::from_dir(&dir)?;
-    let loaded = load::open(&dir)?;
+    let loaded = load::open(&dir, a.quant.into())?;
     let cfg = &loaded.checkpoint.config;
     let gen_cfg = &loaded.checkpoint.generation;
     let precision = load::precision(a.precision, &loaded.weights);
@@ -142,10 +147,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut backend = load::backend(a.backend, &loaded, precision, context)?;
 
     eprintln!(
-        "dgemma: {} | backend {} ({}) | prompt {} tokens | up to {} canvas(es) of {} | {} steps max | seed {}",
+        "dgemma: {} | backend {} ({}{}) | prompt {} tokens | up to {} canvas(es) of {} | {} steps max | seed {}",
         dir.display(),
         backend.name(),
         precision.name(),
+        if loaded.weights.layers.iter().any(|l| l.experts_gate_up.is_fp8()) { ", fp8 experts" } else { "" },
         prompt.len(),
         settings.canvases(),
         settings.canvas_length,

@@ -1,6 +1,6 @@
 //! `dgemma verify`: run a reference case and print each check's error and verdict.
 
-use crate::load::{self, BackendKind};
+use crate::load::{self, BackendKind, QuantArg};
 use dgemma_engine::case::Case;
 use dgemma_engine::generate::GenerationSettings;
 use dgemma_engine::verify::verify_case;
@@ -17,11 +17,15 @@ pub struct VerifyArgs {
     pub case: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
+    /// How the MoE experts are held (`fp8`: quantised at load, which the case's tolerances were
+    /// not made for: it measures what FP8 costs against transformers).
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: QuantArg,
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let case = Case::open(&a.case)?;
-    let loaded = load::open(&a.model)?;
+    let loaded = load::open(&a.model, a.quant.into())?;
     let settings = GenerationSettings::from_checkpoint(&loaded.checkpoint.config, &loaded.checkpoint.generation, case.precision);
     // Positions the case reaches: the prompt, then its passes or its trace's canvases.
     let c = settings.canvas_length;

@@ -4,13 +4,20 @@
 //! ([`TensorMatrix`]); vectors (norm scales, router scales) are widened once at load. In bf16
 //! mode every weight value is rounded to bf16, as `from_pretrained(dtype=torch.bfloat16)` does
 //! for a checkpoint stored in another dtype (a no-op for bf16 checkpoints).
+//!
+//! FP8 experts ([`dgemma_model::Quant::Fp8`], or a compressed-tensors FP8 checkpoint) are read
+//! as their dequantised values, `f32(e4m3) * scale` per row ([`Fp8Matrix`]), then rounded like
+//! any other weight (to bf16 in bf16 mode): what transformers' bf16 model computes when it holds
+//! the dequantised weights, and the reference the GPU's FP8 kernels are checked against.
 
 use crate::ops::linear::Matrix;
 use crate::ops::moe::ExpertBank;
 use crate::precision::{round_slice, Precision};
 use dgemma_model::config::{LayerSpec, TextConfig};
+use dgemma_model::quant::{ExpertTensor, Fp8Experts};
 use dgemma_model::tensor::TensorRef;
 use dgemma_model::weights::ModelWeights;
+use std::sync::Arc;
 
 /// Rows `row0 .. row0 + rows` of a tensor seen as a `[rows, cols]` matrix (a 2-D weight, or
 /// one expert's slice of a 3-D expert tensor).
@@ -48,6 +55,60 @@ impl Matrix for TensorMatrix {
         debug_assert!(r < self.rows);
         self.tensor.read_f32((self.row0 + r) * self.cols, out);
         round_slice(out, self.precision);
+    }
+}
+
+/// Expert `e`'s rows `[rows, cols]` of an FP8 expert tensor, dequantised on read.
+pub struct Fp8Matrix {
+    experts: Arc<Fp8Experts>,
+    row0: usize,
+    rows: usize,
+    cols: usize,
+    precision: Precision,
+}
+
+impl Fp8Matrix {
+    /// Expert `index` of `experts` (`[E, rows, cols]`).
+    pub fn slice0(experts: &Arc<Fp8Experts>, index: usize, precision: Precision) -> Fp8Matrix {
+        let [_, rows, cols] = experts.shape;
+        Fp8Matrix { experts: experts.clone(), row0: index * rows, rows, cols, precision }
+    }
+}
+
+impl Matrix for Fp8Matrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn read_row(&self, r: usize, out: &mut [f32]) {
+        debug_assert!(r < self.rows);
+        self.experts.dequantize_row(self.row0 + r, out);
+        round_slice(out, self.precision);
+    }
+}
+
+/// One expert's matrix of an [`ExpertTensor`].
+pub enum ExpertMatrix {
+    Float(TensorMatrix),
+    Fp8(Fp8Matrix),
+}
+
+impl ExpertMatrix {
+    /// Expert `index` of `t`.
+    pub fn slice0(t: &ExpertTensor, index: usize, precision: Precision) -> ExpertMatrix {
+        match t {
+            ExpertTensor::Float(t) => ExpertMatrix::Float(TensorMatrix::slice0(t, index, precision)),
+            ExpertTensor::Fp8(f) => ExpertMatrix::Fp8(Fp8Matrix::slice0(f, index, precision)),
+        }
+    }
+
+    fn matrix(&self) -> &dyn Matrix {
+        match self {
+            ExpertMatrix::Float(m) => m,
+            ExpertMatrix::Fp8(m) => m,
+        }
     }
 }
 
@@ -89,8 +150,8 @@ pub struct CpuLayer {
 
 /// Per-expert views of the fused `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`.
 pub struct Experts {
-    pub gate_up: Vec<TensorMatrix>,
-    pub down: Vec<TensorMatrix>,
+    pub gate_up: Vec<ExpertMatrix>,
+    pub down: Vec<ExpertMatrix>,
 }
 
 impl ExpertBank for Experts {
@@ -98,10 +159,10 @@ impl ExpertBank for Experts {
         self.gate_up.len()
     }
     fn gate_up(&self, e: usize) -> &dyn Matrix {
-        &self.gate_up[e]
+        self.gate_up[e].matrix()
     }
     fn down(&self, e: usize) -> &dyn Matrix {
-        &self.down[e]
+        self.down[e].matrix()
     }
 }
 
@@ -134,7 +195,7 @@ impl CpuWeights {
             .enumerate()
             .map(|(i, l)| {
                 let spec = config.layer(i);
-                let n_exp = l.experts_gate_up.shape[0];
+                let n_exp = l.experts_gate_up.shape()[0];
                 CpuLayer {
                     inv_freq: spec.rope.inv_freq(spec.head_dim),
                     spec,
@@ -158,8 +219,8 @@ impl CpuWeights {
                     router_scale: v(&l.router_scale),
                     router_per_expert_scale: v(&l.router_per_expert_scale),
                     experts: Experts {
-                        gate_up: (0..n_exp).map(|e| TensorMatrix::slice0(&l.experts_gate_up, e, precision)).collect(),
-                        down: (0..n_exp).map(|e| TensorMatrix::slice0(&l.experts_down, e, precision)).collect(),
+                        gate_up: (0..n_exp).map(|e| ExpertMatrix::slice0(&l.experts_gate_up, e, precision)).collect(),
+                        down: (0..n_exp).map(|e| ExpertMatrix::slice0(&l.experts_down, e, precision)).collect(),
                     },
                     layer_scalar: r(l.layer_scalar),
                     encoder_layer_scalar: r(l.encoder_layer_scalar),

@@ -16,7 +16,8 @@
 // The emulated arch is sm_90a: __CUDA_ARCH__ = 900 and __CUDA_ARCH_FEAT_SM90_ALL are defined,
 // so sm_90a-specific kernels run their body and sm_120-specific ones trap. DGEMMA_EMULATOR is
 // defined too: device code whose GPU form is inline PTX (csrc/mma.cuh) calls the emulation below
-// instead (emu::mma_bf16_16816: the tensor-core mma, warp-collective like a shuffle).
+// instead (emu::mma_bf16_16816: the tensor-core mma, and emu::ldmatrix_x4: the shared-memory
+// fragment loads, plain and transposed; both warp-collective like a shuffle).
 #pragma once
 
 #include <cmath>
@@ -59,6 +60,11 @@ struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
 
+// The 8-byte vector type (8 e4m3 codes in csrc/grouped_gemm.cuh), aligned as on the device.
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+
 namespace emu {
 
 enum State { RUNNING, DONE };
@@ -94,6 +100,7 @@ struct Runtime {
     uint32_t warp_slots[MAX_WARPS][2][32];
     uint32_t mma_a[MAX_WARPS][2][32][4]; // mma operands, double-buffered as warp_slots
     uint32_t mma_b[MAX_WARPS][2][32][2];
+    const void* ldm_rows[MAX_WARPS][2][32]; // ldmatrix row addresses, double-buffered likewise
     int or_acc = 0;
     long events = 0; // arrivals, releases and exits: progress of the scheduler
     void (*thunk)(void**) = nullptr;
@@ -193,6 +200,41 @@ inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2])
             }
             d[2 * h + j] = acc;
         }
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l passes the address of row l % 8 of
+// matrix l / 8 (8 contiguous bf16 of the block's shared memory, a host address here). Every lane
+// deposits its address, waits for the warp, and assembles its four registers from the gathered
+// rows (csrc/mma.cuh: register q holds M_q[g][2t..2t+1], or with `trans` M_q[2t][g], M_q[2t+1][g];
+// the first element in the low 16 bits). All 32 lanes must take part (.aligned).
+inline void ldmatrix_x4(unsigned r[4], const void* row, bool trans)
+{
+    Runtime& rr = rt();
+    const int th = cur_thread(), w = th / 32, lane = th % 32;
+    if (rr.live_in_warp[w] != 32) {
+        std::fprintf(stderr, "cuda_emu: ldmatrix in warp %d with only %d live lanes (all 32 must take part)\n", w,
+                     rr.live_in_warp[w]);
+        std::abort();
+    }
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "cuda_emu: ldmatrix row address %p is not 16-byte aligned\n", row);
+        std::abort();
+    }
+    const unsigned parity = rr.warp_bar[w].gen & 1;
+    const void** slots = rr.ldm_rows[w][parity];
+    slots[lane] = row;
+    barrier_wait(rr.warp_bar[w], rr.live_in_warp[w]);
+    const int g = lane >> 2, t = lane & 3;
+    auto elem = [&](int q, int i, int j) -> uint32_t { // M_q[i][j]
+        uint16_t v;
+        std::memcpy(&v, static_cast<const char*>(slots[8 * q + i]) + 2 * j, 2);
+        return v;
+    };
+    for (int q = 0; q < 4; ++q) {
+        const uint32_t lo = trans ? elem(q, 2 * t, g) : elem(q, g, 2 * t);
+        const uint32_t hi = trans ? elem(q, 2 * t + 1, g) : elem(q, g, 2 * t + 1);
+        r[q] = lo | (hi << 16);
     }
 }
 

@@ -11,7 +11,7 @@
 //! [`Device::resolve`]); arch-specific specs of another arch are refused at launch.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use dgemma_codegen::{GemmFuse, KernelSpec, MaskKind, Op};
+use dgemma_codegen::{GemmFuse, KernelSpec, MaskKind, Op, WeightFormat};
 
 use crate::device::{guard, Device};
 use crate::error::{args, Context, Result};
@@ -384,8 +384,37 @@ pub fn plan_row_softmax_entropy_argmax(
 // ---------------------------------------------------------------------------------------------
 // Attention
 
+/// The `phase` argument of the attention kernel (`csrc/attention.cuh`): one launch for an unsplit
+/// key range, or the partial maxima, the partial P.V and the combine of a split one.
+const ATTENTION_WHOLE: i32 = 0;
+const ATTENTION_SPLIT_MAX: i32 = 1;
+const ATTENTION_SPLIT_PV: i32 = 2;
+const ATTENTION_COMBINE: i32 = 3;
+
+/// f32 elements of the scratch an attention with `spec` needs for any pass of up to `max_q_len`
+/// queries (over any number of keys): the split launches' partial row maxima, denominators and
+/// accumulators, `splits * q_len * q_heads * (head_dim + 2)` at the split count
+/// [`attention_splits`](dgemma_codegen::shapes::attention_splits) picks; 0 when no such pass
+/// splits.
+pub fn attention_scratch_len(spec: &KernelSpec, max_q_len: usize) -> Result<usize> {
+    let a = expect_op("attention", spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
+    let per_row = a.q_heads as usize * (a.head_dim as usize + 2);
+    Ok((1..=max_q_len)
+        .map(|q_len| match dgemma_codegen::shapes::attention_splits(&a, q_len, usize::MAX) {
+            1 => 0,
+            splits => splits * q_len * per_row,
+        })
+        .max()
+        .unwrap_or(0))
+}
+
 /// Attention of `q_len` queries (positions `q_pos0..`) over the `kv_len` keys at positions
-/// `k_pos0..`, read from the ring `k`/`v` of `kv_rows` rows (position p in row p % kv_rows).
+/// `k_pos0..`, read from the ring `k`/`v` of `kv_rows` rows (position p in row p % kv_rows), into
+/// `out`: the launches, in order. The key range is split across blocks (flash-decoding, three
+/// launches) when [`attention_splits`](dgemma_codegen::shapes::attention_splits) says so, a
+/// function of the spec, `q_len` and `kv_len` only (so a sequence's result never depends on the
+/// other sequences of a pass); a split needs `scratch` (f32, [`attention_scratch_len`] elements
+/// for the largest `q_len` the caller runs), which is overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_attention(
     spec: &KernelSpec,
@@ -393,13 +422,37 @@ pub fn plan_attention(
     k: Buf,
     v: Buf,
     out: Buf,
+    scratch: Option<Buf>,
     q_len: usize,
     kv_len: usize,
     kv_rows: usize,
     q_pos0: usize,
     k_pos0: usize,
     window: Option<usize>,
-) -> Result<LaunchPlan> {
+) -> Result<Vec<LaunchPlan>> {
+    let a = expect_op("attention", spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
+    let splits = dgemma_codegen::shapes::attention_splits(&a, q_len, kv_len);
+    plan_attention_split(spec, q, k, v, out, scratch, q_len, kv_len, kv_rows, q_pos0, k_pos0, window, splits)
+}
+
+/// [`plan_attention`] with the key range split into `splits` shares (1: one launch, no
+/// scratch), whatever the heuristic would pick: the kernel tests run every case both ways.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_attention_split(
+    spec: &KernelSpec,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    out: Buf,
+    scratch: Option<Buf>,
+    q_len: usize,
+    kv_len: usize,
+    kv_rows: usize,
+    q_pos0: usize,
+    k_pos0: usize,
+    window: Option<usize>,
+    splits: usize,
+) -> Result<Vec<LaunchPlan>> {
     const OP: &str = "attention";
     let a = expect_op(OP, spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
     let d = a.head_dim as usize;
@@ -413,6 +466,12 @@ pub fn plan_attention(
     }
     need(OP, "k", k, kv_rows * a.kv_heads as usize * d)?;
     need(OP, "v", v, kv_rows * a.kv_heads as usize * d)?;
+    // 16-byte chunks of q, k and v rows; bf16 pairs of out; f32 scratch.
+    for (what, b, align) in [("q", q, 16), ("k", k, 16), ("v", v, 16), ("out", out, 4)] {
+        if b.ptr % align != 0 {
+            return Err(args(OP, format!("{what} at {:#x} is not {align}-byte aligned", b.ptr)));
+        }
+    }
     let window = match (a.mask, window) {
         (MaskKind::CausalSliding, Some(w)) if w >= 1 => w,
         (MaskKind::CausalSliding, _) => return Err(args(OP, "a sliding kernel needs a window >= 1")),
@@ -421,22 +480,47 @@ pub fn plan_attention(
     };
     int(OP, "q_pos0 + q_len", q_pos0 + q_len)?;
     int(OP, "k_pos0 + kv_len", k_pos0 + kv_len)?;
-    LaunchPlan::new(
-        spec,
-        (grid_dim(OP, "q_len", q_len)?, grid_yz(OP, "q_heads", a.q_heads as usize)?, 1),
-        vec![
-            Arg::Ptr(q.ptr),
-            Arg::Ptr(k.ptr),
-            Arg::Ptr(v.ptr),
-            Arg::Ptr(out.ptr),
-            Arg::I32(int(OP, "q_len", q_len)?),
-            Arg::I32(int(OP, "kv_len", kv_len)?),
-            Arg::I32(int(OP, "kv_rows", kv_rows)?),
-            Arg::I32(int(OP, "q_pos0", q_pos0)?),
-            Arg::I32(int(OP, "k_pos0", k_pos0)?),
-            Arg::I32(int(OP, "window", window)?),
-        ],
-    )
+    let rows = q_len * a.group() as usize; // packed (query, head) rows per kv head
+    int(OP, "q_len x query heads per kv head", rows)?;
+    let scratch_ptr = match (splits, scratch) {
+        (0, _) => return Err(args(OP, "0 key splits")),
+        (1, _) => 0,
+        (_, None) => return Err(args(OP, format!("{splits} key splits need a scratch buffer"))),
+        (_, Some(b)) => {
+            need(OP, "scratch", b, splits * q_len * a.q_heads as usize * (d + 2))?;
+            if b.ptr % 4 != 0 {
+                return Err(args(OP, format!("scratch at {:#x} is not 4-byte aligned", b.ptr)));
+            }
+            b.ptr
+        }
+    };
+    let tiles = grid_dim(OP, "row tiles", rows.div_ceil(a.block_m as usize))?;
+    let kv_heads = grid_yz(OP, "kv heads", a.kv_heads as usize)?;
+    let plan = |phase: i32, z: usize| -> Result<LaunchPlan> {
+        LaunchPlan::new(
+            spec,
+            (tiles, kv_heads, grid_yz(OP, "key splits", z)?),
+            vec![
+                Arg::Ptr(q.ptr),
+                Arg::Ptr(k.ptr),
+                Arg::Ptr(v.ptr),
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(scratch_ptr),
+                Arg::I32(int(OP, "q_len", q_len)?),
+                Arg::I32(int(OP, "kv_len", kv_len)?),
+                Arg::I32(int(OP, "kv_rows", kv_rows)?),
+                Arg::I32(int(OP, "q_pos0", q_pos0)?),
+                Arg::I32(int(OP, "k_pos0", k_pos0)?),
+                Arg::I32(int(OP, "window", window)?),
+                Arg::I32(int(OP, "splits", splits)?),
+                Arg::I32(phase),
+            ],
+        )
+    };
+    if splits == 1 {
+        return Ok(vec![plan(ATTENTION_WHOLE, 1)?]);
+    }
+    Ok(vec![plan(ATTENTION_SPLIT_MAX, splits)?, plan(ATTENTION_SPLIT_PV, splits)?, plan(ATTENTION_COMBINE, 1)?])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,7 +607,8 @@ pub fn plan_moe_sort(spec: &KernelSpec, experts: Buf, offsets: Buf, sorted: Buf,
 /// The checks and the launch shared by both grouped GEMMs: input `x` of `x_rows` rows of k,
 /// output `out` of `pairs` rows of `out_cols`. Grid: (num_experts + 1, column tiles), block
 /// (e, tile) loops over expert e's pairs (e = num_experts: the invalid ids), so the grid does
-/// not depend on the routing.
+/// not depend on the routing. `w_scale` is the e4m3 kernels' per-row scales (`None` for bf16
+/// weights; the spec's weight format decides which it must be).
 #[allow(clippy::too_many_arguments)]
 fn plan_grouped(
     op: &'static str,
@@ -532,6 +617,7 @@ fn plan_grouped(
     x: Buf,
     pairs_in: SortedPairs,
     w: Buf,
+    w_scale: Option<Buf>,
     out: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
@@ -554,28 +640,44 @@ fn plan_grouped(
     need(op, "sorted", pairs_in.sorted, pairs)?;
     need(op, "w", w, num_experts * n * k)?;
     need(op, "out", out, pairs * out_cols)?;
-    for (what, b) in [("x", x), ("w", w)] {
-        if !b.ptr.is_multiple_of(16) {
-            return Err(args(op, format!("{what} at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", b.ptr)));
+    if !x.ptr.is_multiple_of(16) {
+        return Err(args(op, format!("x at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", x.ptr)));
+    }
+    let mut args_list = vec![Arg::Ptr(x.ptr), Arg::Ptr(pairs_in.sorted.ptr), Arg::Ptr(pairs_in.offsets.ptr), Arg::Ptr(w.ptr)];
+    match (g.weights, w_scale) {
+        (WeightFormat::Bf16, None) => {
+            if !w.ptr.is_multiple_of(16) {
+                return Err(args(op, format!("w at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", w.ptr)));
+            }
+        }
+        (WeightFormat::E4m3, Some(scale)) => {
+            // w: e4m3 codes (Buf length in bytes = elements), scale: one fp32 per expert row.
+            need(op, "w_scale", scale, num_experts * n)?;
+            if !w.ptr.is_multiple_of(8) {
+                return Err(args(op, format!("w at {:#x} is not 8-byte aligned (the kernel reads 8 e4m3 codes at once)", w.ptr)));
+            }
+            if !scale.ptr.is_multiple_of(4) {
+                return Err(args(op, format!("w_scale at {:#x} is not 4-byte aligned", scale.ptr)));
+            }
+            args_list.push(Arg::Ptr(scale.ptr));
+        }
+        (WeightFormat::Bf16, Some(_)) => {
+            return Err(args(op, format!("{} takes bf16 weights: no scales", spec.kernel_name())));
+        }
+        (WeightFormat::E4m3, None) => {
+            return Err(args(op, format!("{} takes e4m3 weights and needs their per-row scales", spec.kernel_name())));
         }
     }
     int(op, "tokens * top_k", pairs)?;
     let blocks = if pairs == 0 { 0 } else { num_experts + 1 };
     let grid = (grid_dim(op, "experts", blocks)?, grid_yz(op, "column tiles", out_cols.div_ceil(g.cols as usize))?, 1);
-    LaunchPlan::new(
-        spec,
-        grid,
-        vec![
-            Arg::Ptr(x.ptr),
-            Arg::Ptr(pairs_in.sorted.ptr),
-            Arg::Ptr(pairs_in.offsets.ptr),
-            Arg::Ptr(w.ptr),
-            Arg::Ptr(out.ptr),
-            Arg::I32(int(op, "tokens", tokens)?),
-            Arg::I32(int(op, "top_k", top_k)?),
-            Arg::I32(int(op, "num_experts", num_experts)?),
-        ],
-    )
+    args_list.extend([
+        Arg::Ptr(out.ptr),
+        Arg::I32(int(op, "tokens", tokens)?),
+        Arg::I32(int(op, "top_k", top_k)?),
+        Arg::I32(int(op, "num_experts", num_experts)?),
+    ]);
+    LaunchPlan::new(spec, grid, args_list)
 }
 
 /// gate_up + GeGLU over the pairs grouped by expert: `out[t * top_k + j, c]` for `c < n / 2`
@@ -589,7 +691,23 @@ pub fn plan_grouped_gemm_geglu(
     out: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, out, routing)
+    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, None, out, routing)
+}
+
+/// [`plan_grouped_gemm_geglu`] on FP8 expert weights: `w` the e4m3 codes `[E, n, k]` (one byte
+/// each, 8-byte aligned), `w_scale [E * n]` fp32 (row n of expert e scaled by
+/// `w_scale[e * n_rows + n]`), for a spec with [`WeightFormat::E4m3`] weights.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_grouped_gemm_geglu_fp8(
+    spec: &KernelSpec,
+    x: Buf,
+    pairs: SortedPairs,
+    w: Buf,
+    w_scale: Buf,
+    out: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, Some(w_scale), out, routing)
 }
 
 /// down projection over the pairs grouped by expert: `y[pair, c] = bf16(act[pair] . w[e][c])`,
@@ -603,7 +721,22 @@ pub fn plan_grouped_gemm_down(
     y: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, y, routing)
+    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, None, y, routing)
+}
+
+/// [`plan_grouped_gemm_down`] on FP8 expert weights (codes and scales as
+/// [`plan_grouped_gemm_geglu_fp8`]).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_grouped_gemm_down_fp8(
+    spec: &KernelSpec,
+    act: Buf,
+    pairs: SortedPairs,
+    w: Buf,
+    w_scale: Buf,
+    y: Buf,
+    routing: Routing,
+) -> Result<LaunchPlan> {
+    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, Some(w_scale), y, routing)
 }
 
 /// The routing-weighted sum: `out[t, c] = bf16(sum_j y[t*top_k+j, c] * weights[t*top_k+j])` in
@@ -697,53 +830,135 @@ pub fn plan_router(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Self-conditioning soft embedding
+// Self-conditioning soft embedding (csrc/soft_embedding.cuh: probabilities, split-K GEMM, reduction)
+
+/// The scratch buffers a soft embedding of `rows` rows needs (element counts in
+/// [`soft_embedding_scratch`]): `probs` bf16 `[rows, vocab]` (pr) and `partials` f32
+/// `[splits, rows, hidden]` (the GEMM's partial sums), both 16-byte aligned. Their contents
+/// are overwritten; nothing reads them after the call.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftEmbeddingScratch {
+    pub probs: Buf,
+    pub partials: Buf,
+}
+
+/// Elements of the soft embedding scratch for `rows` rows with the GEMM `spec`:
+/// `(probs [rows, vocab] bf16, partials [splits, rows, hidden] f32)`.
+pub fn soft_embedding_scratch(spec: &KernelSpec, rows: usize) -> Result<(usize, usize)> {
+    let e = expect_op("soft_embedding", spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
+    Ok((rows * e.vocab as usize, e.splits as usize * rows * e.hidden as usize))
+}
+
+fn aligned(op: &'static str, what: &str, b: Buf, align: u64) -> Result<()> {
+    if !b.ptr.is_multiple_of(align) {
+        return Err(args(op, format!("{what} at {:#x} is not {align}-byte aligned", b.ptr)));
+    }
+    Ok(())
+}
 
 /// `out[c] = bf16(bf16(sum_v pr[c, v] * table[v]) * scale)` for `rows` canvas rows, with
-/// `pr = bf16(exp(bf16(P) - m) * inv)` computed on the fly from the bf16 logits `x` and the row
-/// pass's `sc_stats [rows, 2]` (m, inv): `table [vocab, hidden]` (4-byte aligned: the kernel reads
-/// column pairs), `out [rows, hidden]`. `scale` is the embedding scale `bf16(sqrt(hidden))`.
+/// `pr = bf16(exp(bf16(P) - m) * inv)` computed from the bf16 logits `x` and the row pass's
+/// `sc_stats [rows, 2]` (m, inv): `table [vocab, hidden]`, `out [rows, hidden]`, `scale` the
+/// embedding scale `bf16(sqrt(hidden))`. `spec` is the GEMM's (`shapes::soft_embedding_spec`);
+/// the plans, in launch order, are the probabilities ([`plan_soft_embedding_probs`], into
+/// `scratch.probs`), the split-K GEMM ([`plan_soft_embedding_gemm`], into `scratch.partials`)
+/// and the reduction ([`plan_soft_embedding_reduce`], into `out`). Deterministic: a fixed
+/// summation order and no atomics, and a row's result does not depend on the other rows.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_soft_embedding(
     spec: &KernelSpec,
     x: ProcessedLogits,
     sc_stats: Buf,
     table: Buf,
+    scratch: SoftEmbeddingScratch,
     out: Buf,
     scale: f32,
     rows: usize,
+) -> Result<Vec<LaunchPlan>> {
+    let e = expect_op("soft_embedding", spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
+    Ok(vec![
+        plan_soft_embedding_probs(&e.probs_spec(), x, sc_stats, scratch.probs, rows)?,
+        plan_soft_embedding_gemm(spec, scratch.probs, table, scratch.partials, rows)?,
+        plan_soft_embedding_reduce(&e.reduce_spec(), scratch.partials, out, scale, rows)?,
+    ])
+}
+
+/// The soft embedding's probabilities `probs [rows, vocab]` bf16 from the bf16 logits `x` and
+/// `sc_stats [rows, 2]`; logits and probs 16-byte aligned (8 entries per load and store).
+pub fn plan_soft_embedding_probs(
+    spec: &KernelSpec,
+    x: ProcessedLogits,
+    sc_stats: Buf,
+    probs: Buf,
+    rows: usize,
 ) -> Result<LaunchPlan> {
-    const OP: &str = "soft_embedding";
-    let e = expect_op(OP, spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
-    let (hid, v) = (e.hidden as usize, e.vocab as usize);
+    const OP: &str = "soft_embedding_probs";
+    let p = expect_op(OP, spec, |o| if let Op::SoftEmbeddingProbs(p) = o { Some(p) } else { None })?;
+    let v = p.vocab as usize;
     x.check(OP, rows, v)?;
     need(OP, "sc_stats", sc_stats, 2 * rows)?;
-    need(OP, "table", table, v * hid)?;
-    need(OP, "out", out, rows * hid)?;
-    if !table.ptr.is_multiple_of(4) {
-        return Err(args(OP, format!("table at {:#x} is not 4-byte aligned", table.ptr)));
-    }
-    if !scale.is_finite() {
-        return Err(args(OP, format!("scale = {scale}")));
-    }
-    let columns_per_block = 2 * spec.block_threads() as usize;
-    let grid = (
-        grid_dim(OP, "row groups", rows.div_ceil(e.rows_per_block as usize))?,
-        grid_yz(OP, "column tiles", hid.div_ceil(columns_per_block))?,
-        1,
-    );
+    need(OP, "probs", probs, rows * v)?;
+    aligned(OP, "logits", x.logits, 16)?;
+    aligned(OP, "probs", probs, 16)?;
     LaunchPlan::new(
         spec,
-        grid,
+        stride_grid(OP, rows * v / 8, spec.block_threads())?,
         vec![
             Arg::Ptr(x.logits.ptr),
             Arg::F32(x.cap),
             ptr(x.params),
             Arg::Ptr(sc_stats.ptr),
-            Arg::Ptr(table.ptr),
-            Arg::Ptr(out.ptr),
-            Arg::F32(scale),
+            Arg::Ptr(probs.ptr),
             Arg::I32(int(OP, "rows", rows)?),
         ],
+    )
+}
+
+/// The soft embedding's split-K GEMM: `partials [splits, rows, hidden]` f32 from `probs
+/// [rows, vocab]` and `table [vocab, hidden]` (both 16-byte aligned; partials 4-byte). Grid:
+/// (column tiles, row tiles, splits), column tiles fastest, so the blocks sharing a slice of
+/// probs run together.
+pub fn plan_soft_embedding_gemm(spec: &KernelSpec, probs: Buf, table: Buf, partials: Buf, rows: usize) -> Result<LaunchPlan> {
+    const OP: &str = "soft_embedding";
+    let e = expect_op(OP, spec, |o| if let Op::SoftEmbedding(e) = o { Some(e) } else { None })?;
+    let (h, v) = (e.hidden as usize, e.vocab as usize);
+    need(OP, "probs", probs, rows * v)?;
+    need(OP, "table", table, v * h)?;
+    need(OP, "partials", partials, e.splits as usize * rows * h)?;
+    aligned(OP, "probs", probs, 16)?;
+    aligned(OP, "table", table, 16)?;
+    aligned(OP, "partials", partials, 4)?;
+    int(OP, "splits * rows * hidden", e.splits as usize * rows * h)?;
+    let grid = (
+        grid_dim(OP, "column tiles", h.div_ceil(e.block_n as usize))?,
+        grid_yz(OP, "row tiles", rows.div_ceil(e.block_m as usize))?,
+        grid_yz(OP, "splits", e.splits as usize)?,
+    );
+    LaunchPlan::new(
+        spec,
+        grid,
+        vec![Arg::Ptr(probs.ptr), Arg::Ptr(table.ptr), Arg::Ptr(partials.ptr), Arg::I32(int(OP, "rows", rows)?)],
+    )
+}
+
+/// The soft embedding's reduction: `out [rows, hidden]` (4-byte aligned) from the GEMM's
+/// `partials [splits, rows, hidden]`, added in ascending split order, rounded, times `scale`,
+/// rounded.
+pub fn plan_soft_embedding_reduce(spec: &KernelSpec, partials: Buf, out: Buf, scale: f32, rows: usize) -> Result<LaunchPlan> {
+    const OP: &str = "soft_embedding_reduce";
+    let r = expect_op(OP, spec, |o| if let Op::SoftEmbeddingReduce(r) = o { Some(r) } else { None })?;
+    let h = r.hidden as usize;
+    need(OP, "partials", partials, r.splits as usize * rows * h)?;
+    need(OP, "out", out, rows * h)?;
+    aligned(OP, "out", out, 4)?;
+    if !scale.is_finite() {
+        return Err(args(OP, format!("scale = {scale}")));
+    }
+    int(OP, "rows * hidden", rows * h)?;
+    LaunchPlan::new(
+        spec,
+        stride_grid(OP, rows * h / 2, spec.block_threads())?,
+        vec![Arg::Ptr(partials.ptr), Arg::Ptr(out.ptr), Arg::F32(scale), Arg::I32(int(OP, "rows", rows)?)],
     )
 }
 
@@ -948,7 +1163,7 @@ pub fn plan_read_bandwidth(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dgemma_codegen::{supported_specs, Family};
+    use dgemma_codegen::{supported_specs, Family, GroupedGemm};
 
     fn buf(len: usize) -> Buf {
         Buf { ptr: 0x1000, len }
@@ -988,25 +1203,35 @@ mod tests {
                     let x = ProcessedLogits { logits: big, cap: 30.0, params: Some(big) };
                     plan_row_softmax_entropy_argmax(&spec, x, Some(big), None, Some(big), 2)
                 }
-                Op::Attention(a) => plan_attention(
-                    &spec,
-                    big,
-                    big,
-                    big,
-                    big,
-                    3,
-                    7,
-                    9,
-                    4,
-                    0,
-                    (a.mask == MaskKind::CausalSliding).then_some(4),
-                ),
+                Op::Attention(a) => {
+                    let window = (a.mask == MaskKind::CausalSliding).then_some(4);
+                    let split = plan_attention_split(&spec, big, big, big, big, Some(big), 3, 7, 9, 4, 0, window, 3)
+                        .unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
+                    assert_eq!(split.len(), 3, "{}: max, P.V, combine", spec.kernel_name());
+                    for p in &split {
+                        p.check_signature().unwrap();
+                    }
+                    assert_eq!(split[0].grid.2, 3);
+                    assert_eq!(split[2].grid.2, 1);
+                    plan_attention(&spec, big, big, big, big, None, 3, 7, 9, 4, 0, window).map(|mut v| {
+                        assert_eq!(v.len(), 1, "{}: 7 keys are never split", spec.kernel_name());
+                        v.remove(0)
+                    })
+                }
                 Op::Linear(_) => plan_linear(&spec, big, big, big, 5),
                 Op::GroupedGemm(g) => {
                     let sorted = SortedPairs { offsets: big, sorted: big };
-                    match g.fuse {
-                        GemmFuse::Geglu => plan_grouped_gemm_geglu(&spec, big, sorted, big, big, routing),
-                        GemmFuse::Down => plan_grouped_gemm_down(&spec, big, sorted, big, big, routing),
+                    match (g.fuse, g.weights) {
+                        (GemmFuse::Geglu, WeightFormat::Bf16) => {
+                            plan_grouped_gemm_geglu(&spec, big, sorted, big, big, routing)
+                        }
+                        (GemmFuse::Down, WeightFormat::Bf16) => plan_grouped_gemm_down(&spec, big, sorted, big, big, routing),
+                        (GemmFuse::Geglu, WeightFormat::E4m3) => {
+                            plan_grouped_gemm_geglu_fp8(&spec, big, sorted, big, big, big, routing)
+                        }
+                        (GemmFuse::Down, WeightFormat::E4m3) => {
+                            plan_grouped_gemm_down_fp8(&spec, big, sorted, big, big, big, routing)
+                        }
                     }
                 }
                 Op::MoeSort(_) => plan_moe_sort(&spec, big, big, big, 6),
@@ -1014,8 +1239,15 @@ mod tests {
                 Op::Router(_) => plan_router(&spec, big, big, big, big, big, big, 3, 1e-6, 0.1),
                 Op::SoftEmbedding(_) => {
                     let x = ProcessedLogits { logits: big, cap: 0.0, params: None };
-                    plan_soft_embedding(&spec, x, big, big, big, 53.0, 3)
+                    let scratch = SoftEmbeddingScratch { probs: big, partials: big };
+                    let plans = plan_soft_embedding(&spec, x, big, big, scratch, big, 53.0, 3);
+                    plans.map(|p| p.into_iter().nth(1).expect("the GEMM is the second launch"))
                 }
+                Op::SoftEmbeddingProbs(_) => {
+                    let x = ProcessedLogits { logits: big, cap: 30.0, params: Some(big) };
+                    plan_soft_embedding_probs(&spec, x, big, big, 3)
+                }
+                Op::SoftEmbeddingReduce(_) => plan_soft_embedding_reduce(&spec, big, big, 53.0, 3),
                 Op::GumbelSample(_) => {
                     plan_gumbel_sample(&spec, ProcessedLogits { logits: big, cap: 30.0, params: Some(big) }, big, 3)
                 }
@@ -1059,14 +1291,49 @@ mod tests {
 
         let sliding =
             specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::CausalSliding)).unwrap();
-        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 2, 0, 0, None).is_err());
-        assert!(plan_attention(sliding, b, b, b, b, 2, 2, 2, 0, 0, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, None).is_err());
+        assert!(plan_attention(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, Some(4)).is_ok());
         // The ring must hold the keys read, and k/v must hold the whole ring.
-        assert!(plan_attention(sliding, b, b, b, b, 2, 3, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, b, b, b, None, 2, 3, 2, 0, 0, Some(4)).is_err());
         let Op::Attention(a) = sliding.op else { unreachable!() };
         let ring = buf(5 * (a.kv_heads * a.head_dim) as usize);
-        assert!(plan_attention(sliding, b, ring, ring, b, 2, 3, 5, 7, 6, Some(4)).is_ok());
-        assert!(plan_attention(sliding, b, ring, ring, b, 2, 3, 6, 7, 6, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, ring, ring, b, None, 2, 3, 5, 7, 6, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, ring, ring, b, None, 2, 3, 6, 7, 6, Some(4)).is_err());
+        // q, k, v move in 16-byte chunks, out in bf16 pairs.
+        assert!(plan_attention(sliding, moved(b, 8), b, b, b, None, 2, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, moved(b, 8), b, b, None, 2, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, b, b, moved(b, 2), None, 2, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, b, b, moved(b, 4), None, 2, 2, 2, 0, 0, Some(4)).is_ok());
+        // A split needs a scratch of splits x q_len x q_heads x (head_dim + 2) floats.
+        let per = 2 * a.q_heads as usize * (a.head_dim as usize + 2);
+        let split = |scratch| plan_attention_split(sliding, b, b, b, b, scratch, 2, 2, 2, 0, 0, Some(4), 2);
+        assert!(split(None).is_err());
+        assert!(split(Some(buf(2 * per - 1))).is_err());
+        assert_eq!(split(Some(buf(2 * per))).unwrap().len(), 3);
+        assert!(plan_attention_split(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, Some(4), 0).is_err());
+    }
+
+    /// The decoder's attention at a 4K context splits its keys in two (64 blocks per launch
+    /// otherwise) and the scratch bound covers it; a 512-token prefill chunk does not split.
+    #[test]
+    fn attention_splits_the_canvas_passes_of_the_26b_model() {
+        use dgemma_codegen::shapes::{attention_spec, ModelShape};
+        let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
+        let b = buf(1 << 40);
+        for (l, mask, window) in [(s.full, MaskKind::Causal, None), (s.sliding, MaskKind::CausalSliding, Some(1024))] {
+            let decoder = attention_spec(l.head_dim, s.heads, l.kv_heads, MaskKind::Bidirectional);
+            let plans = plan_attention(&decoder, b, b, b, b, Some(b), 256, 4096, 8192, 4096, 0, None).unwrap();
+            // 256 queries x 16 / kv_heads packed rows per kv head, 64 per block.
+            let tiles = 64 / l.kv_heads;
+            let grids: Vec<_> = plans.iter().map(|p| p.grid).collect();
+            assert_eq!(grids, [(tiles, l.kv_heads, 2), (tiles, l.kv_heads, 2), (tiles, l.kv_heads, 1)]);
+            let need = 2 * 256 * 16 * (l.head_dim as usize + 2);
+            assert!(attention_scratch_len(&decoder, 512).unwrap() >= need);
+            assert!(plan_attention(&decoder, b, b, b, b, None, 256, 4096, 8192, 4096, 0, None).is_err());
+            let encoder = attention_spec(l.head_dim, s.heads, l.kv_heads, mask);
+            let plans = plan_attention(&encoder, b, b, b, b, None, 512, 1535, 8192, 4096, 3585, window).unwrap();
+            assert_eq!(plans.len(), 1);
+        }
     }
 
     #[test]
@@ -1100,8 +1367,12 @@ mod tests {
     fn moe_plans_check_their_buffers() {
         let specs = supported_specs();
         let find = |pick: &dyn Fn(&Op) -> bool| *specs.iter().find(|s| pick(&s.op)).unwrap();
-        let up = find(&|o| matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n == 1408));
-        let down = find(&|o| matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Down && g.n == 2816));
+        let up = find(&|o| {
+            matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n == 1408 && g.weights == WeightFormat::Bf16)
+        });
+        let down = find(&|o| {
+            matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Down && g.n == 2816 && g.weights == WeightFormat::Bf16)
+        });
         let sort = find(&|o| matches!(o, Op::MoeSort(m) if m.experts == 128));
         let combine = find(&|o| matches!(o, Op::MoeCombine(m) if m.hidden == 2816));
         let (Op::GroupedGemm(gu), Op::GroupedGemm(gd)) = (up.op, down.op) else { unreachable!() };
@@ -1147,6 +1418,40 @@ mod tests {
         let none = Routing { tokens: 0, ..routing };
         assert_eq!(plan_grouped_gemm_down(&down, buf(1), sorted, buf(e * h * w), buf(1), none).unwrap().grid.0, 0);
 
+        // FP8 weights: the e4m3 kernels take codes (one byte each, 8-byte aligned) and one fp32
+        // scale per expert row (4-byte aligned), and only they take scales.
+        let fp8 = |s: KernelSpec| {
+            let Op::GroupedGemm(g) = s.op else { unreachable!() };
+            let target = GroupedGemm { weights: WeightFormat::E4m3, ..g };
+            *specs.iter().find(|x| x.op == Op::GroupedGemm(target) && x.target == s.target).unwrap()
+        };
+        let (up8, down8) = (fp8(up), fp8(down));
+        let plan = plan_grouped_gemm_geglu_fp8(&up8, buf(t * h), sorted, buf(e * 2 * w * h), buf(e * 2 * w), buf(p * w), routing)
+            .unwrap();
+        assert_eq!(plan.grid, (e as u32 + 1, w.div_ceil(gu.cols as usize) as u32, 1));
+        assert_eq!(plan.args.len(), 9);
+        assert_eq!(plan.args[4], Arg::Ptr(0x1000));
+        let plan =
+            plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, buf(e * h * w), buf(e * h), buf(p * h), routing).unwrap();
+        assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gd.cols as usize) as u32, 1));
+        let (codes, scales) = (buf(e * h * w), buf(e * h));
+        for (i, (c, sc)) in [
+            (buf(e * h * w - 1), scales),
+            (codes, buf(e * h - 1)),
+            (moved(codes, 4), scales),
+            (codes, moved(scales, 2)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, c, sc, buf(p * h), routing).is_err(), "case {i}");
+        }
+        assert!(plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, moved(codes, 8), scales, buf(p * h), routing).is_ok());
+        // Scales for a bf16 kernel, none for an e4m3 one: refused.
+        assert!(plan_grouped_gemm_down_fp8(&down, buf(p * w), sorted, buf(e * h * w), scales, buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_down(&down8, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_geglu_fp8(&down8, buf(t * h), sorted, codes, scales, buf(p * w), routing).is_err());
+
         // The combine: one block per token and column tile.
         let plan = plan_moe_combine(&combine, buf(p * h), buf(p), buf(p), buf(t * h), routing).unwrap();
         assert_eq!(plan.grid, (t as u32, h.div_ceil(combine.block_threads() as usize) as u32, 1));
@@ -1163,23 +1468,42 @@ mod tests {
         let Op::SoftEmbedding(e) = spec.op else { unreachable!() };
         let (h, v, rows) = (e.hidden as usize, e.vocab as usize, 37usize);
         let x = ProcessedLogits { logits: buf(rows * v), cap: 30.0, params: Some(buf(SAMPLER_PARAMS_WORDS)) };
+        let (np, nq) = soft_embedding_scratch(&spec, rows).unwrap();
+        assert_eq!((np, nq), (rows * v, e.splits as usize * rows * h));
+        let scratch = SoftEmbeddingScratch { probs: buf(np), partials: buf(nq) };
         let (stats, table, out) = (buf(2 * rows), buf(v * h), buf(rows * h));
-        let plan = plan_soft_embedding(&spec, x, stats, table, out, 53.0, rows).unwrap();
-        // 37 rows in groups of rows_per_block; 2816 columns in tiles of two per thread.
-        let tile = 2 * spec.block_threads() as usize;
-        assert_eq!(plan.grid, (rows.div_ceil(e.rows_per_block as usize) as u32, h.div_ceil(tile) as u32, 1));
-        let short = ProcessedLogits { logits: buf(rows * v - 1), ..x };
-        assert!(plan_soft_embedding(&spec, short, stats, table, out, 53.0, rows).is_err());
+        let plans = plan_soft_embedding(&spec, x, stats, table, scratch, out, 53.0, rows).unwrap();
+        // Probabilities, GEMM, reduction; the GEMM's grid is (column tiles, row tiles, splits).
+        let names: Vec<String> = plans.iter().map(|p| p.spec.kernel_name()).collect();
+        assert_eq!(names, [e.probs_spec().kernel_name(), spec.kernel_name(), e.reduce_spec().kernel_name()]);
+        assert_eq!(plans[1].grid, (h.div_ceil(e.block_n as usize) as u32, 1, e.splits));
+        assert_eq!(plans[0].args[4], Arg::Ptr(scratch.probs.ptr));
+        assert_eq!(plans[1].args[..3], [Arg::Ptr(scratch.probs.ptr), Arg::Ptr(table.ptr), Arg::Ptr(scratch.partials.ptr)]);
+        assert_eq!(plans[2].args[..2], [Arg::Ptr(scratch.partials.ptr), Arg::Ptr(out.ptr)]);
+        let plan = |x: ProcessedLogits, stats: Buf, table: Buf, scratch: SoftEmbeddingScratch, out: Buf, scale: f32| {
+            plan_soft_embedding(&spec, x, stats, table, scratch, out, scale, rows)
+        };
+        assert!(plan(ProcessedLogits { logits: buf(rows * v - 1), ..x }, stats, table, scratch, out, 53.0).is_err());
         let short_params = ProcessedLogits { params: Some(buf(SAMPLER_PARAMS_WORDS - 1)), ..x };
-        assert!(plan_soft_embedding(&spec, short_params, stats, table, out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, ProcessedLogits { cap: -1.0, ..x }, stats, table, out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, x, buf(2 * rows - 1), table, out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, x, stats, buf(v * h - 1), out, 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, x, stats, table, buf(rows * h - 1), 53.0, rows).is_err());
-        assert!(plan_soft_embedding(&spec, x, stats, table, out, f32::NAN, rows).is_err());
-        // The kernel reads column pairs as 32-bit words: a table view at an odd element is refused.
-        let odd = Buf { ptr: 0x1002, len: v * h };
-        assert!(plan_soft_embedding(&spec, x, stats, odd, out, 53.0, rows).is_err());
+        assert!(plan(short_params, stats, table, scratch, out, 53.0).is_err());
+        assert!(plan(ProcessedLogits { cap: -1.0, ..x }, stats, table, scratch, out, 53.0).is_err());
+        assert!(plan(x, buf(2 * rows - 1), table, scratch, out, 53.0).is_err());
+        assert!(plan(x, stats, buf(v * h - 1), scratch, out, 53.0).is_err());
+        assert!(plan(x, stats, table, SoftEmbeddingScratch { probs: buf(np - 1), ..scratch }, out, 53.0).is_err());
+        assert!(plan(x, stats, table, SoftEmbeddingScratch { partials: buf(nq - 1), ..scratch }, out, 53.0).is_err());
+        assert!(plan(x, stats, table, scratch, buf(rows * h - 1), 53.0).is_err());
+        assert!(plan(x, stats, table, scratch, out, f32::NAN).is_err());
+        // 16-byte loads of the logits, pr and the table; paired bf16 stores of the output.
+        let moved = |b: Buf, bytes: u64| Buf { ptr: b.ptr + bytes, ..b };
+        assert!(plan(ProcessedLogits { logits: moved(x.logits, 8), ..x }, stats, table, scratch, out, 53.0).is_err());
+        assert!(plan(x, stats, moved(table, 8), scratch, out, 53.0).is_err());
+        assert!(plan(x, stats, table, SoftEmbeddingScratch { probs: moved(scratch.probs, 8), ..scratch }, out, 53.0).is_err());
+        assert!(plan(x, stats, table, scratch, moved(out, 2), 53.0).is_err());
+        assert!(plan(x, stats, table, scratch, moved(out, 4), 53.0).is_ok());
+        // Only the GEMM's spec plans the whole soft embedding.
+        let probs = e.probs_spec();
+        assert!(plan_soft_embedding(&probs, x, stats, table, scratch, out, 53.0, rows).is_err());
+        assert!(soft_embedding_scratch(&probs, rows).is_err());
         assert!(plan_embedding(&spec, buf(1), table, out, 53.0, 1).is_err());
     }
 

@@ -34,6 +34,7 @@ impl Exec for Emu {
                 Host::Bf16(v) => Buf { ptr: v.as_mut_ptr() as u64, len: v.len() },
                 Host::F32(v) => Buf { ptr: v.as_mut_ptr() as u64, len: v.len() },
                 Host::I32(v) => Buf { ptr: v.as_mut_ptr() as u64, len: v.len() },
+                Host::U8(v) => Buf { ptr: v.as_mut_ptr() as u64, len: v.len() },
             })
             .collect();
         let plan = plan(&addrs);

@@ -33,6 +33,7 @@ enum Mem {
     Bf16(CudaSlice<bf16>),
     F32(CudaSlice<f32>),
     I32(CudaSlice<i32>),
+    U8(CudaSlice<u8>),
 }
 
 impl Exec for Gpu {
@@ -50,6 +51,7 @@ impl Exec for Gpu {
                 Host::Bf16(v) => Mem::Bf16(dev.upload(v).unwrap()),
                 Host::F32(v) => Mem::F32(dev.upload(v).unwrap()),
                 Host::I32(v) => Mem::I32(dev.upload(v).unwrap()),
+                Host::U8(v) => Mem::U8(dev.upload(v).unwrap()),
             })
             .collect();
         // One stream: launches and copies are ordered, so the pointers can be used directly.
@@ -60,6 +62,7 @@ impl Exec for Gpu {
                 Mem::Bf16(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
                 Mem::F32(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
                 Mem::I32(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
+                Mem::U8(s) => Buf { ptr: s.device_ptr(stream).0, len: s.len() },
             })
             .collect();
         let plan = plan(&addrs);
@@ -70,6 +73,7 @@ impl Exec for Gpu {
                 Mem::Bf16(s) => Host::Bf16(dev.download(s).unwrap()),
                 Mem::F32(s) => Host::F32(dev.download(s).unwrap()),
                 Mem::I32(s) => Host::I32(dev.download(s).unwrap()),
+                Mem::U8(s) => Host::U8(dev.download(s).unwrap()),
             };
         }
     }

@@ -163,10 +163,23 @@ impl<X: Executor> GpuBackend<X> {
 
     /// A backend on random weights of `cfg`'s shapes, generated in executor memory (benchmarks:
     /// the full-size model without a checkpoint). Its outputs mean nothing.
-    pub fn synthetic(mut exec: X, cfg: &TextConfig, seed: u64, options: GpuOptions, progress: Progress) -> Result<Self> {
+    pub fn synthetic(exec: X, cfg: &TextConfig, seed: u64, options: GpuOptions, progress: Progress) -> Result<Self> {
+        Self::synthetic_quant(exec, cfg, seed, dgemma_model::quant::Quant::None, options, progress)
+    }
+
+    /// [`GpuBackend::synthetic`] with the experts held as `quant` says (FP8: random e4m3 codes
+    /// and row scales; the FP8 grouped GEMMs run them).
+    pub fn synthetic_quant(
+        mut exec: X,
+        cfg: &TextConfig,
+        seed: u64,
+        quant: dgemma_model::quant::Quant,
+        options: GpuOptions,
+        progress: Progress,
+    ) -> Result<Self> {
         check_options(cfg, &options)?;
         let kernels = Kernels::resolve(cfg, &exec)?;
-        let weights = DeviceWeights::synthetic(cfg, &mut exec, seed, progress)?;
+        let weights = DeviceWeights::synthetic_quant(cfg, &mut exec, seed, quant, progress)?;
         Self::with_weights(exec, cfg, kernels, weights, options)
     }
 

@@ -4,12 +4,12 @@
 //! any weight is uploaded, with the name of the missing kernel.
 
 use dgemma_cuda::codegen::shapes::{
-    attention_spec, grouped_gemm_spec, gumbel_sample_spec, linear_spec, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
-    router_spec, sampler_canvas_spec, soft_embedding_spec,
+    attention_spec, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
+    router_spec, sampler_canvas_spec, soft_embedding_specs,
 };
 use dgemma_cuda::codegen::{
     Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope,
-    RowSoftmaxEntropyArgmax, SUPPORTED_MODELS,
+    RowSoftmaxEntropyArgmax, WeightFormat, SUPPORTED_MODELS,
 };
 use dgemma_cuda::Executor;
 use dgemma_model::config::{LayerSpec, TextConfig};
@@ -69,6 +69,8 @@ pub struct Kernels {
     pub embedding: KernelSpec,
     pub geglu: KernelSpec,
     pub softcap: KernelSpec,
+    /// The self-conditioning soft embedding's split-K GEMM; `ops::plan_soft_embedding` plans the
+    /// probabilities and reduction kernels around it (all three are checked here).
     pub soft_embedding: KernelSpec,
     pub router: KernelSpec,
     pub dense_up: KernelSpec,
@@ -81,6 +83,9 @@ pub struct Kernels {
     pub moe_sort: KernelSpec,
     pub experts_gate_up: KernelSpec,
     pub experts_down: KernelSpec,
+    /// The same on FP8 (e4m3 + per-row scale) expert weights.
+    pub experts_gate_up_fp8: KernelSpec,
+    pub experts_down_fp8: KernelSpec,
     pub moe_combine: KernelSpec,
     pub sliding: AttentionKernels,
     pub full: AttentionKernels,
@@ -133,7 +138,12 @@ impl Kernels {
             embedding: portable(Op::Embedding(Embedding { hidden: h }))?,
             geglu: portable(Op::Geglu)?,
             softcap: portable(Op::Softcap)?,
-            soft_embedding: check(soft_embedding_spec(h, s.vocab))?,
+            soft_embedding: {
+                let [probs, gemm, reduce] = soft_embedding_specs(h, s.vocab);
+                check(probs)?;
+                check(reduce)?;
+                check(gemm)?
+            },
             router: check(router_spec(h, s.experts, s.top_k))?,
             dense_up: check(linear_spec(s.dense_width, h))?,
             dense_down: check(linear_spec(h, s.dense_width))?,
@@ -143,6 +153,8 @@ impl Kernels {
             moe_sort: check(moe_sort_spec(s.experts))?,
             experts_gate_up: check(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch))?,
             experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Down, arch))?,
+            experts_gate_up_fp8: check(grouped_gemm_spec_for(2 * s.moe_width, h, GemmFuse::Geglu, WeightFormat::E4m3, arch))?,
+            experts_down_fp8: check(grouped_gemm_spec_for(h, s.moe_width, GemmFuse::Down, WeightFormat::E4m3, arch))?,
             moe_combine: check(moe_combine_spec(h))?,
             sliding: attention(s.sliding, MaskKind::CausalSliding)?,
             full: attention(s.full, MaskKind::Causal)?,

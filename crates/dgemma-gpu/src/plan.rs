@@ -27,13 +27,15 @@
 //! head rows) move them into the ring. Either way every value is computed by the same kernels
 //! on the same inputs, so the ring changes no bit of the results.
 
+use dgemma_cuda::codegen::shapes::{attention_spec, soft_embedding_spec};
+use dgemma_cuda::codegen::MaskKind;
 use dgemma_cuda::ops::{self, Buf, Routing};
 use dgemma_cuda::{Executor, Region, Step};
 use dgemma_model::config::{LayerKind, TextConfig};
 
 use crate::error::{backend_error, cuda, Result};
 use crate::kernels::{AttentionKernels, Kernels};
-use crate::weights::{DeviceWeights, LayerRegions};
+use crate::weights::{DeviceWeights, ExpertRegion, LayerRegions};
 
 /// Scratch buffers for passes of up to `max_tokens` rows (`canvas` for the decoder-only ones).
 pub struct Workspace {
@@ -77,6 +79,16 @@ pub struct Workspace {
     pub logits_bf16: Region,
     /// Softmax statistics (max, 1 / sum) of each row's bf16(P), f32 `[canvas, 2]`.
     pub sc_stats: Region,
+    /// The soft embedding's scratch, for one canvas (`host_canvas` rows: soft embeddings run per
+    /// sequence): its probabilities bf16 `[canvas, V]` and the split-K GEMM's partial sums f32
+    /// `[splits, canvas, hidden]` (`ops::SoftEmbeddingScratch`; 134 MB and 17 MB for the 26B
+    /// model).
+    soft_probs: Region,
+    soft_partials: Region,
+    /// Attention's split-KV scratch (f32 partial row maxima, denominators and accumulators,
+    /// `ops::attention_scratch_len` for passes of up to `max_tokens` rows; attention runs one
+    /// segment at a time, so one serves them all): 17 MB for the 26B model's full layers.
+    attn_scratch: Region,
     /// The new tokens' K and V, `[max_tokens, max kv width]` bf16, for a pass whose ring rows
     /// wrap around a layer's ring (see the module doc).
     k_stage: Region,
@@ -117,7 +129,7 @@ fn rope_tables(exec: &mut dyn Executor, inv_freq: &[f32], pairs: usize, capacity
 impl Workspace {
     /// Allocates everything a pass of up to `max_tokens` rows needs; the decoder's vocab-wide
     /// buffers are sized for `canvas` rows (every canvas of a batched pass), the fp32 logits of a
-    /// host-sampled pass for `host_canvas` rows (one canvas).
+    /// host-sampled pass and the soft embedding's scratch for `host_canvas` rows (one canvas).
     pub fn new(
         cfg: &TextConfig,
         exec: &mut dyn Executor,
@@ -162,6 +174,19 @@ impl Workspace {
         let soft = alloc(2 * c * h, "soft embeddings")?;
         let logits_bf16 = alloc(2 * c * v, "bf16 logits")?;
         let sc_stats = alloc(4 * 2 * c, "self-conditioning softmax statistics")?;
+        let soft_spec = soft_embedding_spec(h as u32, v as u32);
+        let (soft_probs_len, soft_partials_len) = ops::soft_embedding_scratch(&soft_spec, host_canvas.min(c)).map_err(cuda)?;
+        let soft_probs = alloc(2 * soft_probs_len, "soft embedding probabilities")?;
+        let soft_partials = alloc(4 * soft_partials_len, "soft embedding partial sums")?;
+        let shape = crate::kernels::model_shape(cfg);
+        let mut attn_scratch_len = 0;
+        for (l, encoder_mask) in [(shape.sliding, MaskKind::CausalSliding), (shape.full, MaskKind::Causal)] {
+            for mask in [encoder_mask, MaskKind::Bidirectional] {
+                let spec = attention_spec(l.head_dim, shape.heads, l.kv_heads, mask);
+                attn_scratch_len = attn_scratch_len.max(ops::attention_scratch_len(&spec, t).map_err(cuda)?);
+            }
+        }
+        let attn_scratch = alloc(4 * attn_scratch_len.max(1), "attention split scratch")?;
         let kv_width = (0..cfg.num_hidden_layers).map(|i| cfg.layer(i).kv_dim()).max().unwrap_or(0);
         let k_stage = alloc(2 * t * kv_width, "staged keys")?;
         let v_stage = alloc(2 * t * kv_width, "staged values")?;
@@ -200,6 +225,9 @@ impl Workspace {
             soft,
             logits_bf16,
             sc_stats,
+            soft_probs,
+            soft_partials,
+            attn_scratch,
             k_stage,
             v_stage,
         })
@@ -438,12 +466,17 @@ impl Planner<'_> {
 
     /// The self-conditioning input of the next step, `soft` = `[rows, hidden]` bf16, from `x`
     /// (the processed logits of this step, or the host's bf16 ones) whose softmax statistics are
-    /// in `ws.sc_stats` rows `row0..` (the row pass wrote them).
-    pub fn soft_embedding(&self, x: ops::ProcessedLogits, row0: usize, rows: usize, soft: Region) -> Result<Step> {
-        let stats = self.ws.sc_stats.sub(4 * 2 * row0, 4 * 2 * rows).map_err(cuda)?.b32();
+    /// in `ws.sc_stats` rows `row0..` (the row pass wrote them): three launches
+    /// (`ops::plan_soft_embedding`: probabilities, split-K GEMM, reduction) through the
+    /// workspace's soft embedding scratch, so at most one canvas (`rows` <= its rows) per call.
+    pub fn soft_embedding(&self, x: ops::ProcessedLogits, row0: usize, rows: usize, soft: Region) -> Result<Vec<Step>> {
+        let (ws, k, w) = (self.ws, self.kernels, self.weights);
+        let stats = ws.sc_stats.sub(4 * 2 * row0, 4 * 2 * rows).map_err(cuda)?.b32();
         let out = rows16(soft, 0, rows, self.cfg.hidden_size)?;
-        let (k, w) = (self.kernels, self.weights);
-        launch(ops::plan_soft_embedding(&k.soft_embedding, x, stats, w.embed.b16(), out, self.embed_scale(), rows))
+        let scratch = ops::SoftEmbeddingScratch { probs: ws.soft_probs.b16(), partials: ws.soft_partials.b32() };
+        let plans = ops::plan_soft_embedding(&k.soft_embedding, x, stats, w.embed.b16(), scratch, out, self.embed_scale(), rows)
+            .map_err(cuda)?;
+        Ok(plans.into_iter().map(Step::Launch).collect())
     }
 
     /// The host-sampled path's self-conditioning: the host's bf16 processed logits of the
@@ -454,10 +487,9 @@ impl Planner<'_> {
         let v = self.cfg.vocab_size;
         let x = ops::ProcessedLogits { logits: rows16(self.ws.logits_bf16, 0, rows, v)?, cap: 0.0, params: None };
         let stats = self.ws.sc_stats.sub(0, 4 * 2 * rows).map_err(cuda)?.b32();
-        Ok(vec![
-            launch(ops::plan_row_softmax_entropy_argmax(&self.kernels.row_stats, x, None, None, Some(stats), rows))?,
-            self.soft_embedding(x, 0, rows, soft)?,
-        ])
+        let mut s = vec![launch(ops::plan_row_softmax_entropy_argmax(&self.kernels.row_stats, x, None, None, Some(stats), rows))?];
+        s.extend(self.soft_embedding(x, 0, rows, soft)?);
+        Ok(s)
     }
 
     /// `h = round(E[ids] * round(sqrt(H)))` over the first `tokens` ids of `ids`.
@@ -606,20 +638,24 @@ impl Planner<'_> {
         for g in segs {
             let q_seg = rows16(ws.q, row, g.tokens, heads * dim)?;
             s.push(launch(ops::plan_rope(&ak.rope, q_seg, cos.b16(), sin.b16(), positions(g)?, g.tokens, heads))?);
+            // One launch, or three when the key range is split (a function of this segment's
+            // shape only, so batching never changes its bits); segments share the scratch.
             let (k_start, kv_len) = key_range(g);
-            s.push(launch(ops::plan_attention(
+            let plans = ops::plan_attention(
                 attn_kernel,
                 q_seg,
                 g.kv.k[index].b16(),
                 g.kv.v[index].b16(),
                 rows16(ws.ctx, row, g.tokens, heads * dim)?,
+                Some(ws.attn_scratch.b32()),
                 g.tokens,
                 kv_len,
                 g.kv.rows[index],
                 g.pos0,
                 k_start,
                 mask_window,
-            ))?);
+            );
+            s.extend(plans.map_err(cuda)?.into_iter().map(Step::Launch));
             row += g.tokens;
         }
         let ctx = rows16(ws.ctx, 0, tokens, heads * dim)?;
@@ -663,9 +699,32 @@ impl Planner<'_> {
         };
         s.push(launch(ops::plan_moe_sort(&k.moe_sort, experts, sorted.offsets, sorted.sorted, tokens * top_k))?);
         let moe_act = rows16(ws.moe_act, 0, tokens * top_k, self.cfg.moe_intermediate_size)?;
-        s.push(launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, sorted, l.experts_gate_up.b16(), moe_act, routing))?);
         let moe_y = rows16(ws.moe_y, 0, tokens * top_k, hid)?;
-        s.push(launch(ops::plan_grouped_gemm_down(&k.experts_down, moe_act, sorted, l.experts_down.b16(), moe_y, routing))?);
+        // bf16 experts, or FP8 ones (e4m3 codes, one byte each, and fp32 row scales).
+        s.push(launch(match l.experts_gate_up {
+            ExpertRegion::Bf16(w) => ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, sorted, w.b16(), moe_act, routing),
+            ExpertRegion::Fp8 { codes, scales } => ops::plan_grouped_gemm_geglu_fp8(
+                &k.experts_gate_up_fp8,
+                e,
+                sorted,
+                codes.buf(1),
+                scales.b32(),
+                moe_act,
+                routing,
+            ),
+        })?);
+        s.push(launch(match l.experts_down {
+            ExpertRegion::Bf16(w) => ops::plan_grouped_gemm_down(&k.experts_down, moe_act, sorted, w.b16(), moe_y, routing),
+            ExpertRegion::Fp8 { codes, scales } => ops::plan_grouped_gemm_down_fp8(
+                &k.experts_down_fp8,
+                moe_act,
+                sorted,
+                codes.buf(1),
+                scales.b32(),
+                moe_y,
+                routing,
+            ),
+        })?);
         let moe = rows16(ws.moe, 0, tokens, hid)?;
         s.push(launch(ops::plan_moe_combine(&k.moe_combine, moe_y, experts, weights, moe, routing))?);
         s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_2.b16()), moe, tokens, eps, 1.0))?);

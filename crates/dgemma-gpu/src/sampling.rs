@@ -12,12 +12,15 @@
 //!                     mean entropy, error]
 //! --soft_embedding--> soft = round(round(softmax(bf16(P))) @ E) * round(sqrt(H)) [C, hidden],
 //!                     the next step's self-conditioning input, into the sequence's DecoderInputs
+//!                     (three launches: the probabilities into a one-canvas scratch, a split-K
+//!                     tensor-core GEMM, a fixed-order reduction; csrc/soft_embedding.cuh)
 //! ```
 //!
-//! No `[C, V]` buffer but the bf16 logits exists: a canvas in flight costs 2 bytes per vocabulary
-//! entry and position (134 MB for the 26B model) plus its 1.4 MB soft embedding, not the fp32
-//! logits, processed logits, bf16 copies and probabilities (about 0.8 GB) of a straightforward
-//! implementation.
+//! No per-canvas `[C, V]` buffer but the bf16 logits exists: a canvas in flight costs 2 bytes per
+//! vocabulary entry and position (134 MB for the 26B model) plus its 1.4 MB soft embedding, not
+//! the fp32 logits, processed logits, bf16 copies and probabilities (about 0.8 GB) of a
+//! straightforward implementation. The soft embedding's probabilities (bf16, 134 MB) live in one
+//! workspace scratch shared by every sequence, since soft embeddings run one sequence at a time.
 //!
 //! Everything that changes between steps (block, step, temperature) and between requests
 //! (seed, thresholds) is read on the device from the params buffer, so one recording per
@@ -135,7 +138,7 @@ pub fn plan_sampler_step(
     let rows = |r: Region| r.sub(4 * row0, 4 * tokens).map_err(cuda).map(Region::b32);
     let sc_stats = ws.sc_stats.sub(4 * 2 * row0, 4 * 2 * tokens).map_err(cuda)?.b32();
     let next_canvas = inputs.canvas.sub(0, 4 * tokens).map_err(cuda)?.b32();
-    Ok(vec![
+    let mut steps = vec![
         launch(ops::plan_row_softmax_entropy_argmax(
             &k.row_stats,
             x,
@@ -158,6 +161,7 @@ pub fn plan_sampler_step(
             vocab,
             tokens,
         ))?,
-        p.soft_embedding(x, row0, tokens, inputs.soft)?,
-    ])
+    ];
+    steps.extend(p.soft_embedding(x, row0, tokens, inputs.soft)?);
+    Ok(steps)
 }

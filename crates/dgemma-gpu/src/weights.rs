@@ -4,9 +4,15 @@
 //! rounded to bf16 on the host first (what `from_pretrained(dtype=torch.bfloat16)` does, and
 //! what the CPU backend's bf16 mode reads). Uploads go in chunks of at most 64 MiB, reporting
 //! progress after each.
+//!
+//! FP8 experts ([`dgemma_model::Quant::Fp8`], or a compressed-tensors FP8 checkpoint) are
+//! uploaded as they are held: the e4m3 codes `[E, N, K]` (one byte each, half the bf16 bytes)
+//! and one fp32 scale per row `[E * N]` ([`ExpertRegion::Fp8`]); the grouped GEMMs dequantise them
+//! while staging (`csrc/grouped_gemm.cuh`, WeightE4m3).
 
 use dgemma_cuda::{Executor, Region};
 use dgemma_model::config::{LayerSpec, TextConfig};
+use dgemma_model::quant::{ExpertTensor, Fp8Experts, Quant};
 use dgemma_model::tensor::{DType, TensorRef};
 use dgemma_model::weights::ModelWeights;
 use half::bf16;
@@ -18,6 +24,21 @@ const CHUNK: usize = 64 << 20;
 
 /// Progress of a weight upload: `(bytes done, bytes total)`.
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// A MoE expert tensor `[E, N, K]` in executor memory.
+#[derive(Clone, Copy, Debug)]
+pub enum ExpertRegion {
+    /// bf16 weights.
+    Bf16(Region),
+    /// e4m3 codes (one byte per weight) and one fp32 scale per row (`[E * N]`).
+    Fp8 { codes: Region, scales: Region },
+}
+
+impl ExpertRegion {
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, ExpertRegion::Fp8 { .. })
+    }
+}
 
 /// One layer's tensors.
 pub struct LayerRegions {
@@ -42,9 +63,9 @@ pub struct LayerRegions {
     pub router_scale: Region,
     pub router_per_expert_scale: Region,
     /// `[E, 2I, H]`, gate rows first.
-    pub experts_gate_up: Region,
+    pub experts_gate_up: ExpertRegion,
     /// `[E, H, I]`.
-    pub experts_down: Region,
+    pub experts_down: ExpertRegion,
     /// bf16-rounded, like the activations.
     pub layer_scalar: f32,
     pub encoder_layer_scalar: f32,
@@ -70,7 +91,7 @@ pub struct DeviceWeights {
 fn bf16_bytes(t: &TensorRef, start: usize, count: usize) -> std::borrow::Cow<'_, [u8]> {
     match t.dtype {
         DType::BF16 => std::borrow::Cow::Borrowed(&t.bytes()[2 * start..2 * (start + count)]),
-        DType::F32 | DType::F16 => {
+        DType::F32 | DType::F16 | DType::F8E4M3 => {
             let mut wide = vec![0.0f32; count];
             t.read_f32(start, &mut wide);
             let narrow: Vec<bf16> = wide.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -103,6 +124,45 @@ impl Uploader<'_> {
         }
         Ok(region)
     }
+
+    /// `bytes` into `region` at `offset`, in chunks, counting them as uploaded.
+    fn bytes(&mut self, region: Region, offset: usize, bytes: &[u8]) -> Result<()> {
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            let dst = region.sub(offset + i * CHUNK, chunk.len()).map_err(cuda)?;
+            self.exec.upload_bytes(dst, chunk).map_err(cuda)?;
+            self.done += chunk.len();
+            (self.progress)(self.done, self.total);
+        }
+        Ok(())
+    }
+
+    /// FP8 experts: the codes block by block (straight from the mapped checkpoint, or from the
+    /// codes quantised at load), then the scales.
+    fn fp8(&mut self, f: &Fp8Experts) -> Result<ExpertRegion> {
+        let k = f.cols();
+        let codes = self.exec.alloc(f.rows() * k, &f.name).map_err(cuda)?;
+        for b in &f.blocks {
+            self.bytes(codes, b.row0 * k, b.codes.bytes())?;
+        }
+        let scales = self.exec.alloc(4 * f.rows(), &format!("{} scales", f.name)).map_err(cuda)?;
+        self.bytes(scales, 0, bytemuck::cast_slice(&f.scales))?;
+        Ok(ExpertRegion::Fp8 { codes, scales })
+    }
+
+    fn experts(&mut self, t: &ExpertTensor) -> Result<ExpertRegion> {
+        match t {
+            ExpertTensor::Float(t) => Ok(ExpertRegion::Bf16(self.tensor(t)?)),
+            ExpertTensor::Fp8(f) => self.fp8(f),
+        }
+    }
+}
+
+/// Bytes the upload of expert tensor `t` allocates.
+fn expert_bytes(t: &ExpertTensor) -> usize {
+    match t {
+        ExpertTensor::Float(t) => 2 * t.numel(),
+        ExpertTensor::Fp8(f) => f.bytes(),
+    }
 }
 
 fn round_bf16(x: f32) -> f32 {
@@ -112,7 +172,8 @@ fn round_bf16(x: f32) -> f32 {
 impl DeviceWeights {
     /// Bytes [`DeviceWeights::upload`] will allocate for `w`.
     pub fn bytes_needed(w: &ModelWeights) -> usize {
-        all_tensors(w).iter().map(|t| 2 * t.numel()).sum()
+        let experts: usize = w.layers.iter().map(|l| expert_bytes(&l.experts_gate_up) + expert_bytes(&l.experts_down)).sum();
+        all_tensors(w).iter().map(|t| 2 * t.numel()).sum::<usize>() + experts
     }
 
     /// Uploads every tensor of `w`.
@@ -147,8 +208,8 @@ impl DeviceWeights {
                 router_proj: up.tensor(&l.router_proj)?,
                 router_scale: up.tensor(&l.router_scale)?,
                 router_per_expert_scale: up.tensor(&l.router_per_expert_scale)?,
-                experts_gate_up: up.tensor(&l.experts_gate_up)?,
-                experts_down: up.tensor(&l.experts_down)?,
+                experts_gate_up: up.experts(&l.experts_gate_up)?,
+                experts_down: up.experts(&l.experts_down)?,
                 layer_scalar: round_bf16(l.layer_scalar),
                 encoder_layer_scalar: round_bf16(l.encoder_layer_scalar),
             });
@@ -177,6 +238,9 @@ struct Filler<'a> {
     exec: &'a mut dyn Executor,
     matrix: Vec<bf16>,
     scale: Vec<bf16>,
+    /// e4m3 codes for FP8 experts (finite, either sign; with the row scales below, weights of
+    /// about the bf16 matrices' spread).
+    codes: Vec<u8>,
     done: usize,
     total: usize,
     progress: Progress<'a>,
@@ -199,29 +263,69 @@ impl Filler<'_> {
         }
         Ok(region)
     }
+
+    /// An expert tensor `[E, N, K]`: bf16 from the matrix pattern, or FP8 codes from the code
+    /// pattern with every row's scale `SYNTHETIC_MATRIX / 448`.
+    fn experts(&mut self, shape: [usize; 3], what: &str, quant: Quant) -> Result<ExpertRegion> {
+        if quant == Quant::None {
+            return Ok(ExpertRegion::Bf16(self.tensor(&shape, what)?));
+        }
+        let (rows, n) = (shape[0] * shape[1], shape.iter().product::<usize>());
+        let codes = self.exec.alloc(n, what).map_err(cuda)?;
+        let mut start = 0;
+        while start < n {
+            let count = self.codes.len().min(n - start);
+            let dst = codes.sub(start, count).map_err(cuda)?;
+            self.exec.upload_bytes(dst, &self.codes[..count]).map_err(cuda)?;
+            start += count;
+            self.done += count;
+            (self.progress)(self.done, self.total);
+        }
+        let scales = self.exec.alloc(4 * rows, what).map_err(cuda)?;
+        let values = vec![SYNTHETIC_MATRIX / 448.0; rows];
+        self.exec.upload_bytes(scales, bytemuck::cast_slice(&values)).map_err(cuda)?;
+        self.done += 4 * rows;
+        Ok(ExpertRegion::Fp8 { codes, scales })
+    }
 }
 
 impl DeviceWeights {
     /// Random weights of `cfg`'s exact shapes, made without a checkpoint (benchmarks of the
     /// full-size model on a GPU: no 50 GB file needed). Deterministic in `seed`.
     pub fn synthetic(cfg: &TextConfig, exec: &mut dyn Executor, seed: u64, progress: Progress) -> Result<DeviceWeights> {
+        DeviceWeights::synthetic_quant(cfg, exec, seed, Quant::None, progress)
+    }
+
+    /// [`DeviceWeights::synthetic`] with the experts held as `quant` says (FP8: random e4m3
+    /// codes and per-row scales, the layout [`DeviceWeights::upload`] gives FP8 experts).
+    pub fn synthetic_quant(
+        cfg: &TextConfig,
+        exec: &mut dyn Executor,
+        seed: u64,
+        quant: Quant,
+        progress: Progress,
+    ) -> Result<DeviceWeights> {
         let mut rng = dgemma_cuda::Rng::new(seed);
         let mut uniform = move || rng.uniform();
         // An odd length, so consecutive rows of a matrix see different values.
         let len = (32 << 20) - 7;
         let matrix = (0..len).map(|_| bf16::from_f32(uniform() * SYNTHETIC_MATRIX)).collect();
         let scale = (0..(1 << 20) + 3).map(|_| bf16::from_f32(1.0 + 0.1 * uniform())).collect();
+        let codes = (0..(1 << 20) + 5).map(|_| dgemma_model::fp8::encode(448.0 * uniform())).collect();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let (e, moe, dense, sc) =
             (cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.self_conditioning_size);
         let layer_bytes = |i: usize| {
             let l = cfg.layer(i);
             let attn = 2 * l.q_dim() * h + if l.k_eq_v { 1 } else { 2 } * l.kv_dim() * h + 2 * l.head_dim;
-            let mlp = 3 * dense * h + e * h + e * 3 * moe * h;
-            2 * (attn + mlp + 8 * h + e)
+            let experts = match quant {
+                Quant::None => 2 * e * 3 * moe * h,
+                Quant::Fp8 => e * 3 * moe * h + 4 * e * (2 * moe + h),
+            };
+            2 * (attn + 3 * dense * h + e * h + 8 * h + e) + experts
         };
         let total = 2 * (v * h + 2 * h + 3 * sc * h) + (0..cfg.num_hidden_layers).map(layer_bytes).sum::<usize>();
-        let mut f = Filler { exec, matrix, scale, done: 0, total, progress };
+        let mut f = Filler { exec, matrix, scale, codes, done: 0, total, progress };
         let embed = f.tensor(&[v, h], "embedding")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -248,8 +352,8 @@ impl DeviceWeights {
                 router_proj: f.tensor(&[e, h], "router")?,
                 router_scale: f.tensor(&[h], "router scale")?,
                 router_per_expert_scale: f.tensor(&[e], "per-expert scale")?,
-                experts_gate_up: f.tensor(&[e, 2 * moe, h], "experts gate_up")?,
-                experts_down: f.tensor(&[e, h, moe], "experts down")?,
+                experts_gate_up: f.experts([e, 2 * moe, h], "experts gate_up", quant)?,
+                experts_down: f.experts([e, h, moe], "experts down", quant)?,
                 layer_scalar: 1.0,
                 encoder_layer_scalar: 1.0,
             });
@@ -268,7 +372,8 @@ impl DeviceWeights {
     }
 }
 
-/// Every tensor [`DeviceWeights::upload`] copies (the embedding once when the head is tied).
+/// Every tensor [`DeviceWeights::upload`] copies as bf16 (the embedding once when the head is
+/// tied; the experts are counted by [`expert_bytes`]).
 fn all_tensors(w: &ModelWeights) -> Vec<&TensorRef> {
     let mut v = vec![&w.embed_tokens, &w.final_norm, &w.sc_pre_norm, &w.sc_gate, &w.sc_up, &w.sc_down];
     v.extend(w.lm_head.as_ref());
@@ -292,8 +397,6 @@ fn all_tensors(w: &ModelWeights) -> Vec<&TensorRef> {
             &l.router_proj,
             &l.router_scale,
             &l.router_per_expert_scale,
-            &l.experts_gate_up,
-            &l.experts_down,
         ]);
         v.extend(l.v_proj.as_ref());
     }

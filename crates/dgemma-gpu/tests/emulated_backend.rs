@@ -16,6 +16,21 @@ fn logits_match_the_cpu_backend() {
 }
 
 #[test]
+fn fp8_logits_match_the_cpu_backend() {
+    common::check_fp8_logits_match_cpu(EmuExecutor::new);
+}
+
+#[test]
+fn fp8_versus_bf16_experts() {
+    common::check_fp8_versus_bf16(EmuExecutor::new);
+}
+
+#[test]
+fn synthetic_fp8_experts_run() {
+    common::check_synthetic_fp8(EmuExecutor::new);
+}
+
+#[test]
 fn prefill_chunking_is_exact() {
     common::check_prefill_chunking_is_exact(EmuExecutor::new);
 }

@@ -25,6 +25,24 @@ fn logits_match_the_cpu_backend() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn fp8_logits_match_the_cpu_backend() {
+    common::check_fp8_logits_match_cpu(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fp8_versus_bf16_experts() {
+    common::check_fp8_versus_bf16(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn synthetic_fp8_experts_run() {
+    common::check_synthetic_fp8(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn prefill_chunking_is_exact() {
     common::check_prefill_chunking_is_exact(gpu);
 }

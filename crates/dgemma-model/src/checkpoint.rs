@@ -28,7 +28,8 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// safetensors' own limit on the header size.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// Header entry of a tensor whose dtype is not F32 / F16 / BF16 (kept so errors can name it).
+/// Header entry of a tensor whose dtype is not F32 / F16 / BF16 / F8_E4M3 (kept so errors can name
+/// it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
     pub name: String,
@@ -43,7 +44,7 @@ pub struct TensorInfo {
 pub struct SafetensorsFile {
     pub path: PathBuf,
     pub storage: Arc<Storage>,
-    /// Float tensors (F32 / F16 / BF16), in header order.
+    /// Float tensors (F32 / F16 / BF16, and F8_E4M3 codes), in header order.
     pub tensors: Vec<TensorRef>,
     /// Tensors of other dtypes.
     pub other: Vec<TensorInfo>,
@@ -390,7 +391,7 @@ impl Checkpoint {
         self.index_file.as_deref()
     }
 
-    /// A float tensor by name (cheap clone of the view).
+    /// A float (or F8_E4M3) tensor by name (cheap clone of the view).
     pub fn tensor(&self, name: &str) -> Option<TensorRef> {
         self.tensors.get(name).cloned()
     }
@@ -400,7 +401,7 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
-    /// Header info of a tensor whose dtype is not F32 / F16 / BF16.
+    /// Header info of a tensor whose dtype is not F32 / F16 / BF16 / F8_E4M3.
     pub fn non_float_tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.other.get(name)
     }

@@ -10,6 +10,13 @@
 //! linear / expert weights U(-a, a) with a = sqrt(3 / fan_in) (unit-variance outputs),
 //! embeddings U(-1, 1), norm scales and router scales 1 + U(-0.1, 0.1), decoder `layer_scalar`
 //! U(0.5, 1) and the encoder copy drawn independently (so a backend that mixes them up shows).
+//!
+//! With [`SyntheticSpec::fp8_experts`] the experts are written as a compressed-tensors
+//! "FP8-dynamic" checkpoint writes them (the layout of `RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic`):
+//! per-expert Linears `experts.{e}.{gate,up,down}_proj.weight` (`F8_E4M3 [out, in]`) with
+//! `.weight_scale` (`F32 [out, 1]`), quantised per output row from the fused tensors' values
+//! (so the codes and scales equal what [`crate::quant::Fp8Experts::quantize`] makes of the
+//! float checkpoint with the same seed), and config.json gets a `quantization_config`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,8 +31,9 @@ use crate::config::{
 };
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
-use crate::tensor::DType;
-use crate::weights::expected_tensors;
+use crate::quant::Fp8Experts;
+use crate::tensor::{DType, TensorRef};
+use crate::weights::{expected_tensors, names};
 
 /// What to write.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +57,8 @@ pub struct SyntheticSpec {
     /// text model must ignore. config.json always carries that tiny `vision_config`, so
     /// transformers builds a small vision tower when it loads the checkpoint.
     pub extra_tensors: bool,
+    /// Write the experts as compressed-tensors FP8 per-expert Linears (see the module docs).
+    pub fp8_experts: bool,
 }
 
 impl SyntheticSpec {
@@ -97,6 +107,7 @@ impl SyntheticSpec {
             schema: ConfigSchema::PerLayerConfig,
             write_generation_config: true,
             extra_tensors: true,
+            fp8_experts: false,
         }
     }
 
@@ -122,19 +133,60 @@ impl SyntheticSpec {
 
     /// Names and shapes of every tensor written, in write order.
     pub fn tensor_list(&self) -> Vec<(String, Vec<usize>)> {
-        let mut list = expected_tensors(&self.text, self.tie_word_embeddings);
+        let mut list = self.tensor_list_float();
+        if self.fp8_experts {
+            list = list
+                .into_iter()
+                .flat_map(|(name, shape)| match fp8_split(&name) {
+                    Some(parts) => {
+                        let (e, n, k) = (shape[0], shape[1], shape[2]);
+                        let rows = n / parts.len();
+                        let layer = name.rsplit_once('.').unwrap().0;
+                        let mut v = Vec::new();
+                        for ex in 0..e {
+                            for part in parts {
+                                let w = format!("{layer}.{ex}.{part}.weight");
+                                v.push((names::scale_of(&w), vec![rows, 1]));
+                                v.push((w, vec![rows, k]));
+                            }
+                        }
+                        v
+                    }
+                    None => vec![(name, shape)],
+                })
+                .collect();
+        }
         if self.extra_tensors {
             list.extend(vision_tensors(self.text.hidden_size));
         }
         list
     }
 
+    /// The float layout's text tensors (fused experts), whatever `fp8_experts` says.
+    fn tensor_list_float(&self) -> Vec<(String, Vec<usize>)> {
+        expected_tensors(&self.text, self.tie_word_embeddings)
+    }
+
+    /// The dtype tensor `name` is written in.
+    pub fn tensor_dtype(&self, name: &str) -> DType {
+        if self.fp8_experts && fp8_part(name).is_some() {
+            if name.ends_with("_scale") {
+                DType::F32
+            } else {
+                DType::F8E4M3
+            }
+        } else {
+            self.dtype
+        }
+    }
+
+    fn tensor_bytes(&self, name: &str, shape: &[usize]) -> u64 {
+        shape.iter().product::<usize>() as u64 * self.tensor_dtype(name).size() as u64
+    }
+
     /// Bytes of all tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.tensor_list()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>() as u64 * self.dtype.size() as u64)
-            .sum()
+        self.tensor_list().iter().map(|(n, s)| self.tensor_bytes(n, s)).sum()
     }
 
     fn validate(&self) -> Result<()> {
@@ -257,6 +309,92 @@ pub fn synthetic_values(spec: &SyntheticSpec, name: &str, shape: &[usize]) -> Ve
         .collect()
 }
 
+/// The per-expert parts a fused expert tensor is split into (`...experts.gate_up_proj`: gate
+/// then up; `...experts.down_proj`: down), `None` for other names.
+fn fp8_split(name: &str) -> Option<&'static [&'static str]> {
+    if name.ends_with(".experts.gate_up_proj") {
+        Some(&["gate_proj", "up_proj"])
+    } else if name.ends_with(".experts.down_proj") {
+        Some(&["down_proj"])
+    } else {
+        None
+    }
+}
+
+/// For a per-expert FP8 tensor name `<layer>.experts.{e}.{part}.weight[_scale]`: the fused
+/// tensor's name, the expert, and the part's index among the fused tensor's parts.
+fn fp8_part(name: &str) -> Option<(String, usize, usize)> {
+    let base = name.strip_suffix(".weight_scale").or_else(|| name.strip_suffix(".weight"))?;
+    let (rest, part) = base.rsplit_once('.')?;
+    let (layer, expert) = rest.rsplit_once('.')?;
+    let expert: usize = expert.parse().ok()?;
+    let layer = layer.strip_suffix(".experts")?;
+    let (fused, index) = match part {
+        "gate_proj" => ("gate_up_proj", 0),
+        "up_proj" => ("gate_up_proj", 1),
+        "down_proj" => ("down_proj", 0),
+        _ => return None,
+    };
+    Some((format!("{layer}.experts.{fused}"), expert, index))
+}
+
+/// The fused expert tensor last quantised for a per-expert FP8 layout (tensors are written in
+/// order, so each fused tensor is generated and quantised once).
+#[derive(Default)]
+struct Fp8Cache {
+    fused: Option<(String, Fp8Experts)>,
+}
+
+impl Fp8Cache {
+    /// The bytes of per-expert tensor `name`: its rows' e4m3 codes, or their float32 scales.
+    fn bytes(&mut self, spec: &SyntheticSpec, name: &str) -> Result<Vec<u8>> {
+        let (fused, expert, index) = fp8_part(name).expect("an FP8 expert part");
+        if self.fused.as_ref().is_none_or(|(n, _)| *n != fused) {
+            let shape = spec
+                .tensor_list_float()
+                .into_iter()
+                .find(|(n, _)| *n == fused)
+                .map(|(_, s)| s)
+                .expect("the fused tensor of an FP8 part");
+            let values = synthetic_values(spec, &fused, &shape);
+            let t = TensorRef::from_f32(fused.clone(), spec.dtype, shape, &values)?;
+            self.fused = Some((fused.clone(), Fp8Experts::quantize(&t)?));
+        }
+        let q = &self.fused.as_ref().unwrap().1;
+        let parts = fp8_split(&fused).unwrap().len();
+        let [_, n, _] = q.shape;
+        let rows = n / parts;
+        let row0 = expert * n + index * rows;
+        let mut out = Vec::new();
+        for r in row0..row0 + rows {
+            if name.ends_with("_scale") {
+                out.extend_from_slice(&q.scales[r].to_le_bytes());
+            } else {
+                out.extend_from_slice(q.row_codes(r));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The `quantization_config` of a compressed-tensors FP8-dynamic checkpoint (weights: float 8-bit,
+/// symmetric, per channel; activations: dynamic per token), with the usual ignore list.
+fn quantization_config_json() -> Value {
+    json!({
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": true, "dynamic": false},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": true, "dynamic": true}
+            }
+        },
+        "ignore": ["lm_head", "re:.*embed.*", "re:.*router.*", "re:.*vision_tower.*", "re:.*self_conditioning.*"]
+    })
+}
+
 fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
@@ -272,10 +410,10 @@ fn write_safetensors(
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0u64;
     for (name, shape) in tensors {
-        let bytes = shape.iter().product::<usize>() as u64 * spec.dtype.size() as u64;
+        let bytes = spec.tensor_bytes(name, shape);
         header.insert(
             name.clone(),
-            json!({"dtype": spec.dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            json!({"dtype": spec.tensor_dtype(name).name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
@@ -290,10 +428,15 @@ fn write_safetensors(
         .map_err(io)?;
     w.write_all(&header_bytes).map_err(io)?;
     let mut buf = Vec::new();
+    let mut fp8 = Fp8Cache::default();
     for (name, shape) in tensors {
         buf.clear();
-        for v in synthetic_values(spec, name, shape) {
-            spec.dtype.push_le_bytes(v, &mut buf);
+        if spec.tensor_dtype(name) != spec.dtype {
+            buf = fp8.bytes(spec, name)?;
+        } else {
+            for v in synthetic_values(spec, name, shape) {
+                spec.dtype.push_le_bytes(v, &mut buf);
+            }
         }
         w.write_all(&buf).map_err(io)?;
     }
@@ -308,6 +451,9 @@ pub fn write_synthetic_checkpoint(dir: impl AsRef<Path>, spec: &SyntheticSpec) -
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut config = spec.model_config().to_json(spec.schema);
     config["vision_config"] = vision_config_json();
+    if spec.fp8_experts {
+        config["quantization_config"] = quantization_config_json();
+    }
     write_json(&dir.join(CONFIG_FILE), &config)?;
     if spec.write_generation_config {
         write_json(
@@ -322,10 +468,7 @@ pub fn write_synthetic_checkpoint(dir: impl AsRef<Path>, spec: &SyntheticSpec) -
         return Ok(());
     }
     // Contiguous groups of roughly equal byte size, none empty.
-    let sizes: Vec<u64> = tensors
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * spec.dtype.size() as u64)
-        .collect();
+    let sizes: Vec<u64> = tensors.iter().map(|(n, s)| spec.tensor_bytes(n, s)).collect();
     let total: u64 = sizes.iter().sum();
     let mut groups: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
     let mut acc = 0u64;

@@ -1,7 +1,9 @@
 //! Zero-copy views of tensors inside memory-mapped safetensors files.
 //!
 //! A [`TensorRef`] holds an `Arc` of the file's memory map plus a byte range; cloning or slicing
-//! it copies no tensor data. Reads widen bfloat16 / float16 / float32 to float32 exactly.
+//! it copies no tensor data. Reads widen bfloat16 / float16 / float32 / FP8 E4M3 to float32
+//! exactly (an e4m3 tensor reads as its raw codes' values: its per-row scales live in another
+//! tensor, see [`crate::weights::Fp8Experts`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// FP8 E4M3FN (`F8_E4M3`, [`crate::fp8`]): the quantised expert weights.
+    F8E4M3,
 }
 
 impl DType {
@@ -26,35 +30,45 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 => 1,
         }
     }
 
-    /// The safetensors name (`"F32"`, `"F16"`, `"BF16"`).
+    /// The safetensors name (`"F32"`, `"F16"`, `"BF16"`, `"F8_E4M3"`).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::F8E4M3 => "F8_E4M3",
         }
     }
 
-    /// Parses a safetensors dtype name; `None` for every non-float-16/32 type.
+    /// Parses a safetensors dtype name; `None` for every type but F32, F16, BF16 and F8_E4M3.
     pub fn from_safetensors(name: &str) -> Option<DType> {
         match name {
             "F32" => Some(DType::F32),
             "F16" => Some(DType::F16),
             "BF16" => Some(DType::BF16),
+            "F8_E4M3" => Some(DType::F8E4M3),
             _ => None,
         }
     }
 
-    /// Rounds an f32 to this dtype and widens it back (round to nearest even).
+    /// Rounds an f32 to this dtype and widens it back (round to nearest even; e4m3 saturates at
+    /// ±448).
     pub fn round(self, x: f32) -> f32 {
         match self {
             DType::F32 => x,
             DType::F16 => f16::from_f32(x).to_f32(),
             DType::BF16 => bf16::from_f32(x).to_f32(),
+            DType::F8E4M3 => crate::fp8::round(x),
         }
+    }
+
+    /// True for the 8-bit quantised formats (whose values need a scale to mean a weight).
+    pub fn is_fp8(self) -> bool {
+        self == DType::F8E4M3
     }
 
     /// Appends `x` rounded to this dtype as little-endian bytes.
@@ -63,6 +77,7 @@ impl DType {
             DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
             DType::F16 => out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
             DType::BF16 => out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+            DType::F8E4M3 => out.push(crate::fp8::encode(x)),
         }
     }
 }
@@ -288,6 +303,11 @@ impl TensorRef {
                     *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
                 }
             }
+            DType::F8E4M3 => {
+                for (o, &c) in out.iter_mut().zip(src) {
+                    *o = crate::fp8::decode(c);
+                }
+            }
         }
         Ok(())
     }
@@ -405,6 +425,23 @@ impl TensorRef {
     pub fn as_f32(&self) -> Option<&[f32]> {
         self.typed(DType::F32)
     }
+
+    /// The same bytes seen with another shape of the same element count (panics otherwise).
+    pub fn reshaped(mut self, shape: Vec<usize>) -> TensorRef {
+        assert_eq!(checked_numel(&shape), Some(self.numel()), "reshape of {} to {shape:?}", self.name);
+        self.shape = shape;
+        self
+    }
+
+    /// The e4m3 codes (one byte per element); `None` unless dtype is F8E4M3.
+    pub fn as_e4m3(&self) -> Option<&[u8]> {
+        (self.dtype == DType::F8E4M3).then(|| self.bytes())
+    }
+
+    /// An in-memory tensor holding `bytes` as they are (little-endian elements of `dtype`).
+    pub fn from_bytes(name: impl Into<String>, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<TensorRef> {
+        TensorRef::new(name, dtype, shape, PathBuf::from("<memory>"), Arc::new(Storage::Owned(bytes)), 0)
+    }
 }
 
 #[cfg(test)]
@@ -433,6 +470,13 @@ mod tests {
             assert!(t.read_row_f32(2, &mut row).is_err());
         }
         assert_eq!(DType::BF16.round(1.0 + 1.0 / 256.0), 1.0, "ties to even");
+        let e4m3 = TensorRef::from_f32("q", DType::F8E4M3, vec![2, 2], &[1.0, -0.3, 500.0, 0.0]).unwrap();
+        assert_eq!(e4m3.bytes(), &[0x38, 0xaa, 0x7e, 0x00]);
+        assert_eq!(e4m3.to_f32_vec(), vec![1.0, -0.3125, 448.0, 0.0]);
+        assert_eq!(e4m3.as_e4m3().unwrap().len(), 4);
+        assert_eq!(e4m3.row(1).unwrap().to_f32_vec(), vec![448.0, 0.0]);
+        assert_eq!(DType::from_safetensors("F8_E4M3"), Some(DType::F8E4M3));
+        assert_eq!(DType::F8E4M3.size(), 1);
         assert!(TensorRef::from_f32("t", DType::F32, vec![4], &[1.0]).is_err());
     }
 

@@ -3,10 +3,20 @@
 //! `model.decoder.*`, the encoder's own `layer_scalar` buffers under
 //! `model.encoder.language_model.layers.{i}.layer_scalar`, and `lm_head.weight` (absent when
 //! tied to `model.decoder.embed_tokens.weight`). Other tensors (vision tower) are ignored.
+//!
+//! The MoE experts are [`ExpertTensor`]s: the checkpoint's float tensors, or FP8 codes with
+//! per-row scales ([`crate::quant`]), either quantised at load ([`Quant::Fp8`]) or read from a
+//! compressed-tensors FP8 checkpoint (per-expert `experts.{e}.{gate,up,down}_proj.weight` +
+//! `.weight_scale`). Any other FP8 Linear weight of such a checkpoint (attention, dense MLP) is
+//! dequantised to bf16 at load (`<name>.weight_scale` beside it), so after loading every
+//! [`TensorRef`] of a [`ModelWeights`] is float and only the experts may be FP8.
+
+use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerKind, LayerSpec, TextConfig};
 use crate::error::{Error, Result};
+use crate::quant::{dequantize_to_bf16, read_scales, ExpertTensor, Fp8Block, Fp8Experts, Quant};
 use crate::tensor::TensorRef;
 
 /// Weights of one decoder layer (shared with the encoder except `layer_scalar`).
@@ -44,9 +54,9 @@ pub struct LayerWeights {
     /// `[E]`
     pub router_per_expert_scale: TensorRef,
     /// `[E, 2M, H]`: rows `0..M` of expert e are gate, `M..2M` up.
-    pub experts_gate_up: TensorRef,
+    pub experts_gate_up: ExpertTensor,
     /// `[E, H, M]`
-    pub experts_down: TensorRef,
+    pub experts_down: ExpertTensor,
     /// Decoder (denoiser) copy of the layer scalar.
     pub layer_scalar: f32,
     /// Encoder copy of the layer scalar.
@@ -88,6 +98,18 @@ pub mod names {
     /// `model.encoder.language_model.layers.{i}.layer_scalar`
     pub fn encoder_layer_scalar(i: usize) -> String {
         format!("model.encoder.language_model.layers.{i}.layer_scalar")
+    }
+
+    /// The scale tensor of an FP8 weight: `<name>_scale` (`...weight` -> `...weight_scale`,
+    /// compressed-tensors; `...gate_up_proj` -> `...gate_up_proj_scale` for a fused tensor).
+    pub fn scale_of(weight: &str) -> String {
+        format!("{weight}_scale")
+    }
+
+    /// `model.decoder.layers.{i}.experts.{e}.{proj}.weight` (compressed-tensors' per-expert
+    /// Linears; `proj` is `gate_proj`, `up_proj` or `down_proj`).
+    pub fn expert_linear(i: usize, e: usize, proj: &str) -> String {
+        layer(i, &format!("experts.{e}.{proj}.weight"))
     }
 }
 
@@ -160,7 +182,47 @@ struct Loader<'a> {
     errors: Vec<Error>,
 }
 
+/// Which fused expert tensor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExpertKind {
+    /// `experts.gate_up_proj [E, 2M, H]` (per expert: `gate_proj` then `up_proj`, `[M, H]` each).
+    GateUp,
+    /// `experts.down_proj [E, H, M]` (per expert: `down_proj [H, M]`).
+    Down,
+}
+
+impl ExpertKind {
+    fn fused(self) -> &'static str {
+        match self {
+            ExpertKind::GateUp => "experts.gate_up_proj",
+            ExpertKind::Down => "experts.down_proj",
+        }
+    }
+
+    /// The per-expert Linears making up one expert's rows, in row order.
+    fn parts(self) -> &'static [&'static str] {
+        match self {
+            ExpertKind::GateUp => &["gate_proj", "up_proj"],
+            ExpertKind::Down => &["down_proj"],
+        }
+    }
+}
+
 impl Loader<'_> {
+    fn push(&mut self, t: &TensorRef, msg: String) {
+        self.errors.push(Error::Tensor { name: t.name.clone(), file: t.file.clone(), msg });
+    }
+
+    /// The scale tensor of FP8 weight `t` (`<name>_scale`), or an error recorded.
+    fn scale_for(&mut self, t: &TensorRef) -> Option<TensorRef> {
+        let scale = names::scale_of(&t.name);
+        let found = self.ck.tensor(&scale);
+        if found.is_none() {
+            self.push(t, format!("has dtype F8_E4M3 but the checkpoint has no scale tensor {scale} beside it"));
+        }
+        found
+    }
+
     fn get(&mut self, name: &str, shape: &[usize], why: &str) -> Option<TensorRef> {
         match self.ck.tensor(name) {
             Some(t) => {
@@ -171,6 +233,17 @@ impl Loader<'_> {
                         msg: format!("has shape {:?}, expected {:?} ({why})", t.shape, shape),
                     });
                     None
+                } else if t.dtype.is_fp8() {
+                    // An FP8 Linear of a compressed-tensors checkpoint outside the experts: run
+                    // in bf16, dequantised once here.
+                    let scale = self.scale_for(&t)?;
+                    match dequantize_to_bf16(&t, &scale) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            self.errors.push(e);
+                            None
+                        }
+                    }
                 } else {
                     Some(t)
                 }
@@ -197,6 +270,100 @@ impl Loader<'_> {
         }
     }
 
+    /// One fused expert tensor of layer `i`, `[E, N, K]`, as `quant` wants it: the fused float
+    /// tensor (quantised at load for [`Quant::Fp8`]), a fused e4m3 tensor with its scales, or
+    /// compressed-tensors' per-expert FP8 Linears.
+    fn experts(&mut self, i: usize, kind: ExpertKind, shape: [usize; 3], quant: Quant, why: &str) -> Option<ExpertTensor> {
+        let fused = names::layer(i, kind.fused());
+        let [e, n, k] = shape;
+        if let Some(t) = self.ck.tensor(&fused) {
+            if t.shape != shape {
+                self.push(&t, format!("has shape {:?}, expected {:?} ({why})", t.shape, shape));
+                return None;
+            }
+            if t.dtype.is_fp8() {
+                let scale = self.scale_for(&t)?;
+                let built = read_scales(&scale, e * n).and_then(|scales| {
+                    let codes = t.clone().reshaped(vec![e * n, k]);
+                    Fp8Experts::new(fused.clone(), shape, scales, vec![Fp8Block { row0: 0, codes }])
+                });
+                return self.keep(built.map(|f| ExpertTensor::Fp8(Arc::new(f))));
+            }
+            return match quant {
+                Quant::None => Some(ExpertTensor::Float(t)),
+                Quant::Fp8 => self.keep(Fp8Experts::quantize(&t).map(|f| ExpertTensor::Fp8(Arc::new(f)))),
+            };
+        }
+        let first = names::expert_linear(i, 0, kind.parts()[0]);
+        if !self.ck.contains(&first) {
+            if let Some(info) = self.ck.non_float_tensor(&fused) {
+                self.errors.push(Error::Tensor {
+                    name: fused.clone(),
+                    file: info.file.clone(),
+                    msg: format!("has dtype {}, expected F32, F16, BF16 or F8_E4M3", info.dtype),
+                });
+            } else {
+                self.errors.push(Error::MissingTensor {
+                    name: fused.clone(),
+                    dir: self.ck.dir().to_path_buf(),
+                    why: format!("{why}; nor does the checkpoint hold per-expert FP8 Linears such as {first}"),
+                });
+            }
+            return None;
+        }
+        // compressed-tensors: per expert, the parts' rows in order (gate then up).
+        let part_rows = n / kind.parts().len();
+        let mut scales = Vec::with_capacity(e * n);
+        let mut blocks = Vec::with_capacity(e * kind.parts().len());
+        let errors_before = self.errors.len();
+        for ex in 0..e {
+            for part in kind.parts() {
+                let name = names::expert_linear(i, ex, part);
+                let Some(t) = self.ck.tensor(&name) else {
+                    self.errors.push(Error::MissingTensor {
+                        name,
+                        dir: self.ck.dir().to_path_buf(),
+                        why: format!("{why}: per-expert {part} of expert {ex} (the checkpoint splits the experts)"),
+                    });
+                    continue;
+                };
+                if t.shape != [part_rows, k] || !t.dtype.is_fp8() {
+                    self.push(
+                        &t,
+                        format!(
+                            "has dtype {} and shape {:?}, expected F8_E4M3 [{part_rows}, {k}] (a per-expert FP8 Linear, {why})",
+                            t.dtype, t.shape
+                        ),
+                    );
+                    continue;
+                }
+                let Some(scale) = self.scale_for(&t) else { continue };
+                match read_scales(&scale, part_rows) {
+                    Ok(s) => scales.extend(s),
+                    Err(err) => {
+                        self.errors.push(err);
+                        continue;
+                    }
+                }
+                blocks.push(Fp8Block { row0: blocks.len() * part_rows, codes: t });
+            }
+        }
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        self.keep(Fp8Experts::new(fused, shape, scales, blocks).map(|f| ExpertTensor::Fp8(Arc::new(f))))
+    }
+
+    fn keep<T>(&mut self, r: Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
     fn scalar(&mut self, name: &str, why: &str) -> Option<f32> {
         let t = self.get(name, &[1], why)?;
         match t.scalar_f32() {
@@ -218,9 +385,16 @@ impl Loader<'_> {
 }
 
 impl ModelWeights {
-    /// Looks up and validates every text tensor of the checkpoint. All problems are reported
-    /// together (one error, or [`Error::Many`]).
+    /// Looks up and validates every text tensor of the checkpoint, experts as stored
+    /// ([`Quant::None`]). All problems are reported together (one error, or [`Error::Many`]).
     pub fn load(ck: &Checkpoint) -> Result<ModelWeights> {
+        ModelWeights::load_with(ck, Quant::None)
+    }
+
+    /// [`ModelWeights::load`] with the experts held as `quant` says: [`Quant::Fp8`] quantises
+    /// float experts per output row at load (on all cores; the codes are owned, about 23 GB for
+    /// the 26B model). FP8 experts of a pre-quantised checkpoint are FP8 whatever `quant` is.
+    pub fn load_with(ck: &Checkpoint, quant: Quant) -> Result<ModelWeights> {
         let cfg = ck.config();
         let text = &cfg.text;
         let h = text.hidden_size;
@@ -264,7 +438,7 @@ impl ModelWeights {
             let mut got: Vec<Option<TensorRef>> = Vec::with_capacity(shapes.len());
             for (suffix, shape) in &shapes {
                 let name = names::layer(i, suffix);
-                if *suffix == "layer_scalar" {
+                if *suffix == "layer_scalar" || suffix.starts_with("experts.") {
                     got.push(None);
                     continue;
                 }
@@ -291,7 +465,10 @@ impl ModelWeights {
             let norms = [next(), next(), next(), next(), next(), next(), next()];
             let (mlp_gate, mlp_up, mlp_down) = (next(), next(), next());
             let (router_proj, router_scale, router_per_expert_scale) = (next(), next(), next());
-            let (experts_gate_up, experts_down) = (next(), next());
+            let e = text.num_experts;
+            let (m, h) = (text.moe_intermediate_size, text.hidden_size);
+            let experts_gate_up = l.experts(i, ExpertKind::GateUp, [e, 2 * m, h], quant, &why);
+            let experts_down = l.experts(i, ExpertKind::Down, [e, h, m], quant, &why);
 
             if !l.errors.is_empty() || v_missing {
                 continue;

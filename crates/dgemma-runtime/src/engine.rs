@@ -11,6 +11,7 @@ use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats,
 use dgemma_model::checkpoint::Checkpoint;
 use dgemma_model::config::{ModelConfig, TextConfig};
 use dgemma_model::generation::GenerationConfig;
+use dgemma_model::quant::Quant;
 use dgemma_model::tensor::DType;
 use dgemma_model::weights::ModelWeights;
 use dgemma_model::{Backend, Precision};
@@ -72,6 +73,10 @@ pub struct EngineOptions {
     /// whose KV cache does not fit waits in the queue until a running request frees its cache
     /// (it fails only when nothing else is running, so it could never fit).
     pub memory_limit: Option<usize>,
+    /// How the MoE experts are held: [`Quant::Fp8`] quantises bf16/f32 experts to FP8 E4M3 with
+    /// per-output-channel scales at load (weight-only; activations stay bf16), halving the bytes
+    /// a denoising step reads. A compressed-tensors FP8 checkpoint's experts are FP8 either way.
+    pub quant: Quant,
 }
 
 impl Default for EngineOptions {
@@ -85,6 +90,7 @@ impl Default for EngineOptions {
             max_batch: 4,
             prefill_chunk: 2048,
             memory_limit: None,
+            quant: Quant::None,
         }
     }
 }
@@ -504,7 +510,7 @@ impl Engine {
             message: m,
         };
         let checkpoint = Checkpoint::open(&dir).map_err(|e| load_err(e.to_string()))?;
-        let weights = ModelWeights::load(&checkpoint).map_err(|e| load_err(e.to_string()))?;
+        let weights = ModelWeights::load_with(&checkpoint, options.quant).map_err(|e| load_err(e.to_string()))?;
         if checkpoint.total_bytes() >= PREFETCH_BYTES {
             checkpoint.prefetch(&mut |_, _| {});
         }
@@ -545,6 +551,9 @@ impl Engine {
         check_options(&options)?;
         if options.backend == BackendKind::Cpu {
             return Err(RuntimeError::InvalidOptions("synthetic weights are generated on a GPU backend only".into()));
+        }
+        if options.quant != Quant::None {
+            return Err(RuntimeError::InvalidOptions("synthetic weights are bf16 only: quant must be none".into()));
         }
         let load_err = |p: &Path, m: String| RuntimeError::Load { path: p.to_path_buf(), message: m };
         let cfg = ModelConfig::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?;

@@ -62,6 +62,7 @@ pub use request::{PreparedRequest, Prompt, Request, SamplerOverrides};
 
 pub use dgemma_engine::generate::{FinishReason, GenerationSettings, GenerationStats};
 pub use dgemma_model::Precision;
+pub use dgemma_model::Quant;
 
 /// The bundled tiny model (random weights, vocab 512, canvas 16) in this source tree, for
 /// examples and tests: `reference/models/tiny-default` under `$DGEMMA_REPO` (the repository root)

@@ -15,9 +15,11 @@
 
 #![allow(dead_code)]
 
-use dgemma_codegen::{supported_specs, Arch, Family, GemmFuse, KernelSpec, MaskKind, Op};
+use std::sync::Arc;
+
+use dgemma_codegen::{supported_specs, Arch, Family, GemmFuse, KernelSpec, MaskKind, Op, WeightFormat};
 use dgemma_cpu::ops::activation::geglu as cpu_geglu;
-use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask};
+use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask, KV_SPLIT};
 use dgemma_cpu::ops::linear::{linear as cpu_linear, Matrix};
 use dgemma_cpu::ops::moe::{experts_forward, route, ExpertBank, Router as CpuRouter, Routing as CpuRouting};
 use dgemma_cpu::ops::norm::{rms_norm as cpu_rms_norm, rms_norm_row};
@@ -25,6 +27,9 @@ use dgemma_cpu::ops::rope::{apply_rope, RopeTable};
 use dgemma_cpu::ops::softmax::{softcap as cpu_softcap, softmax_row};
 use dgemma_cpu::ops::topk::topk_torch_cpu;
 use dgemma_cpu::precision::{to_bf16, Precision};
+use dgemma_cpu::weights::Fp8Matrix;
+use dgemma_model::quant::Fp8Experts;
+use dgemma_model::tensor::{DType, TensorRef};
 use dgemma_cuda::bf16;
 use dgemma_cuda::ops::{self, Buf, LaunchPlan, Routing};
 
@@ -39,6 +44,8 @@ pub enum Host {
     Bf16(Vec<bf16>),
     F32(Vec<f32>),
     I32(Vec<i32>),
+    /// Bytes (FP8 e4m3 weight codes).
+    U8(Vec<u8>),
 }
 
 impl Host {
@@ -47,6 +54,7 @@ impl Host {
             Host::Bf16(v) => v.len(),
             Host::F32(v) => v.len(),
             Host::I32(v) => v.len(),
+            Host::U8(v) => v.len(),
         }
     }
     pub fn bf16(&self) -> Vec<f32> {
@@ -537,21 +545,122 @@ pub fn ring(src: &[f32], width: usize, k_pos0: usize, rows: usize) -> Vec<f32> {
     out
 }
 
+/// The kernel's rounding contract (`csrc/attention.cuh`) computed on the host: s = q . k (the
+/// CPU's dot), m = the max over ALL visible keys, e = exp(s - m), denom = sum e, p = bf16(e),
+/// acc = sum p v (ascending keys), out = bf16(acc * (1 / denom)), 0 without a visible key.
+/// Identical to the CPU oracle's rounding up to [`KV_SPLIT`] keys; beyond, the CPU takes a
+/// running max per KV_SPLIT-key block and rounds p relative to it, which this does not.
+#[allow(clippy::too_many_arguments)]
+pub fn exact_max_attention(
+    q: &[f32],
+    q_pos0: usize,
+    k: &[f32],
+    v: &[f32],
+    k_pos0: usize,
+    shape: AttentionShape,
+    window: Option<Option<usize>>,
+) -> Vec<f32> {
+    let AttentionShape { heads, kv_heads, head_dim: d } = shape;
+    let (s, l) = (q.len() / (heads * d), k.len() / (kv_heads * d));
+    let mut out = vec![0.0f32; q.len()];
+    for i in 0..s {
+        let qp = q_pos0 + i;
+        let visible = |j: usize| match window {
+            None => true, // bidirectional
+            Some(w) => k_pos0 + j <= qp && w.is_none_or(|w| qp - (k_pos0 + j) < w),
+        };
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            let qrow = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
+            let krow = |j: usize| &k[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
+            let keys: Vec<usize> = (0..l).filter(|&j| visible(j)).collect();
+            let scores: Vec<f32> = keys.iter().map(|&j| dgemma_cpu::ops::linear::dot(qrow, krow(j))).collect();
+            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (mut den, mut acc) = (0.0f32, vec![0.0f32; d]);
+            for (&j, &sj) in keys.iter().zip(&scores) {
+                let e = (sj - m).exp();
+                den += e;
+                let p = to_bf16(e);
+                for (a, &x) in acc.iter_mut().zip(&v[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d]) {
+                    *a += p * x;
+                }
+            }
+            let inv = 1.0 / if den == 0.0 { 1.0 } else { den };
+            for (o, a) in out[(i * heads + h) * d..(i * heads + h + 1) * d].iter_mut().zip(&acc) {
+                *o = to_bf16(a * inv);
+            }
+        }
+    }
+    out
+}
+
+/// Runs an attention's launches over `bufs` = [q, k ring, v ring, out, scratch]: as
+/// `plan_attention` plans them (`splits` None: the heuristic's split count) or split `splits`
+/// ways.
+fn run_attention(
+    e: &dyn Exec,
+    spec: &KernelSpec,
+    bufs: &mut [Host],
+    (s, l, rows, q_pos0, k_pos0, window): (usize, usize, usize, usize, usize, Option<usize>),
+    splits: Option<usize>,
+) {
+    let Op::Attention(a) = spec.op else { unreachable!() };
+    let count = splits.unwrap_or_else(|| dgemma_codegen::shapes::attention_splits(&a, s, l));
+    let launches = if count == 1 { 1 } else { 3 };
+    for launch in 0..launches {
+        e.launch(bufs, &|b| {
+            let (q, k, v, out, scratch) = (b[0], b[1], b[2], b[3], Some(b[4]));
+            let mut plans = match splits {
+                None => ops::plan_attention(spec, q, k, v, out, scratch, s, l, rows, q_pos0, k_pos0, window),
+                Some(n) => {
+                    ops::plan_attention_split(spec, q, k, v, out, scratch, s, l, rows, q_pos0, k_pos0, window, n)
+                }
+            }
+            .unwrap();
+            assert_eq!(plans.len(), launches);
+            plans.swap_remove(launch)
+        });
+    }
+}
+
+/// The tensor-core attention (`csrc/attention.cuh`) of every table shape against the CPU's bf16
+/// attention (beyond its `KV_SPLIT`-key blocks, against [`exact_max_attention`], the kernel's
+/// rounding contract, which the CPU's block-wise running max departs from): every GQA group of the table (1, 2, 4, 8 query heads per kv head), q_len and
+/// kv_len that are no multiple of the 64-row / 64-key tiles or of an m16 / n8 fragment, key
+/// ranges over 512 (the CPU's block rescaling) and over several tiles, rows with no visible key
+/// (queries before the first key; a sliding window ending before them), windows narrower than a
+/// tile and crossing tiles, and each case through a ring of exactly kv_len rows and a larger one
+/// that the key range wraps around (its unused rows NaN: a kernel that reads one fails).
+///
+/// Each runs unsplit, split 3 ways (the flash-decoding launches: partial maxima, partial P.V,
+/// combine) and as the heuristic splits it, with the output and the scratch poisoned with NaN
+/// and one guard row past the queries: every output must be written, nothing past it. A rerun
+/// of one split case must give the same bits (a fixed summation order, no atomics).
 pub fn check_attention(e: &dyn Exec) {
+    let mut split_runs = 0;
     for spec in specs(e, Family::Attention) {
         let Op::Attention(a) = spec.op else { unreachable!() };
         let (d, hq, hkv) = (a.head_dim as usize, a.q_heads as usize, a.kv_heads as usize);
         let shape = AttentionShape { heads: hq, kv_heads: hkv, head_dim: d };
         // (q_len, kv_len, q_pos0, k_pos0, window): short, and long enough to span several
-        // 64-key tiles; queries at the end of the keys, as in the model.
+        // 64-key tiles; queries at the end of the keys, as in the model, or before them.
         let cases: Vec<(usize, usize, usize, usize, Option<usize>)> = match a.mask {
-            MaskKind::Causal => {
-                vec![(5, 9, 4, 0, None), (1, 1, 0, 0, None), (37, 200, 163, 0, None), (6, 20, 1014, 1000, None)]
-            }
-            MaskKind::CausalSliding => {
-                vec![(6, 11, 7, 2, Some(4)), (40, 300, 1260, 1000, Some(100)), (3, 3, 0, 0, Some(1024))]
-            }
-            MaskKind::Bidirectional => vec![(4, 10, 6, 0, None), (16, 271, 1280, 1024, None)],
+            MaskKind::Causal => vec![
+                (5, 9, 4, 0, None),
+                (1, 1, 0, 0, None),
+                (37, 200, 163, 0, None),
+                (6, 20, 1014, 1000, None),
+                (5, 9, 0, 3, None), // queries 0-2 see no key
+                (3, 700, 697, 0, None),
+            ],
+            MaskKind::CausalSliding => vec![
+                (6, 11, 7, 2, Some(4)),
+                (40, 300, 1260, 1000, Some(100)),
+                (3, 3, 0, 0, Some(1024)),
+                (6, 4, 0, 4, Some(3)), // queries 0-3 see no key
+                (70, 150, 1080, 1000, Some(13)),
+            ],
+            MaskKind::Bidirectional => vec![(4, 10, 6, 0, None), (16, 271, 1280, 1024, None), (9, 600, 2000, 1400, None)],
         };
         let mut wrapped = 0;
         for (case, &(s, l, q_pos0, k_pos0, window)) in cases.iter().enumerate() {
@@ -567,8 +676,20 @@ pub fn check_attention(e: &dyn Exec) {
                 _ => Mask::Causal { window },
             };
             // The oracle reads the keys unrolled, in position order.
-            let mut want = vec![0.0f32; q.len()];
-            cpu_attention(&q, q_pos0, &k, &v, k_pos0, shape, mask, BF16, &mut want);
+            // Up to KV_SPLIT keys the CPU's rounding is the kernel's contract; beyond, the CPU
+            // rounds p relative to a per-block running max (2.5-8% of the outputs then differ by
+            // an ulp or two from the contract's), so the reference is the contract itself.
+            let want = if l <= KV_SPLIT {
+                let mut want = vec![0.0f32; q.len()];
+                cpu_attention(&q, q_pos0, &k, &v, k_pos0, shape, mask, BF16, &mut want);
+                want
+            } else {
+                let window = match a.mask {
+                    MaskKind::Bidirectional => None,
+                    _ => Some(window),
+                };
+                exact_max_attention(&q, q_pos0, &k, &v, k_pos0, shape, window)
+            };
             // The weighted mass sum_j p_j |v_j| / denom of each output: a flipped rounding of
             // one p_j moves the output by up to 2^-8 of it, however much the signed sum cancels.
             let v_abs: Vec<f32> = v.iter().map(|x| x.abs()).collect();
@@ -580,23 +701,87 @@ pub fn check_attention(e: &dyn Exec) {
             // over which the key range wraps, or (k_pos0 = 0, no wrap possible) a few spare rows
             // as a full layer's cache has.
             let larger = (l + 1..=2 * l + 64).find(|&r| k_pos0 % r + l > r).unwrap_or(l + 5);
+            let heuristic = dgemma_codegen::shapes::attention_splits(&a, s, l);
             for rows in [l, larger] {
-                let name = format!("{} case {case} ring of {rows} rows", spec.kernel_name());
                 if k_pos0 % rows + l > rows {
                     wrapped += 1;
                 }
                 let width = hkv * d;
-                let mut bufs =
-                    [hb(&q), hb(&ring(&k, width, k_pos0, rows)), hb(&ring(&v, width, k_pos0, rows)), nan_bf16(q.len())];
-                e.launch(&mut bufs, &|b| {
-                    ops::plan_attention(&spec, b[0], b[1], b[2], b[3], s, l, rows, q_pos0, k_pos0, window).unwrap()
-                });
-                let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
-                compare_scaled(&name, &bufs[3].bf16(), &want, Some(&mass), tol);
+                let (kr, vr) = (hb(&ring(&k, width, k_pos0, rows)), hb(&ring(&v, width, k_pos0, rows)));
+                let mut split_counts = vec![1, 3];
+                if !split_counts.contains(&heuristic) {
+                    split_counts.push(heuristic);
+                }
+                for splits in split_counts {
+                    let name = format!("{} case {case} ring of {rows} rows, {splits} splits", spec.kernel_name());
+                    let scratch = splits * s * hq * (d + 2);
+                    let mut bufs = [hb(&q), kr.clone(), vr.clone(), nan_bf16(q.len() + hq * d), nan_f32(scratch.max(1))];
+                    let geometry = (s, l, rows, q_pos0, k_pos0, window);
+                    let forced = if splits == heuristic { None } else { Some(splits) };
+                    run_attention(e, &spec, &mut bufs, geometry, forced);
+                    let got = bufs[3].bf16();
+                    let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
+                    compare_scaled(&name, &got[..q.len()], &want, Some(&mass), tol);
+                    assert!(got[q.len()..].iter().all(|x| x.is_nan()), "{name}: wrote past the last query");
+                    if splits > 1 {
+                        split_runs += 1;
+                        if case == 1 && rows == l {
+                            let mut again = [hb(&q), kr.clone(), vr.clone(), nan_bf16(q.len()), nan_f32(scratch)];
+                            run_attention(e, &spec, &mut again, geometry, forced);
+                            let same = again[3].bf16().iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "{name}: a rerun gave other bits");
+                        }
+                    }
+                }
             }
         }
         assert!(wrapped > 0, "{}: no case wrapped around its ring", spec.kernel_name());
     }
+    assert!(split_runs > 0, "no split attention ran");
+    check_attention_chunks(e);
+}
+
+/// An encoder pass over a prompt in chunks gives the bits of one pass over it: the causal
+/// kernels, unsplit (as `plan_attention` plans encoder passes), over queries 0..s at once and
+/// in chunks [0, 5), [5, 23), [23, s), each chunk over the keys the model passes it (from the
+/// first one its first query sees to its last query's own position; a ring of l rows).
+fn check_attention_chunks(e: &dyn Exec) {
+    let mut checked = 0;
+    for spec in specs(e, Family::Attention) {
+        let Op::Attention(a) = spec.op else { unreachable!() };
+        let (d, hq, hkv) = (a.head_dim as usize, a.q_heads as usize, a.kv_heads as usize);
+        let (s, l, q_pos0, k_pos0, window) = match a.mask {
+            MaskKind::Causal => (37, 200, 163, 0, None),
+            MaskKind::CausalSliding => (40, 300, 1260, 1000, Some(100)),
+            MaskKind::Bidirectional => continue,
+        };
+        if s * hq * l * d > e.max_work() {
+            continue;
+        }
+        assert_eq!(dgemma_codegen::shapes::attention_splits(&a, s, l), 1, "encoder passes are not split");
+        let mut rng = Rng::new(77);
+        let q = rng.bf16_values(s * hq * d, 1.0);
+        let (k, v) = (rng.bf16_values(l * hkv * d, 1.0), rng.bf16_values(l * hkv * d, 1.0));
+        let width = hkv * d;
+        let (kr, vr) = (hb(&ring(&k, width, k_pos0, l)), hb(&ring(&v, width, k_pos0, l)));
+        let run = |i0: usize, i1: usize| -> Vec<f32> {
+            let qp = q_pos0 + i0;
+            let first = window.map_or(k_pos0, |w| (qp + 1).saturating_sub(w).max(k_pos0));
+            let end = (q_pos0 + i1).min(k_pos0 + l); // one past the last query's position
+            let chunk_q = hb(&q[i0 * hq * d..i1 * hq * d]);
+            let mut bufs = [chunk_q, kr.clone(), vr.clone(), nan_bf16((i1 - i0) * hq * d), nan_f32(1)];
+            run_attention(e, &spec, &mut bufs, (i1 - i0, end - first, l, qp, first, window), None);
+            bufs[3].bf16()
+        };
+        let whole = run(0, s);
+        for (i0, i1) in [(0, 5), (5, 23), (23, s)] {
+            let part = run(i0, i1);
+            let same = part.iter().zip(&whole[i0 * hq * d..i1 * hq * d]).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{}: queries {i0}..{i1} as a chunk differ from the same queries in one pass", spec.kernel_name());
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no chunked attention ran");
 }
 
 /// The tensor-core linear (`csrc/linear.cuh`) of every table shape against the CPU's bf16 linear.
@@ -790,6 +975,86 @@ fn valid_pairs(ids: &[i32], experts: usize) -> Vec<usize> {
     (0..ids.len()).filter(|&p| ids[p] >= 0 && (ids[p] as usize) < experts).collect()
 }
 
+/// Expert weights `[E, n, k]` as a grouped GEMM kernel takes them: bf16, or FP8 (e4m3 codes, one
+/// fp32 scale per row). The CPU oracle reads FP8 weights through the CPU backend's own
+/// [`Fp8Matrix`] (the dequantised `f32(code) * scale`, rounded to bf16 in bf16 mode).
+pub enum ExpertWeights {
+    Bf16(Vec<bf16>),
+    Fp8(Arc<Fp8Experts>),
+}
+
+impl ExpertWeights {
+    /// Random weights in `format`: bf16 values uniform in [-scale, scale) (quantised per row for
+    /// FP8, with every row's largest magnitude exactly on 448 and some rows much smaller than
+    /// others, so the scales differ row to row).
+    pub fn random(format: WeightFormat, [e, n, k]: [usize; 3], scale: f32, seed: u64) -> ExpertWeights {
+        let w = big_bf16(e * n * k, scale, seed);
+        match format {
+            WeightFormat::Bf16 => ExpertWeights::Bf16(w),
+            WeightFormat::E4m3 => {
+                let mut values: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                for (r, row) in values.chunks_mut(k).enumerate() {
+                    // Period 5: a GeGLU column's gate and up rows (n / 2 apart) get different
+                    // factors for every model width (none is a multiple of 5).
+                    let f = [1.0f32, 0.25, 3.0, 0.01, 0.5][r % 5];
+                    row.iter_mut().for_each(|v| *v *= f);
+                }
+                let t = TensorRef::from_f32("experts", DType::F32, vec![e, n, k], &values).unwrap();
+                ExpertWeights::Fp8(Arc::new(Fp8Experts::quantize(&t).unwrap()))
+            }
+        }
+    }
+
+    /// Expert `ex`'s `[n, k]` matrix as the CPU oracle (bf16 mode) reads it.
+    pub fn matrix(&self, ex: usize, n: usize, k: usize) -> Box<dyn Matrix + '_> {
+        match self {
+            ExpertWeights::Bf16(w) => Box::new(Bf16Matrix { rows: n, cols: k, data: &w[ex * n * k..(ex + 1) * n * k] }),
+            ExpertWeights::Fp8(f) => Box::new(Fp8Matrix::slice0(f, ex, BF16)),
+        }
+    }
+
+    /// The largest |weight| the oracle sees.
+    pub fn max_abs(&self) -> f32 {
+        match self {
+            ExpertWeights::Bf16(w) => w.iter().fold(0f32, |m, v| m.max(v.to_f32().abs())),
+            ExpertWeights::Fp8(f) => f.scales.iter().fold(0f32, |m, s| m.max(s.abs())) * 448.0,
+        }
+    }
+
+    /// The weight buffers of a launch: `[w]` or `[codes, scales]`.
+    pub fn host(&self) -> Vec<Host> {
+        match self {
+            ExpertWeights::Bf16(w) => vec![Host::Bf16(w.clone())],
+            ExpertWeights::Fp8(f) => vec![Host::U8(f.codes()), Host::F32(f.scales.clone())],
+        }
+    }
+}
+
+/// Builds the grouped GEMM plan of `spec` over `b = [x, offsets, sorted, w.., out]` (`w..`: one
+/// buffer for bf16 weights, codes and scales for e4m3).
+fn grouped_plan(spec: &KernelSpec, b: &[Buf], routing: Routing) -> LaunchPlan {
+    let Op::GroupedGemm(g) = spec.op else { unreachable!() };
+    let sp = ops::SortedPairs { offsets: b[1], sorted: b[2] };
+    match (g.fuse, g.weights) {
+        (GemmFuse::Geglu, WeightFormat::Bf16) => ops::plan_grouped_gemm_geglu(spec, b[0], sp, b[3], b[4], routing),
+        (GemmFuse::Down, WeightFormat::Bf16) => ops::plan_grouped_gemm_down(spec, b[0], sp, b[3], b[4], routing),
+        (GemmFuse::Geglu, WeightFormat::E4m3) => ops::plan_grouped_gemm_geglu_fp8(spec, b[0], sp, b[3], b[4], b[5], routing),
+        (GemmFuse::Down, WeightFormat::E4m3) => ops::plan_grouped_gemm_down_fp8(spec, b[0], sp, b[3], b[4], b[5], routing),
+    }
+    .unwrap()
+}
+
+/// Runs a grouped GEMM: input `x`, the pairs grouped by expert, the weights, and the output
+/// buffer `out`; returns the output buffer.
+#[allow(clippy::too_many_arguments)]
+fn run_grouped(e: &dyn Exec, spec: &KernelSpec, x: Host, offsets: &[i32], sorted: &[i32], w: &ExpertWeights, out: Host, routing: Routing) -> Host {
+    let mut bufs = vec![x, Host::I32(offsets.to_vec()), Host::I32(sorted.to_vec())];
+    bufs.extend(w.host());
+    bufs.push(out);
+    e.launch(&mut bufs, &|b| grouped_plan(spec, b, routing));
+    bufs.pop().unwrap()
+}
+
 /// Checks one grouped GEMM run over routing `ids` (pairs grouped on the CPU): `want` holds the
 /// valid pairs' rows (width `out_cols`), in pair order. Run twice: with the output poisoned with
 /// NaN, the valid pairs' rows must match `want` (each element written) and a guard row past the
@@ -801,7 +1066,7 @@ fn check_grouped_run(
     spec: &KernelSpec,
     name: &str,
     x: &[f32],
-    w: &[bf16],
+    w: &ExpertWeights,
     ids: &[i32],
     routing: Routing,
     out_cols: usize,
@@ -811,23 +1076,9 @@ fn check_grouped_run(
     let pairs = ids.len();
     let (offsets, sorted) = sort_pairs(ids, routing.num_experts);
     let valid = valid_pairs(ids, routing.num_experts);
-    let Op::GroupedGemm(g) = spec.op else { unreachable!() };
     for poison in [f32::NAN, 0.0] {
-        let mut bufs = [
-            hb(x),
-            Host::I32(offsets.clone()),
-            Host::I32(sorted.clone()),
-            Host::Bf16(w.to_vec()),
-            hb(&vec![poison; (pairs + 1) * out_cols]),
-        ];
-        e.launch(&mut bufs, &|b| {
-            let sp = ops::SortedPairs { offsets: b[1], sorted: b[2] };
-            match g.fuse {
-                GemmFuse::Geglu => ops::plan_grouped_gemm_geglu(spec, b[0], sp, b[3], b[4], routing).unwrap(),
-                GemmFuse::Down => ops::plan_grouped_gemm_down(spec, b[0], sp, b[3], b[4], routing).unwrap(),
-            }
-        });
-        let got = bufs[4].bf16();
+        let out = hb(&vec![poison; (pairs + 1) * out_cols]);
+        let got = run_grouped(e, spec, hb(x), &offsets, &sorted, w, out, routing).bf16();
         let guard = &got[pairs * out_cols..];
         assert!(guard.iter().all(|v| v.to_bits() == poison.to_bits()), "{name}: wrote past the last pair");
         if poison.is_nan() {
@@ -856,7 +1107,7 @@ fn gemm_routing(rng: &mut Rng) -> (Vec<i32>, Vec<f32>, Routing) {
 
 /// gate_up + GeGLU over pairs grouped by expert, against the CPU's linear + geglu per pair.
 pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
-    let mut ran = 0;
+    let mut ran = Vec::new();
     for spec in specs(e, Family::GroupedGemm) {
         let Op::GroupedGemm(g) = spec.op else { unreachable!() };
         if g.fuse != GemmFuse::Geglu {
@@ -868,14 +1119,14 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
         if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
             continue;
         }
-        let w = big_bf16(routing.num_experts * n * k, 0.05, 77);
+        let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 77);
         let x = rng.bf16_values(routing.tokens * k, 1.0);
         let mut want = Vec::new();
         for p in valid_pairs(&ids, routing.num_experts) {
             let (t, ex) = (p / routing.top_k, ids[p] as usize);
-            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex * n * k..(ex + 1) * n * k] };
+            let m = w.matrix(ex, n, k);
             let mut gu = vec![0.0f32; n];
-            cpu_linear(&x[t * k..(t + 1) * k], 1, &m, &mut gu, BF16);
+            cpu_linear(&x[t * k..(t + 1) * k], 1, m.as_ref(), &mut gu, BF16);
             let mut act = vec![0.0f32; half];
             cpu_geglu(&gu[..half], &gu[half..], &mut act, BF16);
             want.extend(act);
@@ -883,14 +1134,16 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
         let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
         check_grouped_run(e, &spec, &spec.kernel_name(), &x, &w, &ids, routing, half, &want, tol);
         eprintln!("{}: checked", spec.kernel_name());
-        ran += 1;
+        ran.push(g.weights);
     }
-    assert!(ran > 0, "no GeGLU grouped GEMM case ran");
+    for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
+        assert!(ran.contains(&format), "no {format:?} GeGLU grouped GEMM case ran");
+    }
 }
 
 /// The down projection over pairs grouped by expert, against the CPU's linear per pair.
 pub fn check_grouped_gemm_down(e: &dyn Exec) {
-    let mut ran = 0;
+    let mut ran = Vec::new();
     for spec in specs(e, Family::GroupedGemm) {
         let Op::GroupedGemm(g) = spec.op else { unreachable!() };
         if g.fuse != GemmFuse::Down {
@@ -902,22 +1155,24 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
         if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
             continue;
         }
-        let w = big_bf16(routing.num_experts * n * k, 0.05, 78);
+        let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 78);
         let act = rng.bf16_values(ids.len() * k, 1.0);
         let mut want = Vec::new();
         for p in valid_pairs(&ids, routing.num_experts) {
             let ex = ids[p] as usize;
-            let m = Bf16Matrix { rows: n, cols: k, data: &w[ex * n * k..(ex + 1) * n * k] };
+            let m = w.matrix(ex, n, k);
             let mut y = vec![0.0f32; n];
-            cpu_linear(&act[p * k..(p + 1) * k], 1, &m, &mut y, BF16);
+            cpu_linear(&act[p * k..(p + 1) * k], 1, m.as_ref(), &mut y, BF16);
             want.extend(y);
         }
         let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
         check_grouped_run(e, &spec, &spec.kernel_name(), &act, &w, &ids, routing, n, &want, tol);
         eprintln!("{}: checked", spec.kernel_name());
-        ran += 1;
+        ran.push(g.weights);
     }
-    assert!(ran > 0, "no down grouped GEMM case ran");
+    for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
+        assert!(ran.contains(&format), "no {format:?} down grouped GEMM case ran");
+    }
 }
 
 /// The whole expert block on the device (routing sort, gate_up + GeGLU, down, combine) against
@@ -926,25 +1181,25 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
 /// only its).
 pub fn check_moe_experts(e: &dyn Exec) {
     struct Bank<'a> {
-        gu: Vec<Bf16Matrix<'a>>,
-        down: Vec<Bf16Matrix<'a>>,
+        gu: Vec<Box<dyn Matrix + 'a>>,
+        down: Vec<Box<dyn Matrix + 'a>>,
     }
     impl ExpertBank for Bank<'_> {
         fn num_experts(&self) -> usize {
             self.gu.len()
         }
         fn gate_up(&self, e: usize) -> &dyn Matrix {
-            &self.gu[e]
+            self.gu[e].as_ref()
         }
         fn down(&self, e: usize) -> &dyn Matrix {
-            &self.down[e]
+            self.down[e].as_ref()
         }
     }
 
     let all = specs(e, Family::GroupedGemm);
     let sorts = specs(e, Family::MoeSort);
     let combines = specs(e, Family::MoeCombine);
-    let mut ran = 0;
+    let mut ran = Vec::new();
     for up in all.iter().filter(|s| matches!(s.op, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu)) {
         let Op::GroupedGemm(gu) = up.op else { unreachable!() };
         let (hidden, inter) = (gu.k as usize, gu.n as usize / 2);
@@ -952,7 +1207,8 @@ pub fn check_moe_experts(e: &dyn Exec) {
             .iter()
             .find(|s| {
                 matches!(s.op, Op::GroupedGemm(g)
-                    if g.fuse == GemmFuse::Down && g.n as usize == hidden && g.k as usize == inter)
+                    if g.fuse == GemmFuse::Down && g.n as usize == hidden && g.k as usize == inter
+                        && g.weights == gu.weights)
             })
             .expect("a matching down kernel");
         let combine = combines
@@ -978,25 +1234,13 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let valid = valid_pairs(&ids, num_experts);
             let bad_tokens: Vec<usize> = invalid.iter().map(|&(p, _)| p / top_k).collect();
             let good_tokens: Vec<usize> = (0..tokens).filter(|t| !bad_tokens.contains(t)).collect();
-            let w_gu = big_bf16(num_experts * 2 * inter * hidden, 0.05, 5);
-            let w_down = big_bf16(num_experts * hidden * inter, 0.05, 6);
+            let w_gu = ExpertWeights::random(gu.weights, [num_experts, 2 * inter, hidden], 0.05, 5);
+            let w_down = ExpertWeights::random(gu.weights, [num_experts, hidden, inter], 0.05, 6);
             let x = rng.bf16_values(tokens * hidden, 1.0);
 
             let bank = Bank {
-                gu: (0..num_experts)
-                    .map(|ex| Bf16Matrix {
-                        rows: 2 * inter,
-                        cols: hidden,
-                        data: &w_gu[ex * 2 * inter * hidden..(ex + 1) * 2 * inter * hidden],
-                    })
-                    .collect(),
-                down: (0..num_experts)
-                    .map(|ex| Bf16Matrix {
-                        rows: hidden,
-                        cols: inter,
-                        data: &w_down[ex * hidden * inter..(ex + 1) * hidden * inter],
-                    })
-                    .collect(),
+                gu: (0..num_experts).map(|ex| w_gu.matrix(ex, 2 * inter, hidden)).collect(),
+                down: (0..num_experts).map(|ex| w_down.matrix(ex, hidden, inter)).collect(),
             };
             // The CPU has no invalid ids: it routes those pairs to expert 0 instead, which
             // changes only the bad tokens' outputs (excluded from the comparisons).
@@ -1010,7 +1254,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
             for (pair, &ex) in cpu_ids.iter().enumerate() {
                 let t = pair / top_k;
                 let mut g = vec![0.0f32; 2 * inter];
-                cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, &bank.gu[ex], &mut g, BF16);
+                cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, bank.gu[ex].as_ref(), &mut g, BF16);
                 cpu_geglu(&g[..inter], &g[inter..], &mut cpu_act[pair * inter..(pair + 1) * inter], BF16);
             }
             // The down projection and the combine of `act`, as experts_forward does them:
@@ -1020,7 +1264,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
                 let mut y = vec![0.0f32; pairs * hidden];
                 for (pair, &ex) in cpu_ids.iter().enumerate() {
                     let (a, o) = (&act[pair * inter..(pair + 1) * inter], &mut y[pair * hidden..(pair + 1) * hidden]);
-                    cpu_linear(a, 1, &bank.down[ex], o, BF16);
+                    cpu_linear(a, 1, bank.down[ex].as_ref(), o, BF16);
                 }
                 y
             };
@@ -1044,18 +1288,9 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let (offsets, sorted) = run_moe_sort(e, sort, &ids);
             assert_eq!((offsets.clone(), sorted.clone()), sort_pairs(&ids, num_experts), "{name}: routing sort");
             let routing = Routing { tokens, top_k, num_experts };
-            let sorted_bufs = |b: &[Buf]| ops::SortedPairs { offsets: b[1], sorted: b[2] };
 
             // 2. gate_up + GeGLU (valid pairs against the CPU; the invalid ones NaN).
-            let mut bufs = [
-                hb(&x),
-                Host::I32(offsets.clone()),
-                Host::I32(sorted.clone()),
-                Host::Bf16(w_gu.clone()),
-                nan_bf16(pairs * inter),
-            ];
-            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_geglu(up, b[0], sorted_bufs(b), b[3], b[4], routing).unwrap());
-            let act = bufs[4].clone();
+            let act = run_grouped(e, up, hb(&x), &offsets, &sorted, &w_gu, nan_bf16(pairs * inter), routing);
             let gpu_act = act.bf16();
             let gemm_tol = Tol { ulps: 2.0, atol: 2e-6 * hidden as f32 * 0.05, max_mismatch: 0.03 };
             compare(&format!("{name}: activations"), &rows_of(&gpu_act, inter, &valid), &rows_of(&cpu_act, inter, &valid), gemm_tol);
@@ -1064,10 +1299,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
             }
 
             // 3. down, on the kernel's own activations.
-            let mut bufs =
-                [act, Host::I32(offsets.clone()), Host::I32(sorted.clone()), Host::Bf16(w_down.clone()), nan_bf16(pairs * hidden)];
-            e.launch(&mut bufs, &|b| ops::plan_grouped_gemm_down(down, b[0], sorted_bufs(b), b[3], b[4], routing).unwrap());
-            let y = bufs[4].clone();
+            let y = run_grouped(e, down, act, &offsets, &sorted, &w_down, nan_bf16(pairs * hidden), routing);
             let gpu_y = y.bf16();
             let clean_act: Vec<f32> = gpu_act.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect();
             let want_y = down_of(&clean_act);
@@ -1097,7 +1329,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
             // 5. End to end against experts_forward: activations that differ (a flipped
             // rounding) propagate through the down projection by at most
             // sum |d act| * max|w_down| * w_j, and each y_j may flip one rounding (at |y_j w_j|).
-            let max_wd = w_down.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            let max_wd = w_down.max_abs();
             let mut slack = vec![0.0f32; tokens * hidden];
             for &pair in &valid {
                 let t = pair / top_k;
@@ -1116,10 +1348,12 @@ pub fn check_moe_experts(e: &dyn Exec) {
                 tol,
             );
             eprintln!("{name}: checked");
-            ran += 1;
+            ran.push(gu.weights);
         }
     }
-    assert!(ran > 0, "no MoE block case ran");
+    for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
+        assert!(ran.contains(&format), "no {format:?} MoE block case ran");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1355,10 +1589,37 @@ fn soft_embedding_reference(probs: &[f32], rows: usize, table: &[bf16], h: usize
     (out, mass)
 }
 
+/// Runs the soft embedding's three launches (probabilities, split-K GEMM, reduction) over
+/// `bufs` = [logits, params, sc_stats, table, probs scratch, partials scratch, out].
+fn run_soft_embedding(e: &dyn Exec, spec: &KernelSpec, bufs: &mut [Host], cap: f32, with_params: bool, scale: f32, rows: usize) {
+    for launch in 0..3 {
+        e.launch(bufs, &|b| {
+            let x = ops::ProcessedLogits { logits: b[0], cap, params: with_params.then_some(b[1]) };
+            let scratch = ops::SoftEmbeddingScratch { probs: b[4], partials: b[5] };
+            ops::plan_soft_embedding(spec, x, b[2], b[3], scratch, b[6], scale, rows).unwrap().swap_remove(launch)
+        });
+    }
+}
+
+/// Fresh buffers for [`run_soft_embedding`]: the scratch and the output poisoned with NaN.
+fn soft_embedding_bufs(spec: &KernelSpec, x: &[f32], params: &SamplerParams, stats: &[f32], table: &[bf16], rows: usize) -> Vec<Host> {
+    let Op::SoftEmbedding(se) = spec.op else { unreachable!() };
+    let (np, nq) = ops::soft_embedding_scratch(spec, rows).unwrap();
+    vec![
+        hb(x),
+        params_host(params),
+        Host::F32(stats.to_vec()),
+        Host::Bf16(table.to_vec()),
+        nan_bf16(np),
+        nan_f32(nq),
+        nan_bf16(rows * se.hidden as usize),
+    ]
+}
+
 pub fn check_soft_embedding(e: &dyn Exec) {
     for spec in specs(e, Family::SoftEmbedding) {
         let Op::SoftEmbedding(se) = spec.op else { unreachable!() };
-        let (h, v, group) = (se.hidden as usize, se.vocab as usize, se.rows_per_block as usize);
+        let (h, v) = (se.hidden as usize, se.vocab as usize);
         if v * h > e.max_work() {
             continue;
         }
@@ -1367,20 +1628,27 @@ pub fn check_soft_embedding(e: &dyn Exec) {
         let params = sampler_params(1, 0, 0, 0.1, 0.005, 1); // T = 0.6
 
         // The decoder's probabilities pr = bf16(softmax(bf16(P))) (soft_embeddings' own first
-        // step), computed by the kernel from the bf16 logits and the row pass's statistics:
-        // the device path (cap 30, T from params) and the host path's form (cap 0, T = 1); broad
-        // rows and a peaked one, over a partial last group of rows.
-        for rows in [1usize, group + 3] {
-            if rows * v * h > e.max_work() {
-                continue;
-            }
-            let mut rng = Rng::new(rows as u64 + 5);
-            let mut x = rng.bf16_values(rows * v, 12.0);
-            x[(rows - 1) * v + 7] = 40.0;
-            for (cap, with_params) in [(30.0f32, true), (0.0, false)] {
+        // step), computed by the kernels from the bf16 logits and the row pass's statistics: the
+        // device path (cap 30, T from params) and the host path's form (cap 0, T = 1); broad rows
+        // and a peaked one (row 2). Row counts: one row; 19 (a ragged second m16 fragment); 261
+        // (two row tiles of the 256-row block, the second ragged), where the CPU reference is
+        // affordable. Every call reads a prefix of the same rows, so a row's bits can be compared
+        // across calls: the result of a row must not depend on the others in the call.
+        let row_counts: Vec<usize> =
+            [1usize, 19, 261].into_iter().filter(|&r| r * v * h <= e.max_work() && (r <= 19 || r * v * h <= 1 << 30)).collect();
+        let Some(&max_rows) = row_counts.last() else { continue };
+        let mut rng = Rng::new(5);
+        let mut x_all = rng.bf16_values(max_rows * v, 12.0);
+        if max_rows > 2 {
+            x_all[2 * v + 7] = 40.0;
+        }
+        for (cap, with_params) in [(30.0f32, true), (0.0, false)] {
+            let t = if with_params { params.temperature } else { 1.0 };
+            let mut first_row: Option<Vec<f32>> = None;
+            for &rows in &row_counts {
                 let name = format!("{} rows={rows} cap={cap}", spec.kernel_name());
-                let t = if with_params { params.temperature } else { 1.0 };
-                let p = device_processed(e, &x, cap, t);
+                let x = &x_all[..rows * v];
+                let p = device_processed(e, x, cap, t);
                 let mut stats = Vec::with_capacity(2 * rows);
                 let mut probs = Vec::with_capacity(rows * v);
                 for row in p.chunks(v) {
@@ -1390,34 +1658,49 @@ pub fn check_soft_embedding(e: &dyn Exec) {
                     probs.extend(row.iter().map(|&y| to_bf16((to_bf16(y) - m).exp() * inv)));
                 }
                 let (want, mass) = soft_embedding_reference(&probs, rows, &table, h, scale);
-                let mut bufs = [
-                    hb(&x),
-                    params_host(&params),
-                    Host::F32(stats),
-                    Host::Bf16(table.clone()),
-                    nan_bf16(rows * h),
-                ];
-                e.launch(&mut bufs, &|b| {
-                    let x = ops::ProcessedLogits { logits: b[0], cap, params: with_params.then_some(b[1]) };
-                    ops::plan_soft_embedding(&spec, x, b[2], b[3], b[4], scale, rows).unwrap()
-                });
-                // The float32 sums run in another order (ascending v with FMAs here; the CPU splits
-                // v across threads): they differ by a small multiple of eps * sqrt(V) * sum |p e|,
-                // which flips the first rounding now and then. One flip is an ulp of the sum,
-                // times the scale, rounded again: two ulps of the output. The slack covers a sum
-                // that cancels to far below sum |p e| (a few sigma of the two orders' rounding
-                // walk).
+                let mut bufs = soft_embedding_bufs(&spec, x, &params, &stats, &table, rows);
+                run_soft_embedding(e, &spec, &mut bufs, cap, with_params, scale, rows);
+                // pr: the same formula on the same P and statistics. Bit for bit on the emulator
+                // (glibc's expf on both sides); a GPU's expf is within 2 fp32 ulps of glibc's, which
+                // moves a bf16 rounding now and then.
+                let pr_tol = Tol { ulps: 1.0, atol: 0.0, max_mismatch: 0.001 };
+                compare(&format!("{name} probabilities"), &bufs[4].bf16(), &probs, pr_tol);
+                // The float32 sums run in another order than the CPU's (per output: the tensor
+                // core's k16 steps, ascending within each of the splits, then the split sums in
+                // ascending order; the CPU splits v across threads). Any order's rounding walk is a
+                // small multiple of eps * sqrt(V) * sum |p e| (split-K's chains, V / splits adds
+                // then `splits`, are shorter than one ascending sum's), which flips the first
+                // rounding now and then. One flip is an ulp of the sum, times the scale, rounded
+                // again: two ulps of the output. The slack covers a sum that cancels to far below
+                // sum |p e| (a few sigma of the two orders' rounding walk).
                 let slack: Vec<f32> =
                     mass.iter().map(|m| 8.0 * f32::EPSILON * (v as f32).sqrt() * m * scale).collect();
                 let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.05 };
-                compare_with(&name, &bufs[4].bf16(), &want, None, Some(&slack), tol);
+                let got = bufs[6].bf16();
+                compare_with(&name, &got, &want, None, Some(&slack), tol);
+                // Row 0 is the same input in every call: the same bits whatever rows come with it.
+                match &first_row {
+                    None => first_row = Some(got[..h].to_vec()),
+                    Some(r0) => assert!(
+                        r0.iter().zip(&got[..h]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{name}: row 0 differs from the same row in a call of 1 row"
+                    ),
+                }
+                // And the same bits again on a rerun (fixed summation order, no atomics).
+                if rows == 19 {
+                    let mut again = soft_embedding_bufs(&spec, x, &params, &stats, &table, rows);
+                    run_soft_embedding(e, &spec, &mut again, cap, with_params, scale, rows);
+                    let same = again[6].bf16().iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{name}: a rerun gave other bits");
+                }
             }
         }
 
         // One-hot rows: x = 0 at the id and -inf elsewhere (no cap, T = 1) gives pr exactly
         // one-hot with statistics (0, 1), so out = bf16(E[id] * scale) exactly, whatever the
-        // summation order (the embedding kernel's result): catches any indexing slip bit for bit.
-        let ids = [0usize, v - 1, 3, v / 2, 3];
+        // summation order (the embedding kernel's result): catches any indexing slip bit for bit,
+        // in the probabilities, the GEMM's tiles and splits and the reduction.
+        let ids = [0usize, v - 1, 3, v / 2, 3, v / 3 + 1, 33];
         let rows = ids.len();
         if rows * v * h > e.max_work() {
             continue;
@@ -1431,12 +1714,11 @@ pub fn check_soft_embedding(e: &dyn Exec) {
             .flat_map(|&id| table[id * h..(id + 1) * h].iter().map(|x| to_bf16(x.to_f32() * scale)))
             .collect();
         let stats: Vec<f32> = (0..rows).flat_map(|_| [0.0f32, 1.0]).collect();
-        let mut bufs = [hb(&x), Host::F32(stats), Host::Bf16(table.clone()), nan_bf16(rows * h)];
-        e.launch(&mut bufs, &|b| {
-            let x = ops::ProcessedLogits { logits: b[0], cap: 0.0, params: None };
-            ops::plan_soft_embedding(&spec, x, b[1], b[2], b[3], scale, rows).unwrap()
-        });
-        compare(&format!("{} one-hot", spec.kernel_name()), &bufs[3].bf16(), &want, EXACT);
+        let mut bufs = soft_embedding_bufs(&spec, &x, &params, &stats, &table, rows);
+        run_soft_embedding(e, &spec, &mut bufs, 0.0, false, scale, rows);
+        let onehot: Vec<f32> = x.iter().map(|&l| if l == 0.0 { 1.0 } else { 0.0 }).collect();
+        compare(&format!("{} one-hot probabilities", spec.kernel_name()), &bufs[4].bf16(), &onehot, EXACT);
+        compare(&format!("{} one-hot", spec.kernel_name()), &bufs[6].bf16(), &want, EXACT);
     }
 }
 

@@ -14,6 +14,7 @@ use dgemma_engine::verify::{compare_logits, verify_case, Tolerance};
 use dgemma_engine::GenerationSettings;
 use dgemma_gpu::{Executor, GpuBackend, GpuOptions};
 use dgemma_model::checkpoint::Checkpoint;
+use dgemma_model::quant::Quant;
 use dgemma_model::weights::ModelWeights;
 use dgemma_model::{Backend, Precision};
 
@@ -39,8 +40,13 @@ pub fn load(name: &str) -> Model {
 }
 
 pub fn load_dir(dir: &Path) -> Model {
+    load_dir_quant(dir, Quant::None)
+}
+
+/// The model with its experts held as `quant` says (FP8: quantised at load).
+pub fn load_dir_quant(dir: &Path, quant: Quant) -> Model {
     let ck = Checkpoint::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let weights = ModelWeights::load(&ck).unwrap();
+    let weights = ModelWeights::load_with(&ck, quant).unwrap();
     Model { ck, weights }
 }
 
@@ -66,11 +72,16 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
 /// per decoder pass: prompt, canvas without and with self-conditioning, a commit, and the
 /// next canvas (whose sliding layers see a trimmed cache once the prompt is long enough).
 pub fn compare_with_cpu<X: Executor>(model: &str, exec: X, prompt_len: usize) -> Vec<(f32, f64)> {
-    let m = load(model);
+    compare_model_with_cpu(&load(model), exec, prompt_len)
+}
+
+/// [`compare_with_cpu`] on loaded weights (the CPU backend gets the same ones: for FP8 experts,
+/// the dequantised values).
+pub fn compare_model_with_cpu<X: Executor>(m: &Model, exec: X, prompt_len: usize) -> Vec<(f32, f64)> {
     let cfg = &m.ck.config.text;
     let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
     let mut cpu = CpuBackend::new(cfg, &m.weights, Precision::Bf16);
-    let mut gpu = gpu_backend(&m, exec, default_options(&m));
+    let mut gpu = gpu_backend(m, exec, default_options(m));
     let prompt = ids(prompt_len, v, 1);
     let canvas = ids(c, v, 2);
     let mut out = Vec::new();
@@ -105,6 +116,83 @@ pub fn check_logits_match_cpu<X: Executor>(make: impl Fn() -> X) {
             assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "{model} pass {pass}: err {err}, agree {agree}");
         }
     }
+}
+
+/// FP8 experts (quantised at load): the GPU backend's logits follow the CPU backend on the same
+/// weights (the CPU runs the dequantised values, `bf16(f32(e4m3) * scale)`, as transformers'
+/// bf16 model holding them would) within the same bf16 tolerance as the unquantised model.
+pub fn check_fp8_logits_match_cpu<X: Executor>(make: impl Fn() -> X) {
+    let tol = Tolerance::for_precision(Precision::Bf16);
+    for (model, prompt_len) in [("tiny-default", 7), ("tiny-default", 40), ("tiny-sharded-f32", 11)] {
+        let m = load_dir_quant(&model_dir(model), Quant::Fp8);
+        assert!(m.weights.layers.iter().all(|l| l.experts_gate_up.is_fp8() && l.experts_down.is_fp8()));
+        for (pass, (err, agree)) in compare_model_with_cpu(&m, make(), prompt_len).into_iter().enumerate() {
+            eprintln!("FP8 {model} prompt {prompt_len} pass {pass}: GPU vs CPU max |err| {err:.4}, argmax agreement {agree:.4}");
+            assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "FP8 {model} pass {pass}: err {err}, agree {agree}");
+        }
+    }
+}
+
+/// What FP8 experts cost in accuracy on the bundled tiny model (random weights with transformers'
+/// initialiser): the GPU backend with FP8 experts against the GPU backend with the bf16 ones, the
+/// same passes as [`compare_with_cpu`] (prompt, canvas without and with self-conditioning, a
+/// commit, the next canvas). Printed; the bound is loose (measured: see the report in the test
+/// output), the exactness is [`check_fp8_logits_match_cpu`]'s.
+pub fn check_fp8_versus_bf16<X: Executor>(make: impl Fn() -> X) {
+    for (model, prompt_len) in [("tiny-default", 7), ("tiny-default", 40), ("tiny-sharded-f32", 11)] {
+        let fp8 = load_dir_quant(&model_dir(model), Quant::Fp8);
+        let bf16 = load(model);
+        let cfg = &bf16.ck.config.text;
+        let (v, c) = (cfg.vocab_size, bf16.ck.config.canvas_length);
+        let mut a = gpu_backend(&fp8, make(), default_options(&fp8));
+        let mut b = gpu_backend(&bf16, make(), default_options(&bf16));
+        let prompt = ids(prompt_len, v, 1);
+        a.encode(&prompt).unwrap();
+        b.encode(&prompt).unwrap();
+        let (mut worst, mut agree_sum, mut n) = (0f32, 0f64, 0);
+        let mut sc: Option<Vec<f32>> = None;
+        for (pass, (seed, commit)) in [(2, false), (3, true), (5, false)].into_iter().enumerate() {
+            let canvas = ids(c, v, seed);
+            let mut got = vec![f32::NAN; c * v];
+            let mut want = vec![f32::NAN; c * v];
+            // Both runs see the bf16 run's self-conditioning input, so only the experts differ.
+            a.denoise(&canvas, sc.as_deref(), &mut got).unwrap();
+            b.denoise(&canvas, sc.as_deref(), &mut want).unwrap();
+            assert!(got.iter().all(|x| x.is_finite()));
+            let (err, agree) = compare_logits(&got, &want, v);
+            eprintln!("FP8 vs BF16 experts, {model} prompt {prompt_len} pass {pass}: max |logit diff| {err:.4}, argmax agreement {agree:.4}");
+            worst = worst.max(err);
+            agree_sum += agree;
+            n += 1;
+            sc = Some(bf16_round(&want));
+            if commit {
+                a.encode(&canvas).unwrap();
+                b.encode(&canvas).unwrap();
+            }
+        }
+        let agree = agree_sum / n as f64;
+        eprintln!("FP8 vs BF16 experts, {model} prompt {prompt_len}: worst max |logit diff| {worst:.4}, mean argmax agreement {agree:.4}");
+        assert!(worst > 0.0, "{model}: FP8 changed nothing");
+        assert!(worst < 1.0 && agree >= 0.95, "{model}: FP8 moved the logits by {worst}, argmax agreement {agree}");
+    }
+}
+
+/// Synthetic FP8 experts (the benchmarks' `--quant fp8 --synthetic`): finite logits, and the
+/// weights take the bf16 ones' bytes less one byte per expert weight, plus 4 per expert row.
+pub fn check_synthetic_fp8<X: Executor>(make: impl Fn() -> X) {
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let options = GpuOptions::new(128, c);
+    let bf16 = GpuBackend::synthetic(make(), cfg, 3, options, &mut |_, _| {}).unwrap();
+    let mut fp8 = GpuBackend::synthetic_quant(make(), cfg, 3, Quant::Fp8, options, &mut |_, _| {}).unwrap();
+    let (e, moe, h, layers) = (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_hidden_layers);
+    let saved = layers * (e * 3 * moe * h - 4 * e * (2 * moe + h));
+    assert_eq!(bf16.weight_bytes() - fp8.weight_bytes(), saved);
+    fp8.encode(&ids(20, v, 1)).unwrap();
+    let mut out = vec![f32::NAN; c * v];
+    fp8.denoise(&ids(c, v, 2), None, &mut out).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
 }
 
 /// Encoding a prompt in chunks gives bit-identical logits: every row's computation reads the

@@ -138,6 +138,14 @@ log(f"paths: {path_fix}")
 # ---- helpers -------------------------------------------------------------------------------
 env = dict(os.environ, DGEMMA_REPO=root, DGEMMA_BIN=cli["path"], DGEMMA_BUNDLE=bundle, RUST_BACKTRACE="1")
 env.pop("DGEMMA_MODEL", None)
+# libcublasLt for the GEMM floors (dgemma bench's floor.*_gemm_tflops, loaded at run time by
+# cudarc): the CUDA toolkit's, or the one PyTorch's wheels bring (site-packages/nvidia/.../lib).
+import glob, site
+lt_dirs = sorted({os.path.dirname(p) for base in site.getsitepackages() + ["/usr/local/cuda/lib64"]
+                  for p in glob.glob(os.path.join(base, "**", "libcublasLt.so*"), recursive=True)})
+if lt_dirs:
+    env["LD_LIBRARY_PATH"] = ":".join(lt_dirs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+meta["libcublaslt_dirs"] = lt_dirs
 
 def run(argv, cwd, timeout):
     """(returncode or None on timeout, combined output, seconds)."""

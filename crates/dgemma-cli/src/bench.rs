@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use dgemma::gpu::bench::{self, BenchPlan, Record};
 use dgemma::gpu::{Executor, GpuBackend, GpuExecutor, GpuOptions};
 use dgemma_model::config::ModelConfig;
+use dgemma::gpu::gemm_floor::{cublaslt_gemm_tflops, GemmInput};
 
 use crate::load;
 use crate::serve_bench;
@@ -121,6 +122,21 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::path::Path) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
     // The floors on an executor of their own, dropped (its 4 GiB of probe buffers freed)
     // before the model is allocated.
+    // cuBLASLt's GEMM rate at 8192^3: the compute floor (a failure, e.g. no libcublasLt, is a
+    // record saying why, not the end of the run).
+    let gemm_floors: Vec<Record> = [
+        (GemmInput::Bf16, "floor.bf16_gemm_tflops"),
+        (GemmInput::Fp8E4m3, "floor.fp8_gemm_tflops"),
+    ]
+    .into_iter()
+    .map(|(input, name)| {
+        let (value, note) = match cublaslt_gemm_tflops(&dev, 8192, input, 10) {
+            Ok(v) => (v, "cuBLASLt D = A^T B, 8192^3, fp32 accumulation, bf16 output, fastest heuristic algorithm".to_string()),
+            Err(e) => (f64::NAN, format!("not run: {e}")),
+        };
+        Record { name: name.into(), value, unit: "TFLOP/s", floor: None, target: None, note }
+    })
+    .collect();
     let (copy_gbs, read_gbs) = {
         let mut probe = GpuExecutor::new(dev);
         (bench::copy_bandwidth(&mut probe, 1 << 30, 10)?, bench::read_bandwidth(&mut probe, 2 << 30, 5)?)
@@ -185,6 +201,7 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
         ),
         floor("floor.copy_gbs", copy_gbs, "device-to-device copy of 1 GiB, read + written bytes"),
     ];
+    records.extend(gemm_floors);
     records.extend(bench::run(&mut backend, &plan, read_gbs)?);
     records.push(Record {
         name: "peak_mem_gb.bf16.c1".into(),

@@ -30,6 +30,7 @@ pub mod device;
 pub mod emu;
 pub mod error;
 pub mod exec;
+pub mod gemm_floor;
 pub mod ops;
 pub mod rng;
 

@@ -214,3 +214,19 @@ fn device_sampler_matches_denoise_step() {
 fn read_bandwidth_reads_every_vector_once() {
     common::check_read_bandwidth(&gpu());
 }
+
+/// The cuBLASLt GEMM floors of the benchmarks run and give a plausible rate: bf16 on every
+/// GPU, e4m3 where cuBLASLt has FP8 GEMMs (sm_89 and later: both of the fatbin's archs).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cublaslt_gemm_floors_run() {
+    use dgemma_cuda::gemm_floor::{cublaslt_gemm_tflops, GemmInput};
+    let dev = device();
+    for input in [GemmInput::Bf16, GemmInput::Fp8E4m3] {
+        let t = cublaslt_gemm_tflops(&dev, 2048, input, 3).unwrap_or_else(|e| panic!("{input:?}: {e}"));
+        // Any tensor-core GPU of the fatbin's archs does far more than 10 TFLOP/s at 2048^3, and
+        // none reaches 10,000.
+        assert!(t.is_finite() && t > 10.0 && t < 10_000.0, "{input:?}: {t} TFLOP/s");
+    }
+    assert!(cublaslt_gemm_tflops(&dev, 1000, GemmInput::Bf16, 1).is_err(), "n must be a multiple of 16");
+}

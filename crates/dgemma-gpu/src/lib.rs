@@ -31,6 +31,6 @@ pub mod weights;
 
 pub use backend::{GpuBackend, GpuOptions};
 pub use shared::{SequenceHandle, SharedBackend, SharedModel};
-pub use dgemma_cuda::{Device, Executor, GpuExecutor};
+pub use dgemma_cuda::{gemm_floor, Device, Executor, GpuExecutor};
 #[cfg(feature = "emulator")]
 pub use dgemma_cuda::EmuExecutor;

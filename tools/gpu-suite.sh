@@ -22,7 +22,8 @@
 #    time for the same 4096-token prefill and denoising step (random 26B-A4B weights, bf16) and
 #    its ratio to the dgemma bench's (records hf_transformers.*, ratio.hf_over_dgemma.*). Then,
 #    on what is still left, the serving figures: `dgemma bench --serve N` for N = 1, 4, 16, 32
-#    (records throughput / ttft_p50 / ttft_p99 / peak_mem_gb .bf16.concurrency{N}).
+#    (records throughput / ttft_p50 / ttft_p99 / peak_mem_gb .bf16.concurrency{N}), and N = 32
+#    with FP8 experts (.fp8.concurrency32).
 #    DGEMMA_SUITE_ONLY=serve runs only those (and the quick info / verify steps): a second run
 #    when the first one's budget ran out before them.
 # 6. Writes <device-slug>-<date>-<commit>.json and .md (tools/results.py; contract in
@@ -382,14 +383,17 @@ else:
 # dgemma bench --serve N --serve-only: N requests of 4K-token prompts through dgemma-runtime on
 # synthetic 26B-A4B weights (records throughput / ttft_p50 / ttft_p99 / peak_mem_gb
 # .bf16.concurrency{N}). One process per level, smallest first, on what is left of the budget.
-for n in ([1, 4, 16, 32] if not only or re.search(only, "serve") else []):
+for n, quant in ([(1, "none"), (4, "none"), (16, "none"), (32, "none"), (32, "fp8")]
+                 if not only or re.search(only, "serve") else []):
+    dt = "fp8" if quant == "fp8" else "bf16"
+    key = f"serve_{dt}_{n}"
     if remaining() <= 90:
-        meta[f"serve_{n}"] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
-        log(f"skipped dgemma bench --serve {n}: {meta[f'serve_{n}']}")
+        meta[key] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
+        log(f"skipped dgemma bench --serve {n} --quant {quant}: {meta[key]}")
         continue
-    serve_json = os.path.join(tmp, f"serve{n}.json")
+    serve_json = os.path.join(tmp, f"{key}.json")
     rc, out, secs = run([cli["path"], "bench", "--synthetic", "26b", "--serve", str(n), "--serve-only",
-                         "--prompt", "4096", "--json", serve_json], root, min(150, remaining(30)))
+                         "--quant", quant, "--prompt", "4096", "--json", serve_json], root, min(150, remaining(30)))
     ok = rc == 0 and os.path.exists(serve_json)
     if ok:
         for r in json.load(open(serve_json))["records"]:
@@ -399,10 +403,10 @@ for n in ([1, 4, 16, 32] if not only or re.search(only, "serve") else []):
             else:
                 rec(r["name"], r["value"], r["unit"], note=r.get("note"))
     else:
-        failures_log.append(f"===== dgemma bench --serve {n}: rc {rc}\n{out[-5000:]}\n")
-        rec(f"throughput.bf16.concurrency{n}", 0, "tok/s", passed=False,
+        failures_log.append(f"===== dgemma bench --serve {n} --quant {quant}: rc {rc}\n{out[-5000:]}\n")
+        rec(f"throughput.{dt}.concurrency{n}", 0, "tok/s", passed=False,
             note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
-    log(f"{'PASS' if ok else 'FAIL'} dgemma bench --serve {n} ({secs:.1f} s)")
+    log(f"{'PASS' if ok else 'FAIL'} dgemma bench --serve {n} --quant {quant} ({secs:.1f} s)")
 
 # ---- 6. records and files ------------------------------------------------------------------
 tp = sum(r["passed"] for r, _ in test_results)

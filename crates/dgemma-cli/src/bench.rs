@@ -92,6 +92,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             canvases: a.serve_canvases.max(1),
             steps: a.serve_steps.max(1),
             max_batch: a.serve_batch.max(1),
+            quant: a.quant.into(),
         };
         records.extend(serve_bench::run(&config_path, &load::repo_root().join("reference/tokenizer"), &plan));
     }

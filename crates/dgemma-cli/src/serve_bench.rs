@@ -5,6 +5,8 @@
 //! no stop ids: the fixed-step setting of vLLM's published figure). Measured from the moment
 //! all N are submitted:
 //!
+//! Records are named `bf16`, or `fp8` with `--quant fp8` (FP8 E4M3 experts).
+//!
 //! * `throughput.bf16.concurrency{N}`: committed tokens of all N / wall time until the last ends
 //!   (prefills included: every request brings its own prompt);
 //! * `ttft_p50.bf16.concurrency{N}`, `ttft_p99...`: submit to first committed canvas, per request;
@@ -16,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dgemma::gpu::bench::Record;
-use dgemma_runtime::{BackendKind, Engine, EngineOptions, Event, Request, RuntimeError, SamplerOverrides};
+use dgemma_runtime::{BackendKind, Engine, EngineOptions, Event, Quant, Request, RuntimeError, SamplerOverrides};
 
 /// The serving benchmark's settings.
 pub struct ServePlan {
@@ -26,6 +28,17 @@ pub struct ServePlan {
     pub steps: usize,
     /// Most canvases per batched decoder pass (halved while the workspace does not fit).
     pub max_batch: usize,
+    /// The experts' format (`--quant`): the records say `bf16` or `fp8`.
+    pub quant: Quant,
+}
+
+impl ServePlan {
+    fn dtype(&self) -> &'static str {
+        match self.quant {
+            Quant::Fp8 => "fp8",
+            _ => "bf16",
+        }
+    }
 }
 
 pub fn run(config: &Path, tokenizer_dir: &Path, plan: &ServePlan) -> Vec<Record> {
@@ -34,7 +47,7 @@ pub fn run(config: &Path, tokenizer_dir: &Path, plan: &ServePlan) -> Vec<Record>
         match level(config, tokenizer_dir, plan, n) {
             Ok(records) => out.extend(records),
             Err(e) => {
-                let mut r = Record::new(format!("throughput.bf16.concurrency{n}"), f64::NAN, "tok/s");
+                let mut r = Record::new(format!("throughput.{}.concurrency{n}", plan.dtype()), f64::NAN, "tok/s");
                 r.note = format!("not run: {e}");
                 out.push(r);
             }
@@ -51,6 +64,7 @@ fn level(config: &Path, tokenizer_dir: &Path, plan: &ServePlan, n: usize) -> Res
             max_concurrent: n,
             max_batch: batch,
             context: Some(plan.prompt + plan.canvases * 256 + 256),
+            quant: plan.quant,
             ..Default::default()
         };
         match Engine::load_synthetic(config, tokenizer_dir, 0, options) {
@@ -121,13 +135,14 @@ fn level(config: &Path, tokenizer_dir: &Path, plan: &ServePlan, n: usize) -> Res
          batches of up to {batch} canvases (largest {}), {:.1} s wall",
         plan.prompt, plan.canvases, plan.steps, st.peak_active, st.largest_batch, wall
     );
-    let mut throughput = Record::new(format!("throughput.bf16.concurrency{n}"), tokens as f64 / wall, "tok/s");
+    let dt = plan.dtype();
+    let mut throughput = Record::new(format!("throughput.{dt}.concurrency{n}"), tokens as f64 / wall, "tok/s");
     throughput.note = format!("committed tokens / wall time, prefills included: {what}");
-    let mut p50 = Record::new(format!("ttft_p50.bf16.concurrency{n}"), pct(0.5), "ms");
+    let mut p50 = Record::new(format!("ttft_p50.{dt}.concurrency{n}"), pct(0.5), "ms");
     p50.note = "submit to the first committed canvas, median over the requests".into();
-    let mut p99 = Record::new(format!("ttft_p99.bf16.concurrency{n}"), pct(0.99), "ms");
+    let mut p99 = Record::new(format!("ttft_p99.{dt}.concurrency{n}"), pct(0.99), "ms");
     p99.note = "submit to the first committed canvas, 99th percentile over the requests".into();
-    let mut peak = Record::new(format!("peak_mem_gb.bf16.concurrency{n}"), mem, "GB");
+    let mut peak = Record::new(format!("peak_mem_gb.{dt}.concurrency{n}"), mem, "GB");
     peak.note = format!("device bytes the engine allocated (weights, workspace, {} KV caches)", st.backends);
     Ok(vec![throughput, p50, p99, peak])
 }

@@ -387,8 +387,9 @@ fn check_options(options: &EngineOptions) -> Result<()> {
 enum GpuWeights<'a> {
     /// A checkpoint's weights, uploaded.
     Checkpoint(&'a ModelWeights),
-    /// Random weights of the config's shapes generated on the device from this seed.
-    Synthetic(u64),
+    /// Random weights of the config's shapes generated on the device from this seed, the
+    /// experts in this format.
+    Synthetic(u64, Quant),
 }
 
 /// Puts the weights on GPU `options.cuda_device` (bf16 only) for [`BackendKind::Cuda`] (or in
@@ -431,7 +432,9 @@ fn build_gpu<X: Executor + Send + 'static>(
 ) -> std::result::Result<Box<dyn SharedBackend>, String> {
     let backend = match weights {
         GpuWeights::Checkpoint(w) => GpuBackend::new(exec, &cfg.text, w, options, &mut |_, _| {}),
-        GpuWeights::Synthetic(seed) => GpuBackend::synthetic(exec, &cfg.text, seed, options, &mut |_, _| {}),
+        GpuWeights::Synthetic(seed, quant) => {
+            GpuBackend::synthetic_quant(exec, &cfg.text, seed, quant, options, &mut |_, _| {})
+        }
     };
     Ok(Box::new(SharedModel::new(backend.map_err(|e| e.to_string())?)))
 }
@@ -544,16 +547,13 @@ impl Engine {
     /// path (`dgemma bench --serve`). Its outputs mean nothing. `tokenizer_dir` holds the
     /// tokenizer.json (and optional chat template) requests are tokenized with; when the
     /// model's vocabulary is larger than the tokenizer's, committed canvases are not decoded
-    /// (events carry the ids and empty text). GPU backends only (bf16), with transformers'
-    /// default generation settings.
+    /// (events carry the ids and empty text). GPU backends only (bf16 activations; the experts in
+    /// `options.quant`'s format), with transformers' default generation settings.
     pub fn load_synthetic(config: impl AsRef<Path>, tokenizer_dir: impl AsRef<Path>, seed: u64, options: EngineOptions) -> Result<Engine> {
         let path = config.as_ref().to_path_buf();
         check_options(&options)?;
         if options.backend == BackendKind::Cpu {
             return Err(RuntimeError::InvalidOptions("synthetic weights are generated on a GPU backend only".into()));
-        }
-        if options.quant != Quant::None {
-            return Err(RuntimeError::InvalidOptions("synthetic weights are bf16 only: quant must be none".into()));
         }
         let load_err = |p: &Path, m: String| RuntimeError::Load { path: p.to_path_buf(), message: m };
         let cfg = ModelConfig::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?;
@@ -562,7 +562,8 @@ impl Engine {
         let template = ChatTemplate::from_dir(dir).map_err(|e| load_err(dir, e.to_string()))?;
         let precision = options.precision.unwrap_or(Precision::Bf16);
         let defaults = GenerationSettings::from_checkpoint(&cfg, &GenerationConfig::defaults_for(&cfg), precision);
-        let gpu = load_gpu(&cfg, GpuWeights::Synthetic(seed), precision, &options).map_err(|m| load_err(&path, m))?;
+        let gpu = load_gpu(&cfg, GpuWeights::Synthetic(seed, options.quant), precision, &options)
+            .map_err(|m| load_err(&path, m))?;
         let decode_text = tokenizer.vocab_size() >= cfg.text.vocab_size;
         let model = Model { dir: path, cpu: None, tokenizer, decode_text, template, defaults, precision, gpu: Some(gpu) };
         Engine::start(model, options)

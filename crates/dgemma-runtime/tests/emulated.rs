@@ -128,6 +128,14 @@ fn synthetic_weights_serve_requests() {
     }
     assert_eq!(canvases, 1);
     std::fs::remove_dir_all(&dir).ok();
+    // FP8 experts (the serving bench's fp8 figures): a smaller model that still serves.
+    let bf16_bytes = engine.device_memory().unwrap().allocated;
+    let fp8 = Engine::load_synthetic(&config, tiny(), 7, EngineOptions { quant: dgemma_runtime::Quant::Fp8, ..options(2, 2) })
+        .unwrap();
+    let done = fp8.submit(Request::ids(vec![2, 9]).seed(3).max_new_tokens(16).max_denoising_steps(2)).unwrap().wait().unwrap();
+    assert_eq!(done.ids.len(), 16);
+    let fp8_bytes = fp8.device_memory().unwrap().allocated;
+    assert!(fp8_bytes < bf16_bytes, "FP8 experts take less memory: {fp8_bytes} vs {bf16_bytes}");
     let cpu = EngineOptions { backend: BackendKind::Cpu, ..Default::default() };
     let e = Engine::load_synthetic(&config, tiny(), 7, cpu).err().unwrap();
     assert!(e.to_string().contains("GPU backend only"), "{e}");

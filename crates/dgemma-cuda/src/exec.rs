@@ -120,6 +120,15 @@ pub trait Executor {
     /// [`CudaError::OutOfMemory`] as if the device were full (a server sharing a GPU, or tests of
     /// running out of memory). `None` removes the cap.
     fn set_memory_limit(&mut self, limit: Option<usize>);
+    /// A mark of the allocations made so far, for [`release_since`](Executor::release_since).
+    fn allocation_mark(&self) -> usize;
+    /// Frees every allocation made after `mark` (see [`Executor::allocation_mark`]) in one go:
+    /// how a multi-buffer allocation that fails half way (out of memory) gives back what it got,
+    /// so that retrying it later does not leak.
+    ///
+    /// # Safety
+    /// No region allocated after `mark` may be used again (by a later step, copy or recording).
+    unsafe fn release_since(&mut self, mark: usize);
 
     /// The spec that runs `op` here: this arch's variant if the image has it, else the portable one.
     fn resolve(&self, op: Op) -> Result<KernelSpec> {
@@ -391,6 +400,15 @@ impl Executor for GpuExecutor {
     fn set_memory_limit(&mut self, limit: Option<usize>) {
         self.limit = limit;
     }
+
+    fn allocation_mark(&self) -> usize {
+        self.arena.len()
+    }
+
+    unsafe fn release_since(&mut self, mark: usize) {
+        // Dropping an allocation frees it (cuMemFree for the GPU's).
+        self.arena.truncate(mark);
+    }
 }
 
 /// The error of an allocation of `bytes` that would take an executor past its memory limit.
@@ -545,5 +563,14 @@ impl Executor for EmuExecutor {
 
     fn set_memory_limit(&mut self, limit: Option<usize>) {
         self.limit = limit;
+    }
+
+    fn allocation_mark(&self) -> usize {
+        self.arena.len()
+    }
+
+    unsafe fn release_since(&mut self, mark: usize) {
+        // Dropping an allocation frees it (cuMemFree for the GPU's).
+        self.arena.truncate(mark);
     }
 }

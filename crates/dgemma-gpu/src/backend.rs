@@ -226,9 +226,20 @@ impl<X: Executor> GpuBackend<X> {
             )));
         }
         let options = GpuOptions { context, ..self.options };
-        let seq = Sequence::new(&self.cfg, &mut self.exec, &options)?;
-        self.seqs.push(seq);
-        Ok(self.seqs.len() - 1)
+        let mark = self.exec.allocation_mark();
+        match Sequence::new(&self.cfg, &mut self.exec, &options) {
+            Ok(seq) => {
+                self.seqs.push(seq);
+                Ok(self.seqs.len() - 1)
+            }
+            Err(e) => {
+                // Out of memory half way: give back the buffers this sequence got, so a server
+                // that retries once memory is freed does not leak them.
+                // SAFETY: nothing refers to the failed sequence's regions (never returned).
+                unsafe { self.exec.release_since(mark) };
+                Err(e)
+            }
+        }
     }
 
     /// Makes sequence `index` the one the [`Backend`] methods act on.

@@ -74,3 +74,8 @@ fn shared_sequences_match_their_solo_runs() {
 fn batched_steps_match_their_solo_steps() {
     common::check_batched_steps_are_exact(EmuExecutor::new);
 }
+
+#[test]
+fn failed_sequences_do_not_leak() {
+    common::check_failed_sequences_do_not_leak(EmuExecutor::new);
+}

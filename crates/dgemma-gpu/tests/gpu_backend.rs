@@ -94,3 +94,9 @@ fn shared_sequences_match_their_solo_runs() {
 fn batched_steps_match_their_solo_steps() {
     common::check_batched_steps_are_exact(gpu);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn failed_sequences_do_not_leak() {
+    common::check_failed_sequences_do_not_leak(gpu);
+}

@@ -693,3 +693,23 @@ pub fn check_batched_steps_are_exact<X: Executor>(make: impl Fn() -> X) {
     let err = small.queue_denoise_batch(&[0, 1], c, false).unwrap_err().to_string();
     assert!(err.contains("max_batch"), "{err}");
 }
+
+/// A sequence that does not fit (out of memory half way through its buffers) gives back what it
+/// got: retrying it does not leak, and once memory is there it succeeds.
+pub fn check_failed_sequences_do_not_leak<X: Executor>(make: impl Fn() -> X) {
+    let m = load("tiny-default");
+    let mut g = gpu_backend(&m, make(), default_options(&m));
+    let base = g.allocated_bytes();
+    let per = g.sequence_bytes();
+    // Room for half a sequence: its KV cache fits in part, the rest does not.
+    g.executor_mut().set_memory_limit(Some(base + per / 2));
+    for attempt in 0..3 {
+        let e = g.add_sequence().unwrap_err();
+        assert!(matches!(e, dgemma_model::error::Error::OutOfMemory { .. }), "attempt {attempt}: {e}");
+        assert_eq!(g.allocated_bytes(), base, "attempt {attempt}: a failed sequence kept memory");
+        assert_eq!(g.sequences(), 1);
+    }
+    g.executor_mut().set_memory_limit(Some(base + per));
+    assert_eq!(g.add_sequence().unwrap(), 1);
+    assert_eq!(g.allocated_bytes(), base + per);
+}

@@ -263,12 +263,10 @@ fn cases(
             let plans = ops::plan_attention(
                 &spec,
                 q.b16(),
-                kk.b16(),
-                vv.b16(),
+                ops::KvView { k: kk.b16(), v: vv.b16(), rows: kv_len, paging: None },
                 o.b16(),
                 Some(scratch.b32()),
                 q_len,
-                kv_len,
                 kv_len,
                 q_pos0,
                 k_pos0,

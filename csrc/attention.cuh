@@ -8,6 +8,12 @@
 // row (k_pos0 + j) % kv_rows. A cache that keeps every position is the ring with kv_rows >= every
 // position (p % kv_rows == p); a contiguous buffer of exactly the kv_len keys is kv_rows = kv_len
 // with k_pos0 a multiple of kv_len (e.g. 0).
+// Paging (a vLLM-style KV pool: the caches of many sequences share one buffer of fixed-size
+// pages): with page > 0, the ring's kv_rows rows are LOGICAL rows, kv_rows a multiple of page,
+// and page_table (i32, kv_rows / page entries) names the physical page of each page of them:
+// logical row r is row page_table[r / page] * page + r % page of k and v, whichever rows of the
+// pool those are (any order, shared or not; the kernel only reads them). page == 0 (page_table
+// null) is the ring itself, logical row = physical row.
 // Query head h reads kv head h / GROUP (GROUP = Q_HEADS / KV_HEADS). Scale 1.0 (q and k are
 // RMS-normalised upstream), no logit softcap. Positions are absolute: query i sits at q_pos0 + i,
 // key j at k_pos0 + j, and key j is visible to query i when
@@ -87,7 +93,8 @@
 //
 // Requirements (checked by ops.rs plan_attention): q, k, v 16-byte aligned (16-byte chunks of rows
 // of HEAD_DIM elements, HEAD_DIM a multiple of 8), out 4-byte aligned (paired stores), scratch
-// 4-byte aligned and sized as above when splits > 1.
+// 4-byte aligned and sized as above when splits > 1; when paged, page_table 4-byte aligned with
+// kv_rows / page entries, kv_rows a multiple of page, each entry a page of k and v.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -106,7 +113,8 @@ template <int HEAD_DIM, int Q_HEADS, int KV_HEADS, Mask MASK, int BM, int BN, in
 __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ out,
                                           float* __restrict__ scratch, int q_len, int kv_len, int kv_rows,
-                                          int q_pos0, int k_pos0, int window, int splits, int phase)
+                                          const int* __restrict__ page_table, int page, int q_pos0, int k_pos0,
+                                          int window, int splits, int phase)
 {
     static_assert(Q_HEADS % KV_HEADS == 0, "GQA needs Q_HEADS to be a multiple of KV_HEADS");
     constexpr int GROUP = Q_HEADS / KV_HEADS;
@@ -210,12 +218,14 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
             vhi[i][h] = min(rhi, b);
         }
 
-    // Row pointers of the staged tiles: packed query rows, and key j's ring row in k / v.
+    // Row pointers of the staged tiles: packed query rows, and key j's ring row in k / v (its
+    // physical row through the page table when paged).
     const int ring0 = k_pos0 % kv_rows;
     auto ring_row = [&](int j) -> size_t {
         int p = ring0 + j; // j < kv_len <= kv_rows: at most one wrap
         if (p >= kv_rows) p -= kv_rows;
-        return ((size_t)p * KV_HEADS + kvh) * HEAD_DIM;
+        const size_t row = page > 0 ? (size_t)page_table[p / page] * page + p % page : (size_t)p;
+        return (row * KV_HEADS + kvh) * HEAD_DIM;
     };
     auto q_row = [&](int r) { return q + q_off(r); };
     auto k_row = [&](int j) { return k + ring_row(j); };

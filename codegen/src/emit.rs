@@ -70,6 +70,7 @@ const ROW_SOFTMAX_ENTROPY_ARGMAX: &[Param] = &[
     p("int", "rows"),
 ];
 /// `scratch` (fp32) holds a split attention's partial statistics (null when `splits` is 1);
+/// `page_table` / `page` map the ring's logical rows to pages of `k` / `v` (null / 0: unpaged);
 /// `phase` says which of its launches this is (`csrc/attention.cuh`).
 const ATTENTION: &[Param] = &[
     p(BF16_IN, "q"),
@@ -80,6 +81,8 @@ const ATTENTION: &[Param] = &[
     p("int", "q_len"),
     p("int", "kv_len"),
     p("int", "kv_rows"),
+    p("const int*", "page_table"),
+    p("int", "page"),
     p("int", "q_pos0"),
     p("int", "k_pos0"),
     p("int", "window"),

@@ -159,10 +159,12 @@ impl MaskKind {
     }
 }
 
-/// Scaled (scale 1.0) dot-product attention with GQA, `q: [S, q_heads, D]`,
-/// `k, v: [kv_rows, kv_heads, D]` (a ring: position p in row p % kv_rows), `out: [S, q_heads, D]`,
-/// on tensor cores (`csrc/attention.cuh`, mma.sync m16n8k16; two passes over the keys for the
-/// exact row max). The `q_heads / kv_heads` query heads of a kv head are packed into the rows
+/// Scaled (scale 1.0) dot-product attention with GQA, `q: [S, q_heads, D]`, `out: [S, q_heads, D]`,
+/// over a ring of `kv_rows` logical rows (position p in row p % kv_rows) of
+/// `k, v: [rows, kv_heads, D]`: logical row r is row r, or, paged (an i32 page table into a shared
+/// pool of pages), row `page_table[r / page] * page + r % page`. On tensor cores
+/// (`csrc/attention.cuh`, mma.sync m16n8k16; two passes over the keys for the exact row max).
+/// The `q_heads / kv_heads` query heads of a kv head are packed into the rows
 /// (`S * q_heads / kv_heads` rows per kv head). Tile parameters: a block owns `block_m` packed rows
 /// of one kv head and scans the keys in tiles of `block_n`; Q and K stream through shared memory
 /// in `block_k`-wide head-dim chunks; its `warps_m x warps_n` warps each own a
@@ -713,11 +715,7 @@ impl KernelSpec {
                 fail("rotary_pairs must be in 1..=head_dim/2")
             }
             Op::Embedding(e) if e.hidden == 0 => fail("hidden must be positive"),
-            Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab })
-                if vocab == 0 =>
-            {
-                fail("vocab must be positive")
-            }
+            Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab: 0 }) => fail("vocab must be positive"),
             Op::Attention(a) if a.head_dim == 0 || a.kv_heads == 0 || a.q_heads % a.kv_heads != 0 => {
                 fail("q_heads must be a positive multiple of kv_heads and head_dim positive")
             }

@@ -12,11 +12,13 @@ extern "C" __global__ void __launch_bounds__(256) attention_d256_q16_kv8_sliding
     int q_len,
     int kv_len,
     int kv_rows,
+    const int* page_table,
+    int page,
     int q_pos0,
     int k_pos0,
     int window,
     int splits,
     int phase)
 {
-    dgemma::attention<256, 16, 8, dgemma::Mask::CausalSliding, 64, 64, 64, 2, 4>(q, k, v, out, scratch, q_len, kv_len, kv_rows, q_pos0, k_pos0, window, splits, phase);
+    dgemma::attention<256, 16, 8, dgemma::Mask::CausalSliding, 64, 64, 64, 2, 4>(q, k, v, out, scratch, q_len, kv_len, kv_rows, page_table, page, q_pos0, k_pos0, window, splits, phase);
 }

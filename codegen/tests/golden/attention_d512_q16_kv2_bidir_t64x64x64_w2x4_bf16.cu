@@ -12,11 +12,13 @@ extern "C" __global__ void __launch_bounds__(256) attention_d512_q16_kv2_bidir_t
     int q_len,
     int kv_len,
     int kv_rows,
+    const int* page_table,
+    int page,
     int q_pos0,
     int k_pos0,
     int window,
     int splits,
     int phase)
 {
-    dgemma::attention<512, 16, 2, dgemma::Mask::Bidirectional, 64, 64, 64, 2, 4>(q, k, v, out, scratch, q_len, kv_len, kv_rows, q_pos0, k_pos0, window, splits, phase);
+    dgemma::attention<512, 16, 2, dgemma::Mask::Bidirectional, 64, 64, 64, 2, 4>(q, k, v, out, scratch, q_len, kv_len, kv_rows, page_table, page, q_pos0, k_pos0, window, splits, phase);
 }

@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define DGEMMA_ABI_VERSION 3
+#define DGEMMA_ABI_VERSION 4
 
 typedef enum DgemmaStatus {
     DGEMMA_OK = 0,
@@ -62,6 +62,8 @@ typedef struct DgemmaEngineOptions {
     uint64_t memory_limit;    /* CUDA: most device bytes the engine allocates; 0 = no limit. A request
                                  whose KV cache does not fit waits for a running one to finish */
     uint32_t quant;           /* DgemmaQuant: how the MoE experts are held (ABI 3) */
+    uint32_t kv_page;         /* CUDA: positions per page of the shared KV page pool (ABI 4) */
+    uint32_t kv_pages;        /* CUDA: pages in the pool; 0 = from max_concurrent, context, free memory (ABI 4) */
 } DgemmaEngineOptions;
 
 /* Opaque engine: a loaded model and its request scheduler. */

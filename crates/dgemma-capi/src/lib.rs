@@ -92,7 +92,8 @@ pub const DGEMMA_QUANT_FP8: u32 = 1;
 
 /// ABI version of this library (`DGEMMA_ABI_VERSION` in the header). 2: engine options
 /// ([`DgemmaEngineOptions`]) and more engine counters. 3: `DgemmaEngineOptions::quant`.
-pub const DGEMMA_ABI_VERSION: u32 = 3;
+/// 4: `DgemmaEngineOptions::kv_page` and `kv_pages` (the KV page pool).
+pub const DGEMMA_ABI_VERSION: u32 = 4;
 
 /// How to load an engine. Fill with [`dgemma_engine_options_init`], then change what you need.
 #[repr(C)]
@@ -116,6 +117,11 @@ pub struct DgemmaEngineOptions {
     /// `DGEMMA_QUANT_NONE` (experts as stored) or `DGEMMA_QUANT_FP8` (FP8 E4M3 experts with
     /// per-output-channel scales, quantised at load; weight-only).
     pub quant: u32,
+    /// CUDA: positions per page of the KV page pool the full-attention layers share.
+    pub kv_page: u32,
+    /// CUDA: pages in the KV pool (0: sized from `max_concurrent`, the context and the
+    /// device's free memory); a request waits until its pages are free.
+    pub kv_pages: u32,
 }
 
 /// Per-request parameters. Fill with [`dgemma_params_init`], then change what you need.
@@ -407,6 +413,8 @@ pub unsafe extern "C" fn dgemma_engine_options_init(options: *mut DgemmaEngineOp
             prefill_chunk: d.prefill_chunk as u32,
             memory_limit: 0,
             quant: DGEMMA_QUANT_NONE,
+            kv_page: d.kv_page as u32,
+            kv_pages: 0,
         });
         DgemmaStatus::Ok
     })
@@ -427,7 +435,7 @@ pub unsafe extern "C" fn dgemma_engine_load_with_options(
         o.backend = match c.backend {
             DGEMMA_BACKEND_CPU => BackendKind::Cpu,
             DGEMMA_BACKEND_CUDA => BackendKind::Cuda,
-            b => return fail(DgemmaStatus::InvalidArgument, &format!("options.backend {b}: not a DgemmaBackend")),
+            b => return fail(DgemmaStatus::InvalidArgument, format!("options.backend {b}: not a DgemmaBackend")),
         };
         o.max_concurrent = c.max_concurrent as usize;
         o.cuda_device = c.cuda_device as usize;
@@ -438,8 +446,10 @@ pub unsafe extern "C" fn dgemma_engine_load_with_options(
         o.quant = match c.quant {
             DGEMMA_QUANT_NONE => dgemma_runtime::Quant::None,
             DGEMMA_QUANT_FP8 => dgemma_runtime::Quant::Fp8,
-            q => return fail(DgemmaStatus::InvalidArgument, &format!("options.quant {q}: not a DgemmaQuant")),
+            q => return fail(DgemmaStatus::InvalidArgument, format!("options.quant {q}: not a DgemmaQuant")),
         };
+        o.kv_page = c.kv_page as usize;
+        o.kv_pages = (c.kv_pages != 0).then_some(c.kv_pages as usize);
     }
     load_with(model_dir, out_engine, o)
 }

@@ -66,11 +66,16 @@ pub struct BenchArgs {
     pub quant: load::QuantArg,
 }
 
-/// The backend's sizes: a cache for the longest context plus two canvases, a workspace for the
-/// largest batch.
-fn bench_options(cfg: &dgemma_model::config::TextConfig, canvas: usize, longest: usize, batches: &[usize]) -> GpuOptions {
-    let mut options = GpuOptions::new((longest + 2 * canvas).min(cfg.max_position_embeddings), canvas);
-    options.max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
+/// The backend's sizes: sequences of the longest context plus two canvases, a workspace for
+/// batches of `max_batch`, and KV pages for what the figures use at once (the first sequence at
+/// the longest context, the others of a batch at the prompt's), so `peak_mem_gb` counts no idle
+/// pages.
+fn bench_options(cfg: &dgemma_model::config::TextConfig, canvas: usize, longest: usize, prompt: usize, max_batch: usize) -> GpuOptions {
+    let context = (longest + 2 * canvas).min(cfg.max_position_embeddings);
+    let mut options = GpuOptions::new(context, canvas);
+    options.max_batch = max_batch.max(1);
+    let pages = |positions: usize| positions.min(context).div_ceil(options.kv_page);
+    options.kv_pages = Some(pages(context) + (options.max_batch - 1) * pages(prompt + 2 * canvas));
     options
 }
 
@@ -155,7 +160,8 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
     };
     // The largest batch that fits: halve it on out-of-memory (the figures of larger batches are
     // then reported as not run).
-    let mut options = bench_options(&cfg.text, cfg.canvas_length, longest, &a.batches);
+    let largest = a.batches.iter().copied().max().unwrap_or(1);
+    let mut options = bench_options(&cfg.text, cfg.canvas_length, longest, a.prompt, largest);
     let mut backend = loop {
         let exec = GpuExecutor::new(dgemma::cuda::open_device(0)?);
         let mut bar = Progress::new("weights");
@@ -168,7 +174,7 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
             Ok(b) => break b,
             Err(e @ dgemma_model::error::Error::OutOfMemory { .. }) if options.max_batch > 1 => {
                 eprintln!("dgemma bench: batches of {} do not fit ({e}); trying {}", options.max_batch, options.max_batch / 2);
-                options.max_batch /= 2;
+                options = bench_options(&cfg.text, cfg.canvas_length, longest, a.prompt, options.max_batch / 2);
             }
             Err(e) => return Err(e.into()),
         }

@@ -11,7 +11,7 @@
 //!   (prefills included: every request brings its own prompt);
 //! * `ttft_p50.bf16.concurrency{N}`, `ttft_p99...`: submit to first committed canvas, per request;
 //! * `peak_mem_gb.bf16.concurrency{N}`: device bytes the engine allocated (weights, workspace,
-//!   KV caches), and in the note how many requests actually ran at once (admission waits for
+//!   the KV page pool, each request's sliding-layer rings), and in the note how many requests actually ran at once (admission waits for
 //!   memory when the caches do not fit) and the batch size the workspace was built for.
 
 use std::path::Path;
@@ -127,13 +127,17 @@ fn level(config: &Path, tokenizer_dir: &Path, plan: &ServePlan, n: usize) -> Res
     }
     let wall = t0.elapsed().as_secs_f64();
     let st = engine.stats();
-    let mem = engine.device_memory().map_or(f64::NAN, |m| m.allocated as f64 / 1e9);
+    let memory = engine.device_memory();
+    let mem = memory.map_or(f64::NAN, |m| m.allocated as f64 / 1e9);
+    let pool = memory.map_or(String::new(), |m| {
+        format!("a KV pool of {} pages of {} positions, {:.1} MB each", m.kv_pages, m.kv_page, m.kv_page_bytes as f64 / 1e6)
+    });
     ttft.sort_by(f64::total_cmp);
     let pct = |p: f64| ttft[((p * (ttft.len() - 1) as f64).round() as usize).min(ttft.len() - 1)];
     let what = format!(
         "{n} requests of {}-token prompts, {} canvas(es) of {} steps each; up to {} running at once, \
-         batches of up to {batch} canvases (largest {}), {:.1} s wall",
-        plan.prompt, plan.canvases, plan.steps, st.peak_active, st.largest_batch, wall
+         batches of up to {batch} canvases (largest {}), {} encoder passes merged into them, {} memory waits, {:.1} s wall",
+        plan.prompt, plan.canvases, plan.steps, st.peak_active, st.largest_batch, st.merged_encodes, st.memory_waits, wall
     );
     let dt = plan.dtype();
     let mut throughput = Record::new(format!("throughput.{dt}.concurrency{n}"), tokens as f64 / wall, "tok/s");
@@ -143,6 +147,6 @@ fn level(config: &Path, tokenizer_dir: &Path, plan: &ServePlan, n: usize) -> Res
     let mut p99 = Record::new(format!("ttft_p99.{dt}.concurrency{n}"), pct(0.99), "ms");
     p99.note = "submit to the first committed canvas, 99th percentile over the requests".into();
     let mut peak = Record::new(format!("peak_mem_gb.{dt}.concurrency{n}"), mem, "GB");
-    peak.note = format!("device bytes the engine allocated (weights, workspace, {} KV caches)", st.backends);
+    peak.note = format!("device bytes the engine allocated (weights, workspace, {pool}, {} requests' KV rings)", st.backends);
     Ok(vec![throughput, p50, p99, peak])
 }

@@ -120,6 +120,9 @@ pub trait Executor {
     /// [`CudaError::OutOfMemory`] as if the device were full (a server sharing a GPU, or tests of
     /// running out of memory). `None` removes the cap.
     fn set_memory_limit(&mut self, limit: Option<usize>);
+    /// Bytes a further allocation may take: the device's free memory, capped by the memory
+    /// limit; `None` when neither bounds it (the emulator without a limit).
+    fn available_bytes(&self) -> Option<usize>;
     /// A mark of the allocations made so far, for [`release_since`](Executor::release_since).
     fn allocation_mark(&self) -> usize;
     /// Frees every allocation made after `mark` (see [`Executor::allocation_mark`]) in one go:
@@ -401,6 +404,12 @@ impl Executor for GpuExecutor {
         self.limit = limit;
     }
 
+    fn available_bytes(&self) -> Option<usize> {
+        let free = self.dev.context().mem_get_info().map_or(0, |(free, _)| free);
+        let capped = self.limit.map_or(free, |l| free.min(l.saturating_sub(self.allocated_bytes())));
+        Some(capped)
+    }
+
     fn allocation_mark(&self) -> usize {
         self.arena.len()
     }
@@ -563,6 +572,10 @@ impl Executor for EmuExecutor {
 
     fn set_memory_limit(&mut self, limit: Option<usize>) {
         self.limit = limit;
+    }
+
+    fn available_bytes(&self) -> Option<usize> {
+        self.limit.map(|l| l.saturating_sub(self.allocated_bytes()))
     }
 
     fn allocation_mark(&self) -> usize {

@@ -48,7 +48,7 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// TFLOP/s (2 n^3 per GEMM) of cuBLASLt's fastest heuristic algorithm for `input` at `n^3`,
 /// the mean over `iters` back-to-back runs after one warm-up. `n` must be a multiple of 16.
 pub fn cublaslt_gemm_tflops(dev: &Device, n: usize, input: GemmInput, iters: usize) -> Result<f64> {
-    if n == 0 || n % 16 != 0 {
+    if n == 0 || !n.is_multiple_of(16) {
         return Err(args("cublaslt_gemm", format!("n = {n} must be a positive multiple of 16")));
     }
     guard("cuBLASLt", || {

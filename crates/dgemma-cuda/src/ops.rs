@@ -408,31 +408,50 @@ pub fn attention_scratch_len(spec: &KernelSpec, max_q_len: usize) -> Result<usiz
         .unwrap_or(0))
 }
 
+/// Where a layer's keys and values live, as attention reads them: a ring of `rows` logical rows
+/// (position p in logical row p % rows); with `paging`, logical row r is physical row
+/// `table[r / page] * page + r % page` of `k` / `v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvView {
+    pub k: Buf,
+    pub v: Buf,
+    pub rows: usize,
+    pub paging: Option<Paging>,
+}
+
+/// A page table: i32 `[rows / page]` physical page numbers, each < physical_rows / page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paging {
+    pub table: Buf,
+    pub page: usize,
+    pub physical_rows: usize,
+}
+
 /// Attention of `q_len` queries (positions `q_pos0..`) over the `kv_len` keys at positions
-/// `k_pos0..`, read from the ring `k`/`v` of `kv_rows` rows (position p in row p % kv_rows), into
-/// `out`: the launches, in order. The key range is split across blocks (flash-decoding, three
-/// launches) when [`attention_splits`](dgemma_codegen::shapes::attention_splits) says so, a
-/// function of the spec, `q_len` and `kv_len` only (so a sequence's result never depends on the
-/// other sequences of a pass); a split needs `scratch` (f32, [`attention_scratch_len`] elements
-/// for the largest `q_len` the caller runs), which is overwritten.
+/// `k_pos0..`, read from the ring `kv` (position p in logical row p % kv.rows, through its page
+/// table when paged), into `out`: the launches, in order. The key range is split across blocks
+/// (flash-decoding, three launches) when
+/// [`attention_splits`](dgemma_codegen::shapes::attention_splits) says so, a function of the
+/// spec, `q_len` and `kv_len` only (so a sequence's result never depends on the other sequences
+/// of a pass, nor on where its keys sit in memory); a split needs `scratch` (f32,
+/// [`attention_scratch_len`] elements for the largest `q_len` the caller runs), which is
+/// overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_attention(
     spec: &KernelSpec,
     q: Buf,
-    k: Buf,
-    v: Buf,
+    kv: KvView,
     out: Buf,
     scratch: Option<Buf>,
     q_len: usize,
     kv_len: usize,
-    kv_rows: usize,
     q_pos0: usize,
     k_pos0: usize,
     window: Option<usize>,
 ) -> Result<Vec<LaunchPlan>> {
     let a = expect_op("attention", spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
     let splits = dgemma_codegen::shapes::attention_splits(&a, q_len, kv_len);
-    plan_attention_split(spec, q, k, v, out, scratch, q_len, kv_len, kv_rows, q_pos0, k_pos0, window, splits)
+    plan_attention_split(spec, q, kv, out, scratch, q_len, kv_len, q_pos0, k_pos0, window, splits)
 }
 
 /// [`plan_attention`] with the key range split into `splits` shares (1: one launch, no
@@ -441,13 +460,11 @@ pub fn plan_attention(
 pub fn plan_attention_split(
     spec: &KernelSpec,
     q: Buf,
-    k: Buf,
-    v: Buf,
+    kv: KvView,
     out: Buf,
     scratch: Option<Buf>,
     q_len: usize,
     kv_len: usize,
-    kv_rows: usize,
     q_pos0: usize,
     k_pos0: usize,
     window: Option<usize>,
@@ -456,6 +473,7 @@ pub fn plan_attention_split(
     const OP: &str = "attention";
     let a = expect_op(OP, spec, |o| if let Op::Attention(a) = o { Some(a) } else { None })?;
     let d = a.head_dim as usize;
+    let KvView { k, v, rows: kv_rows, paging } = kv;
     need(OP, "q", q, q_len * a.q_heads as usize * d)?;
     need(OP, "out", out, q_len * a.q_heads as usize * d)?;
     if kv_len > kv_rows {
@@ -464,8 +482,29 @@ pub fn plan_attention_split(
     if kv_rows == 0 {
         return Err(args(OP, "a ring of 0 rows"));
     }
-    need(OP, "k", k, kv_rows * a.kv_heads as usize * d)?;
-    need(OP, "v", v, kv_rows * a.kv_heads as usize * d)?;
+    // k and v hold the rows the kernel may address: the ring's own, or the whole page pool (the
+    // kernel trusts the table's page numbers; their range is the caller's contract).
+    let physical_rows = match paging {
+        None => kv_rows,
+        Some(Paging { table, page, physical_rows }) => {
+            if page == 0 {
+                return Err(args(OP, "pages of 0 rows"));
+            }
+            if kv_rows % page != 0 {
+                return Err(args(OP, format!("a ring of {kv_rows} rows is not whole pages of {page} rows")));
+            }
+            if physical_rows % page != 0 {
+                return Err(args(OP, format!("a pool of {physical_rows} rows is not whole pages of {page} rows")));
+            }
+            need(OP, "page table", table, kv_rows / page)?;
+            if table.ptr % 4 != 0 {
+                return Err(args(OP, format!("page table at {:#x} is not 4-byte aligned", table.ptr)));
+            }
+            physical_rows
+        }
+    };
+    need(OP, "k", k, physical_rows * a.kv_heads as usize * d)?;
+    need(OP, "v", v, physical_rows * a.kv_heads as usize * d)?;
     // 16-byte chunks of q, k and v rows; bf16 pairs of out; f32 scratch.
     for (what, b, align) in [("q", q, 16), ("k", k, 16), ("v", v, 16), ("out", out, 4)] {
         if b.ptr % align != 0 {
@@ -509,6 +548,8 @@ pub fn plan_attention_split(
                 Arg::I32(int(OP, "q_len", q_len)?),
                 Arg::I32(int(OP, "kv_len", kv_len)?),
                 Arg::I32(int(OP, "kv_rows", kv_rows)?),
+                Arg::Ptr(paging.map_or(0, |p| p.table.ptr)),
+                Arg::I32(paging.map_or(Ok(0), |p| int(OP, "page", p.page))?),
                 Arg::I32(int(OP, "q_pos0", q_pos0)?),
                 Arg::I32(int(OP, "k_pos0", k_pos0)?),
                 Arg::I32(int(OP, "window", window)?),
@@ -1169,6 +1210,11 @@ mod tests {
         Buf { ptr: 0x1000, len }
     }
 
+    /// An unpaged ring of `rows` rows in `kv` (as both keys and values).
+    fn ring(kv: Buf, rows: usize) -> KvView {
+        KvView { k: kv, v: kv, rows, paging: None }
+    }
+
     /// A plan for every spec of the table, with generous buffers: the argument lists match
     /// the generated signatures for every family.
     #[test]
@@ -1205,7 +1251,7 @@ mod tests {
                 }
                 Op::Attention(a) => {
                     let window = (a.mask == MaskKind::CausalSliding).then_some(4);
-                    let split = plan_attention_split(&spec, big, big, big, big, Some(big), 3, 7, 9, 4, 0, window, 3)
+                    let split = plan_attention_split(&spec, big, ring(big, 9), big, Some(big), 3, 7, 4, 0, window, 3)
                         .unwrap_or_else(|e| panic!("{}: {e}", spec.kernel_name()));
                     assert_eq!(split.len(), 3, "{}: max, P.V, combine", spec.kernel_name());
                     for p in &split {
@@ -1213,7 +1259,7 @@ mod tests {
                     }
                     assert_eq!(split[0].grid.2, 3);
                     assert_eq!(split[2].grid.2, 1);
-                    plan_attention(&spec, big, big, big, big, None, 3, 7, 9, 4, 0, window).map(|mut v| {
+                    plan_attention(&spec, big, ring(big, 9), big, None, 3, 7, 4, 0, window).map(|mut v| {
                         assert_eq!(v.len(), 1, "{}: 7 keys are never split", spec.kernel_name());
                         v.remove(0)
                     })
@@ -1291,26 +1337,68 @@ mod tests {
 
         let sliding =
             specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::CausalSliding)).unwrap();
-        assert!(plan_attention(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, None).is_err());
-        assert!(plan_attention(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, ring(b, 2), b, None, 2, 2, 0, 0, None).is_err());
+        assert!(plan_attention(sliding, b, ring(b, 2), b, None, 2, 2, 0, 0, Some(4)).is_ok());
         // The ring must hold the keys read, and k/v must hold the whole ring.
-        assert!(plan_attention(sliding, b, b, b, b, None, 2, 3, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, ring(b, 2), b, None, 2, 3, 0, 0, Some(4)).is_err());
         let Op::Attention(a) = sliding.op else { unreachable!() };
-        let ring = buf(5 * (a.kv_heads * a.head_dim) as usize);
-        assert!(plan_attention(sliding, b, ring, ring, b, None, 2, 3, 5, 7, 6, Some(4)).is_ok());
-        assert!(plan_attention(sliding, b, ring, ring, b, None, 2, 3, 6, 7, 6, Some(4)).is_err());
+        let row = (a.kv_heads * a.head_dim) as usize;
+        let five = buf(5 * row);
+        assert!(plan_attention(sliding, b, ring(five, 5), b, None, 2, 3, 7, 6, Some(4)).is_ok());
+        assert!(plan_attention(sliding, b, ring(five, 6), b, None, 2, 3, 7, 6, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, KvView { v: buf(5 * row - 1), ..ring(five, 5) }, b, None, 2, 3, 7, 6, Some(4))
+            .is_err());
         // q, k, v move in 16-byte chunks, out in bf16 pairs.
-        assert!(plan_attention(sliding, moved(b, 8), b, b, b, None, 2, 2, 2, 0, 0, Some(4)).is_err());
-        assert!(plan_attention(sliding, b, moved(b, 8), b, b, None, 2, 2, 2, 0, 0, Some(4)).is_err());
-        assert!(plan_attention(sliding, b, b, b, moved(b, 2), None, 2, 2, 2, 0, 0, Some(4)).is_err());
-        assert!(plan_attention(sliding, b, b, b, moved(b, 4), None, 2, 2, 2, 0, 0, Some(4)).is_ok());
+        assert!(plan_attention(sliding, moved(b, 8), ring(b, 2), b, None, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, ring(moved(b, 8), 2), b, None, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, KvView { v: moved(b, 8), ..ring(b, 2) }, b, None, 2, 2, 0, 0, Some(4))
+            .is_err());
+        assert!(plan_attention(sliding, b, ring(b, 2), moved(b, 2), None, 2, 2, 0, 0, Some(4)).is_err());
+        assert!(plan_attention(sliding, b, ring(b, 2), moved(b, 4), None, 2, 2, 0, 0, Some(4)).is_ok());
         // A split needs a scratch of splits x q_len x q_heads x (head_dim + 2) floats.
         let per = 2 * a.q_heads as usize * (a.head_dim as usize + 2);
-        let split = |scratch| plan_attention_split(sliding, b, b, b, b, scratch, 2, 2, 2, 0, 0, Some(4), 2);
+        let split = |scratch| plan_attention_split(sliding, b, ring(b, 2), b, scratch, 2, 2, 0, 0, Some(4), 2);
         assert!(split(None).is_err());
         assert!(split(Some(buf(2 * per - 1))).is_err());
         assert_eq!(split(Some(buf(2 * per))).unwrap().len(), 3);
-        assert!(plan_attention_split(sliding, b, b, b, b, None, 2, 2, 2, 0, 0, Some(4), 0).is_err());
+        assert!(plan_attention_split(sliding, b, ring(b, 2), b, None, 2, 2, 0, 0, Some(4), 0).is_err());
+    }
+
+    /// A paged ring: whole pages of the logical ring and of the pool, a table of one i32 per
+    /// logical page, k and v sized by the pool (not the ring); the plan passes the table and the
+    /// page size, and an unpaged plan null and 0.
+    #[test]
+    fn paged_attention_checks_its_pages() {
+        let specs = supported_specs();
+        let spec = specs.iter().find(|s| matches!(s.op, Op::Attention(a) if a.mask == MaskKind::Causal)).unwrap();
+        let Op::Attention(a) = spec.op else { unreachable!() };
+        let row = (a.kv_heads * a.head_dim) as usize;
+        let (b, table) = (buf(1 << 20), Buf { ptr: 0x8000, len: 4 });
+        // A ring of 64 rows = 4 pages of 16, in a pool of 10 pages.
+        let pool = buf(160 * row);
+        let paged = |pool: Buf, rows: usize, paging: Paging| {
+            let kv = KvView { k: pool, v: pool, rows, paging: Some(paging) };
+            plan_attention(spec, b, kv, b, None, 5, 40, 100, 70, None)
+        };
+        let good = Paging { table, page: 16, physical_rows: 160 };
+        let plans = paged(pool, 64, good).unwrap();
+        assert_eq!(plans[0].args[8..10], [Arg::Ptr(0x8000), Arg::I32(16)]);
+        let unpaged = plan_attention(spec, b, ring(b, 64), b, None, 5, 40, 100, 70, None).unwrap();
+        assert_eq!(unpaged[0].args[8..10], [Arg::Ptr(0), Arg::I32(0)]);
+        // A pool is not a ring: k and v must hold the pool's rows, whatever the ring's length.
+        assert!(paged(buf(160 * row - 1), 64, good).is_err());
+        assert!(paged(pool, 64, Paging { physical_rows: 176, ..good }).is_err());
+        assert!(paged(buf(64 * row), 64, Paging { physical_rows: 64, ..good }).is_ok());
+        // Pages of 0 rows; a ring or a pool of partial pages.
+        assert!(paged(pool, 64, Paging { page: 0, ..good }).is_err());
+        assert!(paged(pool, 60, good).is_err());
+        assert!(paged(pool, 64, Paging { physical_rows: 150, ..good }).is_err());
+        // The table: one i32 per logical page, 4-byte aligned.
+        assert!(paged(pool, 64, Paging { table: Buf { len: 3, ..table }, ..good }).is_err());
+        assert!(paged(pool, 64, Paging { table: Buf { ptr: 0x8002, ..table }, ..good }).is_err());
+        assert!(paged(pool, 48, Paging { table: Buf { len: 3, ..table }, ..good }).is_ok());
+        // The ring still holds the keys read.
+        assert!(paged(pool, 32, good).is_err());
     }
 
     /// The decoder's attention at a 4K context splits its keys in two (64 blocks per launch
@@ -1322,16 +1410,16 @@ mod tests {
         let b = buf(1 << 40);
         for (l, mask, window) in [(s.full, MaskKind::Causal, None), (s.sliding, MaskKind::CausalSliding, Some(1024))] {
             let decoder = attention_spec(l.head_dim, s.heads, l.kv_heads, MaskKind::Bidirectional);
-            let plans = plan_attention(&decoder, b, b, b, b, Some(b), 256, 4096, 8192, 4096, 0, None).unwrap();
+            let plans = plan_attention(&decoder, b, ring(b, 8192), b, Some(b), 256, 4096, 4096, 0, None).unwrap();
             // 256 queries x 16 / kv_heads packed rows per kv head, 64 per block.
             let tiles = 64 / l.kv_heads;
             let grids: Vec<_> = plans.iter().map(|p| p.grid).collect();
             assert_eq!(grids, [(tiles, l.kv_heads, 2), (tiles, l.kv_heads, 2), (tiles, l.kv_heads, 1)]);
             let need = 2 * 256 * 16 * (l.head_dim as usize + 2);
             assert!(attention_scratch_len(&decoder, 512).unwrap() >= need);
-            assert!(plan_attention(&decoder, b, b, b, b, None, 256, 4096, 8192, 4096, 0, None).is_err());
+            assert!(plan_attention(&decoder, b, ring(b, 8192), b, None, 256, 4096, 4096, 0, None).is_err());
             let encoder = attention_spec(l.head_dim, s.heads, l.kv_heads, mask);
-            let plans = plan_attention(&encoder, b, b, b, b, None, 512, 1535, 8192, 4096, 3585, window).unwrap();
+            let plans = plan_attention(&encoder, b, ring(b, 8192), b, None, 512, 1535, 4096, 3585, window).unwrap();
             assert_eq!(plans.len(), 1);
         }
     }

@@ -384,6 +384,55 @@ impl<N: NoiseSource> Generator<N> {
         Ok(())
     }
 
+    /// For a scheduler that merges encoder work into batched decoder passes: the ids of this
+    /// generation's next pass when it is an encoder pass that fits in `max` tokens, the next
+    /// prompt chunk (cut to `max`: the prefill may be split anywhere, the cache fills in order)
+    /// or the committed canvas to re-encode (whole, or `None` when it is longer than `max`);
+    /// `None` for a denoising step or when done. Unlike [`advance`](Self::advance) this does not
+    /// reset the backend before the first chunk: its cache must hold exactly what this
+    /// generation encoded so far (an empty one at first). After the pass, report it with
+    /// [`finish_encode`](Self::finish_encode).
+    pub fn pending_encode(&self, max: usize) -> Option<&[u32]> {
+        match self.phase {
+            Phase::Prefill => {
+                let chunk = self.prefill_chunk.unwrap_or(usize::MAX).min(max);
+                let end = self.prefilled.saturating_add(chunk).min(self.prompt_len);
+                (end > self.prefilled).then(|| &self.ids[self.prefilled..end])
+            }
+            Phase::Encode => {
+                let c = self.settings.canvas_length;
+                (c <= max).then(|| &self.ids[self.ids.len() - c..])
+            }
+            Phase::Denoise | Phase::Done => None,
+        }
+    }
+
+    /// Records that a batched pass encoded the first `tokens` ids [`pending_encode`]
+    /// (Self::pending_encode) returned, `elapsed` being this generation's share of it, and moves
+    /// on as [`advance`](Self::advance) would have. A count that does not match the pending
+    /// encoder pass is an error (and changes nothing).
+    pub fn finish_encode(&mut self, tokens: usize, elapsed: std::time::Duration) -> Result<Pass, EngineError> {
+        match self.phase {
+            Phase::Prefill if tokens > 0 && tokens <= self.prompt_len - self.prefilled => {
+                self.prefilled += tokens;
+                self.stats.prefill_time += elapsed;
+                if self.prefilled == self.prompt_len {
+                    self.begin_block()?;
+                }
+            }
+            Phase::Encode if tokens == self.settings.canvas_length => {
+                self.stats.commit_time += elapsed;
+                self.begin_block()?;
+            }
+            _ => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "finish_encode({tokens}): this generation's next pass is not an encoder pass of that many tokens"
+                )))
+            }
+        }
+        Ok(Pass::Encode)
+    }
+
     /// Adds time a scheduler spent on this generation's batched decoder passes.
     pub fn add_denoise_time(&mut self, t: std::time::Duration) {
         self.stats.denoise_time += t;

@@ -227,3 +227,54 @@ fn a_chunked_prefill_fills_the_cache_in_order_one_pass_per_chunk() {
     // A chunk of zero tokens is refused.
     assert!(Generator::seeded(&prompt, settings(C), 9).unwrap().with_prefill_chunk(0).is_err());
 }
+
+/// A scheduler that runs the encoder work itself (`pending_encode` / `finish_encode`, as the
+/// GPU runtime does inside batched decoder passes) gets the same generation as `advance`: the
+/// prompt in chunks of at most `max` tokens, each committed canvas whole, and nothing when the
+/// next pass is a denoising step or the canvas does not fit; a count that does not match the
+/// pending encoder pass is refused.
+#[test]
+fn encoder_passes_run_by_the_scheduler_give_the_same_generation() {
+    use dgemma_engine::generator::{Generator, Pass};
+    use std::time::Duration;
+    let prompt = [2u32, 5, 6, 7, 8];
+    let whole = {
+        let mut b = Scripted::new(|_, p| 30 + p as u32);
+        let gen = Generator::seeded(&prompt, settings(3 * C), 9).unwrap();
+        (gen.run_to_end(&mut b, &mut Record::default()).unwrap(), b.encoded)
+    };
+    let mut b = Scripted::new(|_, p| 30 + p as u32);
+    let mut gen = Generator::seeded(&prompt, settings(3 * C), 9).unwrap().with_prefill_chunk(4).unwrap();
+    let (mut logits, mut rec) = (Vec::new(), Record::default());
+    // Before the prefill: refused counts change nothing.
+    assert!(gen.finish_encode(0, Duration::ZERO).is_err());
+    assert!(gen.finish_encode(6, Duration::ZERO).is_err());
+    let mut chunks = Vec::new();
+    while !gen.is_done() {
+        // At most 3 tokens per pass: the prompt as 3 + 2, canvases (8 tokens) never fit.
+        if let Some(ids) = gen.pending_encode(3).map(<[u32]>::to_vec) {
+            b.encode(&ids).unwrap();
+            assert_eq!(gen.finish_encode(ids.len(), Duration::from_millis(1)).unwrap(), Pass::Encode);
+            chunks.push(ids);
+            continue;
+        }
+        // With room for a canvas, the commit is offered whole (and nothing mid-canvas).
+        match gen.pending_encode(C) {
+            Some(ids) => {
+                assert_eq!(ids.len(), C);
+                let ids = ids.to_vec();
+                assert!(gen.finish_encode(C - 1, Duration::ZERO).is_err());
+                b.encode(&ids).unwrap();
+                gen.finish_encode(C, Duration::ZERO).unwrap();
+                chunks.push(ids);
+            }
+            None => assert_eq!(gen.advance(&mut b, &mut logits, &mut rec).unwrap(), Pass::Denoise),
+        }
+    }
+    assert_eq!(&chunks[..2], &[vec![2, 5, 6], vec![7, 8]]);
+    assert_eq!(chunks.len(), 4, "the prompt in two chunks, then two committed canvases re-encoded");
+    let got = gen.into_generation().unwrap();
+    assert_eq!(got.ids, whole.0.ids);
+    assert_eq!(&b.encoded[2..], &whole.1[1..], "the canvases were encoded at the same positions");
+    assert!(got.stats.prefill_time >= Duration::from_millis(2));
+}

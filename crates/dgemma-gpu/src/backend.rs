@@ -1,13 +1,16 @@
 //! [`GpuBackend`]: the CUDA implementation of [`dgemma_model::Backend`], over any [`Executor`].
 //!
 //! Everything is allocated at construction: the weights, a workspace for passes of
-//! `max_tokens` rows, and one sequence (a KV cache for `context` positions, its decoder inputs);
-//! [`GpuBackend::add_sequence`] adds more, each with its own cache, and the [`Backend`] methods
-//! act on the selected one. A decoder pass is planned once per (sequence, canvas length,
-//! position, self-conditioning) and recorded (a CUDA graph on a GPU); the steps of a canvas
-//! replay the recording after copying in the canvas and the self-conditioning logits. A
-//! sequence's recordings are dropped when its cache moves (every commit), since positions are
-//! part of the plan.
+//! `max_tokens` rows, the full layers' KV page pool ([`KvPool`], `kv_cache.rs`) and one sequence
+//! (its sliding-layer KV rings for `context` positions, page table, decoder inputs);
+//! [`GpuBackend::add_sequence`] adds more, and the [`Backend`] methods act on the selected one.
+//! A sequence takes pool pages as its cache grows and gives them back when it is reset; out of
+//! pages is [`Error::OutOfMemory`] for that sequence alone ([`GpuBackend::reserve`] takes them up
+//! front, which is how a server admits a request only when it can finish). A decoder pass is
+//! planned once per (sequence, canvas length, position, self-conditioning) and recorded (a CUDA
+//! graph on a GPU); the steps of a canvas replay the recording after copying in the canvas and
+//! the self-conditioning logits. A sequence's recordings are dropped when its cache moves (every
+//! commit) or takes pages, since positions and pages are part of the plan.
 //!
 //! Batching: a decoder pass may take several sequences' canvases at once (up to
 //! `max_batch`), stacked in the workspace rows, so the weights are read once for all of them
@@ -30,7 +33,8 @@ use half::bf16;
 
 use crate::error::{backend_error, cuda, NAME};
 use crate::kernels::Kernels;
-use crate::plan::{DecoderInputs, DecoderSegment, KvCache, Planner, Segment, Workspace};
+use crate::kv_cache::{KvCache, KvPool, DEFAULT_PAGE};
+use crate::plan::{DecoderInputs, DecoderSegment, Planner, Segment, Workspace};
 use crate::sampling::{plan_sampler_step, SamplerBuffers, SamplerState};
 
 mod device_sampling;
@@ -50,16 +54,41 @@ pub struct GpuOptions {
     /// Most canvases (sequences) one decoder pass takes; the vocab-wide buffers are sized for
     /// `max_batch * canvas` rows.
     pub max_batch: usize,
+    /// Sequences the KV page pool is sized for when `kv_pages` is `None` (at least `max_batch`).
+    pub max_sequences: usize,
+    /// Positions per page of the full layers' KV pool.
+    pub kv_page: usize,
+    /// Pages in the KV pool; `None`: enough for `max_sequences` sequences of `context`
+    /// positions, fewer when the executor's free memory (minus a headroom and the other
+    /// sequences' fixed buffers) does not hold them.
+    pub kv_pages: Option<usize>,
 }
 
 impl GpuOptions {
     pub fn new(context: usize, canvas: usize) -> GpuOptions {
-        GpuOptions { context, canvas, prefill_chunk: canvas.max(512), record: true, max_batch: 1 }
+        GpuOptions {
+            context,
+            canvas,
+            prefill_chunk: canvas.max(512),
+            record: true,
+            max_batch: 1,
+            max_sequences: 1,
+            kv_page: DEFAULT_PAGE,
+            kv_pages: None,
+        }
     }
 }
 
+/// Device memory the automatic pool sizing leaves free (CUDA graphs, library workspaces).
+const POOL_HEADROOM: usize = 1 << 30;
+
 fn check_options(cfg: &TextConfig, options: &GpuOptions) -> Result<()> {
-    if options.canvas == 0 || options.prefill_chunk == 0 || options.context == 0 || options.max_batch == 0 {
+    if options.canvas == 0
+        || options.prefill_chunk == 0
+        || options.context == 0
+        || options.max_batch == 0
+        || options.kv_page == 0
+    {
         return Err(Error::InvalidArgument(format!("GPU backend sizes must be positive: {options:?}")));
     }
     if options.context > cfg.max_position_embeddings {
@@ -113,16 +142,47 @@ struct DeviceCanvasState {
 }
 
 impl Sequence {
-    fn new(cfg: &TextConfig, exec: &mut dyn Executor, options: &GpuOptions) -> Result<Sequence> {
+    fn new(cfg: &TextConfig, exec: &mut dyn Executor, pool: &KvPool, options: &GpuOptions) -> Result<Sequence> {
         // The ring holds what one pass of this sequence writes (a prompt chunk or a canvas).
         let pass_tokens = options.prefill_chunk.max(options.canvas);
         Ok(Sequence {
-            kv: KvCache::new(cfg, exec, options.context, pass_tokens)?,
+            kv: KvCache::new(cfg, exec, pool, options.context, pass_tokens)?,
             len: 0,
             inputs: DecoderInputs::new(cfg, exec, options.canvas)?,
             sampler: SamplerState::new(exec, options.canvas)?,
             device_canvas: None,
         })
+    }
+
+    /// Bytes [`Sequence::new`] allocates (its rings, page table, decoder inputs, sampler
+    /// history; no pages).
+    fn fixed_bytes(cfg: &TextConfig, options: &GpuOptions) -> usize {
+        let pass_tokens = options.prefill_chunk.max(options.canvas);
+        let rings: usize = (0..cfg.num_hidden_layers)
+            .filter(|&i| cfg.layer(i).sliding_window.is_some())
+            .map(|i| 2 * 2 * KvCache::layer_rows(cfg, i, options.context, pass_tokens) * cfg.layer(i).kv_dim())
+            .sum();
+        rings + 4 * options.context.div_ceil(options.kv_page) + 4 * options.canvas + 2 * options.canvas * cfg.hidden_size + 4 * (options.canvas + 1)
+    }
+}
+
+/// Pages of the KV pool when the options leave it to the backend: `max_sequences` sequences of
+/// `context` positions, or what the free memory holds after a headroom and the other sequences'
+/// fixed buffers.
+fn pool_pages(cfg: &TextConfig, exec: &dyn Executor, options: &GpuOptions) -> usize {
+    if let Some(n) = options.kv_pages {
+        return n;
+    }
+    let sequences = options.max_sequences.max(options.max_batch);
+    let want = sequences * options.context.div_ceil(options.kv_page);
+    let page_bytes = KvPool::page_bytes(cfg, options.kv_page).max(1);
+    match exec.available_bytes() {
+        None => want,
+        Some(free) => {
+            let fixed = sequences * Sequence::fixed_bytes(cfg, options);
+            let headroom = POOL_HEADROOM.min(free / 8);
+            (free.saturating_sub(headroom + fixed) / page_bytes).min(want)
+        }
     }
 }
 
@@ -136,6 +196,8 @@ pub struct GpuBackend<X: Executor> {
     kernels: Kernels,
     weights: DeviceWeights,
     ws: Workspace,
+    /// The full layers' KV pages, shared by the sequences.
+    pool: KvPool,
     seqs: Vec<Sequence>,
     /// Bytes the first sequence took ([`GpuBackend::sequence_bytes`]).
     sequence_bytes: usize,
@@ -185,10 +247,14 @@ impl<X: Executor> GpuBackend<X> {
 
     fn with_weights(mut exec: X, cfg: &TextConfig, kernels: Kernels, weights: DeviceWeights, options: GpuOptions) -> Result<Self> {
         let decoder_rows = options.max_batch * options.canvas;
-        let max_tokens = options.prefill_chunk.max(decoder_rows);
+        // An encoder pass of a prompt chunk, or a batch of canvases with one sequence's chunk
+        // (or commits) encoded in the same pass (`step_mixed`).
+        let max_tokens = options.prefill_chunk.max(options.canvas) + decoder_rows;
         let ws = Workspace::new(cfg, &mut exec, max_tokens, decoder_rows, options.canvas, options.context)?;
+        let pages = pool_pages(cfg, &exec, &options);
+        let pool = KvPool::new(cfg, &mut exec, options.kv_page, pages)?;
         let before = exec.allocated_bytes();
-        let first = Sequence::new(cfg, &mut exec, &options)?;
+        let first = Sequence::new(cfg, &mut exec, &pool, &options)?;
         let sequence_bytes = exec.allocated_bytes() - before;
         let sampler = SamplerBuffers::new(&mut exec, decoder_rows, options.max_batch)?;
         Ok(GpuBackend {
@@ -197,6 +263,7 @@ impl<X: Executor> GpuBackend<X> {
             kernels,
             weights,
             ws,
+            pool,
             seqs: vec![first],
             sequence_bytes,
             current: 0,
@@ -209,9 +276,9 @@ impl<X: Executor> GpuBackend<X> {
         })
     }
 
-    /// Adds a sequence (its own KV cache for `options.context` positions, decoder inputs and
-    /// sampler state) and returns its index; the selection does not change. Out of memory is
-    /// an error naming the buffer.
+    /// Adds a sequence (its KV rings and page table for `options.context` positions, decoder
+    /// inputs and sampler state; pool pages come as its cache grows) and returns its index; the
+    /// selection does not change. Out of memory is an error naming the buffer.
     pub fn add_sequence(&mut self) -> Result<usize> {
         self.add_sequence_with_context(self.options.context)
     }
@@ -227,7 +294,7 @@ impl<X: Executor> GpuBackend<X> {
         }
         let options = GpuOptions { context, ..self.options };
         let mark = self.exec.allocation_mark();
-        match Sequence::new(&self.cfg, &mut self.exec, &options) {
+        match Sequence::new(&self.cfg, &mut self.exec, &self.pool, &options) {
             Ok(seq) => {
                 self.seqs.push(seq);
                 Ok(self.seqs.len() - 1)
@@ -259,10 +326,38 @@ impl<X: Executor> GpuBackend<X> {
         Ok(())
     }
 
-    /// Device bytes one more full-context sequence takes (its KV cache, decoder inputs and
-    /// sampler state): what [`add_sequence`](Self::add_sequence) allocates.
+    /// Device bytes one more sequence takes besides its pool pages (its KV rings, page table,
+    /// decoder inputs and sampler state): what [`add_sequence`](Self::add_sequence) allocates.
     pub fn sequence_bytes(&self) -> usize {
         self.sequence_bytes
+    }
+
+    /// Makes the selected sequence's positions `0..positions` addressable now, taking the pool
+    /// pages they need: a server calls it when it admits a request, so that the request cannot
+    /// run out of pages half way. Out of pages is [`Error::OutOfMemory`] (nothing is taken).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.ensure_positions(self.current, positions)
+    }
+
+    /// Sequence `seq`'s cache holds positions `0..end` (pages taken as needed; its recordings
+    /// are dropped when pages were, their plans named the old page list).
+    fn ensure_positions(&mut self, seq: usize, end: usize) -> Result<()> {
+        let s = &mut self.seqs[seq];
+        if s.kv.grow(&mut self.exec, &mut self.pool, end)? {
+            self.forget_recordings_of(seq);
+        }
+        Ok(())
+    }
+
+    /// The pool pages the selected sequence holds, in position order.
+    pub fn kv_page_list(&self) -> &[u32] {
+        self.seq().kv.pages()
+    }
+
+    /// The KV pool: (free pages, pages, positions per page, bytes per page).
+    pub fn kv_pages(&self) -> (usize, usize, usize, usize) {
+        let p = &self.pool;
+        (p.free_pages(), p.pages, p.page, KvPool::page_bytes(&self.cfg, p.page))
     }
 
     /// Device bytes allocated so far (weights, workspace, every sequence).
@@ -316,11 +411,11 @@ impl<X: Executor> GpuBackend<X> {
                 self.cfg.vocab_size
             )));
         }
-        let (len, capacity) = (self.seq().len, self.seq().kv.capacity);
+        let (len, context) = (self.seq().len, self.seq().kv.context);
         let end = len + ids.len();
-        if end > capacity {
+        if end > context {
             return Err(Error::InvalidInput(format!(
-                "{what} would reach position {end}, over the context of {capacity} positions this backend was sized for \
+                "{what} would reach position {end}, over the context of {context} positions this backend was sized for \
                  ({len} already in the cache, {} new)",
                 ids.len()
             )));
@@ -345,8 +440,9 @@ impl<X: Executor> GpuBackend<X> {
         self.exec.upload(dst, &as_i32).map_err(cuda)
     }
 
-    /// The steps of a decoder pass (and of each sequence's sampler after it).
-    fn pass_steps(&self, key: &PassKey) -> Result<Vec<dgemma_cuda::Step>> {
+    /// The steps of a decoder pass (and of each sequence's sampler after it), with the encoder
+    /// segments `encodes` (sequence, tokens at its cache's end) in the same pass.
+    fn pass_steps(&self, key: &PassKey, encodes: &[(usize, usize)]) -> Result<Vec<dgemma_cuda::Step>> {
         let dsegs: Vec<DecoderSegment> = key
             .segments
             .iter()
@@ -359,8 +455,12 @@ impl<X: Executor> GpuBackend<X> {
                 }
             })
             .collect();
+        let esegs: Vec<Segment> = encodes
+            .iter()
+            .map(|&(seq, tokens)| Segment { kv: &self.seqs[seq].kv, pos0: self.seqs[seq].len, tokens })
+            .collect();
         // A host-sampled pass reads fp32 logits back; a device-sampled one keeps the bf16 ones.
-        let mut steps = self.planner().denoise(&dsegs, !key.sample)?;
+        let mut steps = self.planner().mixed(&dsegs, &esegs, !key.sample)?;
         if key.sample {
             let mut row0 = 0;
             for (slot, g) in key.segments.iter().enumerate() {
@@ -372,8 +472,10 @@ impl<X: Executor> GpuBackend<X> {
         Ok(steps)
     }
 
-    /// Runs a decoder pass whose inputs are already in the sequences' buffers.
-    fn run_pass(&mut self, key: PassKey) -> Result<()> {
+    /// Runs a decoder pass whose inputs are already in the sequences' buffers (and the encoder
+    /// ids of `encodes`, if any, in `ws.ids` after the canvases' rows: such a pass is planned
+    /// and run afresh, its composition rarely repeats).
+    fn run_pass(&mut self, key: PassKey, encodes: &[(usize, usize)]) -> Result<()> {
         if key.segments.len() > self.options.max_batch {
             return Err(Error::InvalidInput(format!(
                 "a decoder pass over {} canvases: this backend was sized for at most {} (GpuOptions::max_batch)",
@@ -381,16 +483,22 @@ impl<X: Executor> GpuBackend<X> {
                 self.options.max_batch
             )));
         }
+        for g in &key.segments {
+            self.ensure_positions(g.seq, g.pos0 + g.tokens)?;
+        }
+        for &(seq, tokens) in encodes {
+            self.ensure_positions(seq, self.seqs[seq].len + tokens)?;
+        }
         self.passes += 1;
-        if !self.options.record {
-            let steps = self.pass_steps(&key)?;
+        if !self.options.record || !encodes.is_empty() {
+            let steps = self.pass_steps(&key, encodes)?;
             // SAFETY: the planner only addresses regions of this backend, alive as long as `self`.
             return unsafe { self.exec.run(&steps) }.map_err(cuda);
         }
         let graph = match self.recorded.get(&key) {
             Some(&g) => g,
             None => {
-                let steps = self.pass_steps(&key)?;
+                let steps = self.pass_steps(&key, &[])?;
                 // SAFETY: as above; recordings are dropped before the regions (with `self`).
                 let g = unsafe { self.exec.record(&steps) }.map_err(cuda)?;
                 self.recorded.insert(key, g);
@@ -417,11 +525,15 @@ impl<X: Executor> GpuBackend<X> {
     /// Drops the recordings that involve the selected sequence (their positions are stale
     /// once its cache moves) and its device canvas.
     fn forget_recordings(&mut self) {
-        let current = self.current;
-        self.seqs[current].device_canvas = None;
+        self.seqs[self.current].device_canvas = None;
+        self.forget_recordings_of(self.current);
+    }
+
+    /// Drops the recordings that involve sequence `seq`.
+    fn forget_recordings_of(&mut self, seq: usize) {
         let exec = &mut self.exec;
         self.recorded.retain(|key, &mut g| {
-            let keep = key.segments.iter().all(|s| s.seq != current);
+            let keep = key.segments.iter().all(|s| s.seq != seq);
             if !keep {
                 exec.forget(g);
             }
@@ -442,7 +554,7 @@ impl<X: Executor> GpuBackend<X> {
     /// (Self::bench_sampler_params) first: the sampler reads its params from the batch slots.
     pub fn queue_denoise_batch(&mut self, seqs: &[usize], tokens: usize, self_conditioning: bool) -> Result<()> {
         let key = self.pass_key(seqs, tokens, |_| self_conditioning, true)?;
-        self.run_pass(key)
+        self.run_pass(key, &[])
     }
 
     /// Benchmarks: fills every batch slot's sampler params with a valid mid-canvas step
@@ -465,6 +577,7 @@ impl<X: Executor> GpuBackend<X> {
     /// Benchmarks: queues one encoder pass of `tokens` rows of `ws.ids` at the selected
     /// sequence's cache end and advances it (no upload, no sync).
     pub fn queue_encode(&mut self, tokens: usize) -> Result<()> {
+        self.ensure_positions(self.current, self.seq().len + tokens)?;
         let steps = self.planner().encode(&self.seq().kv, tokens, self.seq().len)?;
         // SAFETY: the planner only addresses regions of this backend.
         unsafe { self.exec.run(&steps) }.map_err(cuda)?;
@@ -476,21 +589,19 @@ impl<X: Executor> GpuBackend<X> {
     /// Benchmarks: declares the selected sequence's first `len` cache positions filled (with
     /// whatever they hold), so a step at a long context can be timed without encoding it first.
     pub fn assume_cache_len(&mut self, len: usize) -> Result<()> {
-        let capacity = self.seq().kv.capacity;
-        if len > capacity {
-            return Err(Error::InvalidInput(format!("{len} positions exceed the cache's {capacity}")));
-        }
+        self.ensure_positions(self.current, len)?;
         self.seq_mut().len = len;
         self.forget_recordings();
         Ok(())
     }
 
-    /// Bytes of executor memory one sequence's KV cache holds (every layer's K and V rings).
+    /// Bytes of K and V the selected sequence holds: its sliding rings and its pool pages.
     pub fn kv_bytes(&self) -> usize {
-        self.seq().kv.allocated_bytes()
+        self.seq().kv.held_bytes()
     }
 
-    /// Rows of each layer's KV ring (`context` on full layers, fewer on sliding layers).
+    /// Logical rows of each layer's KV ring for the selected sequence: the fixed ring on
+    /// sliding layers, the pages held x page on full layers.
     pub fn kv_rows(&self) -> &[usize] {
         &self.seq().kv.rows
     }
@@ -513,10 +624,13 @@ impl<X: Executor> Backend for GpuBackend<X> {
     fn reset(&mut self) {
         self.seq_mut().len = 0;
         self.forget_recordings();
+        let seq = &mut self.seqs[self.current];
+        seq.kv.release(&mut self.pool);
     }
 
     fn encode(&mut self, ids: &[u32]) -> Result<()> {
         self.check_ids(ids, "the encoder input")?;
+        self.ensure_positions(self.current, self.seq().len + ids.len())?;
         let chunk_len = self.options.prefill_chunk.max(self.options.canvas);
         for chunk in ids.chunks(chunk_len) {
             self.upload_ids(self.ws.ids, chunk)?;
@@ -562,7 +676,7 @@ impl<X: Executor> Backend for GpuBackend<X> {
         // The host path overwrites the canvas and self-conditioning inputs of a device canvas.
         self.seq_mut().device_canvas = None;
         let key = self.pass_key(&[self.current], c, |_| sc_logits.is_some(), false)?;
-        self.run_pass(key)?;
+        self.run_pass(key, &[])?;
         let src = self.ws.logits.sub(0, 4 * c * v).map_err(cuda)?;
         self.exec.download_bytes(src, bytemuck::cast_slice_mut(logits)).map_err(cuda)
     }

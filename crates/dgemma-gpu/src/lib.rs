@@ -3,6 +3,8 @@
 //! * [`kernels`]: which compiled kernel runs each op of a model (the codegen heuristics table
 //!   resolved against the kernel image; unknown shapes are refused by name).
 //! * [`weights`]: the checkpoint uploaded to executor memory as bf16, with progress.
+//! * [`kv_cache`]: each sequence's sliding-layer KV rings, and the full layers' KV pages from a
+//!   pool shared by every sequence (page tables, admission by free pages).
 //! * [`plan`]: the encoder and decoder passes as static step lists over preallocated buffers
 //!   (the KV caches, the workspace), mirroring `dgemma-cpu`'s model line by line; a decoder
 //!   pass may stack several sequences' canvases (one read of the weights for all of them).
@@ -24,13 +26,14 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod kernels;
+pub mod kv_cache;
 pub mod plan;
 pub mod sampling;
 pub mod shared;
 pub mod weights;
 
 pub use backend::{GpuBackend, GpuOptions};
-pub use shared::{SequenceHandle, SharedBackend, SharedModel};
+pub use shared::{SequenceHandle, SharedBackend, SharedMemory, SharedModel};
 pub use dgemma_cuda::{gemm_floor, Device, Executor, GpuExecutor};
 #[cfg(feature = "emulator")]
 pub use dgemma_cuda::EmuExecutor;

@@ -10,22 +10,20 @@
 //! Each step mirrors one line of the CPU backend (`dgemma-cpu/src/model.rs`), with the same bf16
 //! rounding points; the fused norms are documented in `csrc/rmsnorm.cuh`.
 //!
-//! The KV cache ([`KvCache`]) is one ring per layer and tensor, `[rows, kv_heads * head_dim]`
-//! bf16, holding the key (value) of absolute position p in row `p % rows`. Full layers keep every
-//! position (`rows = capacity`, so `p % rows == p`). Sliding layers only ever read the last
-//! `window - 1` cached positions (what the CPU's trimmed cache holds) plus the pass's own tokens,
-//! so their ring has `rows = min(capacity, window - 1 + max_tokens)`: a pass of up to
-//! `max_tokens` tokens overwrites only positions older than any key it, or any later pass,
-//! reads. The encoder writes the new tokens' K/V at their rows; the decoder writes its canvas's
-//! K/V at the rows of positions `len .. len + C`, where the commit will put them. Attention
-//! reads the key range by absolute position through the ring (`kv_rows`, csrc/attention.cuh).
+//! The KV cache ([`KvCache`], `kv_cache.rs`) is one ring of logical rows per layer and tensor,
+//! position p in logical row `p % rows`: a sequence's own ring on sliding layers, its pages of
+//! the shared pool on full layers (through its page table). The encoder writes the new tokens'
+//! K/V at their rows; the decoder writes its canvas's K/V at the rows of positions `len .. len +
+//! C`, where the commit will put them. Attention reads the key range by absolute position through
+//! the ring and the page table (`ops::KvView`, csrc/attention.cuh).
 //!
-//! Positions are known when a pass is planned, so so is whether its rows `pos0 % rows ..` run
-//! past the ring's end. When they do not, k_proj / v_proj write straight into the ring and the
-//! norms and RoPE run there; when they do, they write into contiguous staging buffers of the
-//! workspace, the norms and RoPE run there, and two copies per tensor (the tail rows, then the
-//! head rows) move them into the ring. Either way every value is computed by the same kernels
-//! on the same inputs, so the ring changes no bit of the results.
+//! Positions and pages are known when a pass is planned, so so is where its new rows land
+//! ([`KvCache::placement`]). When a single sequence's rows are one contiguous run, k_proj /
+//! v_proj write straight into it and the norms and RoPE run there; otherwise (several sequences,
+//! the ring's end, non-adjacent pages) they write into contiguous staging buffers of the
+//! workspace, the norms and RoPE run there, and one copy per run and tensor moves them into the
+//! cache. Either way every value is computed by the same kernels on the same inputs, so neither
+//! the ring nor the pages change a bit of the results.
 
 use dgemma_cuda::codegen::shapes::{attention_spec, soft_embedding_spec};
 use dgemma_cuda::codegen::MaskKind;
@@ -35,6 +33,7 @@ use dgemma_model::config::{LayerKind, TextConfig};
 
 use crate::error::{backend_error, cuda, Result};
 use crate::kernels::{AttentionKernels, Kernels};
+use crate::kv_cache::KvCache;
 use crate::weights::{DeviceWeights, ExpertRegion, LayerRegions};
 
 /// Scratch buffers for passes of up to `max_tokens` rows (`canvas` for the decoder-only ones).
@@ -93,18 +92,6 @@ pub struct Workspace {
     /// wrap around a layer's ring (see the module doc).
     k_stage: Region,
     v_stage: Region,
-}
-
-/// Per-layer K and V rings, `[rows[i], kv_heads * head_dim]` bf16 each, position p in row
-/// `p % rows[i]` (see the module doc).
-pub struct KvCache {
-    /// Positions the cache can address (`0..capacity`).
-    pub capacity: usize,
-    /// Rows of each layer's ring: `capacity` on full layers, `min(capacity, window - 1 +
-    /// max_tokens)` on sliding layers.
-    pub rows: Vec<usize>,
-    pub k: Vec<Region>,
-    pub v: Vec<Region>,
 }
 
 fn rope_tables(exec: &mut dyn Executor, inv_freq: &[f32], pairs: usize, capacity: usize) -> Result<(Region, Region)> {
@@ -234,63 +221,14 @@ impl Workspace {
     }
 }
 
-impl KvCache {
-    /// Rings for `capacity` positions and passes of up to `max_tokens` tokens (the workspace's).
-    pub fn new(cfg: &TextConfig, exec: &mut dyn Executor, capacity: usize, max_tokens: usize) -> Result<KvCache> {
-        let (mut k, mut v, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..cfg.num_hidden_layers {
-            let r = Self::layer_rows(cfg, i, capacity, max_tokens);
-            let bytes = 2 * r * cfg.layer(i).kv_dim();
-            k.push(exec.alloc(bytes, &format!("layer {i} key cache")).map_err(cuda)?);
-            v.push(exec.alloc(bytes, &format!("layer {i} value cache")).map_err(cuda)?);
-            rows.push(r);
-        }
-        Ok(KvCache { capacity, rows, k, v })
-    }
-
-    /// Rows of layer `layer`'s ring: every position on full layers; on sliding layers the
-    /// `window - 1` cached positions a pass may read plus the `max_tokens` it may write.
-    pub fn layer_rows(cfg: &TextConfig, layer: usize, capacity: usize, max_tokens: usize) -> usize {
-        match cfg.layer(layer).sliding_window {
-            Some(w) => capacity.min(w.saturating_sub(1) + max_tokens),
-            None => capacity,
-        }
-    }
-
-    /// Bytes of K and V a cache of `capacity` positions for passes of up to `max_tokens`
-    /// tokens allocates, over all layers.
-    pub fn bytes(cfg: &TextConfig, capacity: usize, max_tokens: usize) -> usize {
-        (0..cfg.num_hidden_layers)
-            .map(|i| 2 * 2 * Self::layer_rows(cfg, i, capacity, max_tokens) * cfg.layer(i).kv_dim())
-            .sum()
-    }
-
-    /// Bytes this cache holds.
-    pub fn allocated_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|r| r.bytes).sum()
-    }
-
-    /// Bytes of cached K and V a pass reads with `len` positions in the cache (its own new
-    /// tokens' K/V not counted): every position on full layers, the last `window - 1` on
-    /// sliding layers.
-    pub fn bytes_attended(cfg: &TextConfig, len: usize) -> usize {
-        (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let l = cfg.layer(i);
-                let read = l.sliding_window.map_or(len, |w| len.min(w.saturating_sub(1)));
-                2 * 2 * read * l.kv_dim()
-            })
-            .sum()
-    }
-}
-
-/// Which pass a layer runs in.
+/// What a layer runs over: the first `decoders` segments are decoder canvases (bidirectional
+/// over their cache and canvas, `layer_scalar`), the rest encoder tokens (causal,
+/// `encoder_layer_scalar`); `kv_only` (an encoder-only pass's last layer, whose output is
+/// discarded) stops after writing the K/V.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    /// Causal over the cache and the new tokens; `kv_only` on the last layer, whose output is
-    /// discarded.
-    Encoder { kv_only: bool },
-    Decoder,
+struct Pass {
+    decoders: usize,
+    kv_only: bool,
 }
 
 /// The decoder's inputs of one sequence: its canvas (i32 `[canvas]`) and its self-conditioning
@@ -388,7 +326,7 @@ impl Planner<'_> {
         self.embed(&mut s, self.ws.ids, tokens)?;
         let n = self.weights.layers.len();
         for (i, l) in self.weights.layers.iter().enumerate() {
-            self.layer(&mut s, i, l, &segs, Pass::Encoder { kv_only: i + 1 == n })?;
+            self.layer(&mut s, i, l, &segs, Pass { decoders: 0, kv_only: i + 1 == n })?;
         }
         Ok(s)
     }
@@ -401,8 +339,24 @@ impl Planner<'_> {
     /// the weights for the whole batch); attention runs per sequence over its own cache. Each
     /// row's result is bit-identical to a pass over its sequence alone.
     pub fn denoise(&self, dsegs: &[DecoderSegment], fp32_logits: bool) -> Result<Vec<Step>> {
-        let segs: Vec<Segment> = dsegs.iter().map(|d| d.seg).collect();
-        let tokens = self.check_pass(&segs, self.ws.canvas, "a decoder pass")?;
+        self.mixed(dsegs, &[], fp32_logits)
+    }
+
+    /// A decoder pass ([`denoise`](Self::denoise)) that also encodes other sequences' tokens
+    /// (prompt chunks, committed canvases: `esegs`, whose ids the caller has put in `ws.ids`
+    /// after the canvases' rows): one read of the weights serves the canvases' denoising steps
+    /// and the encoder work, as an encoder pass of its own would have read them again. The
+    /// encoder rows follow the decoder rows; they skip the self-conditioning block and the LM
+    /// head, attend causally and scale by `encoder_layer_scalar`, so every row's result, and the
+    /// K/V the encoder rows write, are bit-identical to separate passes.
+    pub fn mixed(&self, dsegs: &[DecoderSegment], esegs: &[Segment], fp32_logits: bool) -> Result<Vec<Step>> {
+        let dec: Vec<Segment> = dsegs.iter().map(|d| d.seg).collect();
+        let tokens = self.check_pass(&dec, self.ws.canvas, "a decoder pass")?;
+        let segs: Vec<Segment> = dec.iter().chain(esegs).copied().collect();
+        let all = match esegs {
+            [] => tokens,
+            _ => self.check_pass(&segs, self.ws.max_tokens, "a decoder pass with encoder segments")?,
+        };
         let (ws, w, k) = (self.ws, self.weights, self.kernels);
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let eps = self.eps();
@@ -415,7 +369,7 @@ impl Planner<'_> {
             s.push(Step::Copy { src: d.inputs.canvas.sub(0, 4 * n).map_err(cuda)?, dst: ws.ids.sub(4 * row0, 4 * n).map_err(cuda)? });
             row0 += n;
         }
-        self.embed(&mut s, ws.ids, tokens)?;
+        self.embed(&mut s, ws.ids, all)?;
         if dsegs.iter().any(|d| d.self_conditioning) {
             // soft = round(round(softmax(sc)) @ E) * round(sqrt(H)), kept per sequence since the
             // step that produced sc (`self_conditioning`); signal = MLP(pre_norm(soft)). A
@@ -442,7 +396,7 @@ impl Planner<'_> {
             s.push(launch(ops::plan_rms_norm(&k.norm_plain, None, None, None, hb, tokens, eps, 1.0))?);
         }
         for (i, l) in w.layers.iter().enumerate() {
-            self.layer(&mut s, i, l, &segs, Pass::Decoder)?;
+            self.layer(&mut s, i, l, &segs, Pass { decoders: dsegs.len(), kv_only: false })?;
         }
         let a = rows16(ws.a, 0, tokens, h)?;
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(w.final_norm.b16()), a, tokens, eps, 1.0))?);
@@ -568,18 +522,18 @@ impl Planner<'_> {
             }
         }
 
-        // Keys and values of the new tokens: a single segment whose ring rows row0.. do not wrap
-        // is written in place; otherwise (several segments, or rows past the ring's end) they
-        // are computed in the staging rows and copied into each segment's ring afterwards.
+        // Keys and values of the new tokens: a single segment whose rows land in one contiguous
+        // run is written in place; otherwise (several segments, the ring's end, non-adjacent
+        // pages) they are computed in the staging rows and copied into the runs afterwards.
         s.push(launch(ops::plan_rms_norm(&k.norm, Some(hb), None, Some(l.input_layernorm.b16()), a, tokens, eps, 1.0))?);
-        let in_place = match segs {
-            [g] => g.pos0 % g.kv.rows[index] + g.tokens <= g.kv.rows[index],
+        let placements: Vec<_> = segs.iter().map(|g| g.kv.placement(index, g.pos0, g.tokens)).collect();
+        let in_place = match (segs, placements.as_slice()) {
+            ([g], [runs]) => runs.len() == 1 && runs[0].len == g.tokens,
             _ => false,
         };
         let (k_dst, v_dst) = if in_place {
-            let g = &segs[0];
-            let row0 = g.pos0 % g.kv.rows[index];
-            (rows_region(g.kv.k[index], row0, tokens, kv_width)?, rows_region(g.kv.v[index], row0, tokens, kv_width)?)
+            let (g, phys) = (&segs[0], placements[0][0].phys);
+            (rows_region(g.kv.k[index], phys, tokens, kv_width)?, rows_region(g.kv.v[index], phys, tokens, kv_width)?)
         } else {
             (rows_region(ws.k_stage, 0, tokens, kv_width)?, rows_region(ws.v_stage, 0, tokens, kv_width)?)
         };
@@ -600,28 +554,21 @@ impl Planner<'_> {
         }
         s.push(launch(ops::plan_rms_norm(&ak.value_norm, None, None, None, v_new, head_rows, eps, 1.0))?);
         if !in_place {
-            // Segment rows go to ring rows pos0 % ring..: up to the ring's end, the rest to its
-            // first rows.
+            // Each segment's staged rows, run by run, into its cache.
             let mut row = 0;
-            for g in segs {
-                let (ring, row0) = (g.kv.rows[index], g.pos0 % g.kv.rows[index]);
-                let tail = g.tokens.min(ring - row0);
+            for (g, runs) in segs.iter().zip(&placements) {
                 for (stage, cache) in [(k_dst, g.kv.k[index]), (v_dst, g.kv.v[index])] {
-                    s.push(Step::Copy {
-                        src: rows_region(stage, row, tail, kv_width)?,
-                        dst: rows_region(cache, row0, tail, kv_width)?,
-                    });
-                    if tail < g.tokens {
+                    for r in runs {
                         s.push(Step::Copy {
-                            src: rows_region(stage, row + tail, g.tokens - tail, kv_width)?,
-                            dst: rows_region(cache, 0, g.tokens - tail, kv_width)?,
+                            src: rows_region(stage, row + r.row, r.len, kv_width)?,
+                            dst: rows_region(cache, r.phys, r.len, kv_width)?,
                         });
                     }
                 }
                 row += g.tokens;
             }
         }
-        if pass == (Pass::Encoder { kv_only: true }) {
+        if pass.kv_only {
             return Ok(());
         }
 
@@ -630,12 +577,12 @@ impl Planner<'_> {
         let q = rows16(ws.q, 0, tokens, heads * dim)?;
         s.push(launch(ops::plan_linear(&ak.q_proj, a, l.q_proj.b16(), q, tokens))?);
         s.push(launch(ops::plan_rms_norm(&ak.head_norm, None, None, Some(l.q_norm.b16()), q, tokens * heads, eps, 1.0))?);
-        let (attn_kernel, mask_window) = match pass {
-            Pass::Encoder { .. } => (&ak.encoder, window),
-            Pass::Decoder => (&ak.decoder, None),
-        };
         let mut row = 0;
-        for g in segs {
+        for (j, g) in segs.iter().enumerate() {
+            let (attn_kernel, mask_window) = match j < pass.decoders {
+                true => (&ak.decoder, None),
+                false => (&ak.encoder, window),
+            };
             let q_seg = rows16(ws.q, row, g.tokens, heads * dim)?;
             s.push(launch(ops::plan_rope(&ak.rope, q_seg, cos.b16(), sin.b16(), positions(g)?, g.tokens, heads))?);
             // One launch, or three when the key range is split (a function of this segment's
@@ -644,13 +591,11 @@ impl Planner<'_> {
             let plans = ops::plan_attention(
                 attn_kernel,
                 q_seg,
-                g.kv.k[index].b16(),
-                g.kv.v[index].b16(),
+                g.kv.view(index)?,
                 rows16(ws.ctx, row, g.tokens, heads * dim)?,
                 Some(ws.attn_scratch.b32()),
                 g.tokens,
                 kv_len,
-                g.kv.rows[index],
                 g.pos0,
                 k_start,
                 mask_window,
@@ -729,48 +674,21 @@ impl Planner<'_> {
         s.push(launch(ops::plan_moe_combine(&k.moe_combine, moe_y, experts, weights, moe, routing))?);
         s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_2.b16()), moe, tokens, eps, 1.0))?);
 
-        // h = round(round(h + post_feedforward_layernorm(round(d + moe))) * layer_scalar).
-        let scalar = match pass {
-            Pass::Encoder { .. } => l.encoder_layer_scalar,
-            Pass::Decoder => l.layer_scalar,
-        };
-        s.push(launch(ops::plan_rms_norm(&k.norm_layer_end, Some(d), Some(moe), Some(l.post_feedforward_layernorm.b16()), hb, tokens, eps, scalar))?);
+        // h = round(round(h + post_feedforward_layernorm(round(d + moe))) * layer_scalar): the
+        // decoder rows' scalar, then the encoder rows' (a row-wise op: two launches over the two
+        // row ranges give the bits of one each).
+        let decoder_rows: usize = segs[..pass.decoders].iter().map(|g| g.tokens).sum();
+        for (row0, rows, scalar) in [(0, decoder_rows, l.layer_scalar), (decoder_rows, tokens - decoder_rows, l.encoder_layer_scalar)] {
+            if rows == 0 {
+                continue;
+            }
+            let (d, moe, h) = (rows16(ws.d, row0, rows, hid)?, rows16(ws.moe, row0, rows, hid)?, rows16(ws.h, row0, rows, hid)?);
+            s.push(launch(ops::plan_rms_norm(&k.norm_layer_end, Some(d), Some(moe), Some(l.post_feedforward_layernorm.b16()), h, rows, eps, scalar))?);
+        }
         Ok(())
     }
 }
 
 fn launch(plan: dgemma_cuda::Result<ops::LaunchPlan>) -> Result<Step> {
     plan.map(Step::Launch).map_err(cuda)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::KvCache;
-    use dgemma_model::config::ModelConfig;
-
-    /// The 26B-A4B model's cache (25 sliding layers of window 1024 and 8 x 256 K/V, 5 full
-    /// layers of 2 x 512 K = V) with the default 512-token prefill chunk: every sliding layer
-    /// holds a 1535-row ring whatever the context, so 128K positions need about 3 GB, not 29.6.
-    #[test]
-    fn the_26b_cache_sizes() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../reference/configs/diffusiongemma-26B-A4B/config.json");
-        let cfg = ModelConfig::from_file(path).unwrap().text;
-        let max_tokens = 512;
-        let sliding: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&i| cfg.layer(i).sliding_window.is_some()).collect();
-        assert_eq!((sliding.len(), cfg.num_hidden_layers), (25, 30));
-        for &i in &sliding {
-            assert_eq!(KvCache::layer_rows(&cfg, i, 131_072, max_tokens), 1535);
-            assert_eq!(KvCache::layer_rows(&cfg, i, 1000, max_tokens), 1000);
-        }
-        let sliding_layer = 2 * 2 * 1535 * 2048; // K and V, bf16, 8 heads x 256
-        let full_per_position = 2 * 2 * 1024; // K and V, bf16, 2 heads x 512
-        assert_eq!(sliding_layer, 12_574_720);
-        for ctx in [4096, 32_768, 131_072, 131_584] {
-            let want = 25 * sliding_layer + 5 * full_per_position * ctx;
-            assert_eq!(KvCache::bytes(&cfg, ctx, max_tokens), want, "context {ctx}");
-        }
-        assert_eq!(KvCache::bytes(&cfg, 131_072, max_tokens), 2_998_722_560);
-        // A pass at 32K reads every position of the full layers, 1023 of the sliding ones.
-        assert_eq!(KvCache::bytes_attended(&cfg, 32_768), 25 * 4 * 1023 * 2048 + 5 * 4 * 32_768 * 1024);
-    }
 }

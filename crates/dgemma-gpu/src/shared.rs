@@ -150,10 +150,33 @@ pub trait SharedBackend: Send + Sync {
     fn sequence(&self) -> Result<(Box<dyn Backend + Send>, usize)>;
     /// One batched device step ([`GpuBackend::step_batch`]): per-sequence results.
     fn step_batch(&self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>>;
+    /// One batched device step with other sequences' encoder work in the same pass
+    /// ([`GpuBackend::step_mixed`]).
+    fn step_mixed(&self, steps: &[(usize, usize, f32)], encodes: &[(usize, &[u32])]) -> Result<Vec<Result<DeviceStepStatus>>>;
     /// The backend's sizes.
     fn options(&self) -> crate::GpuOptions;
-    /// Device bytes allocated so far, and what one more sequence takes.
-    fn memory(&self) -> (usize, usize);
+    /// Device bytes allocated so far, what one more sequence takes besides its KV pages, and
+    /// the KV pool ([`GpuBackend::kv_pages`]).
+    fn memory(&self) -> SharedMemory;
+    /// Whether the KV pool has the free pages a sequence of `positions` positions needs now.
+    fn kv_fits(&self, positions: usize) -> bool;
+    /// Takes sequence `seq`'s pages for positions `0..positions` ([`GpuBackend::reserve`]).
+    fn reserve(&self, seq: usize, positions: usize) -> Result<()>;
+}
+
+/// What [`SharedBackend::memory`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedMemory {
+    /// Device bytes allocated (weights, workspace, KV pool, every sequence's own buffers).
+    pub allocated: usize,
+    /// Bytes one more sequence allocates besides its KV pages.
+    pub per_sequence: usize,
+    /// KV pool pages free, and in all.
+    pub free_pages: usize,
+    pub pages: usize,
+    /// Positions and bytes per page.
+    pub page: usize,
+    pub page_bytes: usize,
 }
 
 impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
@@ -167,12 +190,35 @@ impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
         lock(&self.inner).backend.step_batch(steps)
     }
 
+    fn step_mixed(&self, steps: &[(usize, usize, f32)], encodes: &[(usize, &[u32])]) -> Result<Vec<Result<DeviceStepStatus>>> {
+        lock(&self.inner).backend.step_mixed(steps, encodes)
+    }
+
     fn options(&self) -> crate::GpuOptions {
         lock(&self.inner).backend.options()
     }
 
-    fn memory(&self) -> (usize, usize) {
+    fn memory(&self) -> SharedMemory {
         let g = lock(&self.inner);
-        (g.backend.allocated_bytes(), g.backend.sequence_bytes())
+        let (free_pages, pages, page, page_bytes) = g.backend.kv_pages();
+        SharedMemory {
+            allocated: g.backend.allocated_bytes(),
+            per_sequence: g.backend.sequence_bytes(),
+            free_pages,
+            pages,
+            page,
+            page_bytes,
+        }
+    }
+
+    fn kv_fits(&self, positions: usize) -> bool {
+        let (free, _, page, _) = lock(&self.inner).backend.kv_pages();
+        positions.div_ceil(page) <= free
+    }
+
+    fn reserve(&self, seq: usize, positions: usize) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.backend.select_sequence(seq)?;
+        g.backend.reserve(positions)
     }
 }

@@ -79,3 +79,13 @@ fn batched_steps_match_their_solo_steps() {
 fn failed_sequences_do_not_leak() {
     common::check_failed_sequences_do_not_leak(EmuExecutor::new);
 }
+
+#[test]
+fn kv_pages_are_taken_and_given_back() {
+    common::check_kv_pages(EmuExecutor::new);
+}
+
+#[test]
+fn mixed_passes_equal_separate_passes() {
+    common::check_mixed_passes(EmuExecutor::new);
+}

@@ -100,3 +100,15 @@ fn batched_steps_match_their_solo_steps() {
 fn failed_sequences_do_not_leak() {
     common::check_failed_sequences_do_not_leak(gpu);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kv_pages_are_taken_and_given_back() {
+    common::check_kv_pages(gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_passes_equal_separate_passes() {
+    common::check_mixed_passes(gpu);
+}

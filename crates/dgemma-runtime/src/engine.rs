@@ -69,10 +69,21 @@ pub struct EngineOptions {
     /// of its own encoder chunk (512) keeps the passes identical to an unchunked prefill.
     pub prefill_chunk: usize,
     /// [`BackendKind::Cuda`]: most bytes of device memory the engine allocates (weights,
-    /// workspace and every request's KV cache); `None`: as much as the device has. A request
-    /// whose KV cache does not fit waits in the queue until a running request frees its cache
-    /// (it fails only when nothing else is running, so it could never fit).
+    /// workspace, the KV page pool and every request's own buffers); `None`: as much as the
+    /// device has. A request whose buffers do not fit waits in the queue until a running request
+    /// frees its own (it fails only when nothing else is running, so it could never fit).
     pub memory_limit: Option<usize>,
+    /// [`BackendKind::Cuda`]: positions per page of the KV page pool. The full-attention layers'
+    /// K/V live in pages shared by every request: a request holds the pages its prompt and
+    /// canvases need (taken at admission, given back when it ends), so short and long requests
+    /// share the memory. The sliding layers keep a fixed window-sized ring per request.
+    pub kv_page: usize,
+    /// [`BackendKind::Cuda`]: pages in the KV pool; `None`: enough for `max_concurrent` requests
+    /// of the whole `context`, or what the device's free memory holds after the weights, the
+    /// workspace, a headroom and `max_concurrent` requests' own buffers. A request waits in the
+    /// queue until the pool has its pages free (it fails only when the whole pool could not hold
+    /// it).
+    pub kv_pages: Option<usize>,
     /// How the MoE experts are held: [`Quant::Fp8`] quantises bf16/f32 experts to FP8 E4M3 with
     /// per-output-channel scales at load (weight-only; activations stay bf16), halving the bytes
     /// a denoising step reads. A compressed-tensors FP8 checkpoint's experts are FP8 either way.
@@ -90,6 +101,8 @@ impl Default for EngineOptions {
             max_batch: 4,
             prefill_chunk: 2048,
             memory_limit: None,
+            kv_page: dgemma::gpu::kv_cache::DEFAULT_PAGE,
+            kv_pages: None,
             quant: Quant::None,
         }
     }
@@ -157,10 +170,18 @@ impl Event {
 /// Device memory of a GPU engine ([`Engine::device_memory`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
-    /// Bytes allocated on the device now.
+    /// Bytes allocated on the device now (weights, workspace, the KV page pool, the requests'
+    /// own buffers built so far).
     pub allocated: usize,
-    /// Bytes one more concurrent request's KV cache (and per-request state) takes.
+    /// Bytes one more concurrent request's own buffers take (its sliding-layer KV rings, page
+    /// table, canvas and self-conditioning input), besides the KV pages it holds.
     pub per_request: usize,
+    /// KV pool pages free now, and in all.
+    pub kv_pages_free: usize,
+    pub kv_pages: usize,
+    /// Positions and bytes per KV page (K and V of every full-attention layer).
+    pub kv_page: usize,
+    pub kv_page_bytes: usize,
 }
 
 /// Counters of an engine since it was loaded ([`Engine::stats`]).
@@ -194,6 +215,10 @@ pub struct EngineStats {
     pub batched_passes: u64,
     /// The most requests one batched decoder pass served.
     pub largest_batch: usize,
+    /// Encoder passes (a committed canvas, or a short prompt whole) that rode along a batched
+    /// decoder pass instead of reading the weights again (GPU backends; counted in
+    /// `encoder_passes` too).
+    pub merged_encodes: u64,
     pub canvases: u64,
     /// Non-pad tokens committed by finished requests.
     pub new_tokens: u64,
@@ -380,6 +405,9 @@ fn check_options(options: &EngineOptions) -> Result<()> {
     if options.backend != BackendKind::Cpu && options.max_batch == 0 {
         return bad("max_batch must be at least 1");
     }
+    if options.kv_page == 0 {
+        return bad("kv_page must be at least 1 position");
+    }
     Ok(())
 }
 
@@ -412,6 +440,9 @@ fn load_gpu(
         .min(cfg.text.max_position_embeddings);
     let mut gpu_options = GpuOptions::new(context, cfg.canvas_length);
     gpu_options.max_batch = options.max_batch.clamp(1, options.max_concurrent);
+    gpu_options.max_sequences = options.max_concurrent;
+    gpu_options.kv_page = options.kv_page;
+    gpu_options.kv_pages = options.kv_pages;
     #[cfg(feature = "emulator")]
     if options.backend == BackendKind::Emulator {
         let mut exec = dgemma::gpu::EmuExecutor::new();
@@ -758,9 +789,15 @@ impl Engine {
     /// built so far) and the bytes each further concurrent request's KV cache takes. `None` on
     /// the CPU backend. Use it to size `memory_limit` / `max_concurrent`.
     pub fn device_memory(&self) -> Option<DeviceMemory> {
-        let gpu = self.shared.model.gpu.as_ref()?;
-        let (allocated, per_request) = gpu.memory();
-        Some(DeviceMemory { allocated, per_request })
+        let m = self.shared.model.gpu.as_ref()?.memory();
+        Some(DeviceMemory {
+            allocated: m.allocated,
+            per_request: m.per_sequence,
+            kv_pages_free: m.free_pages,
+            kv_pages: m.pages,
+            kv_page: m.page,
+            kv_page_bytes: m.page_bytes,
+        })
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -859,6 +896,22 @@ impl Active<'_> {
         }
     }
 
+    /// This request's next encoder pass when it can ride along a batched decoder pass of up to
+    /// `room` encoder tokens: a committed canvas, or the whole rest of a short prompt (a long
+    /// one keeps its own chunked passes, so its prefill is not cut to the room a batch leaves).
+    fn mergeable_encode(&self, room: usize) -> Option<Vec<u32>> {
+        self.slot.seq?;
+        let ids = self.gen.pending_encode(room)?;
+        let prefill = self.gen.prefill_remaining();
+        (prefill == 0 || ids.len() == prefill).then(|| ids.to_vec())
+    }
+
+    /// Applies the result of a batched pass that encoded this request's `tokens`.
+    fn finish_encode(&mut self, pass: std::result::Result<(), String>, tokens: usize, share: Duration) -> Outcome {
+        let done = pass.and_then(|()| self.gen.finish_encode(tokens, share).map(|_| ()).map_err(|e| e.to_string()));
+        self.deliver(done, self.collector())
+    }
+
     /// Applies this request's result of a batched device step and delivers its events.
     fn finish_device_step(
         &mut self,
@@ -938,23 +991,41 @@ impl Active<'_> {
 
 /// One batched denoising step for every active request (not cancelled) whose next pass is a
 /// device step, in decoder passes of up to the GPU model's `max_batch` canvases; each request's
-/// outcome waits in `Active::batched` for the round.
+/// outcome waits in `Active::batched` for the round. Requests whose next pass is an encoder pass
+/// that fits (a commit, a short prompt) ride along those decoder passes, up to the backend's
+/// encoder rows per pass, instead of running a pass of their own.
 fn batched_round(gpu: &dyn SharedBackend, active: &mut [Active], stats: &Mutex<EngineStats>) {
+    let options = gpu.options();
+    let room = options.prefill_chunk.max(options.canvas);
     let mut ready = Vec::new();
+    let mut encoders: Vec<(usize, Vec<u32>)> = Vec::new();
     for (i, a) in active.iter_mut().enumerate() {
         if a.job.cancel.is_cancelled() {
             continue;
         }
         match a.device_step() {
             Ok(Some(step)) => ready.push((i, step)),
-            Ok(None) => {}
+            Ok(None) => encoders.extend(a.mergeable_encode(room).map(|ids| (i, ids))),
             Err(e) => a.batched = Some(a.deliver(Err(e), Collect::default())),
         }
     }
-    for chunk in ready.chunks(gpu.options().max_batch) {
+    for chunk in ready.chunks(options.max_batch) {
         let steps: Vec<(usize, usize, f32)> = chunk.iter().map(|&(_, s)| s).collect();
+        // The encoder work that fits this pass's rows, first come first served.
+        let mut left = room;
+        let mut merged = Vec::new();
+        encoders.retain(|(i, ids)| {
+            let fits = ids.len() <= left;
+            if fits {
+                left -= ids.len();
+                merged.push((*i, ids.clone()));
+            }
+            !fits
+        });
+        let encodes: Vec<(usize, &[u32])> =
+            merged.iter().map(|(i, ids)| (active[*i].slot.seq.expect("mergeable"), ids.as_slice())).collect();
         let t = Instant::now();
-        let result = gpu.step_batch(&steps);
+        let result = gpu.step_mixed(&steps, &encodes);
         let elapsed = t.elapsed();
         {
             let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -962,8 +1033,15 @@ fn batched_round(gpu: &dyn SharedBackend, active: &mut [Active], stats: &Mutex<E
             st.decoder_passes += chunk.len() as u64;
             st.batched_passes += 1;
             st.largest_batch = st.largest_batch.max(chunk.len());
+            st.merged_encodes += merged.len() as u64;
+            st.encoder_passes += merged.len() as u64;
+            st.prefill_chunks += merged.iter().filter(|(i, _)| active[*i].gen.prefill_remaining() > 0).count() as u64;
         }
-        let share = elapsed / chunk.len() as u32;
+        let share = elapsed / (chunk.len() + merged.len()) as u32;
+        for (i, ids) in &merged {
+            let pass = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            active[*i].batched = Some(active[*i].finish_encode(pass, ids.len(), share));
+        }
         for (k, &(i, _)) in chunk.iter().enumerate() {
             // A sampler error fails only its own request; a failed pass fails the chunk.
             let status = match &result {
@@ -1048,6 +1126,33 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                     continue;
                 }
             };
+            // The KV pages the request can ever need (its prompt and every canvas), taken now so
+            // that it cannot run out half way: when the pool lacks them, wait for a running
+            // request to give its pages back, unless nothing runs (then they never will).
+            let positions = job.prepared.prompt_ids.len() + job.prepared.settings.canvases() * job.prepared.settings.canvas_length;
+            if let Some(gpu) = &model.gpu {
+                if !gpu.kv_fits(positions) {
+                    if !active.is_empty() {
+                        queue.push_front(job);
+                        stats().memory_waits += 1;
+                        memory_full = true;
+                        break;
+                    }
+                    let m = gpu.memory();
+                    let e = RuntimeError::Generation(format!(
+                        "the request needs {} KV pages of {} positions ({positions} positions) and the engine's pool holds {} \
+                         (EngineOptions::kv_pages, memory_limit)",
+                        positions.div_ceil(m.page),
+                        m.page,
+                        m.pages
+                    ));
+                    let _ = job.events.send(Event::Error(e));
+                    let mut st = stats();
+                    st.queued -= 1;
+                    st.failed += 1;
+                    continue;
+                }
+            }
             let slot = match free.pop() {
                 Some(b) => b,
                 None => match model.new_backend() {
@@ -1078,6 +1183,17 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                     }
                 },
             };
+            if let (Some(gpu), Some(seq)) = (&model.gpu, slot.seq) {
+                if let Err(e) = gpu.reserve(seq, positions) {
+                    // Counted free above, so not expected; the request fails, the slot stays.
+                    let _ = job.events.send(Event::Error(RuntimeError::Generation(e.to_string())));
+                    free.push(slot);
+                    let mut st = stats();
+                    st.queued -= 1;
+                    st.failed += 1;
+                    continue;
+                }
+            }
             let decoder = model
                 .decode_text
                 .then(|| StreamDecoder::new(&model.tokenizer, job.prepared.skip_special_tokens));

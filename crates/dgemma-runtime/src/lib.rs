@@ -21,15 +21,25 @@
 //!
 //! **Batching.** On the CPU backend each active request runs its own forward passes on its own
 //! backend (one KV cache each, sharing the memory-mapped weights). On the GPU
-//! ([`BackendKind::Cuda`]) the weights are uploaded once and every request gets a sequence (its
-//! own KV cache) on the shared model; each round, the requests whose next pass is a denoising
-//! step share decoder passes of up to [`EngineOptions::max_batch`] canvases (the weights are
-//! read once for all of them), with the sampler on the device; prefills and commits run per
-//! request. Every row of a batched pass is bit-identical to a pass over its request alone, so
-//! batching changes no output. Backends are built lazily, at most `max_concurrent` of them,
-//! and reused (their cache is cleared between requests). Not yet: a paged KV pool sized from
-//! free device memory (admission is by `max_concurrent`), and chunked prefill interleaved with
-//! the batched steps.
+//! ([`BackendKind::Cuda`]) the weights are uploaded once and every request gets a sequence on
+//! the shared model; each round, the requests whose next pass is a denoising step share decoder
+//! passes of up to [`EngineOptions::max_batch`] canvases (the weights are read once for all of
+//! them), with the sampler on the device, and the requests whose next pass is a commit (or a
+//! prompt short enough to go whole) ride along in those same passes instead of reading the
+//! weights again ([`EngineStats::merged_encodes`]); a long prompt keeps its own passes of
+//! [`EngineOptions::prefill_chunk`] tokens, one per round. Every row of such a pass is
+//! bit-identical to a pass over its request alone, so batching changes no output. Backends are
+//! built lazily, at most `max_concurrent` of them, and reused (their cache is cleared between
+//! requests).
+//!
+//! **Memory.** A GPU request's full-attention KV lives in pages of a pool shared by every
+//! request ([`EngineOptions::kv_page`], [`EngineOptions::kv_pages`], sized from the free device
+//! memory by default): a request takes the pages its prompt and canvases need when it is
+//! admitted and gives them back when it ends or is cancelled; its sliding-window layers keep a
+//! fixed window-sized ring. A request whose pages (or own buffers) do not fit waits in the
+//! queue until a running request gives its own back ([`EngineStats::memory_waits`]); one that
+//! the whole pool could not hold fails with an error naming the pool, never disturbing the
+//! others. [`Engine::device_memory`] reports the pool.
 //!
 //! ```no_run
 //! use dgemma_runtime::{Engine, EngineOptions, Event, Request};

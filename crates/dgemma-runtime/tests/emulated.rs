@@ -31,15 +31,16 @@ fn batched_requests_equal_their_solo_runs() {
         let engine = Engine::load(tiny(), options(1, 1)).unwrap();
         requests().into_iter().map(|r| engine.submit(r).unwrap().wait().unwrap().ids).collect()
     };
-    // What an engine of this size allocates at load (weights, workspace, one KV cache).
-    let memory = Engine::load(tiny(), options(3, 3)).unwrap().device_memory().expect("a GPU engine reports its memory");
-    // Memory for the weights, the workspace and one KV cache only: with room for 3 requests
-    // by count, admission waits for memory, so the requests run one after another, and each
-    // still gives its solo output.
+    // Memory for the weights, the workspace, a KV pool with pages for all three and one
+    // request's own buffers: with room for 3 requests by count, admission waits for memory, so
+    // the requests run one after another, and each still gives its solo output.
     {
+        let pooled = |limit| EngineOptions { memory_limit: limit, kv_pages: Some(3), ..options(3, 3) };
+        let memory = Engine::load(tiny(), pooled(None)).unwrap().device_memory().expect("a GPU engine reports its memory");
         assert!(memory.per_request > 0 && memory.allocated > memory.per_request, "{memory:?}");
+        assert_eq!((memory.kv_pages, memory.kv_pages_free, memory.kv_page), (3, 3, 256), "{memory:?}");
         let limit = memory.allocated + memory.per_request / 2;
-        let engine = Engine::load(tiny(), EngineOptions { memory_limit: Some(limit), ..options(3, 3) }).unwrap();
+        let engine = Engine::load(tiny(), pooled(Some(limit))).unwrap();
         let handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
         for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
             assert_eq!(&h.wait().unwrap().ids, want, "request {i} under the memory limit");
@@ -53,6 +54,26 @@ fn batched_requests_equal_their_solo_runs() {
             .err()
             .expect("the weights do not fit");
         assert!(e.to_string().contains("memory limit"), "{e}");
+    }
+    // A KV pool of four 16-position pages, where the requests need 3, 2 and 4 (prompt plus
+    // canvases): admission waits for pages, one request at a time, each with its solo output,
+    // and every page comes back. A request the whole pool cannot hold fails, naming the pool.
+    {
+        let paged = |pages| EngineOptions { kv_page: 16, kv_pages: Some(pages), ..options(3, 3) };
+        let engine = Engine::load(tiny(), paged(4)).unwrap();
+        let handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
+        for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+            assert_eq!(&h.wait().unwrap().ids, want, "request {i} with a 4-page pool");
+        }
+        let st = engine.stats();
+        assert_eq!((st.completed, st.failed, st.peak_active), (3, 0, 1), "{st:?}");
+        assert!(st.memory_waits >= 2, "{st:?}");
+        let memory = engine.device_memory().unwrap();
+        assert_eq!((memory.kv_pages_free, memory.kv_pages), (4, 4), "{memory:?}");
+        let small = Engine::load(tiny(), paged(3)).unwrap();
+        let e = small.submit(requests().pop().unwrap()).unwrap().wait().unwrap_err();
+        assert!(e.to_string().contains("needs 4 KV pages"), "{e}");
+        assert_eq!(small.stats().failed, 1);
     }
     let engine = Engine::load(tiny(), options(3, 3)).unwrap();
     let mut handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
@@ -77,6 +98,43 @@ fn batched_requests_equal_their_solo_runs() {
     let st = engine.stats();
     assert_eq!(st.completed, 3);
     assert!(st.batched_passes > 0 && st.largest_batch >= 2, "{st:?}");
+}
+
+/// Commits ride along other requests' batched denoising steps (one decoder pass also encodes
+/// them) and change no output. Two requests of four canvases each, with early stopping off and
+/// different step counts, so their canvases end in different rounds whatever the admission
+/// timing: each commit but the lockstep ones finds the other request mid-canvas.
+#[test]
+fn commits_ride_along_batched_steps() {
+    use dgemma_runtime::SamplerOverrides;
+    let never_stop = SamplerOverrides { confidence_threshold: Some(f32::NEG_INFINITY), ..Default::default() };
+    let requests = || {
+        [(5, 3), (7, 4)].map(|(steps, seed)| {
+            Request::ids(vec![2, 11, 12, 13, 14 + seed as u32])
+                .seed(seed)
+                .max_new_tokens(64)
+                .max_denoising_steps(steps)
+                .stop_ids(vec![])
+                .sampler(never_stop.clone())
+        })
+    };
+    let alone: Vec<Vec<u32>> = {
+        let engine = Engine::load(tiny(), options(1, 1)).unwrap();
+        requests().into_iter().map(|r| engine.submit(r).unwrap().wait().unwrap().ids).collect()
+    };
+    let engine = Engine::load(tiny(), options(2, 2)).unwrap();
+    let handles: Vec<_> = requests().into_iter().map(|r| engine.submit(r).unwrap()).collect();
+    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+        let got = h.wait().unwrap().ids;
+        assert_eq!(got.len(), 64);
+        assert_eq!(&got, want, "request {i}");
+    }
+    let st = engine.stats();
+    // 2 prefills + 3 commits each. A commit merges unless the other request is encoding too or
+    // done: with 5- and 7-step canvases that is the longer request's last commit (5 of 6 merge
+    // on the emulator); at least 4 whatever the admission timing.
+    assert_eq!(st.encoder_passes, 8, "{st:?}");
+    assert!(st.merged_encodes >= 4, "{st:?}");
 }
 
 /// An engine on synthetic weights of a config's shapes (the serving benchmark's model) runs

@@ -545,6 +545,41 @@ pub fn ring(src: &[f32], width: usize, k_pos0: usize, rows: usize) -> Vec<f32> {
     out
 }
 
+/// The first ring longer than `kv_len` rows, in whole multiples of `multiple` rows, over which
+/// the `kv_len` keys from `k_pos0` wrap around (none when `k_pos0 == 0`: then `kv_len + 5` rows,
+/// rounded up, a few spare rows as a full layer's cache has).
+pub fn wrapping_ring(kv_len: usize, k_pos0: usize, multiple: usize) -> usize {
+    (kv_len + 1..=2 * kv_len + 64 + multiple)
+        .filter(|r| r % multiple == 0)
+        .find(|&r| k_pos0 % r + kv_len > r)
+        .unwrap_or((kv_len + 5).next_multiple_of(multiple))
+}
+
+/// A page table for a ring of `pages` pages in a pool of `pool_pages` (more): distinct pool
+/// pages in an order shuffled by `rng` (Fisher-Yates), so that the ring's pages are in general
+/// neither in order nor at the start of the pool.
+pub fn shuffled_pages(pages: usize, pool_pages: usize, rng: &mut Rng) -> Vec<i32> {
+    let mut order: Vec<i32> = (0..pool_pages as i32).collect();
+    for i in (1..pool_pages).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order.truncate(pages);
+    order
+}
+
+/// The ring `ring` (`[rows, width]`, whole pages of `page` rows) laid out through `table` in a
+/// pool of `pool_pages` pages: ring page i is pool page `table[i]`; pool pages that hold no ring
+/// page are NaN, like the ring's rows that hold no key.
+pub fn paged(ring: &[f32], width: usize, page: usize, table: &[i32], pool_pages: usize) -> Vec<f32> {
+    let chunk = page * width;
+    assert_eq!(table.len() * chunk, ring.len(), "a ring of whole pages, one table entry each");
+    let mut pool = vec![f32::NAN; pool_pages * chunk];
+    for (src, &p) in ring.chunks(chunk).zip(table) {
+        pool[p as usize * chunk..(p as usize + 1) * chunk].copy_from_slice(src);
+    }
+    pool
+}
+
 /// The kernel's rounding contract (`csrc/attention.cuh`) computed on the host: s = q . k (the
 /// CPU's dot), m = the max over ALL visible keys, e = exp(s - m), denom = sum e, p = bf16(e),
 /// acc = sum p v (ascending keys), out = bf16(acc * (1 / denom)), 0 without a visible key.
@@ -594,27 +629,29 @@ pub fn exact_max_attention(
     out
 }
 
-/// Runs an attention's launches over `bufs` = [q, k ring, v ring, out, scratch]: as
-/// `plan_attention` plans them (`splits` None: the heuristic's split count) or split `splits`
-/// ways.
+/// Runs an attention's launches over `bufs` = [q, k ring, v ring, out, scratch], or with
+/// `paging` = Some((page, pool rows)) [q, k pool, v pool, out, scratch, page table] (`rows` the
+/// logical ring's): as `plan_attention` plans them (`splits` None: the heuristic's split count)
+/// or split `splits` ways.
 fn run_attention(
     e: &dyn Exec,
     spec: &KernelSpec,
     bufs: &mut [Host],
     (s, l, rows, q_pos0, k_pos0, window): (usize, usize, usize, usize, usize, Option<usize>),
     splits: Option<usize>,
+    paging: Option<(usize, usize)>,
 ) {
     let Op::Attention(a) = spec.op else { unreachable!() };
     let count = splits.unwrap_or_else(|| dgemma_codegen::shapes::attention_splits(&a, s, l));
     let launches = if count == 1 { 1 } else { 3 };
     for launch in 0..launches {
         e.launch(bufs, &|b| {
-            let (q, k, v, out, scratch) = (b[0], b[1], b[2], b[3], Some(b[4]));
+            let (q, out, scratch) = (b[0], b[3], Some(b[4]));
+            let paging = paging.map(|(page, physical_rows)| ops::Paging { table: b[5], page, physical_rows });
+            let kv = ops::KvView { k: b[1], v: b[2], rows, paging };
             let mut plans = match splits {
-                None => ops::plan_attention(spec, q, k, v, out, scratch, s, l, rows, q_pos0, k_pos0, window),
-                Some(n) => {
-                    ops::plan_attention_split(spec, q, k, v, out, scratch, s, l, rows, q_pos0, k_pos0, window, n)
-                }
+                None => ops::plan_attention(spec, q, kv, out, scratch, s, l, q_pos0, k_pos0, window),
+                Some(n) => ops::plan_attention_split(spec, q, kv, out, scratch, s, l, q_pos0, k_pos0, window, n),
             }
             .unwrap();
             assert_eq!(plans.len(), launches);
@@ -636,8 +673,16 @@ fn run_attention(
 /// combine) and as the heuristic splits it, with the output and the scratch poisoned with NaN
 /// and one guard row past the queries: every output must be written, nothing past it. A rerun
 /// of one split case must give the same bits (a fixed summation order, no atomics).
+///
+/// Each of those runs again paged (a KV pool's layout): the ring in whole pages of 16 or 64 rows
+/// (alternating over the runs; the exact ring rounded up to whole pages, the larger one the first
+/// whole-page ring the keys wrap around), scattered in a shuffled order over a pool with spare
+/// pages (NaN, as the ring's rows without a key). Where a key sits in memory must not change a
+/// bit: the paged output equals the unpaged one exactly.
 pub fn check_attention(e: &dyn Exec) {
-    let mut split_runs = 0;
+    const PAGES: [usize; 2] = [16, 64];
+    const SPARE_PAGES: usize = 3;
+    let (mut split_runs, mut paged_runs, mut paged_wraps) = (0, 0, 0);
     for spec in specs(e, Family::Attention) {
         let Op::Attention(a) = spec.op else { unreachable!() };
         let (d, hq, hkv) = (a.head_dim as usize, a.q_heads as usize, a.kv_heads as usize);
@@ -662,7 +707,7 @@ pub fn check_attention(e: &dyn Exec) {
             ],
             MaskKind::Bidirectional => vec![(4, 10, 6, 0, None), (16, 271, 1280, 1024, None), (9, 600, 2000, 1400, None)],
         };
-        let mut wrapped = 0;
+        let (mut wrapped, mut paged_wrapped) = (0, 0);
         for (case, &(s, l, q_pos0, k_pos0, window)) in cases.iter().enumerate() {
             if s * hq * l * d > e.max_work() {
                 continue;
@@ -700,44 +745,69 @@ pub fn check_attention(e: &dyn Exec) {
             // rotation otherwise), and a larger ring whose unused rows are NaN: the first one
             // over which the key range wraps, or (k_pos0 = 0, no wrap possible) a few spare rows
             // as a full layer's cache has.
-            let larger = (l + 1..=2 * l + 64).find(|&r| k_pos0 % r + l > r).unwrap_or(l + 5);
             let heuristic = dgemma_codegen::shapes::attention_splits(&a, s, l);
-            for rows in [l, larger] {
+            let width = hkv * d;
+            let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
+            for (larger, rows) in [(false, l), (true, wrapping_ring(l, k_pos0, 1))] {
                 if k_pos0 % rows + l > rows {
                     wrapped += 1;
                 }
-                let width = hkv * d;
                 let (kr, vr) = (hb(&ring(&k, width, k_pos0, rows)), hb(&ring(&v, width, k_pos0, rows)));
                 let mut split_counts = vec![1, 3];
                 if !split_counts.contains(&heuristic) {
                     split_counts.push(heuristic);
                 }
-                for splits in split_counts {
+                for (i, splits) in split_counts.into_iter().enumerate() {
                     let name = format!("{} case {case} ring of {rows} rows, {splits} splits", spec.kernel_name());
                     let scratch = splits * s * hq * (d + 2);
                     let mut bufs = [hb(&q), kr.clone(), vr.clone(), nan_bf16(q.len() + hq * d), nan_f32(scratch.max(1))];
                     let geometry = (s, l, rows, q_pos0, k_pos0, window);
                     let forced = if splits == heuristic { None } else { Some(splits) };
-                    run_attention(e, &spec, &mut bufs, geometry, forced);
+                    run_attention(e, &spec, &mut bufs, geometry, forced, None);
                     let got = bufs[3].bf16();
-                    let tol = Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.02 };
                     compare_scaled(&name, &got[..q.len()], &want, Some(&mass), tol);
                     assert!(got[q.len()..].iter().all(|x| x.is_nan()), "{name}: wrote past the last query");
                     if splits > 1 {
                         split_runs += 1;
                         if case == 1 && rows == l {
                             let mut again = [hb(&q), kr.clone(), vr.clone(), nan_bf16(q.len()), nan_f32(scratch)];
-                            run_attention(e, &spec, &mut again, geometry, forced);
+                            run_attention(e, &spec, &mut again, geometry, forced, None);
                             let same = again[3].bf16().iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
                             assert!(same, "{name}: a rerun gave other bits");
                         }
+                    }
+
+                    // The same run paged.
+                    let page = PAGES[(i + larger as usize) % PAGES.len()];
+                    let logical = if larger { wrapping_ring(l, k_pos0, page) } else { l.next_multiple_of(page) };
+                    let (pages, pool_pages) = (logical / page, logical / page + SPARE_PAGES);
+                    let table = shuffled_pages(pages, pool_pages, &mut rng);
+                    let pool = |x: &[f32]| hb(&paged(&ring(x, width, k_pos0, logical), width, page, &table, pool_pages));
+                    let name = format!("{name}, paged: {pages} pages of {page} rows in a pool of {pool_pages}");
+                    let mut bufs =
+                        [hb(&q), pool(&k), pool(&v), nan_bf16(q.len() + hq * d), nan_f32(scratch.max(1)), Host::I32(table)];
+                    let paging = Some((page, pool_pages * page));
+                    run_attention(e, &spec, &mut bufs, (s, l, logical, q_pos0, k_pos0, window), forced, paging);
+                    let paged_got = bufs[3].bf16();
+                    let same = paged_got.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{name}: other bits than the unpaged ring's");
+                    compare_scaled(&name, &paged_got[..q.len()], &want, Some(&mass), tol);
+                    paged_runs += 1;
+                    // Wrapping around a ring of several pages crosses from its last page to its
+                    // first, two pages the shuffle put anywhere in the pool.
+                    if k_pos0 % logical + l > logical && pages > 1 {
+                        paged_wrapped += 1;
                     }
                 }
             }
         }
         assert!(wrapped > 0, "{}: no case wrapped around its ring", spec.kernel_name());
+        assert!(paged_wrapped > 0, "{}: no paged case wrapped around its ring", spec.kernel_name());
+        paged_wraps += paged_wrapped;
     }
     assert!(split_runs > 0, "no split attention ran");
+    assert!(paged_runs > 0, "no paged attention ran");
+    eprintln!("attention: {split_runs} split runs, {paged_runs} paged runs ({paged_wraps} wrapping across pages)");
     check_attention_chunks(e);
 }
 
@@ -770,7 +840,7 @@ fn check_attention_chunks(e: &dyn Exec) {
             let end = (q_pos0 + i1).min(k_pos0 + l); // one past the last query's position
             let chunk_q = hb(&q[i0 * hq * d..i1 * hq * d]);
             let mut bufs = [chunk_q, kr.clone(), vr.clone(), nan_bf16((i1 - i0) * hq * d), nan_f32(1)];
-            run_attention(e, &spec, &mut bufs, (i1 - i0, end - first, l, qp, first, window), None);
+            run_attention(e, &spec, &mut bufs, (i1 - i0, end - first, l, qp, first, window), None, None);
             bufs[3].bf16()
         };
         let whole = run(0, s);

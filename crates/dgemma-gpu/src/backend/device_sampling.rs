@@ -1,6 +1,7 @@
 //! [`DeviceSampling`] for [`GpuBackend`], and batched device steps over several sequences
 //! ([`GpuBackend::step_batch`]): the decoder pass over their canvases, then each one's sampler
-//! launches, recorded once per batch composition and replayed.
+//! launches, recorded once per batch composition and replayed; [`GpuBackend::step_mixed`] adds
+//! other sequences' encoder work (prompt chunks, commits) to the same pass.
 
 use dgemma_cuda::{ops, Executor};
 use dgemma_model::error::{Error, Result};
@@ -16,6 +17,16 @@ impl<X: Executor> GpuBackend<X> {
     /// entropy, a non-finite logits row) is that sequence's error and ends its canvas, the others
     /// go on. The outer error is a failure of the whole pass (bad arguments, a device error).
     pub fn step_batch(&mut self, steps: &[(usize, usize, f32)]) -> Result<Vec<Result<DeviceStepStatus>>> {
+        self.step_mixed(steps, &[])
+    }
+
+    /// [`step_batch`](Self::step_batch) that also encodes `encodes`, `(sequence, ids)`, each at
+    /// its sequence's cache end, in the same decoder pass: a prompt chunk of up to
+    /// `max(prefill_chunk, canvas)` tokens or a committed canvas, read with the canvases' one
+    /// read of the weights. Each sequence's cache then holds what [`Backend::encode`] would have
+    /// written, bit for bit (its canvas, if any, must be begun again). A sequence appears once
+    /// in the pass; all the encoder rows together fit in `max(prefill_chunk, canvas)`.
+    pub fn step_mixed(&mut self, steps: &[(usize, usize, f32)], encodes: &[(usize, &[u32])]) -> Result<Vec<Result<DeviceStepStatus>>> {
         let seqs: Vec<usize> = steps.iter().map(|s| s.0).collect();
         let mut tokens = None;
         let mut params = Vec::with_capacity(steps.len());
@@ -46,7 +57,12 @@ impl<X: Executor> GpuBackend<X> {
                 stability_threshold: s.stability_threshold as u32,
             });
         }
-        let Some(tokens) = tokens else { return Ok(Vec::new()) };
+        let Some(tokens) = tokens else {
+            return match encodes {
+                [] => Ok(Vec::new()),
+                _ => Err(Error::InvalidArgument("a mixed pass needs at least one device step (encode alone instead)".into())),
+            };
+        };
         if steps.len() > self.sampler.slots {
             return Err(Error::InvalidInput(format!(
                 "a decoder pass over {} canvases: this backend was sized for at most {} (GpuOptions::max_batch)",
@@ -54,11 +70,18 @@ impl<X: Executor> GpuBackend<X> {
                 self.sampler.slots
             )));
         }
+        let encoded = self.stage_encodes(&seqs, tokens, encodes)?;
         // One upload of every canvas's params, slot i for the i-th canvas of the pass.
         self.sampler.write_params(&mut self.exec, &params)?;
         // Step 0 has no self-conditioning input; later steps read the one the last step wrote.
         let key = self.pass_key(&seqs, tokens, |i| steps[i].1 > 0, true)?;
-        self.run_pass(key)?;
+        self.run_pass(key, &encoded)?;
+        for &(seq, n) in &encoded {
+            // The cache moved: as after `encode`.
+            self.seqs[seq].len += n;
+            self.seqs[seq].device_canvas = None;
+            self.forget_recordings_of(seq);
+        }
         for (i, &seq) in seqs.iter().enumerate() {
             if let Some(state) = self.seqs[seq].device_canvas.as_mut() {
                 state.argmax_row0 = Some((i * tokens, self.passes));
@@ -81,6 +104,38 @@ impl<X: Executor> GpuBackend<X> {
                 accepted: status.accepted as usize,
                 mean_entropy: status.mean_entropy,
             }));
+        }
+        Ok(out)
+    }
+
+    /// Checks the encoder segments of a mixed pass whose decoder rows are `seqs.len()` canvases
+    /// of `tokens`, and uploads their ids after those rows of `ws.ids`: (sequence, tokens) each.
+    fn stage_encodes(&mut self, seqs: &[usize], tokens: usize, encodes: &[(usize, &[u32])]) -> Result<Vec<(usize, usize)>> {
+        let budget = self.options.prefill_chunk.max(self.options.canvas);
+        let total: usize = encodes.iter().map(|e| e.1.len()).sum();
+        if total > budget {
+            return Err(Error::InvalidInput(format!(
+                "a mixed pass encoding {total} tokens: this backend takes at most {budget} (max(prefill_chunk, canvas)) besides its canvases"
+            )));
+        }
+        let mut row = seqs.len() * tokens;
+        let mut out = Vec::with_capacity(encodes.len());
+        for (i, &(seq, ids)) in encodes.iter().enumerate() {
+            self.check_sequence(seq)?;
+            if seqs.contains(&seq) || encodes[..i].iter().any(|e| e.0 == seq) {
+                return Err(Error::InvalidArgument(format!("sequence {seq} appears twice in one decoder pass")));
+            }
+            if ids.is_empty() {
+                return Err(Error::InvalidInput(format!("sequence {seq}: an empty encoder segment")));
+            }
+            let current = std::mem::replace(&mut self.current, seq);
+            let checked = self.check_ids(ids, "the encoder input");
+            self.current = current;
+            checked?;
+            let dst = self.ws.ids.sub(4 * row, 4 * ids.len()).map_err(cuda)?;
+            self.upload_ids(dst, ids)?;
+            out.push((seq, ids.len()));
+            row += ids.len();
         }
         Ok(out)
     }

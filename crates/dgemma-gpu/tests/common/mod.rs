@@ -220,8 +220,11 @@ pub fn check_prefill_chunking_is_exact<X: Executor>(make: impl Fn() -> X) {
 /// Sliding layers keep a ring of `window - 1 + max_tokens` rows (position p in row p % rows).
 /// With a small prefill chunk the ring of the tiny model (window 16, canvas 16: 31 rows) wraps
 /// many times over a 120-token prompt, and encoder and decoder passes whose rows run past the
-/// ring's end go through the staging buffers. The logits are bit-identical to a backend whose
-/// rings never wrap (a 512-token chunk: 527 rows), and follow the CPU backend within the bf16
+/// ring's end go through the staging buffers. The same backend's full layers take 8-position
+/// pages that alternate with another sequence's (no two of its pages adjacent), so their new
+/// rows are copied run by run and attention reads them through a scattered page table. The
+/// logits are bit-identical to a backend whose rings never wrap (a 512-token chunk: 527 rows)
+/// and whose pages are adjacent 256-position ones, and follow the CPU backend within the bf16
 /// tolerance.
 pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let m = load("tiny-default");
@@ -232,6 +235,7 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let wide_options = default_options(&m);
     let mut ring_options = wide_options;
     ring_options.prefill_chunk = 7;
+    ring_options.kv_page = 8;
     let ring_rows = window - 1 + c.max(ring_options.prefill_chunk);
     let wide_rows = window - 1 + wide_options.prefill_chunk.max(c);
     assert!(
@@ -241,18 +245,29 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let mut ring = gpu_backend(&m, make(), ring_options);
     let mut wide = gpu_backend(&m, make(), wide_options);
     let mut cpu = CpuBackend::new(cfg, &m.weights, Precision::Bf16);
-    // The allocation: R rows on sliding layers, every position on full layers.
+    // The allocation: R rows on sliding layers; full layers hold no page before the cache grows.
+    let sliding = |i: usize| cfg.layer(i).sliding_window.is_some();
     for (b, rows, chunk) in
         [(&ring, ring_rows, ring_options.prefill_chunk), (&wide, wide_rows, wide_options.prefill_chunk)]
     {
-        let want: Vec<usize> = (0..cfg.num_hidden_layers)
-            .map(|i| if cfg.layer(i).sliding_window.is_some() { rows } else { wide_options.context })
-            .collect();
+        let want: Vec<usize> = (0..cfg.num_hidden_layers).map(|i| if sliding(i) { rows } else { 0 }).collect();
         assert_eq!(b.kv_rows(), want.as_slice(), "KV ring rows with a prefill chunk of {chunk}");
         let bytes: usize = (0..cfg.num_hidden_layers).map(|i| 2 * 2 * want[i] * cfg.layer(i).kv_dim()).sum();
         assert_eq!(b.kv_bytes(), bytes);
-        assert_eq!(dgemma_gpu::plan::KvCache::bytes(cfg, wide_options.context, chunk.max(c)), bytes);
     }
+    // Interleave the ring backend's pages with another sequence's: page by page, each takes the
+    // pool's lowest free one, so sequence 0 holds pages 1, 3, 5, ...
+    let page = ring_options.kv_page;
+    let other = ring.add_sequence().unwrap();
+    for j in 1..=(152 + c).div_ceil(page) {
+        for seq in [other, 0] {
+            ring.select_sequence(seq).unwrap();
+            ring.reserve(j * page).unwrap();
+        }
+    }
+    ring.select_sequence(0).unwrap();
+    let pages = ring.kv_page_list().to_vec();
+    assert!(pages.len() >= 21 && pages.iter().enumerate().all(|(i, &p)| p as usize == 2 * i + 1), "{pages:?}");
 
     // The GPU and CPU backends round the same bf16 values but sum in other orders; on the
     // tiny model's random weights, one rounding flip can cascade over 120+ positions to a
@@ -297,6 +312,60 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     }
     assert_eq!(ring.cache_len(), 152);
     assert!(wrapped >= 2, "only {wrapped} decoder passes wrapped the ring");
+    assert_eq!(ring.kv_page_list(), pages.as_slice(), "the reserved pages were enough");
+    // The full layers' logical rows are the pages held; the wide backend took one 256-row page.
+    let full_rows = |b: &GpuBackend<X>| (0..cfg.num_hidden_layers).filter(|&i| !sliding(i)).map(|i| b.kv_rows()[i]).collect::<Vec<_>>();
+    assert!(full_rows(&ring).iter().all(|&r| r == pages.len() * page));
+    assert!(full_rows(&wide).iter().all(|&r| r == 256));
+}
+
+/// The full layers' KV pages: a sequence takes them as its cache grows and gives them back when
+/// reset; a pool without enough free pages refuses the sequence that needs them (out of memory,
+/// nothing taken, its cache unchanged) while the others run on, and once pages are freed it goes
+/// on with the logits of a backend that never ran short.
+pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let mut options = default_options(&m);
+    options.kv_page = 16;
+    options.kv_pages = Some(8);
+    let mut g = gpu_backend(&m, make(), options);
+    let mut fresh = gpu_backend(&m, make(), default_options(&m));
+    assert_eq!(g.kv_pages().0, 8);
+    let prompt = ids(40, v, 5);
+    g.encode(&prompt).unwrap();
+    fresh.encode(&prompt).unwrap();
+    assert_eq!((g.kv_pages().0, g.kv_page_list()), (5, &[0, 1, 2][..]), "40 positions take 3 pages");
+    // Another sequence asks for more than is free: refused, nothing taken.
+    let other = g.add_sequence().unwrap();
+    g.select_sequence(other).unwrap();
+    let oom = |e: dgemma_model::error::Error| {
+        let text = e.to_string();
+        assert!(matches!(e, dgemma_model::error::Error::OutOfMemory { .. }) && text.contains("free pages"), "{text}");
+    };
+    oom(g.reserve(6 * 16).unwrap_err());
+    assert_eq!((g.kv_pages().0, g.kv_page_list().len()), (5, 0));
+    g.encode(&ids(80, v, 6)).unwrap();
+    assert_eq!(g.kv_pages().0, 0);
+    // Sequence 0's canvas needs a fourth page: out of memory for it, its cache unchanged.
+    g.select_sequence(0).unwrap();
+    let canvas = ids(c, v, 7);
+    let mut got = vec![f32::NAN; c * v];
+    oom(g.denoise(&canvas, None, &mut got).unwrap_err());
+    assert_eq!((g.cache_len(), g.kv_page_list()), (40, &[0, 1, 2][..]));
+    // The other sequence finishes: its pages go back, and sequence 0 goes on.
+    g.select_sequence(other).unwrap();
+    g.reset();
+    assert_eq!(g.kv_pages().0, 5);
+    g.select_sequence(0).unwrap();
+    g.denoise(&canvas, None, &mut got).unwrap();
+    let mut want = vec![f32::NAN; c * v];
+    fresh.denoise(&canvas, None, &mut want).unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "the logits after running short differ");
+    assert_eq!(g.kv_page_list(), &[0, 1, 2, 3][..]);
+    g.reset();
+    assert_eq!(g.kv_pages().0, 8, "a reset sequence gives every page back");
 }
 
 /// A recorded decoder pass replays with the inputs of the moment: a new canvas, a new
@@ -712,4 +781,105 @@ pub fn check_failed_sequences_do_not_leak<X: Executor>(make: impl Fn() -> X) {
     g.executor_mut().set_memory_limit(Some(base + per));
     assert_eq!(g.add_sequence().unwrap(), 1);
     assert_eq!(g.allocated_bytes(), base + per);
+}
+
+/// A mixed pass: two sequences' device steps and, in the same decoder pass, a third sequence's
+/// prompt chunk and a fourth's committed canvas encoded (`GpuBackend::step_mixed`). Against one
+/// backend that runs the same work as separate passes (`step_batch`, then `encode` per
+/// sequence): the steps' statuses and argmax canvases are identical, the encoded sequences' caches
+/// reach the same lengths, and their next decoder passes give the same logits bit for bit. Bad
+/// mixes (a sequence twice, too many encoder tokens, no device step) are clear errors.
+pub fn check_mixed_passes<X: Executor>(make: impl Fn() -> X) {
+    use dgemma_model::{DeviceCanvas, DeviceSampling};
+    use dgemma_sampler::{NoiseSource, SeededNoise};
+
+    let m = load("tiny-default");
+    let cfg = &m.ck.config.text;
+    let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
+    let s = sampling_settings(&m, c).sampler;
+    let settings = |seed: u64| DeviceCanvas {
+        seed,
+        block: 0,
+        entropy_bound: s.entropy_bound,
+        confidence_threshold: f32::NEG_INFINITY,
+        stability_threshold: s.stability_threshold,
+    };
+    let temperature = |step: usize| {
+        dgemma_sampler::temperature_on(s.device, s.max_denoising_steps - step, s.max_denoising_steps, s.t_min, s.t_max).unwrap()
+    };
+    let canvas = |seed: u64| {
+        let mut out = vec![0u32; c];
+        SeededNoise::new(seed, v).init_canvas(0, &mut out).unwrap();
+        out
+    };
+    // Sequences 0 and 1 denoise; 2 prefills its prompt in two chunks (the second in the mixed
+    // pass); 3 has its prompt encoded and commits a canvas in the mixed pass.
+    let prompts = [ids(9, v, 71), ids(17, v, 72), ids(30, v, 73), ids(12, v, 74)];
+    let (chunk_a, chunk_b) = prompts[2].split_at(11);
+    let commit = ids(c, v, 75);
+    let mut options = default_options(&m);
+    options.max_batch = 2;
+    let setup = || {
+        let mut g = gpu_backend(&m, make(), options);
+        for i in 1..4 {
+            assert_eq!(g.add_sequence().unwrap(), i);
+        }
+        for (i, p) in [(0, &prompts[0][..]), (1, &prompts[1][..]), (2, chunk_a), (3, &prompts[3][..])] {
+            g.select_sequence(i).unwrap();
+            g.encode(p).unwrap();
+            if i < 2 {
+                DeviceSampling::begin_canvas(&mut g, &canvas(80 + i as u64), settings(80 + i as u64)).unwrap();
+            }
+        }
+        g
+    };
+    let mut sep = setup();
+    let mut mix = setup();
+    let read = |g: &mut GpuBackend<X>, seq: usize| {
+        let mut am = vec![0u32; c];
+        g.read_argmax_of(seq, &mut am).unwrap();
+        am
+    };
+    // Step 0 alone in both (no self-conditioning yet), then step 1 with the encoder work.
+    for g in [&mut sep, &mut mix] {
+        let st = g.step_batch(&[(0, 0, temperature(0)), (1, 0, temperature(0))]).unwrap();
+        assert!(st.iter().all(|r| r.is_ok()));
+    }
+    let steps = [(0, 1, temperature(1)), (1, 1, temperature(1))];
+    let want = sep.step_batch(&steps).unwrap();
+    let want_am = [read(&mut sep, 0), read(&mut sep, 1)];
+    for (seq, ids) in [(2, chunk_b), (3, &commit[..])] {
+        sep.select_sequence(seq).unwrap();
+        sep.encode(ids).unwrap();
+    }
+    let got = mix.step_mixed(&steps, &[(2, chunk_b), (3, &commit)]).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.as_ref().unwrap(), w.as_ref().unwrap(), "sequence {i}: the step's status in a mixed pass");
+    }
+    assert_eq!([read(&mut mix, 0), read(&mut mix, 1)], want_am, "the argmax canvases in a mixed pass");
+    for seq in [2, 3] {
+        for g in [&mut sep, &mut mix] {
+            g.select_sequence(seq).unwrap();
+        }
+        assert_eq!(mix.cache_len(), sep.cache_len(), "sequence {seq}: cache length after the mixed pass");
+        let next = canvas(90 + seq as u64);
+        let (mut a, mut b) = (vec![f32::NAN; c * v], vec![f32::NAN; c * v]);
+        sep.denoise(&next, None, &mut a).unwrap();
+        mix.denoise(&next, None, &mut b).unwrap();
+        assert!(a.iter().all(|x| x.is_finite()));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "sequence {seq}: logits after its mixed encode");
+    }
+    // Bad mixes.
+    let err = |r: dgemma_model::error::Result<Vec<dgemma_model::error::Result<dgemma_model::DeviceStepStatus>>>| {
+        r.map(|_| ()).unwrap_err().to_string()
+    };
+    let e = err(mix.step_mixed(&[(0, 2, temperature(2))], &[(0, &commit)]));
+    assert!(e.contains("twice"), "{e}");
+    let e = err(mix.step_mixed(&[(0, 2, temperature(2))], &[(2, &commit), (2, &commit)]));
+    assert!(e.contains("twice"), "{e}");
+    let long = ids(options.prefill_chunk.max(c) + 1, v, 76);
+    let e = err(mix.step_mixed(&[(0, 2, temperature(2))], &[(2, &long)]));
+    assert!(e.contains("at most"), "{e}");
+    let e = err(mix.step_mixed(&[], &[(2, &commit)]));
+    assert!(e.contains("at least one device step"), "{e}");
 }

@@ -557,6 +557,19 @@ impl<X: Executor> GpuBackend<X> {
         self.run_pass(key, &[])
     }
 
+    /// Benchmarks: [`queue_denoise_batch`](Self::queue_denoise_batch) with sequence `encode.0`'s
+    /// next `encode.1` positions encoded in the same pass (a commit riding along a batched step,
+    /// as `step_mixed` runs it: planned afresh, not recorded), over whatever `ws.ids` holds after
+    /// the canvases' rows. The encoding sequence's cache does not advance, so it can repeat.
+    pub fn queue_denoise_mixed(&mut self, seqs: &[usize], tokens: usize, self_conditioning: bool, encode: (usize, usize)) -> Result<()> {
+        self.check_sequence(encode.0)?;
+        if seqs.contains(&encode.0) || encode.1 == 0 || encode.1 > self.options.prefill_chunk.max(self.options.canvas) {
+            return Err(Error::InvalidArgument(format!("a mixed bench pass encoding {encode:?} next to {seqs:?}")));
+        }
+        let key = self.pass_key(seqs, tokens, |_| self_conditioning, true)?;
+        self.run_pass(key, &[encode])
+    }
+
     /// Benchmarks: fills every batch slot's sampler params with a valid mid-canvas step
     /// (transformers' default thresholds, T = 0.5, early stopping off), so timed steps run the
     /// sampler on real values.

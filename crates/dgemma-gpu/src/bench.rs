@@ -271,7 +271,9 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
 
 /// `step.bf16.c{B}.ctx{prompt}`: one decoder pass over B canvases of B sequences, each with
 /// `prompt` cached positions (and its own random canvas and self-conditioning input); the
-/// floor is the weights once plus every sequence's attended cache. Then the allocation total.
+/// floor is the weights once plus every sequence's attended cache. Then the allocation total,
+/// and for the largest B, `step_with_commit.bf16.c{B-1}`: B - 1 canvases' step with the B-th
+/// sequence's commit in the same pass.
 fn batched_steps<X: Executor>(
     backend: &mut GpuBackend<X>,
     plan: &BenchPlan,
@@ -311,6 +313,22 @@ fn batched_steps<X: Executor>(
         r.floor = Some(floor_ms(backend.weight_bytes() as f64 + (b * backend.kv_bytes_attended(ctx)) as f64));
         r.note = format!("{b} canvases of {b} sequences in one denoising step (one decoder pass, then each canvas's sampler)");
         out.push(r);
+        if b == plan.batches.iter().copied().filter(|&x| x <= backend.options().max_batch).max().unwrap_or(0) {
+            // The same step over b - 1 canvases, alone and with sequence b - 1's commit in the
+            // pass: what a commit costs when it rides along (the runtime's merged encodes)
+            // against `commit.bf16.c{canvas}`, a pass of its own.
+            let rest = &seqs[..b - 1];
+            let alone = mean_ms(backend, plan.iters, |bk| bk.queue_denoise_batch(rest, canvas, true))?;
+            let mixed = mean_ms(backend, plan.iters, |bk| bk.queue_denoise_mixed(rest, canvas, true, (b - 1, canvas)))?;
+            let mut r = Record::new(format!("step_with_commit.bf16.c{}.ctx{ctx}", b - 1), mixed, "ms");
+            r.note = format!(
+                "{} canvases' denoising step with another sequence's {canvas}-token commit in the same pass (planned afresh, not \
+                 replayed); the step alone: {alone:.3} ms, so the commit adds {:.3} ms (compare commit.bf16.c{canvas})",
+                b - 1,
+                mixed - alone
+            );
+            out.push(r);
+        }
         let mut r = Record::new(format!("peak_mem_gb.bf16.c{b}"), backend.executor().allocated_bytes() as f64 / 1e9, "GB");
         r.note = "bytes the backend allocated (weights, caches, workspace for the batch); excludes the CUDA context".into();
         out.push(r);

@@ -507,6 +507,9 @@ pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
     let r = records.iter().find(|r| r.name == "step.bf16.c3.ctx64").unwrap();
     assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
     assert!(records.iter().any(|r| r.name == "peak_mem_gb.bf16.c2" && r.value > 0.0));
+    // The largest batch that ran (2) also times a step of one canvas with another's commit.
+    let r = records.iter().find(|r| r.name == "step_with_commit.bf16.c1.ctx64").unwrap_or_else(|| panic!("{names:?}"));
+    assert!(r.value.is_finite() && r.value > 0.0 && r.note.contains("the commit adds"), "{r:?}");
     assert_eq!(g.sequences(), 2);
     // A context beyond the cache is reported as not run, not timed.
     let r = records.iter().find(|r| r.name == "step.bf16.c1.ctx1000").unwrap();

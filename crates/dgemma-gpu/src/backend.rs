@@ -252,6 +252,17 @@ impl<X: Executor> GpuBackend<X> {
         let max_tokens = options.prefill_chunk.max(options.canvas) + decoder_rows;
         let ws = Workspace::new(cfg, &mut exec, max_tokens, decoder_rows, options.canvas, options.context)?;
         let pages = pool_pages(cfg, &exec, &options);
+        if pages == 0 && KvPool::page_bytes(cfg, options.kv_page) > 0 {
+            return Err(Error::OutOfMemory {
+                backend: NAME.into(),
+                msg: format!(
+                    "no memory is left for the KV page pool after the weights and the workspace ({} bytes allocated, {} \
+                     available): lower max_batch / max_sequences or the context, or set kv_pages",
+                    exec.allocated_bytes(),
+                    exec.available_bytes().map_or("unbounded".into(), |b| b.to_string())
+                ),
+            });
+        }
         let pool = KvPool::new(cfg, &mut exec, options.kv_page, pages)?;
         let before = exec.allocated_bytes();
         let first = Sequence::new(cfg, &mut exec, &pool, &options)?;

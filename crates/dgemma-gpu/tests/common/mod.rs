@@ -366,6 +366,11 @@ pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
     assert_eq!(g.kv_page_list(), &[0, 1, 2, 3][..]);
     g.reset();
     assert_eq!(g.kv_pages().0, 8, "a reset sequence gives every page back");
+    // A pool of no pages: refused at construction, naming the pool.
+    let e = GpuBackend::new(make(), cfg, &m.weights, GpuOptions { kv_pages: Some(0), ..options }, &mut |_, _| {})
+        .err()
+        .expect("no pages");
+    assert!(matches!(e, dgemma_model::error::Error::OutOfMemory { .. }) && e.to_string().contains("KV page pool"), "{e}");
 }
 
 /// A recorded decoder pass replays with the inputs of the moment: a new canvas, a new

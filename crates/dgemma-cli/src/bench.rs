@@ -149,7 +149,7 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
     };
     let longest = a.contexts.iter().copied().max().unwrap_or(0).max(a.prompt);
     let quant: dgemma_model::quant::Quant = a.quant.into();
-    let loaded = a.model.as_ref().map(|dir| load::open(dir, quant)).transpose()?;
+    let loaded = a.model.as_ref().map(|dir| load::open(dir, quant, true)).transpose()?;
     let cfg = match &loaded {
         Some(l) => l.checkpoint.config.clone(),
         None => ModelConfig::from_file(config_path)?,
@@ -167,7 +167,7 @@ fn model_figures(a: &BenchArgs, dev: dgemma::gpu::Device, config_path: &std::pat
         let mut bar = Progress::new("weights");
         let mut progress = |done: usize, total: usize| bar.update(done as u64, total as u64);
         let built = match &loaded {
-            Some(l) => GpuBackend::new(exec, &cfg.text, &l.weights, options, &mut progress),
+            Some(l) => GpuBackend::new(exec, &cfg.text, &l.weights, GpuOptions { expert_quant: l.upload_quant, ..options }, &mut progress),
             None => GpuBackend::synthetic_quant(exec, &cfg.text, 0, quant, options, &mut progress),
         };
         match built {

@@ -13,7 +13,7 @@ pub struct InfoArgs {
 
 pub fn info(a: InfoArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dir = a.model.unwrap_or_else(load::default_model_dir);
-    let loaded = load::open(&dir, dgemma_model::quant::Quant::None)?;
+    let loaded = load::open(&dir, dgemma_model::quant::Quant::None, false)?;
     let ck = &loaded.checkpoint;
     let t = &ck.config.text;
     println!("model: {}", dir.display());

@@ -67,11 +67,24 @@ impl From<QuantArg> for Quant {
 pub struct Loaded {
     pub checkpoint: Checkpoint,
     pub weights: ModelWeights,
+    /// How the CUDA backend uploads `weights`' float experts (FP8: quantised tensor by tensor
+    /// while uploading, so the host never holds all the codes).
+    pub upload_quant: Quant,
 }
 
-pub fn open(dir: &Path, quant: Quant) -> Result<Loaded, Box<dyn std::error::Error>> {
+/// The checkpoint in `dir` with its experts held as `quant` says. For a CUDA backend
+/// (`for_device`), FP8 quantisation of float experts is left to the upload ([`Loaded::upload_quant`]).
+pub fn open(dir: &Path, quant: Quant, for_device: bool) -> Result<Loaded, Box<dyn std::error::Error>> {
     let checkpoint = Checkpoint::open(dir)?;
     let big = checkpoint.total_bytes() >= PREFETCH_BYTES;
+    if for_device {
+        let weights = ModelWeights::load_with(&checkpoint, Quant::None)?;
+        if big {
+            let mut bar = Progress::new("loading");
+            checkpoint.prefetch(&mut |done, total| bar.update(done, total));
+        }
+        return Ok(Loaded { checkpoint, weights, upload_quant: quant });
+    }
     if quant == Quant::Fp8 {
         // Quantising at load reads every expert weight: page the files in first (with the
         // progress bar), then quantise from memory. Checking the float layout first keeps a
@@ -83,14 +96,14 @@ pub fn open(dir: &Path, quant: Quant) -> Result<Loaded, Box<dyn std::error::Erro
             eprintln!("dgemma: quantising the experts to FP8 (e4m3, per-output-channel scales)");
         }
         let weights = ModelWeights::load_with(&checkpoint, quant)?;
-        return Ok(Loaded { checkpoint, weights });
+        return Ok(Loaded { checkpoint, weights, upload_quant: Quant::None });
     }
     let weights = ModelWeights::load_with(&checkpoint, quant)?;
     if big {
         let mut bar = Progress::new("loading");
         checkpoint.prefetch(&mut |done, total| bar.update(done, total));
     }
-    Ok(Loaded { checkpoint, weights })
+    Ok(Loaded { checkpoint, weights, upload_quant: Quant::None })
 }
 
 pub fn precision(arg: PrecisionArg, weights: &ModelWeights) -> Precision {
@@ -125,8 +138,10 @@ pub fn backend(
             }
             let dev = dgemma::cuda::open_device(0)?;
             let context = context.min(cfg.text.max_position_embeddings);
-            let options = dgemma::gpu::GpuOptions::new(context, cfg.canvas_length);
-            let mut bar = (dgemma::gpu::weights::DeviceWeights::bytes_needed(&loaded.weights) >= PREFETCH_BYTES as usize)
+            let mut options = dgemma::gpu::GpuOptions::new(context, cfg.canvas_length);
+            options.expert_quant = loaded.upload_quant;
+            let needed = dgemma::gpu::weights::DeviceWeights::bytes_needed(&loaded.weights, loaded.upload_quant);
+            let mut bar = (needed >= PREFETCH_BYTES as usize)
                 .then(|| Progress::new("uploading"));
             let backend = dgemma::gpu::GpuBackend::new(
                 dgemma::gpu::GpuExecutor::new(dev),

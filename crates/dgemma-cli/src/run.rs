@@ -107,7 +107,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dir = a.model.clone().unwrap_or_else(load::default_model_dir);
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let template = ChatTemplate::from_dir(&dir)?;
-    let loaded = load::open(&dir, a.quant.into())?;
+    let loaded = load::open(&dir, a.quant.into(), a.backend == BackendKind::Cuda)?;
     let cfg = &loaded.checkpoint.config;
     let gen_cfg = &loaded.checkpoint.generation;
     let precision = load::precision(a.precision, &loaded.weights);

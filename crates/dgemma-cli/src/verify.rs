@@ -25,7 +25,7 @@ pub struct VerifyArgs {
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let case = Case::open(&a.case)?;
-    let loaded = load::open(&a.model, a.quant.into())?;
+    let loaded = load::open(&a.model, a.quant.into(), a.backend == load::BackendKind::Cuda)?;
     let settings = GenerationSettings::from_checkpoint(&loaded.checkpoint.config, &loaded.checkpoint.generation, case.precision);
     // Positions the case reaches: the prompt, then its passes or its trace's canvases.
     let c = settings.canvas_length;

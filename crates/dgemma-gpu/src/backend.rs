@@ -28,6 +28,7 @@ use dgemma_cuda::Executor;
 use dgemma_model::config::TextConfig;
 use dgemma_model::error::{Error, Result};
 use dgemma_model::weights::ModelWeights;
+use dgemma_model::quant::Quant;
 use dgemma_model::{Backend, DeviceCanvas, DeviceSampling};
 use half::bf16;
 
@@ -62,6 +63,10 @@ pub struct GpuOptions {
     /// positions, fewer when the executor's free memory (minus a headroom and the other
     /// sequences' fixed buffers) does not hold them.
     pub kv_pages: Option<usize>,
+    /// How [`GpuBackend::new`] uploads float experts: [`Quant::Fp8`] quantises them per output
+    /// row while uploading, one tensor at a time (load the checkpoint with `Quant::None` then:
+    /// the host never holds every expert's codes). FP8 experts go as they are either way.
+    pub expert_quant: Quant,
 }
 
 impl GpuOptions {
@@ -75,6 +80,7 @@ impl GpuOptions {
             max_sequences: 1,
             kv_page: DEFAULT_PAGE,
             kv_pages: None,
+            expert_quant: Quant::None,
         }
     }
 }
@@ -219,14 +225,14 @@ impl<X: Executor> GpuBackend<X> {
     pub fn new(mut exec: X, cfg: &TextConfig, weights: &ModelWeights, options: GpuOptions, progress: Progress) -> Result<Self> {
         check_options(cfg, &options)?;
         let kernels = Kernels::resolve(cfg, &exec)?;
-        let weights = DeviceWeights::upload(cfg, weights, &mut exec, progress)?;
+        let weights = DeviceWeights::upload(cfg, weights, &mut exec, options.expert_quant, progress)?;
         Self::with_weights(exec, cfg, kernels, weights, options)
     }
 
     /// A backend on random weights of `cfg`'s shapes, generated in executor memory (benchmarks:
     /// the full-size model without a checkpoint). Its outputs mean nothing.
     pub fn synthetic(exec: X, cfg: &TextConfig, seed: u64, options: GpuOptions, progress: Progress) -> Result<Self> {
-        Self::synthetic_quant(exec, cfg, seed, dgemma_model::quant::Quant::None, options, progress)
+        Self::synthetic_quant(exec, cfg, seed, Quant::None, options, progress)
     }
 
     /// [`GpuBackend::synthetic`] with the experts held as `quant` says (FP8: random e4m3 codes
@@ -235,7 +241,7 @@ impl<X: Executor> GpuBackend<X> {
         mut exec: X,
         cfg: &TextConfig,
         seed: u64,
-        quant: dgemma_model::quant::Quant,
+        quant: Quant,
         options: GpuOptions,
         progress: Progress,
     ) -> Result<Self> {

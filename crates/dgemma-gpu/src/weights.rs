@@ -8,7 +8,11 @@
 //! FP8 experts ([`dgemma_model::Quant::Fp8`], or a compressed-tensors FP8 checkpoint) are
 //! uploaded as they are held: the e4m3 codes `[E, N, K]` (one byte each, half the bf16 bytes)
 //! and one fp32 scale per row `[E * N]` ([`ExpertRegion::Fp8`]); the grouped GEMMs dequantise them
-//! while staging (`csrc/grouped_gemm.cuh`, WeightE4m3).
+//! while staging (`csrc/grouped_gemm.cuh`, WeightE4m3). [`DeviceWeights::upload`] with
+//! [`Quant::Fp8`] quantises float experts one tensor at a time right before uploading it (the
+//! same per-row quantisation as `ModelWeights::load_with`), so loading a bf16 checkpoint as FP8
+//! holds at most one expert tensor's codes in host memory (0.5 GB for the 26B model), not all of
+//! them (23 GB).
 
 use dgemma_cuda::{Executor, Region};
 use dgemma_model::config::{LayerSpec, TextConfig};
@@ -102,6 +106,8 @@ fn bf16_bytes(t: &TensorRef, start: usize, count: usize) -> std::borrow::Cow<'_,
 
 struct Uploader<'a> {
     exec: &'a mut dyn Executor,
+    /// How float experts go to the device (FP8: quantised here, tensor by tensor).
+    quant: Quant,
     done: usize,
     total: usize,
     progress: Progress<'a>,
@@ -150,18 +156,22 @@ impl Uploader<'_> {
     }
 
     fn experts(&mut self, t: &ExpertTensor) -> Result<ExpertRegion> {
-        match t {
-            ExpertTensor::Float(t) => Ok(ExpertRegion::Bf16(self.tensor(t)?)),
-            ExpertTensor::Fp8(f) => self.fp8(f),
+        match (t, self.quant) {
+            (ExpertTensor::Float(t), Quant::None) => Ok(ExpertRegion::Bf16(self.tensor(t)?)),
+            // Quantised now and dropped once uploaded.
+            (ExpertTensor::Float(t), Quant::Fp8) => self.fp8(&Fp8Experts::quantize(t)?),
+            (ExpertTensor::Fp8(f), _) => self.fp8(f),
         }
     }
 }
 
-/// Bytes the upload of expert tensor `t` allocates.
-fn expert_bytes(t: &ExpertTensor) -> usize {
-    match t {
-        ExpertTensor::Float(t) => 2 * t.numel(),
-        ExpertTensor::Fp8(f) => f.bytes(),
+/// Bytes the upload of expert tensor `t` allocates when float experts are held as `quant`.
+fn expert_bytes(t: &ExpertTensor, quant: Quant) -> usize {
+    match (t, quant) {
+        (ExpertTensor::Float(t), Quant::None) => 2 * t.numel(),
+        // One byte per code and an f32 scale per row [E * N].
+        (ExpertTensor::Float(t), Quant::Fp8) => t.numel() + 4 * t.shape[0] * t.shape[1],
+        (ExpertTensor::Fp8(f), _) => f.bytes(),
     }
 }
 
@@ -170,16 +180,18 @@ fn round_bf16(x: f32) -> f32 {
 }
 
 impl DeviceWeights {
-    /// Bytes [`DeviceWeights::upload`] will allocate for `w`.
-    pub fn bytes_needed(w: &ModelWeights) -> usize {
-        let experts: usize = w.layers.iter().map(|l| expert_bytes(&l.experts_gate_up) + expert_bytes(&l.experts_down)).sum();
+    /// Bytes [`DeviceWeights::upload`] will allocate for `w` with float experts held as `quant`.
+    pub fn bytes_needed(w: &ModelWeights, quant: Quant) -> usize {
+        let experts: usize =
+            w.layers.iter().map(|l| expert_bytes(&l.experts_gate_up, quant) + expert_bytes(&l.experts_down, quant)).sum();
         all_tensors(w).iter().map(|t| 2 * t.numel()).sum::<usize>() + experts
     }
 
-    /// Uploads every tensor of `w`.
-    pub fn upload(cfg: &TextConfig, w: &ModelWeights, exec: &mut dyn Executor, progress: Progress) -> Result<DeviceWeights> {
-        let total = Self::bytes_needed(w);
-        let mut up = Uploader { exec, done: 0, total, progress };
+    /// Uploads every tensor of `w`; float experts as `quant` says (FP8: quantised per output row
+    /// here, one tensor at a time; FP8 experts of `w` go as they are).
+    pub fn upload(cfg: &TextConfig, w: &ModelWeights, exec: &mut dyn Executor, quant: Quant, progress: Progress) -> Result<DeviceWeights> {
+        let total = Self::bytes_needed(w, quant);
+        let mut up = Uploader { exec, quant, done: 0, total, progress };
         let embed = up.tensor(&w.embed_tokens)?;
         let lm_head = match &w.lm_head {
             Some(t) => up.tensor(t)?,

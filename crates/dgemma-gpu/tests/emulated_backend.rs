@@ -89,3 +89,8 @@ fn kv_pages_are_taken_and_given_back() {
 fn mixed_passes_equal_separate_passes() {
     common::check_mixed_passes(EmuExecutor::new);
 }
+
+#[test]
+fn fp8_quantised_at_upload_equals_at_load() {
+    common::check_fp8_quantised_at_upload(EmuExecutor::new);
+}

@@ -112,3 +112,9 @@ fn kv_pages_are_taken_and_given_back() {
 fn mixed_passes_equal_separate_passes() {
     common::check_mixed_passes(gpu);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fp8_quantised_at_upload_equals_at_load() {
+    common::check_fp8_quantised_at_upload(gpu);
+}

@@ -443,6 +443,7 @@ fn load_gpu(
     gpu_options.max_sequences = options.max_concurrent;
     gpu_options.kv_page = options.kv_page;
     gpu_options.kv_pages = options.kv_pages;
+    gpu_options.expert_quant = options.quant;
     #[cfg(feature = "emulator")]
     if options.backend == BackendKind::Emulator {
         let mut exec = dgemma::gpu::EmuExecutor::new();
@@ -544,7 +545,10 @@ impl Engine {
             message: m,
         };
         let checkpoint = Checkpoint::open(&dir).map_err(|e| load_err(e.to_string()))?;
-        let weights = ModelWeights::load_with(&checkpoint, options.quant).map_err(|e| load_err(e.to_string()))?;
+        // A GPU engine quantises float experts while uploading them, one tensor at a time
+        // (`GpuOptions::expert_quant`): the host never holds every expert's FP8 codes.
+        let host_quant = if options.backend == BackendKind::Cpu { options.quant } else { Quant::None };
+        let weights = ModelWeights::load_with(&checkpoint, host_quant).map_err(|e| load_err(e.to_string()))?;
         if checkpoint.total_bytes() >= PREFETCH_BYTES {
             checkpoint.prefetch(&mut |_, _| {});
         }

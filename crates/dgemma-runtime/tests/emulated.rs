@@ -198,3 +198,31 @@ fn synthetic_weights_serve_requests() {
     let e = Engine::load_synthetic(&config, tiny(), 7, cpu).err().unwrap();
     assert!(e.to_string().contains("GPU backend only"), "{e}");
 }
+
+/// A GPU engine with `quant: Fp8` on a bf16 checkpoint quantises the experts while uploading
+/// them: fewer device bytes than the bf16 engine, and the same output as a CPU-side quantisation
+/// at load (the GPU backend on `ModelWeights::load_with(.., Fp8)`, run by the same generation
+/// loop).
+#[test]
+fn fp8_engines_quantise_at_upload() {
+    use dgemma_runtime::Quant;
+    let request = || Request::ids(vec![2, 10, 20, 30]).seed(5).max_new_tokens(32).max_denoising_steps(4);
+    let bf16 = Engine::load(tiny(), options(1, 1)).unwrap();
+    let fp8 = Engine::load(tiny(), EngineOptions { quant: Quant::Fp8, ..options(1, 1) }).unwrap();
+    let (b, f) = (bf16.device_memory().unwrap().allocated, fp8.device_memory().unwrap().allocated);
+    assert!(f < b, "FP8 experts take less device memory: {f} vs {b}");
+    let got = fp8.submit(request()).unwrap().wait().unwrap().ids;
+
+    let ck = dgemma::model::checkpoint::Checkpoint::open(tiny()).unwrap();
+    let weights = dgemma::model::weights::ModelWeights::load_with(&ck, Quant::Fp8).unwrap();
+    let gpu_options = dgemma::gpu::GpuOptions::new(256, ck.config.canvas_length);
+    let mut backend =
+        dgemma::gpu::GpuBackend::new(dgemma::gpu::EmuExecutor::new(), &ck.config.text, &weights, gpu_options, &mut |_, _| {})
+            .unwrap();
+    let p = fp8.prepare(&request()).unwrap();
+    let want = dgemma_runtime::Generator::seeded(&p.prompt_ids, p.settings, p.seed)
+        .unwrap()
+        .run_to_end(&mut backend, &mut common::Record::default())
+        .unwrap();
+    assert_eq!(got, want.ids[want.prompt_len..].to_vec());
+}

@@ -133,6 +133,36 @@ pub fn check_fp8_logits_match_cpu<X: Executor>(make: impl Fn() -> X) {
     }
 }
 
+/// FP8 quantisation while uploading (`GpuOptions::expert_quant`, float experts loaded as they
+/// are) gives the device the very bytes quantisation at load gives: the same allocation and the
+/// same logits bit for bit, on the bf16 and the f32 tiny models.
+pub fn check_fp8_quantised_at_upload<X: Executor>(make: impl Fn() -> X) {
+    for model in ["tiny-default", "tiny-sharded-f32"] {
+        let at_load = load_dir_quant(&model_dir(model), Quant::Fp8);
+        let float = load(model);
+        assert!(float.weights.layers.iter().all(|l| !l.experts_gate_up.is_fp8()));
+        let cfg = &float.ck.config.text;
+        let (v, c) = (cfg.vocab_size, float.ck.config.canvas_length);
+        let mut a = gpu_backend(&at_load, make(), default_options(&at_load));
+        let mut b = gpu_backend(&float, make(), GpuOptions { expert_quant: Quant::Fp8, ..default_options(&float) });
+        assert_eq!(a.weight_bytes(), b.weight_bytes(), "{model}: device bytes of the weights");
+        assert_eq!(
+            dgemma_gpu::weights::DeviceWeights::bytes_needed(&float.weights, Quant::Fp8),
+            b.weight_bytes(),
+            "{model}: the upload's own size estimate"
+        );
+        let prompt = ids(9, v, 3);
+        a.encode(&prompt).unwrap();
+        b.encode(&prompt).unwrap();
+        let canvas = ids(c, v, 4);
+        let (mut x, mut y) = (vec![f32::NAN; c * v], vec![f32::NAN; c * v]);
+        a.denoise(&canvas, None, &mut x).unwrap();
+        b.denoise(&canvas, None, &mut y).unwrap();
+        assert!(x.iter().all(|t| t.is_finite()));
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{model}: logits differ");
+    }
+}
+
 /// What FP8 experts cost in accuracy on the bundled tiny model (random weights with transformers'
 /// initialiser): the GPU backend with FP8 experts against the GPU backend with the bf16 ones, the
 /// same passes as [`compare_with_cpu`] (prompt, canvas without and with self-conditioning, a

@@ -7,9 +7,10 @@
 //! A sequence takes pool pages as its cache grows and gives them back when it is reset; out of
 //! pages is [`Error::OutOfMemory`] for that sequence alone ([`GpuBackend::reserve`] takes them up
 //! front, which is how a server admits a request only when it can finish). A decoder pass is
-//! planned once per (sequence, canvas length, position, self-conditioning) and recorded (a CUDA
-//! graph on a GPU); the steps of a canvas replay the recording after copying in the canvas and
-//! the self-conditioning logits. A sequence's recordings are dropped when its cache moves (every
+//! planned per (sequences, canvas length, positions, self-conditioning) and recorded (a CUDA
+//! graph on a GPU) the second time that key comes (`GpuOptions::record_after`: a batch
+//! composition that never comes back is not worth a capture); the steps of a canvas replay the
+//! recording after copying in the canvas and the self-conditioning logits. A sequence's recordings are dropped when its cache moves (every
 //! commit) or takes pages, since positions and pages are part of the plan.
 //!
 //! Batching: a decoder pass may take several sequences' canvases at once (up to
@@ -52,6 +53,11 @@ pub struct GpuOptions {
     pub prefill_chunk: usize,
     /// Record decoder passes (CUDA graphs) and replay them; off runs the steps one by one.
     pub record: bool,
+    /// With `record`, a decoder pass is recorded the `record_after`-th time its key (the
+    /// sequences, positions, canvas lengths and self-conditioning flags of its canvases) comes,
+    /// and runs launch by launch before that: a batch composition that does not come back costs
+    /// no capture (1: record on first use).
+    pub record_after: u32,
     /// Most canvases (sequences) one decoder pass takes; the vocab-wide buffers are sized for
     /// `max_batch * canvas` rows.
     pub max_batch: usize,
@@ -76,6 +82,7 @@ impl GpuOptions {
             canvas,
             prefill_chunk: canvas.max(512),
             record: true,
+            record_after: 2,
             max_batch: 1,
             max_sequences: 1,
             kv_page: DEFAULT_PAGE,
@@ -124,6 +131,15 @@ struct SegmentKey {
 struct PassKey {
     segments: Vec<SegmentKey>,
     sample: bool,
+}
+
+/// A decoder pass key's state ([`GpuOptions::record_after`]).
+#[derive(Clone, Copy, Debug)]
+enum Recording {
+    /// Ran this many times launch by launch.
+    Seen(u32),
+    /// Recorded: the executor's handle.
+    Graph(usize),
 }
 
 /// What one sequence keeps on the executor: its KV cache, its decoder inputs and sampler state.
@@ -210,7 +226,9 @@ pub struct GpuBackend<X: Executor> {
     current: usize,
     options: GpuOptions,
     sampler: SamplerBuffers,
-    recorded: HashMap<PassKey, usize>,
+    /// Each decoder pass key seen since its sequences last moved: how often it ran unrecorded,
+    /// or its recording.
+    recorded: HashMap<PassKey, Recording>,
     /// Decoder passes run so far (what the sampler scratch was last written by).
     passes: u64,
     /// Decoder passes run by replaying a recording (for tests and stats).
@@ -512,13 +530,22 @@ impl<X: Executor> GpuBackend<X> {
             // SAFETY: the planner only addresses regions of this backend, alive as long as `self`.
             return unsafe { self.exec.run(&steps) }.map_err(cuda);
         }
-        let graph = match self.recorded.get(&key) {
-            Some(&g) => g,
-            None => {
+        let graph = match self.recorded.get(&key).copied() {
+            Some(Recording::Graph(g)) => g,
+            seen => {
+                let runs = match seen {
+                    Some(Recording::Seen(n)) => n,
+                    _ => 0,
+                };
                 let steps = self.pass_steps(&key, &[])?;
+                if runs + 1 < self.options.record_after {
+                    self.recorded.insert(key, Recording::Seen(runs + 1));
+                    // SAFETY: as above.
+                    return unsafe { self.exec.run(&steps) }.map_err(cuda);
+                }
                 // SAFETY: as above; recordings are dropped before the regions (with `self`).
                 let g = unsafe { self.exec.record(&steps) }.map_err(cuda)?;
-                self.recorded.insert(key, g);
+                self.recorded.insert(key, Recording::Graph(g));
                 g
             }
         };
@@ -549,10 +576,10 @@ impl<X: Executor> GpuBackend<X> {
     /// Drops the recordings that involve sequence `seq`.
     fn forget_recordings_of(&mut self, seq: usize) {
         let exec = &mut self.exec;
-        self.recorded.retain(|key, &mut g| {
+        self.recorded.retain(|key, r| {
             let keep = key.segments.iter().all(|s| s.seq != seq);
-            if !keep {
-                exec.forget(g);
+            if let (false, Recording::Graph(g)) = (keep, r) {
+                exec.forget(*g);
             }
             keep
         });
@@ -585,6 +612,32 @@ impl<X: Executor> GpuBackend<X> {
         }
         let key = self.pass_key(seqs, tokens, |_| self_conditioning, true)?;
         self.run_pass(key, &[encode])
+    }
+
+    /// Benchmarks: host milliseconds to plan one decoder pass (with the sampler) of the selected
+    /// sequence's canvas at its cache's end, and to record it (a CUDA graph: capture and
+    /// instantiation); the recording is dropped. What a pass key costs the first time it is
+    /// recorded ([`GpuOptions::record_after`]).
+    pub fn record_cost_ms(&mut self, tokens: usize, self_conditioning: bool) -> Result<(f64, f64)> {
+        let key = self.pass_key(&[self.current], tokens, |_| self_conditioning, true)?;
+        self.ensure_positions(self.current, self.seq().len + tokens)?;
+        self.exec.synchronize().map_err(cuda)?;
+        let t = std::time::Instant::now();
+        let steps = self.pass_steps(&key, &[])?;
+        let plan = t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
+        // SAFETY: the planner only addresses regions of this backend; the recording is dropped
+        // right away.
+        let g = unsafe { self.exec.record(&steps) }.map_err(cuda)?;
+        let record = t.elapsed().as_secs_f64() * 1e3;
+        self.exec.forget(g);
+        Ok((plan, record))
+    }
+
+    /// Benchmarks: turns recording on or off ([`GpuOptions::record`]): off, every decoder pass
+    /// runs launch by launch.
+    pub fn set_recording(&mut self, on: bool) {
+        self.options.record = on;
     }
 
     /// Benchmarks: fills every batch slot's sampler params with a valid mid-canvas step

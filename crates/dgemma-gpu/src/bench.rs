@@ -248,6 +248,23 @@ pub fn run<X: Executor>(backend: &mut GpuBackend<X>, plan: &BenchPlan, bandwidth
         }
         out.push(r);
     }
+    // What a recording costs against running the same pass launch by launch: the trade-off
+    // behind GpuOptions::record_after.
+    backend.assume_cache_len(prompt)?;
+    let (plan_ms, record_ms) = backend.record_cost_ms(canvas, true)?;
+    let mut r = Record::new(format!("graph_record.bf16.c1.ctx{prompt}"), record_ms, "ms");
+    r.note = format!(
+        "host time to capture and instantiate one decoder pass as a CUDA graph (planning it took {plan_ms:.3} ms more); \
+         paid once per batch composition that comes back"
+    );
+    out.push(r);
+    backend.set_recording(false);
+    let direct = mean_ms(backend, plan.iters, |b| b.queue_denoise(canvas, true));
+    backend.set_recording(true);
+    let mut r = Record::new(format!("step_unrecorded.bf16.c1.ctx{prompt}"), direct?, "ms");
+    r.floor = Some(floor_ms(weight_bytes + backend.kv_bytes_attended(prompt) as f64));
+    r.note = "the c1 step run launch by launch (planned afresh each time, no CUDA graph)".into();
+    out.push(r);
     let step = match step_at_prompt {
         Some(ms) => ms,
         None => {

@@ -404,8 +404,15 @@ pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
 }
 
 /// A recorded decoder pass replays with the inputs of the moment: a new canvas, a new
-/// self-conditioning input (vLLM once shipped a replay that froze them).
+/// self-conditioning input (vLLM once shipped a replay that froze them). With the default
+/// `record_after` (2) a pass key runs launch by launch the first time and is recorded the second;
+/// with 1, on first use.
 pub fn check_replay_sees_new_inputs<X: Executor>(make: impl Fn() -> X) {
+    check_replay_sees_new_inputs_after(&make, 1);
+    check_replay_sees_new_inputs_after(&make, 2);
+}
+
+fn check_replay_sees_new_inputs_after<X: Executor>(make: impl Fn() -> X, record_after: u32) {
     let m = load("tiny-default");
     let cfg = &m.ck.config.text;
     let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
@@ -421,13 +428,15 @@ pub fn check_replay_sees_new_inputs<X: Executor>(make: impl Fn() -> X) {
         g.denoise(canvas, sc, &mut out).unwrap();
         out
     };
-    let mut g = gpu_backend(&m, make(), default_options(&m));
+    let mut g = gpu_backend(&m, make(), GpuOptions { record_after, ..default_options(&m) });
     g.encode(&prompt).unwrap();
     let mut a = vec![f32::NAN; c * v];
     let mut b = vec![f32::NAN; c * v];
+    let unrecorded = record_after as usize - 1;
     g.denoise(&canvas_a, None, &mut a).unwrap();
+    assert_eq!((g.replays, g.executor().recordings()), (1 - unrecorded, 1 - unrecorded));
     g.denoise(&canvas_b, None, &mut b).unwrap();
-    assert_eq!(g.replays, 2);
+    assert_eq!((g.replays, g.executor().recordings()), (2 - unrecorded, 1));
     assert!(a != b, "two canvases gave the same logits");
     assert!(a == fresh(&canvas_a, None), "first replay differs from a fresh pass");
     assert!(b == fresh(&canvas_b, None), "replay with a new canvas did not see it");
@@ -437,7 +446,7 @@ pub fn check_replay_sees_new_inputs<X: Executor>(make: impl Fn() -> X) {
     let mut y = vec![f32::NAN; c * v];
     g.denoise(&canvas_a, Some(&sc_a), &mut x).unwrap();
     g.denoise(&canvas_a, Some(&sc_b), &mut y).unwrap();
-    assert_eq!(g.replays, 4);
+    assert_eq!(g.replays, 4 - 2 * unrecorded);
     assert!(x != y, "two self-conditioning inputs gave the same logits");
     assert!(y == fresh(&canvas_a, Some(&sc_b)), "replay with a new self-conditioning input did not see it");
 }
@@ -542,6 +551,10 @@ pub fn check_synthetic_bench<X: Executor>(make: impl Fn() -> X) {
     let r = records.iter().find(|r| r.name == "step.bf16.c3.ctx64").unwrap();
     assert!(r.value.is_nan() && r.note.contains("not run"), "{r:?}");
     assert!(records.iter().any(|r| r.name == "peak_mem_gb.bf16.c2" && r.value > 0.0));
+    for want in ["graph_record.bf16.c1.ctx64", "step_unrecorded.bf16.c1.ctx64"] {
+        let r = records.iter().find(|r| r.name == want).unwrap_or_else(|| panic!("no {want} in {names:?}"));
+        assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
+    }
     // The largest batch that ran (2) also times a step of one canvas with another's commit.
     let r = records.iter().find(|r| r.name == "step_with_commit.bf16.c1.ctx64").unwrap_or_else(|| panic!("{names:?}"));
     assert!(r.value.is_finite() && r.value > 0.0 && r.note.contains("the commit adds"), "{r:?}");

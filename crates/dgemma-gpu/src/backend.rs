@@ -440,13 +440,18 @@ impl<X: Executor> GpuBackend<X> {
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        self.check_ids_of(self.current, ids, what)
+    }
+
+    /// `ids` are in the vocabulary and fit sequence `seq`'s context after its cache.
+    fn check_ids_of(&self, seq: usize, ids: &[u32], what: &str) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             return Err(Error::InvalidInput(format!(
                 "{what} holds token id {bad}, outside the vocabulary of {} tokens",
                 self.cfg.vocab_size
             )));
         }
-        let (len, context) = (self.seq().len, self.seq().kv.context);
+        let (len, context) = (self.seqs[seq].len, self.seqs[seq].kv.context);
         let end = len + ids.len();
         if end > context {
             return Err(Error::InvalidInput(format!(

@@ -128,10 +128,7 @@ impl<X: Executor> GpuBackend<X> {
             if ids.is_empty() {
                 return Err(Error::InvalidInput(format!("sequence {seq}: an empty encoder segment")));
             }
-            let current = std::mem::replace(&mut self.current, seq);
-            let checked = self.check_ids(ids, "the encoder input");
-            self.current = current;
-            checked?;
+            self.check_ids_of(seq, ids, "the encoder input")?;
             let dst = self.ws.ids.sub(4 * row, 4 * ids.len()).map_err(cuda)?;
             self.upload_ids(dst, ids)?;
             out.push((seq, ids.len()));

@@ -1237,6 +1237,10 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                 continue;
             }
             let mut a = active.swap_remove(i);
+            // Free the KV cache (its pages go back to the pool) before the final event, so a
+            // client that sees it finished sees its memory free; the (empty) backend is kept
+            // for the next request.
+            a.slot.backend.reset();
             let mut st = stats();
             st.active -= 1;
             match outcome {
@@ -1265,8 +1269,6 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
                 }
             }
             drop(st);
-            // Free the KV cache now and keep the (empty) backend for the next request.
-            a.slot.backend.reset();
             free.push(a.slot);
             memory_full = false;
             // swap_remove moved the last request to `i`: do not advance.

@@ -40,10 +40,13 @@
 // only exception, a product below fp32's normal range, does not occur with real activations),
 // and the dots, hence g, u and y, are bit-identical to the CPU's. The element-wise steps are the
 // CPU's IEEE operations too; only tanhf (in gelu) is the GPU's own (the emulator uses glibc's).
-// Matching the CPU's order matters beyond the kernel tests: a different summation order flips
-// a bf16 rounding now and then, and the flips cascade through the layers of a whole-model run.
+// Matching the CPU's order makes a whole-model run bit-identical to the CPU's up to the other
+// kernels' orders (a different order flips a bf16 rounding now and then, and on long contexts
+// the flips cascade); the backend runs grouped_gemm_mma.cuh instead for speed, and whole-model
+// tests hold it to the float32 run as closely as the CPU's bf16 run is.
 //
-// Algorithm (SIMT fp32 FMAs with weight reuse; a tensor-core version is the next step):
+// Algorithm (SIMT fp32 FMAs with weight reuse; grouped_gemm_mma.cuh is the tensor-core version,
+// same contract, the CPU's results up to the fp32 summation order):
 // grid (E + 1, column tiles), ROWS = pairs per chunk, COLS = output columns per tile. Block
 // (e, tile) loops over expert e's pairs in chunks of ROWS (the pair count is read from offsets
 // on the device, so the grid does not depend on the routing and can be baked into a CUDA graph;
@@ -157,6 +160,30 @@ __device__ __forceinline__ void grouped_tile_fma(float (&acc)[4][2][8], const F3
     }
 }
 
+// The pairs block (e, tile) of a grouped GEMM serves: expert e's slice [begin, end) of `sorted`
+// (e == num_experts: the bucket of ids outside [0, E)), clamped so that a corrupt offsets buffer
+// can not send the block outside the buffers. False when the block has nothing to do.
+__device__ __forceinline__ bool expert_pair_range(const int* offsets, int e, int num_experts, int pairs, int& begin,
+                                                  int& end)
+{
+    if (e > num_experts) return false;
+    begin = max(0, min(offsets[e], pairs));
+    end = e < num_experts ? max(begin, min(offsets[e + 1], pairs)) : pairs;
+    return begin < end;
+}
+
+// The invalid bucket's rows: NaN in output columns c0 .. c0 + cols (those below OUT_COLS) of the
+// pairs sorted[begin .. end), the block's THREADS threads striding over them.
+template <int OUT_COLS, int THREADS>
+__device__ __forceinline__ void write_invalid_rows(bf16* out, const int* sorted, int begin, int end, int c0, int cols,
+                                                   int tid)
+{
+    for (int i = tid; i < (end - begin) * cols; i += THREADS) {
+        const int c = c0 + i % cols;
+        if (c < OUT_COLS) out[(size_t)sorted[begin + i / cols] * OUT_COLS + c] = bf16_nan();
+    }
+}
+
 template <int N, int K, bool GEGLU, int ROWS, int COLS, typename W = WeightBf16>
 __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* sorted, const int* offsets,
                                                     const typename W::T* w, const float* w_scale, bf16* out,
@@ -184,18 +211,11 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
     const int e = blockIdx.x;
     const int c0 = blockIdx.y * COLS;
     const int pairs = tokens * top_k;
-    if (e > num_experts || c0 >= OUT_COLS) return; // whole block
-    // Expert e's pairs (num_experts: the invalid bucket). Clamped, so a corrupt offsets buffer
-    // can not send the block outside the buffers.
-    const int begin = max(0, min(offsets[e], pairs));
-    const int end = e < num_experts ? max(begin, min(offsets[e + 1], pairs)) : pairs;
-    if (begin >= end) return; // no pairs: the whole block leaves at once
-
+    // Expert e's pairs; none (or a tile past the columns): the whole block leaves at once.
+    int begin, end;
+    if (c0 >= OUT_COLS || !expert_pair_range(offsets, e, num_experts, pairs, begin, end)) return;
     if (e == num_experts) { // expert ids out of range: NaN rows
-        for (int i = tid; i < (end - begin) * COLS; i += THREADS) {
-            const int c = c0 + i % COLS;
-            if (c < OUT_COLS) out[(size_t)sorted[begin + i / COLS] * OUT_COLS + c] = bf16_nan();
-        }
+        write_invalid_rows<OUT_COLS, THREADS>(out, sorted, begin, end, c0, COLS, tid);
         return;
     }
 

@@ -8,7 +8,7 @@
 //!
 //! Output is a pure function of the spec: no timestamps, no paths, no hash-map order.
 
-use crate::spec::{GemmFuse, KernelSpec, MaskKind, Op, Target, WeightFormat};
+use crate::spec::{GemmEngine, GemmFuse, KernelSpec, MaskKind, Op, Target, WeightFormat};
 use std::fmt::Write as _;
 
 /// One kernel parameter: C type and name.
@@ -231,18 +231,22 @@ fn template_call(spec: &KernelSpec) -> String {
             "dgemma::linear<{}, {}, {}, {}, {}, {}, {}>",
             l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
         ),
-        Op::GroupedGemm(g) => format!(
-            "dgemma::grouped_gemm_sorted<{}, {}, {}, {}, {}{}>",
-            g.n,
-            g.k,
-            g.fuse == GemmFuse::Geglu,
-            g.rows,
-            g.cols,
-            match g.weights {
+        Op::GroupedGemm(g) => {
+            let weights = match g.weights {
                 WeightFormat::Bf16 => "",
                 WeightFormat::E4m3 => ", dgemma::WeightE4m3",
+            };
+            let geglu = g.fuse == GemmFuse::Geglu;
+            match g.engine {
+                GemmEngine::Simt => {
+                    format!("dgemma::grouped_gemm_sorted<{}, {}, {geglu}, {}, {}{weights}>", g.n, g.k, g.rows, g.cols)
+                }
+                GemmEngine::Mma { block_k, warps } => format!(
+                    "dgemma::grouped_gemm_mma<{}, {}, {geglu}, {}, {}, {block_k}, {warps}{weights}>",
+                    g.n, g.k, g.rows, g.cols
+                ),
             }
-        ),
+        }
         Op::MoeSort(m) => format!("dgemma::moe_sort<{}, {t}>", m.experts),
         Op::MoeCombine(m) => format!("dgemma::moe_combine<{}, {t}>", m.hidden),
         Op::Router(r) => format!("dgemma::router<{}, {}, {}, {t}>", r.hidden, r.experts, r.top_k),
@@ -275,7 +279,7 @@ pub fn emit(spec: &KernelSpec) -> String {
         Target::Only(a) => format!("{} only (a trap on every other arch)", a.nvcc_name()),
     };
     writeln!(s, "// target: {target}").unwrap();
-    writeln!(s, "#include \"{}\"", spec.family().header()).unwrap();
+    writeln!(s, "#include \"{}\"", spec.header()).unwrap();
     writeln!(s).unwrap();
     writeln!(s, "extern \"C\" __global__ void __launch_bounds__({}) {name}(", spec.block_threads()).unwrap();
     for (i, p) in params.iter().enumerate() {

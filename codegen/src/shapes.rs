@@ -6,7 +6,7 @@
 //! two can not disagree.
 
 use crate::spec::{
-    Arch, Attention, Embedding, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, MoeCombine, MoeSort,
+    Arch, Attention, Embedding, GemmEngine, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, MoeCombine, MoeSort,
     Op, RmsNorm, Rope, ReadBandwidth, Router, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding, WeightFormat,
 };
 
@@ -194,32 +194,90 @@ pub fn linear_spec(n: u32, k: u32) -> KernelSpec {
     KernelSpec::portable(Op::Linear(Linear { n, k, block_m, block_n, block_k: 32, warp_m: 32, warp_n: 32 }))
 }
 
-/// Expert GEMM for `arch` (SIMT, `csrc/grouped_gemm.cuh`) over the pairs [`moe_sort_spec`]
-/// grouped by expert.
-///
-/// `rows = 32` pairs per chunk: a 256-token canvas routes 2048 pairs to the 26B model's 128
-/// experts (16 per expert on average), a 512-token prefill chunk 32, so most experts' pairs fit
-/// one chunk and their weights are read once per layer; a hot expert re-reads its column tile
-/// (from L2, mostly) once per further 32 pairs, and a partial chunk skips its empty 8-pair
-/// groups' FMAs. `cols`: 32 GeGLU columns (64 weight rows: the gate and up rows) or 64 down
-/// columns, so both blocks have 256 threads with a 4 x 2 register tile of 8-lane dots each
-/// (the CPU's summation order: 6 shared-memory loads of 16 bytes per 32 FMAs) and 26 KiB of
-/// shared memory; the grid is (128 experts and the invalid bucket) x 22 (gate_up, 704 / 32) or
-/// x 44 (down, 2816 / 64) tiles.
+/// Expert GEMM for `arch` over the pairs [`moe_sort_spec`] grouped by expert, bf16 weights: the
+/// kernel the backend launches ([`grouped_gemm_spec_for`]).
 pub fn grouped_gemm_spec(n: u32, k: u32, fuse: GemmFuse, arch: Arch) -> KernelSpec {
     grouped_gemm_spec_for(n, k, fuse, WeightFormat::Bf16, arch)
 }
 
-/// [`grouped_gemm_spec`] for expert weights stored as `weights`: the same tiles for e4m3 codes
-/// (weight-only FP8, dequantised into the same fp32 shared-memory tiles, plus 256 bytes of row
-/// scales; the 8-byte code loads halve the weight bytes read, the point of FP8 for a denoising
-/// step bound by reading the experts).
+/// Whether the backend launches the tensor-core expert GEMMs ([`grouped_gemm_mma_spec_for`])
+/// rather than the SIMT ones ([`grouped_gemm_simt_spec_for`]); both are compiled for every shape
+/// and tested against the CPU kernel by kernel.
+///
+/// On: the SIMT kernels sum in the CPU's 8-lane order (bit-identical dots, the reference path),
+/// but a 256-token canvas is ~730 GFLOP of expert math per step, 16 canvases 16 times that, far
+/// past what fp32 FMAs deliver. The tensor-core kernels only sum in another order: whole-model
+/// logits stay as close to the float32 run as the CPU's bf16 run is (the emulated backend's
+/// `assert_bf16_drift`: within 4% on five long-context prompts) and every GPU-versus-GPU
+/// bit-identity test holds. Turning this off selects the SIMT kernels everywhere
+/// ([`grouped_gemm_spec_for`], hence `dgemma-gpu`'s `Kernels::resolve`).
+pub const GROUPED_GEMM_TENSOR_CORES: bool = true;
+
+/// The tensor-core tiles of the expert GEMMs ([`GemmEngine::Mma`], `csrc/grouped_gemm_mma.cuh`):
+/// chunks of 64 pairs, 32-wide k slices, 8 warps side by side along the columns.
+pub const GROUPED_MMA_ROWS: u32 = 64;
+pub const GROUPED_MMA_BLOCK_K: u32 = 32;
+pub const GROUPED_MMA_WARPS: u32 = 8;
+
+/// Output columns of a tensor-core expert GEMM's block: 64 for GeGLU (128 weight rows: each warp
+/// one n8 fragment of gate rows and the matching up rows), 128 for the down projection (each warp
+/// two n8 fragments). Both tiles are 128 weight rows, so both kernels stage the same
+/// (64 + 128) x 40 bf16 slices (two buffers: 30 KiB of the 48 KiB of static shared memory; a
+/// 64-wide k slice would not fit) and keep 32 fp32 accumulators per thread.
+pub fn grouped_mma_cols(fuse: GemmFuse) -> u32 {
+    match fuse {
+        GemmFuse::Geglu => 64,
+        GemmFuse::Down => 128,
+    }
+}
+
+/// [`grouped_gemm_spec`] for expert weights stored as `weights`: the kernel the backend launches,
+/// [`grouped_gemm_mma_spec_for`] or [`grouped_gemm_simt_spec_for`] as
+/// [`GROUPED_GEMM_TENSOR_CORES`] says.
 pub fn grouped_gemm_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
+    if GROUPED_GEMM_TENSOR_CORES {
+        grouped_gemm_mma_spec_for(n, k, fuse, weights, arch)
+    } else {
+        grouped_gemm_simt_spec_for(n, k, fuse, weights, arch)
+    }
+}
+
+/// The tensor-core expert GEMM (`csrc/grouped_gemm_mma.cuh`, mma.sync m16n8k16 with fp32
+/// accumulation) for expert weights stored as `weights` (e4m3 codes are dequantised to bf16 while
+/// they are staged: the same tiles, half the bytes read).
+///
+/// `rows = 64` pairs per chunk: a 256-token canvas routes 2048 pairs to the 26B model's 128
+/// experts (16 per expert on average, skewed), so nearly every expert's pairs fit one chunk and
+/// its weights stream from HBM once per layer (m16 fragments past the chunk's pairs skip their
+/// mma, so a 16-pair expert costs a quarter of a full chunk's tensor work); at 16 canvases (about
+/// 256 pairs per expert) a block re-streams its weight tile about 4 times per layer, not 16: 64
+/// multiply-adds per weight element read. `cols` ([`grouped_mma_cols`]): 64 GeGLU columns or 128
+/// down columns, 128 weight rows either way; the grid is (128 experts and the invalid bucket) x 11
+/// (gate_up, 704 / 64) or x 22 (down, 2816 / 128) tiles, 1419 and 2838 blocks of 256 threads.
+/// The tiny test models get the same tiles (one column tile, most warps without live columns).
+pub fn grouped_gemm_mma_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
+    let engine = GemmEngine::Mma { block_k: GROUPED_MMA_BLOCK_K, warps: GROUPED_MMA_WARPS };
+    let g = GroupedGemm { n, k, fuse, rows: GROUPED_MMA_ROWS, cols: grouped_mma_cols(fuse), weights, engine };
+    KernelSpec::for_arch(Op::GroupedGemm(g), arch)
+}
+
+/// The SIMT expert GEMM (`csrc/grouped_gemm.cuh`): the dot products in the CPU's 8-lane order, so
+/// bit-identical to the CPU backend; compiled for every shape as the reference path (and the
+/// backend's kernel while [`GROUPED_GEMM_TENSOR_CORES`] is off).
+///
+/// `rows = 32` pairs per chunk: most experts' pairs at a canvas fit one chunk; a hot expert
+/// re-reads its column tile (from L2, mostly) once per further 32 pairs, and a partial chunk
+/// skips its empty 8-pair groups' FMAs. `cols`: 32 GeGLU columns (64 weight rows: the gate and up
+/// rows) or 64 down columns, so both blocks have 256 threads with a 4 x 2 register tile of 8-lane
+/// dots each (the CPU's summation order: 6 shared-memory loads of 16 bytes per 32 FMAs) and
+/// 26 KiB of shared memory (plus 256 bytes of row scales for e4m3 weights).
+pub fn grouped_gemm_simt_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
     let cols = match fuse {
         GemmFuse::Geglu => 32,
         GemmFuse::Down => 64,
     };
-    KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { n, k, fuse, rows: 32, cols, weights }), arch)
+    let g = GroupedGemm { n, k, fuse, rows: 32, cols, weights, engine: GemmEngine::Simt };
+    KernelSpec::for_arch(Op::GroupedGemm(g), arch)
 }
 
 /// The routing sort of the MoE block (one block; `csrc/moe_sort.cuh`).
@@ -319,8 +377,11 @@ pub fn rmsnorm_spec(
 /// Every kernel a model of this shape needs, sorted by kernel name, without duplicates.
 ///
 /// The grouped (MoE) GEMMs are arch-specific (one spec per [`Arch`]): they are where the sm_90a
-/// (wgmma/TMA) and sm_120 code paths will diverge (issue #4). Everything else, the dense
-/// tensor-core linear included (mma.sync runs on both), is portable.
+/// (wgmma/TMA) and sm_120 code paths will diverge (issue #4). Each comes twice: the tensor-core
+/// kernel ([`grouped_gemm_mma_spec_for`]) and the SIMT reference kernel
+/// ([`grouped_gemm_simt_spec_for`]); [`grouped_gemm_spec_for`] is the one the backend launches.
+/// Everything else, the dense tensor-core linear included
+/// (mma.sync runs on both), is portable.
 pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     let s = shape;
     let h = s.hidden;
@@ -366,8 +427,10 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     v.extend(soft_embedding_specs(h, s.vocab));
     for arch in Arch::ALL {
         for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
-            v.push(grouped_gemm_spec_for(2 * s.moe_width, h, GemmFuse::Geglu, weights, arch));
-            v.push(grouped_gemm_spec_for(h, s.moe_width, GemmFuse::Down, weights, arch));
+            for spec_for in [grouped_gemm_mma_spec_for, grouped_gemm_simt_spec_for] {
+                v.push(spec_for(2 * s.moe_width, h, GemmFuse::Geglu, weights, arch));
+                v.push(spec_for(h, s.moe_width, GemmFuse::Down, weights, arch));
+            }
         }
     }
     sort_dedup(v)
@@ -398,14 +461,31 @@ pub fn soft_embedding_self_test_specs() -> Vec<KernelSpec> {
     soft_embedding_specs(136, 520).to_vec()
 }
 
+/// Tensor-core expert GEMMs no model needs, compiled in (both weight formats, both archs) so the
+/// kernel tests run the paths the model shapes do not reach on the emulator: GeGLU n = 144 (72
+/// output columns: a second column tile with one live warp) with k = 72 (three k slices, the last
+/// 8 wide: half a k16 step, then a step wholly past k); down n = 136 (a second column tile whose
+/// one live warp has one live n8 fragment of its ldmatrix pair) with k = 40.
+pub fn grouped_gemm_self_test_specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for arch in Arch::ALL {
+        for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+            v.push(grouped_gemm_mma_spec_for(144, 72, GemmFuse::Geglu, weights, arch));
+            v.push(grouped_gemm_mma_spec_for(136, 40, GemmFuse::Down, weights, arch));
+        }
+    }
+    v
+}
+
 /// The union of [`specs_for_model`] over [`SUPPORTED_MODELS`], plus the model-independent
-/// [`read_bandwidth_spec`], [`linear_self_test_specs`] and [`soft_embedding_self_test_specs`]:
-/// what build.rs compiles.
+/// [`read_bandwidth_spec`], [`linear_self_test_specs`], [`soft_embedding_self_test_specs`] and
+/// [`grouped_gemm_self_test_specs`]: what build.rs compiles.
 pub fn supported_specs() -> Vec<KernelSpec> {
     let mut v: Vec<KernelSpec> = SUPPORTED_MODELS.iter().flat_map(|(_, s)| specs_for_model(s)).collect();
     v.push(read_bandwidth_spec());
     v.extend(linear_self_test_specs());
     v.extend(soft_embedding_self_test_specs());
+    v.extend(grouped_gemm_self_test_specs());
     sort_dedup(v)
 }
 
@@ -465,6 +545,10 @@ mod tests {
             "linear_n2816_k8192_t32x64x32_w32x32_bf16",
             "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a",
             "grouped_gemm_n2816_k704_down_r32_c64_bf16_sm120",
+            "grouped_gemm_n1408_k2816_geglu_mma_t64x64x32_w8_bf16_sm90a",
+            "grouped_gemm_n1408_k2816_geglu_mma_t64x64x32_w8_e4m3_bf16_sm120",
+            "grouped_gemm_n2816_k704_down_mma_t64x128x32_w8_bf16_sm90a",
+            "grouped_gemm_n2816_k704_down_mma_t64x128x32_w8_e4m3_bf16_sm120",
             "moe_sort_e128_bf16",
             "moe_combine_h2816_bf16",
             "router_h2816_e128_k8_bf16",
@@ -581,15 +665,46 @@ mod tests {
             assert!(specs.contains(&moe_combine_spec(shape.hidden)), "{name}: no combine");
             for arch in Arch::ALL {
                 for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
-                    let up = grouped_gemm_spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, weights, arch);
-                    let down = grouped_gemm_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, arch);
-                    assert!(specs.contains(&up) && specs.contains(&down), "{name}: no {arch:?} {weights:?} expert GEMMs");
-                    for s in [up, down] {
-                        s.validate().unwrap();
-                        assert_eq!(s.block_threads(), 256, "{}", s.kernel_name());
+                    for (spec_for, tensor_cores) in
+                        [(grouped_gemm_mma_spec_for as fn(_, _, _, _, _) -> _, true), (grouped_gemm_simt_spec_for, false)]
+                    {
+                        let up = spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, weights, arch);
+                        let down = spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, arch);
+                        assert!(specs.contains(&up) && specs.contains(&down), "{name}: no {arch:?} {weights:?} expert GEMMs");
+                        for s in [up, down] {
+                            s.validate().unwrap();
+                            assert_eq!(s.block_threads(), 256, "{}", s.kernel_name());
+                            let Op::GroupedGemm(g) = s.op else { unreachable!() };
+                            assert_eq!(matches!(g.engine, GemmEngine::Mma { .. }), tensor_cores, "{}", s.kernel_name());
+                            assert!(g.shared_bytes() <= 48 * 1024, "{}", s.kernel_name());
+                        }
                     }
                 }
             }
+            // The backend's kernel: the engine GROUPED_GEMM_TENSOR_CORES says.
+            let Op::GroupedGemm(g) = grouped_gemm_spec(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, Arch::Sm90a).op
+            else {
+                unreachable!()
+            };
+            assert_eq!(matches!(g.engine, GemmEngine::Mma { .. }), GROUPED_GEMM_TENSOR_CORES, "{name}");
+            assert_eq!(g.weights, WeightFormat::Bf16, "{name}");
+        }
+        // 26B: 64-pair chunks, 11 gate_up and 22 down column tiles of 128 weight rows, 30.5 KiB.
+        let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
+        for (fuse, n, k, tiles) in [(GemmFuse::Geglu, 2 * s.moe_width, s.hidden, 11), (GemmFuse::Down, s.hidden, s.moe_width, 22)] {
+            let Op::GroupedGemm(g) = grouped_gemm_mma_spec_for(n, k, fuse, WeightFormat::E4m3, Arch::Sm120).op else {
+                unreachable!()
+            };
+            assert_eq!((g.rows, g.weight_rows(), g.out_cols().div_ceil(g.cols)), (64, 128, tiles), "{fuse:?}");
+            assert_eq!(g.shared_bytes(), 2 * (64 + 128) * 40 * 2 + 8 * 64);
+        }
+        // The self-test shapes: a second column tile with one live warp, ragged k slices.
+        for spec in grouped_gemm_self_test_specs() {
+            assert!(supported_specs().contains(&spec), "{}", spec.kernel_name());
+            spec.validate().unwrap();
+            let Op::GroupedGemm(g) = spec.op else { unreachable!() };
+            assert_eq!(g.out_cols().div_ceil(g.cols), 2, "{}", spec.kernel_name());
+            assert_eq!(g.k % GROUPED_MMA_BLOCK_K, 8, "{}", spec.kernel_name());
         }
     }
 

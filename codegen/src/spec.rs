@@ -275,13 +275,27 @@ impl WeightFormat {
     }
 }
 
+/// How a [`GroupedGemm`] computes its dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GemmEngine {
+    /// SIMT fp32 FMAs in the CPU's 8-lane dot order (`csrc/grouped_gemm.cuh`), bit-identical to
+    /// the CPU: the reference path. Each thread owns a 4 x 2 register tile (4 pairs x 2 weight
+    /// rows: for GeGLU the gate and up rows of one column) of 8-lane dots, so a block has
+    /// `(rows / 4) * (weight rows / 2)` threads.
+    Simt,
+    /// Tensor cores (`csrc/grouped_gemm_mma.cuh`, mma.sync m16n8k16 bf16 -> fp32; only the fp32
+    /// summation order differs from the CPU). k streams through shared memory in `block_k`-wide
+    /// slices (double-buffered); `warps` warps sit side by side along the block's columns, each
+    /// owning all `rows` pair rows and `cols / warps` output columns (for GeGLU their gate and
+    /// their up rows).
+    Mma { block_k: u32, warps: u32 },
+}
+
 /// MoE expert GEMM over the routed (token, slot) pairs grouped by expert ([`MoeSort`]'s output),
-/// expert weights `W[e]: [n, k]` (`csrc/grouped_gemm.cuh`; the dot products in the CPU's 8-lane
-/// order, so bit-identical to it). Tile parameters: a block computes `cols` output columns for
-/// chunks of `rows` pairs of one expert, so each weight element read serves `rows` pairs; each
-/// thread owns a 4 x 2 register tile (4 pairs x 2 weight rows: for GeGLU the gate and up rows of
-/// one column) of 8-lane dots, so a block has `(rows / 4) * (weight rows / 2)` threads, weight
-/// rows = `2 * cols` for GeGLU, `cols` otherwise.
+/// expert weights `W[e]: [n, k]`. Tile parameters: a block computes `cols` output columns for
+/// chunks of `rows` pairs of one expert, so each weight element read serves `rows` pairs; the
+/// grid is (experts + 1, output columns / `cols`) for every engine. `engine` says how the block
+/// computes (SIMT in the CPU's order, or tensor cores) and carries its own tile parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupedGemm {
     pub n: u32,
@@ -291,6 +305,7 @@ pub struct GroupedGemm {
     pub cols: u32,
     /// How the expert weights are stored (bf16, or e4m3 codes with per-row scales).
     pub weights: WeightFormat,
+    pub engine: GemmEngine,
 }
 
 impl GroupedGemm {
@@ -302,16 +317,33 @@ impl GroupedGemm {
         }
     }
 
-    /// Bytes of static shared memory (`csrc/grouped_gemm.cuh`): the fp32 input and weight
+    /// Output columns of the whole output row: `n / 2` for GeGLU, `n` otherwise.
+    pub fn out_cols(&self) -> u32 {
+        match self.fuse {
+            GemmFuse::Geglu => self.n / 2,
+            GemmFuse::Down => self.n,
+        }
+    }
+
+    /// Bytes of static shared memory. SIMT (`csrc/grouped_gemm.cuh`): the fp32 input and weight
     /// slices of one k step (64 wide, 32 for k < 64), rows padded by 4 floats, two ints per pair
-    /// slot, and for e4m3 weights one fp32 scale per weight row.
+    /// slot, and for e4m3 weights one fp32 scale per weight row. Tensor cores
+    /// (`csrc/grouped_gemm_mma.cuh`): two buffers of the input and weight slices, bf16 rows padded
+    /// to `block_k + 8`, and two ints per pair slot (e4m3 scales stay in registers).
     pub fn shared_bytes(&self) -> u64 {
-        let kt: u64 = if self.k >= 64 { 64 } else { 32 };
-        let scales = match self.weights {
-            WeightFormat::Bf16 => 4,
-            WeightFormat::E4m3 => 4 * self.weight_rows() as u64,
-        };
-        (self.rows + self.weight_rows()) as u64 * (kt + 4) * 4 + 8 * self.rows as u64 + scales
+        match self.engine {
+            GemmEngine::Simt => {
+                let kt: u64 = if self.k >= 64 { 64 } else { 32 };
+                let scales = match self.weights {
+                    WeightFormat::Bf16 => 4,
+                    WeightFormat::E4m3 => 4 * self.weight_rows() as u64,
+                };
+                (self.rows + self.weight_rows()) as u64 * (kt + 4) * 4 + 8 * self.rows as u64 + scales
+            }
+            GemmEngine::Mma { block_k, .. } => {
+                2 * (self.rows + self.weight_rows()) as u64 * (block_k as u64 + 8) * 2 + 8 * self.rows as u64
+            }
+        }
     }
 }
 
@@ -584,6 +616,16 @@ impl KernelSpec {
         }
     }
 
+    /// The hand-written template under `csrc/` the kernel instantiates: the family's
+    /// ([`Family::header`]), except for the tensor-core grouped GEMMs (`grouped_gemm_mma.cuh`,
+    /// which includes the family's `grouped_gemm.cuh`).
+    pub fn header(&self) -> &'static str {
+        match self.op {
+            Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Mma { .. }, .. }) => "grouped_gemm_mma.cuh",
+            _ => self.family().header(),
+        }
+    }
+
     /// The `extern "C"` symbol: family, every compile-time parameter, dtype, and the arch for
     /// arch-specific kernels. Example: `rmsnorm_w2816_scale_resadd_bf16`.
     pub fn kernel_name(&self) -> String {
@@ -626,17 +668,32 @@ impl KernelSpec {
                 l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
             )
             .unwrap(),
-            Op::GroupedGemm(g) => write!(
-                s,
-                "grouped_gemm_n{}_k{}_{}_r{}_c{}{}",
-                g.n,
-                g.k,
-                g.fuse.suffix(),
-                g.rows,
-                g.cols,
-                g.weights.suffix()
-            )
-            .unwrap(),
+            Op::GroupedGemm(g) => match g.engine {
+                GemmEngine::Simt => write!(
+                    s,
+                    "grouped_gemm_n{}_k{}_{}_r{}_c{}{}",
+                    g.n,
+                    g.k,
+                    g.fuse.suffix(),
+                    g.rows,
+                    g.cols,
+                    g.weights.suffix()
+                )
+                .unwrap(),
+                GemmEngine::Mma { block_k, warps } => write!(
+                    s,
+                    "grouped_gemm_n{}_k{}_{}_mma_t{}x{}x{}_w{}{}",
+                    g.n,
+                    g.k,
+                    g.fuse.suffix(),
+                    g.rows,
+                    g.cols,
+                    block_k,
+                    warps,
+                    g.weights.suffix()
+                )
+                .unwrap(),
+            },
             Op::MoeSort(m) => write!(s, "moe_sort_e{}", m.experts).unwrap(),
             Op::MoeCombine(m) => write!(s, "moe_combine_h{}", m.hidden).unwrap(),
             Op::Router(r) => write!(s, "router_h{}_e{}_k{}", r.hidden, r.experts, r.top_k).unwrap(),
@@ -672,8 +729,11 @@ impl KernelSpec {
             Op::RowSoftmaxEntropyArgmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
             Op::Attention(a) => 32 * a.warps_m * a.warps_n,
             Op::Linear(l) => 32 * (l.block_m / l.warp_m.max(1)) * (l.block_n / l.warp_n.max(1)),
-            // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
-            Op::GroupedGemm(g) => (g.rows / 4) * (g.weight_rows() / 2),
+            Op::GroupedGemm(g) => match g.engine {
+                // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
+                GemmEngine::Simt => (g.rows / 4) * (g.weight_rows() / 2),
+                GemmEngine::Mma { warps, .. } => 32 * warps,
+            },
             // One histogram slice per thread: as many as 40 KiB of counters allow, 32..=256.
             Op::MoeSort(m) => {
                 let keys = m.experts as u64 + 1;
@@ -763,8 +823,29 @@ impl KernelSpec {
             Op::GroupedGemm(g) if g.n == 0 || g.k == 0 || g.k % 8 != 0 => {
                 fail("n must be positive and k a positive multiple of 8 (16-byte loads)")
             }
-            Op::GroupedGemm(g) if g.rows == 0 || g.rows % 4 != 0 || g.cols == 0 || g.cols % 2 != 0 => {
+            Op::GroupedGemm(g)
+                if g.engine == GemmEngine::Simt && (g.rows == 0 || g.rows % 4 != 0 || g.cols == 0 || g.cols % 2 != 0) =>
+            {
                 fail("rows must be a positive multiple of 4 and cols positive and even (4 x 2 register tiles)")
+            }
+            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Mma { .. }) && g.out_cols() % 2 != 0 => {
+                fail("the output rows must have an even number of columns (paired bf16 stores)")
+            }
+            Op::GroupedGemm(GroupedGemm { rows, cols, fuse, engine: GemmEngine::Mma { block_k, warps }, .. })
+                if rows == 0
+                    || rows % 16 != 0
+                    || block_k == 0
+                    || block_k % 16 != 0
+                    || warps == 0
+                    || cols == 0
+                    || cols % warps != 0
+                    || (cols / warps) % 8 != 0
+                    || (if fuse == GemmFuse::Geglu { 2 * cols / warps } else { cols / warps }) % 16 != 0 =>
+            {
+                fail(
+                    "rows must be whole m16 fragments, block_k whole k16 steps, and each warp's columns whole \
+                     n8 fragments of whole ldmatrix pairs of weight rows",
+                )
             }
             Op::GroupedGemm(g) if g.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
@@ -874,7 +955,7 @@ mod tests {
 
     #[test]
     fn moe_names_and_blocks() {
-        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16 };
+        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16, engine: GemmEngine::Simt };
         let fp8 = KernelSpec::for_arch(Op::GroupedGemm(GroupedGemm { weights: WeightFormat::E4m3, ..up }), Arch::Sm90a);
         assert_eq!(fp8.kernel_name(), "grouped_gemm_n1408_k2816_geglu_r32_c32_e4m3_bf16_sm90a");
         assert_eq!(fp8.block_threads(), 256);
@@ -883,7 +964,7 @@ mod tests {
         assert_eq!(up.kernel_name(), "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a");
         assert_eq!(up.block_threads(), 256); // 8 groups of 4 pairs x 32 groups of 2 weight rows
         up.validate().unwrap();
-        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16 };
+        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16, engine: GemmEngine::Simt };
         let down = KernelSpec::for_arch(Op::GroupedGemm(down), Arch::Sm120);
         assert_eq!(down.kernel_name(), "grouped_gemm_n2816_k704_down_r32_c64_bf16_sm120");
         assert_eq!(down.block_threads(), 256);
@@ -899,6 +980,32 @@ mod tests {
         assert_eq!(combine.block_threads(), 256);
         assert_eq!(combine.family().header(), "grouped_gemm.cuh");
         combine.validate().unwrap();
+        // The tensor-core engine: its own name, block and template header.
+        let mma = GemmEngine::Mma { block_k: 32, warps: 8 };
+        let up = GroupedGemm { n: 1408, k: 2816, fuse: GemmFuse::Geglu, rows: 64, cols: 64, weights: WeightFormat::E4m3, engine: mma };
+        let up = KernelSpec::for_arch(Op::GroupedGemm(up), Arch::Sm90a);
+        assert_eq!(up.kernel_name(), "grouped_gemm_n1408_k2816_geglu_mma_t64x64x32_w8_e4m3_bf16_sm90a");
+        assert_eq!(up.block_threads(), 256);
+        assert_eq!(up.header(), "grouped_gemm_mma.cuh");
+        assert_eq!(up.family().header(), "grouped_gemm.cuh");
+        up.validate().unwrap();
+        let down = GroupedGemm { n: 2816, k: 704, fuse: GemmFuse::Down, rows: 64, cols: 128, weights: WeightFormat::Bf16, engine: mma };
+        assert_eq!(down.shared_bytes(), 2 * (64 + 128) * 40 * 2 + 8 * 64);
+        let down = KernelSpec::for_arch(Op::GroupedGemm(down), Arch::Sm120);
+        assert_eq!(down.kernel_name(), "grouped_gemm_n2816_k704_down_mma_t64x128x32_w8_bf16_sm120");
+        down.validate().unwrap();
+        let ok = GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 64, cols: 64, weights: WeightFormat::Bf16, engine: mma };
+        let bad = [
+            GroupedGemm { rows: 40, ..ok },                                        // not whole m16 fragments
+            GroupedGemm { engine: GemmEngine::Mma { block_k: 24, warps: 8 }, ..ok }, // not whole k16 steps
+            GroupedGemm { cols: 32, ..ok },                                        // 4 columns per warp
+            GroupedGemm { fuse: GemmFuse::Down, ..ok },                            // 8 weight rows per warp
+            GroupedGemm { n: 66, ..ok },                                           // 33 output columns
+            GroupedGemm { cols: 256, engine: GemmEngine::Mma { block_k: 64, warps: 8 }, ..ok }, // shared memory
+        ];
+        for g in bad {
+            assert!(KernelSpec::portable(Op::GroupedGemm(g)).validate().is_err(), "{g:?}");
+        }
     }
 
     #[test]
@@ -1030,11 +1137,11 @@ mod tests {
             Op::Attention(Attention { warps_n: 4, ..ATTN }),
             Op::Attention(Attention { block_k: 24, ..ATTN }),
             Op::Attention(Attention { head_dim: 512, block_m: 128, block_n: 128, block_k: 64, ..ATTN }),
-            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 60, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 30, cols: 64, weights: WeightFormat::Bf16 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 32, cols: 5, weights: WeightFormat::Bf16 }),
-            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 128, cols: 64, weights: WeightFormat::Bf16 }),
+            Op::GroupedGemm(GroupedGemm { n: 63, k: 64, fuse: GemmFuse::Geglu, rows: 32, cols: 32, weights: WeightFormat::Bf16, engine: GemmEngine::Simt }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 60, fuse: GemmFuse::Down, rows: 32, cols: 64, weights: WeightFormat::Bf16, engine: GemmEngine::Simt }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 30, cols: 64, weights: WeightFormat::Bf16, engine: GemmEngine::Simt }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Down, rows: 32, cols: 5, weights: WeightFormat::Bf16, engine: GemmEngine::Simt }),
+            Op::GroupedGemm(GroupedGemm { n: 64, k: 64, fuse: GemmFuse::Geglu, rows: 128, cols: 64, weights: WeightFormat::Bf16, engine: GemmEngine::Simt }),
             Op::MoeSort(MoeSort { experts: 0 }),
             Op::MoeSort(MoeSort { experts: 400 }),
             Op::MoeCombine(MoeCombine { hidden: 0 }),

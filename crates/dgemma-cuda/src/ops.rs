@@ -11,7 +11,7 @@
 //! [`Device::resolve`]); arch-specific specs of another arch are refused at launch.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use dgemma_codegen::{GemmFuse, KernelSpec, MaskKind, Op, WeightFormat};
+use dgemma_codegen::{GemmEngine, GemmFuse, KernelSpec, MaskKind, Op, WeightFormat};
 
 use crate::device::{guard, Device};
 use crate::error::{args, Context, Result};
@@ -646,10 +646,12 @@ pub fn plan_moe_sort(spec: &KernelSpec, experts: Buf, offsets: Buf, sorted: Buf,
 }
 
 /// The checks and the launch shared by both grouped GEMMs: input `x` of `x_rows` rows of k,
-/// output `out` of `pairs` rows of `out_cols`. Grid: (num_experts + 1, column tiles), block
-/// (e, tile) loops over expert e's pairs (e = num_experts: the invalid ids), so the grid does
-/// not depend on the routing. `w_scale` is the e4m3 kernels' per-row scales (`None` for bf16
-/// weights; the spec's weight format decides which it must be).
+/// output `out` of `pairs` rows of `out_cols`. Grid: (num_experts + 1, column tiles of `cols`),
+/// block (e, tile) loops over expert e's pairs (e = num_experts: the invalid ids), so the grid
+/// does not depend on the routing; the same for both engines (SIMT, `csrc/grouped_gemm.cuh`, and
+/// tensor cores, `csrc/grouped_gemm_mma.cuh`, which also stores bf16 pairs: `out` 4-byte
+/// aligned). `w_scale` is the e4m3 kernels' per-row scales (`None` for bf16 weights; the spec's
+/// weight format decides which it must be).
 #[allow(clippy::too_many_arguments)]
 fn plan_grouped(
     op: &'static str,
@@ -683,6 +685,9 @@ fn plan_grouped(
     need(op, "out", out, pairs * out_cols)?;
     if !x.ptr.is_multiple_of(16) {
         return Err(args(op, format!("x at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", x.ptr)));
+    }
+    if matches!(g.engine, GemmEngine::Mma { .. }) && !out.ptr.is_multiple_of(4) {
+        return Err(args(op, format!("out at {:#x} is not 4-byte aligned (the kernel stores bf16 pairs)", out.ptr)));
     }
     let mut args_list = vec![Arg::Ptr(x.ptr), Arg::Ptr(pairs_in.sorted.ptr), Arg::Ptr(pairs_in.offsets.ptr), Arg::Ptr(w.ptr)];
     match (g.weights, w_scale) {
@@ -1455,11 +1460,18 @@ mod tests {
     fn moe_plans_check_their_buffers() {
         let specs = supported_specs();
         let find = |pick: &dyn Fn(&Op) -> bool| *specs.iter().find(|s| pick(&s.op)).unwrap();
+        let mma = |g: &GroupedGemm| matches!(g.engine, GemmEngine::Mma { .. });
         let up = find(&|o| {
-            matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu && g.n == 1408 && g.weights == WeightFormat::Bf16)
+            matches!(o, Op::GroupedGemm(g)
+                if g.fuse == GemmFuse::Geglu && g.n == 1408 && g.weights == WeightFormat::Bf16 && mma(g))
         });
         let down = find(&|o| {
-            matches!(o, Op::GroupedGemm(g) if g.fuse == GemmFuse::Down && g.n == 2816 && g.weights == WeightFormat::Bf16)
+            matches!(o, Op::GroupedGemm(g)
+                if g.fuse == GemmFuse::Down && g.n == 2816 && g.weights == WeightFormat::Bf16 && mma(g))
+        });
+        let down_simt = find(&|o| {
+            matches!(o, Op::GroupedGemm(g)
+                if g.fuse == GemmFuse::Down && g.n == 2816 && g.weights == WeightFormat::Bf16 && !mma(g))
         });
         let sort = find(&|o| matches!(o, Op::MoeSort(m) if m.experts == 128));
         let combine = find(&|o| matches!(o, Op::MoeCombine(m) if m.hidden == 2816));
@@ -1502,6 +1514,13 @@ mod tests {
             .is_err());
         assert!(plan_grouped_gemm_down(&up, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).is_err());
         assert!(plan_grouped_gemm_geglu(&down, buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w), routing).is_err());
+        // The tensor-core kernels store bf16 pairs (out 4-byte aligned), the SIMT ones single bf16;
+        // both grids are (experts + 1, column tiles of the spec's cols).
+        let odd_out = moved(buf(p * h + 1), 2);
+        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, buf(e * h * w), odd_out, routing).is_err());
+        let Op::GroupedGemm(gs) = down_simt.op else { unreachable!() };
+        let plan = plan_grouped_gemm_down(&down_simt, buf(p * w), sorted, buf(e * h * w), odd_out, routing).unwrap();
+        assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gs.cols as usize) as u32, 1));
         // No pairs: nothing to launch.
         let none = Routing { tokens: 0, ..routing };
         assert_eq!(plan_grouped_gemm_down(&down, buf(1), sorted, buf(e * h * w), buf(1), none).unwrap().grid.0, 0);

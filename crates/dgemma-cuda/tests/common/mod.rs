@@ -17,8 +17,10 @@
 
 use std::sync::Arc;
 
-use dgemma_codegen::{supported_specs, Arch, Family, GemmFuse, KernelSpec, MaskKind, Op, WeightFormat};
-use dgemma_cpu::ops::activation::geglu as cpu_geglu;
+use dgemma_codegen::{
+    supported_specs, Arch, Family, GemmEngine, GemmFuse, GroupedGemm, KernelSpec, MaskKind, Op, WeightFormat,
+};
+use dgemma_cpu::ops::activation::{geglu as cpu_geglu, gelu_tanh as cpu_gelu};
 use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask, KV_SPLIT};
 use dgemma_cpu::ops::linear::{linear as cpu_linear, Matrix};
 use dgemma_cpu::ops::moe::{experts_forward, route, ExpertBank, Router as CpuRouter, Routing as CpuRouting};
@@ -1023,16 +1025,99 @@ pub fn check_moe_sort(e: &dyn Exec) {
     }
 }
 
-/// Multiply-add rows the grouped GEMMs run for `ids` (chunks of `rows` pairs per expert, each
-/// rounded up to whole groups of `rows / 4` pair slots): the emulator's work estimate.
-fn grouped_rows(ids: &[i32], experts: usize, rows: usize) -> usize {
-    let group = rows / 4;
+/// Whether a grouped GEMM runs on tensor cores (`csrc/grouped_gemm_mma.cuh`) rather than the
+/// SIMT kernel in the CPU's dot order.
+fn tensor_cores(g: &GroupedGemm) -> bool {
+    matches!(g.engine, GemmEngine::Mma { .. })
+}
+
+/// Multiply-add rows a grouped GEMM runs for `ids` (chunks of `g.rows` pairs per expert, each
+/// rounded up to what the kernel skips by: whole groups of `rows / 4` pair slots for SIMT, whole
+/// m16 fragments on tensor cores): the emulator's work estimate.
+fn grouped_rows(ids: &[i32], experts: usize, g: &GroupedGemm) -> usize {
+    let rows = g.rows as usize;
+    let group = if tensor_cores(g) { 16 } else { rows / 4 };
     (0..experts)
         .map(|ex| {
             let n = ids.iter().filter(|&&id| id == ex as i32).count();
             (n / rows) * rows + (n % rows).next_multiple_of(group)
         })
         .sum()
+}
+
+/// How far a grouped GEMM's outputs may be from the CPU's, for sums of `k` products with
+/// weights of magnitude at most `w_max` and inputs of at most 1: bit for bit for the SIMT down
+/// projection (the CPU's 8-lane dot order, exact products, one rounding), and on tensor cores
+/// [`check_linear`]'s tolerance: only the fp32 summation order differs, so a bf16 rounding flips
+/// (by one ulp, or near zero by the absolute fp32 bound `2e-6 * k * w_max`) in a small fraction of
+/// the elements.
+fn grouped_down_tol(g: &GroupedGemm, k: usize, w_max: f32) -> Tol {
+    if tensor_cores(g) {
+        Tol { ulps: 1.0, atol: 2e-6 * k as f32 * w_max, max_mismatch: 0.02 }
+    } else {
+        EXACT
+    }
+}
+
+/// The largest |got - want| and the largest in bf16 ulps of the larger magnitude (near zero a
+/// tiny element's ulps), how many elements differ at all (NaN-free inputs; +0 and -0 equal) and
+/// how many by more than one bf16 ulp.
+pub fn diff_stats(got: &[f32], want: &[f32]) -> (f32, f32, usize, usize) {
+    let (mut max_abs, mut max_ulps, mut differ, mut beyond) = (0f32, 0f32, 0usize, 0usize);
+    for (&g, &w) in got.iter().zip(want) {
+        if g == w {
+            continue;
+        }
+        differ += 1;
+        let ulps = (g - w).abs() / bf16_ulp(g.abs().max(w.abs()));
+        max_abs = max_abs.max((g - w).abs());
+        max_ulps = max_ulps.max(ulps);
+        beyond += usize::from(ulps > 1.0);
+    }
+    (max_abs, max_ulps, differ, beyond)
+}
+
+fn report_diff(what: &str, got: &[f32], want: &[f32]) {
+    let (max_abs, max_ulps, differ, beyond) = diff_stats(got, want);
+    eprintln!(
+        "{what}: max |err| {max_abs:.3e}, {differ} of {} elements differ ({:.3}%), {beyond} by more than one bf16 \
+         ulp (at most {max_ulps:.2})",
+        got.len(),
+        100.0 * differ as f64 / got.len().max(1) as f64
+    );
+}
+
+/// Checks GeGLU outputs `got` against the CPU's, `want = bf16(bf16(gelu(g)) * u)` from the CPU's
+/// rounded gate and up sums `g`, `u` (same layout), for a gate_up kernel `gg` with `k` products
+/// per sum and weights of at most `w_max`.
+///
+/// SIMT: the kernel's g and u are the CPU's, so only tanhf (the GPU's own; the host's in the
+/// emulator) may move an output, by a bf16 ulp, in at most 1% of the elements (as [`check_geglu`]).
+///
+/// Tensor cores: g and u may each differ from the CPU's by what [`grouped_down_tol`] allows a sum,
+/// `d = ulp(bf16) + 2e-6 * k * w_max` (a flipped rounding, or the absolute fp32 bound near zero),
+/// and the epilogue carries that to the output: |gelu(g') u' - gelu(g) u| <= 1.13 dg (|u| + du) +
+/// |gelu(g)| du (|gelu'| <= 1.13), the per-element slack; on top of it two bf16 ulps for the
+/// roundings of gelu and of the product (each side rounds its own value). Two sums per output, each
+/// flipping in at most 2% of the elements: at most 4% of the outputs differ. NaN never passes.
+#[allow(clippy::too_many_arguments)]
+fn compare_geglu(what: &str, got: &[f32], want: &[f32], g: &[f32], u: &[f32], gg: &GroupedGemm, k: usize, w_max: f32) {
+    assert!(got.len() == want.len() && g.len() == want.len() && u.len() == want.len(), "{what}: length");
+    let (tol, slack) = if tensor_cores(gg) {
+        let atol = 2e-6 * k as f32 * w_max;
+        let slack: Vec<f32> = g
+            .iter()
+            .zip(u)
+            .map(|(&g, &u)| {
+                let (dg, du) = (bf16_ulp(g) + atol, bf16_ulp(u) + atol);
+                1.13 * dg * (u.abs() + du) + cpu_gelu(g).abs() * du
+            })
+            .collect();
+        (Tol { ulps: 2.0, atol: 0.0, max_mismatch: 0.04 }, Some(slack))
+    } else {
+        (Tol { ulps: 1.0, atol: 0.0, max_mismatch: 0.01 }, None)
+    };
+    compare_with(what, got, want, None, slack.as_deref(), tol);
 }
 
 /// The rows `keep` of a `[_, width]` matrix, concatenated.
@@ -1125,11 +1210,11 @@ fn run_grouped(e: &dyn Exec, spec: &KernelSpec, x: Host, offsets: &[i32], sorted
     bufs.pop().unwrap()
 }
 
-/// Checks one grouped GEMM run over routing `ids` (pairs grouped on the CPU): `want` holds the
-/// valid pairs' rows (width `out_cols`), in pair order. Run twice: with the output poisoned with
-/// NaN, the valid pairs' rows must match `want` (each element written) and a guard row past the
-/// last pair must stay NaN; poisoned with zeros, the invalid pairs' rows must be all NaN and
-/// every valid element finite.
+/// Checks one grouped GEMM run over routing `ids` (pairs grouped on the CPU): `check` compares
+/// the valid pairs' rows (width `out_cols`, in pair order) with the CPU's. Run twice: with the
+/// output poisoned with NaN, the valid pairs' rows must pass `check` (each element written: NaN
+/// never passes) and a guard row past the last pair must stay NaN; poisoned with zeros, the
+/// invalid pairs' rows must be all NaN and every valid element finite.
 #[allow(clippy::too_many_arguments)]
 fn check_grouped_run(
     e: &dyn Exec,
@@ -1140,8 +1225,7 @@ fn check_grouped_run(
     ids: &[i32],
     routing: Routing,
     out_cols: usize,
-    want: &[f32],
-    tol: Tol,
+    check: &dyn Fn(&[f32]),
 ) {
     let pairs = ids.len();
     let (offsets, sorted) = sort_pairs(ids, routing.num_experts);
@@ -1152,7 +1236,7 @@ fn check_grouped_run(
         let guard = &got[pairs * out_cols..];
         assert!(guard.iter().all(|v| v.to_bits() == poison.to_bits()), "{name}: wrote past the last pair");
         if poison.is_nan() {
-            compare(name, &rows_of(&got, out_cols, &valid), want, tol);
+            check(&rows_of(&got, out_cols, &valid));
         } else {
             for p in 0..pairs {
                 let row = &got[p * out_cols..(p + 1) * out_cols];
@@ -1175,6 +1259,29 @@ fn gemm_routing(rng: &mut Rng) -> (Vec<i32>, Vec<f32>, Routing) {
     (ids, weights, Routing { tokens, top_k, num_experts })
 }
 
+/// Ragged pair counts per expert, shuffled over 69 tokens x 2 slots: 17, 65 (a full 64-pair
+/// chunk of the tensor-core kernels and one pair more; three SIMT chunks), 0, 1, 33, 0, 16, 4
+/// pairs for experts 0..8, and two ids out of range (8 and -1).
+fn ragged_routing(rng: &mut Rng) -> (Vec<i32>, Routing) {
+    let counts = [17usize, 65, 0, 1, 33, 0, 16, 4];
+    let mut ids: Vec<i32> = counts.iter().enumerate().flat_map(|(ex, &n)| std::iter::repeat_n(ex as i32, n)).collect();
+    ids.extend([8, -1]);
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    let (top_k, num_experts) = (2usize, 8usize);
+    assert_eq!(ids.len() % top_k, 0);
+    (ids.clone(), Routing { tokens: ids.len() / top_k, top_k, num_experts })
+}
+
+/// The routings every grouped GEMM check runs (where the emulator's work limit allows).
+fn gemm_cases() -> Vec<(&'static str, Vec<i32>, Routing)> {
+    let mut rng = Rng::new(9);
+    let (skewed, _, r) = gemm_routing(&mut rng);
+    let (ragged, r2) = ragged_routing(&mut rng);
+    vec![("skewed", skewed, r), ("ragged", ragged, r2)]
+}
+
 /// gate_up + GeGLU over pairs grouped by expert, against the CPU's linear + geglu per pair.
 pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
     let mut ran = Vec::new();
@@ -1184,30 +1291,40 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
             continue;
         }
         let (n, k, half) = (g.n as usize, g.k as usize, g.n as usize / 2);
-        let mut rng = Rng::new(9);
-        let (ids, _, routing) = gemm_routing(&mut rng);
-        if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
-            continue;
+        for (case, ids, routing) in gemm_cases() {
+            if grouped_rows(&ids, routing.num_experts, &g) * n * k > e.max_work() {
+                continue;
+            }
+            let name = format!("{} {case}", spec.kernel_name());
+            let mut rng = Rng::new(ids.len() as u64);
+            let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 77);
+            let x = rng.bf16_values(routing.tokens * k, 1.0);
+            let (mut want_g, mut want_u) = (Vec::new(), Vec::new());
+            for p in valid_pairs(&ids, routing.num_experts) {
+                let (t, ex) = (p / routing.top_k, ids[p] as usize);
+                let m = w.matrix(ex, n, k);
+                let mut gu = vec![0.0f32; n];
+                cpu_linear(&x[t * k..(t + 1) * k], 1, m.as_ref(), &mut gu, BF16);
+                want_g.extend_from_slice(&gu[..half]);
+                want_u.extend_from_slice(&gu[half..]);
+            }
+            let mut want = vec![0.0f32; want_g.len()];
+            cpu_geglu(&want_g, &want_u, &mut want, BF16);
+            let w_max = w.max_abs();
+            let check = |got: &[f32]| {
+                compare_geglu(&name, got, &want, &want_g, &want_u, &g, k, w_max);
+                report_diff(&name, got, &want);
+            };
+            check_grouped_run(e, &spec, &name, &x, &w, &ids, routing, half, &check);
+            ran.push((g.weights, tensor_cores(&g), case));
         }
-        let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 77);
-        let x = rng.bf16_values(routing.tokens * k, 1.0);
-        let mut want = Vec::new();
-        for p in valid_pairs(&ids, routing.num_experts) {
-            let (t, ex) = (p / routing.top_k, ids[p] as usize);
-            let m = w.matrix(ex, n, k);
-            let mut gu = vec![0.0f32; n];
-            cpu_linear(&x[t * k..(t + 1) * k], 1, m.as_ref(), &mut gu, BF16);
-            let mut act = vec![0.0f32; half];
-            cpu_geglu(&gu[..half], &gu[half..], &mut act, BF16);
-            want.extend(act);
-        }
-        let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
-        check_grouped_run(e, &spec, &spec.kernel_name(), &x, &w, &ids, routing, half, &want, tol);
-        eprintln!("{}: checked", spec.kernel_name());
-        ran.push(g.weights);
     }
     for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
-        assert!(ran.contains(&format), "no {format:?} GeGLU grouped GEMM case ran");
+        for tc in [false, true] {
+            for case in ["skewed", "ragged"] {
+                assert!(ran.contains(&(format, tc, case)), "no {format:?} GeGLU grouped GEMM (tensor cores: {tc}) ran {case}");
+            }
+        }
     }
 }
 
@@ -1220,28 +1337,37 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
             continue;
         }
         let (n, k) = (g.n as usize, g.k as usize);
-        let mut rng = Rng::new(10);
-        let (ids, _, routing) = gemm_routing(&mut rng);
-        if grouped_rows(&ids, routing.num_experts, g.rows as usize) * n * k > e.max_work() {
-            continue;
+        for (case, ids, routing) in gemm_cases() {
+            if grouped_rows(&ids, routing.num_experts, &g) * n * k > e.max_work() {
+                continue;
+            }
+            let name = format!("{} {case}", spec.kernel_name());
+            let mut rng = Rng::new(ids.len() as u64 + 1);
+            let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 78);
+            let act = rng.bf16_values(ids.len() * k, 1.0);
+            let mut want = Vec::new();
+            for p in valid_pairs(&ids, routing.num_experts) {
+                let ex = ids[p] as usize;
+                let m = w.matrix(ex, n, k);
+                let mut y = vec![0.0f32; n];
+                cpu_linear(&act[p * k..(p + 1) * k], 1, m.as_ref(), &mut y, BF16);
+                want.extend(y);
+            }
+            let tol = grouped_down_tol(&g, k, w.max_abs());
+            let check = |got: &[f32]| {
+                compare(&name, got, &want, tol);
+                report_diff(&name, got, &want);
+            };
+            check_grouped_run(e, &spec, &name, &act, &w, &ids, routing, n, &check);
+            ran.push((g.weights, tensor_cores(&g), case));
         }
-        let w = ExpertWeights::random(g.weights, [routing.num_experts, n, k], 0.05, 78);
-        let act = rng.bf16_values(ids.len() * k, 1.0);
-        let mut want = Vec::new();
-        for p in valid_pairs(&ids, routing.num_experts) {
-            let ex = ids[p] as usize;
-            let m = w.matrix(ex, n, k);
-            let mut y = vec![0.0f32; n];
-            cpu_linear(&act[p * k..(p + 1) * k], 1, m.as_ref(), &mut y, BF16);
-            want.extend(y);
-        }
-        let tol = Tol { ulps: 2.0, atol: 2e-6 * k as f32 * 0.05, max_mismatch: 0.03 };
-        check_grouped_run(e, &spec, &spec.kernel_name(), &act, &w, &ids, routing, n, &want, tol);
-        eprintln!("{}: checked", spec.kernel_name());
-        ran.push(g.weights);
     }
     for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
-        assert!(ran.contains(&format), "no {format:?} down grouped GEMM case ran");
+        for tc in [false, true] {
+            for case in ["skewed", "ragged"] {
+                assert!(ran.contains(&(format, tc, case)), "no {format:?} down grouped GEMM (tensor cores: {tc}) ran {case}");
+            }
+        }
     }
 }
 
@@ -1273,14 +1399,14 @@ pub fn check_moe_experts(e: &dyn Exec) {
     for up in all.iter().filter(|s| matches!(s.op, Op::GroupedGemm(g) if g.fuse == GemmFuse::Geglu)) {
         let Op::GroupedGemm(gu) = up.op else { unreachable!() };
         let (hidden, inter) = (gu.k as usize, gu.n as usize / 2);
-        let down = all
-            .iter()
-            .find(|s| {
-                matches!(s.op, Op::GroupedGemm(g)
-                    if g.fuse == GemmFuse::Down && g.n as usize == hidden && g.k as usize == inter
-                        && g.weights == gu.weights)
-            })
-            .expect("a matching down kernel");
+        // The model shapes' down and combine kernels (the self-test GEMM shapes have none).
+        let Some(down) = all.iter().find(|s| {
+            matches!(s.op, Op::GroupedGemm(g)
+                if g.fuse == GemmFuse::Down && g.n as usize == hidden && g.k as usize == inter
+                    && g.weights == gu.weights && g.engine == gu.engine)
+        }) else {
+            continue;
+        };
         let combine = combines
             .iter()
             .find(|s| matches!(s.op, Op::MoeCombine(m) if m.hidden as usize == hidden))
@@ -1295,7 +1421,7 @@ pub fn check_moe_experts(e: &dyn Exec) {
             };
             let mut rng = Rng::new(tokens as u64);
             let (ids, weights) = skewed_routing(&mut rng, tokens, top_k, num_experts, invalid);
-            let work = grouped_rows(&ids, num_experts, gu.rows as usize) * 3 * hidden * inter;
+            let work = grouped_rows(&ids, num_experts, &gu) * 3 * hidden * inter;
             if work > e.max_work() || num_experts * 3 * hidden * inter > 64 << 20 {
                 continue;
             }
@@ -1319,13 +1445,17 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let cpu_routing = CpuRouting { top_k, experts: cpu_ids.clone(), weights: weights.clone() };
             let mut want = vec![0.0f32; tokens * hidden];
             experts_forward(&x, tokens, &cpu_routing, &bank, BF16, &mut want);
-            // The CPU activations, pair by pair (what experts_forward computes inside).
+            // The CPU activations, pair by pair (what experts_forward computes inside), and the
+            // rounded gate and up sums they come from.
             let mut cpu_act = vec![0.0f32; pairs * inter];
+            let (mut cpu_g, mut cpu_u) = (vec![0.0f32; pairs * inter], vec![0.0f32; pairs * inter]);
             for (pair, &ex) in cpu_ids.iter().enumerate() {
                 let t = pair / top_k;
                 let mut g = vec![0.0f32; 2 * inter];
                 cpu_linear(&x[t * hidden..(t + 1) * hidden], 1, bank.gu[ex].as_ref(), &mut g, BF16);
                 cpu_geglu(&g[..inter], &g[inter..], &mut cpu_act[pair * inter..(pair + 1) * inter], BF16);
+                cpu_g[pair * inter..(pair + 1) * inter].copy_from_slice(&g[..inter]);
+                cpu_u[pair * inter..(pair + 1) * inter].copy_from_slice(&g[inter..]);
             }
             // The down projection and the combine of `act`, as experts_forward does them:
             // y_j = bf16(act_j . W_down[e_j]), out = bf16(sum_j y_j * w_j) in slot order. Also
@@ -1362,8 +1492,11 @@ pub fn check_moe_experts(e: &dyn Exec) {
             // 2. gate_up + GeGLU (valid pairs against the CPU; the invalid ones NaN).
             let act = run_grouped(e, up, hb(&x), &offsets, &sorted, &w_gu, nan_bf16(pairs * inter), routing);
             let gpu_act = act.bf16();
-            let gemm_tol = Tol { ulps: 2.0, atol: 2e-6 * hidden as f32 * 0.05, max_mismatch: 0.03 };
-            compare(&format!("{name}: activations"), &rows_of(&gpu_act, inter, &valid), &rows_of(&cpu_act, inter, &valid), gemm_tol);
+            let (g_rows, u_rows) = (rows_of(&cpu_g, inter, &valid), rows_of(&cpu_u, inter, &valid));
+            let act_name = format!("{name}: activations");
+            let (got_act, want_act) = (rows_of(&gpu_act, inter, &valid), rows_of(&cpu_act, inter, &valid));
+            compare_geglu(&act_name, &got_act, &want_act, &g_rows, &u_rows, &gu, hidden, w_gu.max_abs());
+            report_diff(&act_name, &got_act, &want_act);
             for (p, row) in gpu_act.chunks(inter).enumerate() {
                 assert_eq!(row.iter().all(|v| v.is_nan()), !valid.contains(&p), "{name}: activations of pair {p}");
             }
@@ -1373,8 +1506,11 @@ pub fn check_moe_experts(e: &dyn Exec) {
             let gpu_y = y.bf16();
             let clean_act: Vec<f32> = gpu_act.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect();
             let want_y = down_of(&clean_act);
-            let down_tol = Tol { ulps: 2.0, atol: 2e-6 * inter as f32 * 0.05, max_mismatch: 0.03 };
-            compare(&format!("{name}: expert outputs"), &rows_of(&gpu_y, hidden, &valid), &rows_of(&want_y, hidden, &valid), down_tol);
+            let Op::GroupedGemm(gd) = down.op else { unreachable!() };
+            let y_name = format!("{name}: expert outputs");
+            let (got_y, want_y) = (rows_of(&gpu_y, hidden, &valid), rows_of(&want_y, hidden, &valid));
+            compare(&y_name, &got_y, &want_y, grouped_down_tol(&gd, inter, w_down.max_abs()));
+            report_diff(&y_name, &got_y, &want_y);
             for (p, row) in gpu_y.chunks(hidden).enumerate() {
                 assert_eq!(row.iter().all(|v| v.is_nan()), !valid.contains(&p), "{name}: expert outputs of pair {p}");
             }
@@ -1417,12 +1553,15 @@ pub fn check_moe_experts(e: &dyn Exec) {
                 Some(&rows_of(&slack, hidden, &good_tokens)),
                 tol,
             );
+            report_diff(&name, &rows_of(&got, hidden, &good_tokens), &rows_of(&want, hidden, &good_tokens));
             eprintln!("{name}: checked");
-            ran.push(gu.weights);
+            ran.push((gu.weights, tensor_cores(&gu)));
         }
     }
     for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
-        assert!(ran.contains(&format), "no {format:?} MoE block case ran");
+        for tc in [false, true] {
+            assert!(ran.contains(&(format, tc)), "no {format:?} MoE block case ran (tensor cores: {tc})");
+        }
     }
 }
 

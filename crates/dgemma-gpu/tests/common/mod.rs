@@ -68,68 +68,83 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
-/// Runs the same pass sequence on both backends and returns (max |err|, argmax agreement)
-/// per decoder pass: prompt, canvas without and with self-conditioning, a commit, and the
-/// next canvas (whose sliding layers see a trimmed cache once the prompt is long enough).
-pub fn compare_with_cpu<X: Executor>(model: &str, exec: X, prompt_len: usize) -> Vec<(f32, f64)> {
-    compare_model_with_cpu(&load(model), exec, prompt_len)
+/// One decoder pass's logits on the GPU, the CPU in bf16 and the CPU in float32.
+pub struct PassLogits {
+    pub gpu: Vec<f32>,
+    pub cpu: Vec<f32>,
+    pub truth: Vec<f32>,
 }
 
-/// [`compare_with_cpu`] on loaded weights (the CPU backend gets the same ones: for FP8 experts,
-/// the dequantised values).
-pub fn compare_model_with_cpu<X: Executor>(m: &Model, exec: X, prompt_len: usize) -> Vec<(f32, f64)> {
+/// Runs the same pass sequence on the GPU backend and the CPU backend in bf16 and in float32:
+/// prompt, canvas without and with self-conditioning, a commit, and the next canvas (whose
+/// sliding layers see a trimmed cache once the prompt is long enough). The CPU backends get
+/// the same weights (for FP8 experts, the dequantised values).
+pub fn compare_model_with_cpu<X: Executor>(m: &Model, exec: X, prompt_len: usize) -> Vec<PassLogits> {
     let cfg = &m.ck.config.text;
     let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
     let mut cpu = CpuBackend::new(cfg, &m.weights, Precision::Bf16);
+    let mut f32_run = CpuBackend::new(cfg, &m.weights, Precision::F32);
     let mut gpu = gpu_backend(m, exec, default_options(m));
     let prompt = ids(prompt_len, v, 1);
     let canvas = ids(c, v, 2);
     let mut out = Vec::new();
-    let mut run = |cpu: &mut CpuBackend, gpu: &mut GpuBackend<X>, canvas: &[u32], sc: Option<&[f32]>| {
-        let mut want = vec![f32::NAN; c * v];
-        let mut got = vec![f32::NAN; c * v];
-        cpu.denoise(canvas, sc, &mut want).unwrap();
-        gpu.denoise(canvas, sc, &mut got).unwrap();
-        out.push(compare_logits(&got, &want, v));
-        want
+    let mut run = |cpu: &mut CpuBackend, f32_run: &mut CpuBackend, gpu: &mut GpuBackend<X>, canvas: &[u32], sc: Option<&[f32]>| {
+        let mut pass = PassLogits { gpu: vec![f32::NAN; c * v], cpu: vec![f32::NAN; c * v], truth: vec![f32::NAN; c * v] };
+        cpu.denoise(canvas, sc, &mut pass.cpu).unwrap();
+        f32_run.denoise(canvas, sc, &mut pass.truth).unwrap();
+        gpu.denoise(canvas, sc, &mut pass.gpu).unwrap();
+        let sc_next = bf16_round(&pass.cpu);
+        out.push(pass);
+        sc_next
     };
-    cpu.encode(&prompt).unwrap();
+    for b in [&mut cpu, &mut f32_run] {
+        b.encode(&prompt).unwrap();
+    }
     gpu.encode(&prompt).unwrap();
-    let first = run(&mut cpu, &mut gpu, &canvas, None);
-    let sc = bf16_round(&first);
-    run(&mut cpu, &mut gpu, &ids(c, v, 3), Some(&sc));
+    let sc = run(&mut cpu, &mut f32_run, &mut gpu, &canvas, None);
+    run(&mut cpu, &mut f32_run, &mut gpu, &ids(c, v, 3), Some(&sc));
     let commit = ids(c, v, 4);
-    cpu.encode(&commit).unwrap();
+    for b in [&mut cpu, &mut f32_run] {
+        b.encode(&commit).unwrap();
+    }
     gpu.encode(&commit).unwrap();
     assert_eq!(gpu.cache_len(), cpu.cache_len());
-    run(&mut cpu, &mut gpu, &ids(c, v, 5), Some(&sc));
+    run(&mut cpu, &mut f32_run, &mut gpu, &ids(c, v, 5), Some(&sc));
     out
 }
 
-/// The decoder logits of the GPU backend follow the CPU backend's within the bf16 tolerance of
-/// the transformers cases.
+/// The decoder logits of the GPU backend against the CPU backend's: within the bf16 tolerance
+/// of the transformers cases on the first pass (7 to 40 positions, where a flipped rounding has
+/// not cascaded yet), and on every pass as close to the float32 run as the CPU's own bf16 run
+/// ([`assert_bf16_drift`]).
 pub fn check_logits_match_cpu<X: Executor>(make: impl Fn() -> X) {
-    let tol = Tolerance::for_precision(Precision::Bf16);
     for (model, prompt_len) in [("tiny-default", 7), ("tiny-default", 40), ("tiny-sharded-f32", 11)] {
-        for (pass, (err, agree)) in compare_with_cpu(model, make(), prompt_len).into_iter().enumerate() {
-            eprintln!("{model} prompt {prompt_len} pass {pass}: max |err| {err:.4}, argmax agreement {agree:.4}");
-            assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "{model} pass {pass}: err {err}, agree {agree}");
+        check_passes(&load(model), make(), prompt_len, model);
+    }
+}
+
+fn check_passes<X: Executor>(m: &Model, exec: X, prompt_len: usize, what: &str) {
+    let tol = Tolerance::for_precision(Precision::Bf16);
+    let v = m.ck.config.text.vocab_size;
+    for (pass, p) in compare_model_with_cpu(m, exec, prompt_len).into_iter().enumerate() {
+        let (err, agree) = compare_logits(&p.gpu, &p.cpu, v);
+        let name = format!("{what} prompt {prompt_len} pass {pass}");
+        eprintln!("{name}: GPU vs CPU bf16 max |err| {err:.4}, argmax agreement {agree:.4}");
+        if pass == 0 {
+            assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "{name}: err {err}, agree {agree}");
         }
+        assert_bf16_drift(&p.gpu, &p.cpu, &p.truth, v, &name);
     }
 }
 
 /// FP8 experts (quantised at load): the GPU backend's logits follow the CPU backend on the same
 /// weights (the CPU runs the dequantised values, `bf16(f32(e4m3) * scale)`, as transformers'
-/// bf16 model holding them would) within the same bf16 tolerance as the unquantised model.
+/// bf16 model holding them would) as [`check_logits_match_cpu`] checks the unquantised model.
 pub fn check_fp8_logits_match_cpu<X: Executor>(make: impl Fn() -> X) {
-    let tol = Tolerance::for_precision(Precision::Bf16);
     for (model, prompt_len) in [("tiny-default", 7), ("tiny-default", 40), ("tiny-sharded-f32", 11)] {
         let m = load_dir_quant(&model_dir(model), Quant::Fp8);
         assert!(m.weights.layers.iter().all(|l| l.experts_gate_up.is_fp8() && l.experts_down.is_fp8()));
-        for (pass, (err, agree)) in compare_model_with_cpu(&m, make(), prompt_len).into_iter().enumerate() {
-            eprintln!("FP8 {model} prompt {prompt_len} pass {pass}: GPU vs CPU max |err| {err:.4}, argmax agreement {agree:.4}");
-            assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "FP8 {model} pass {pass}: err {err}, agree {agree}");
-        }
+        check_passes(&m, make(), prompt_len, &format!("FP8 {model}"));
     }
 }
 
@@ -165,7 +180,7 @@ pub fn check_fp8_quantised_at_upload<X: Executor>(make: impl Fn() -> X) {
 
 /// What FP8 experts cost in accuracy on the bundled tiny model (random weights with transformers'
 /// initialiser): the GPU backend with FP8 experts against the GPU backend with the bf16 ones, the
-/// same passes as [`compare_with_cpu`] (prompt, canvas without and with self-conditioning, a
+/// same passes as [`compare_model_with_cpu`] (prompt, canvas without and with self-conditioning, a
 /// commit, the next canvas). Printed; the bound is loose (measured: see the report in the test
 /// output), the exactness is [`check_fp8_logits_match_cpu`]'s.
 pub fn check_fp8_versus_bf16<X: Executor>(make: impl Fn() -> X) {
@@ -261,7 +276,6 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let cfg = &m.ck.config.text;
     let (v, c) = (cfg.vocab_size, m.ck.config.canvas_length);
     let window = cfg.sliding_window;
-    let tol = Tolerance::for_precision(Precision::Bf16);
     let wide_options = default_options(&m);
     let mut ring_options = wide_options;
     ring_options.prefill_chunk = 7;
@@ -299,15 +313,15 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let pages = ring.kv_page_list().to_vec();
     assert!(pages.len() >= 21 && pages.iter().enumerate().all(|(i, &p)| p as usize == 2 * i + 1), "{pages:?}");
 
-    // The GPU and CPU backends round the same bf16 values but sum in other orders; on the
-    // tiny model's random weights, one rounding flip can cascade over 120+ positions to a
-    // logit error past the 0.15 tolerance (seeds 21 and 31 reach 0.17 with rings that never
-    // wrap), so these inputs are ones whose drift stays small (max |err| <= 0.11 on the
-    // emulator). The ring's own check is the bit-for-bit one.
-    let prompt = ids(120, v, 41);
+    // Over 120+ positions the GPU and the CPU's bf16 run drift apart by ordinary bf16 noise
+    // (see `assert_bf16_drift`), so the GPU is held to the f32 run: no farther from it than the
+    // CPU's own bf16 run. The ring's own check is the bit-for-bit one against `wide`.
+    let mut f32_run = CpuBackend::new(cfg, &m.weights, Precision::F32);
+    let prompt = ids(120, v, 21);
     ring.encode(&prompt).unwrap();
     wide.encode(&prompt).unwrap();
     cpu.encode(&prompt).unwrap();
+    f32_run.encode(&prompt).unwrap();
     let mut sc: Option<Vec<f32>> = None;
     let mut wrapped = 0;
     // (canvas seed, self-conditioning, commit after): the first canvas (positions 120..136)
@@ -324,20 +338,21 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
         let mut got = vec![f32::NAN; c * v];
         let mut exact = vec![f32::NAN; c * v];
         let mut want = vec![f32::NAN; c * v];
+        let mut truth = vec![f32::NAN; c * v];
         ring.denoise(&canvas, sc_in, &mut got).unwrap();
         wide.denoise(&canvas, sc_in, &mut exact).unwrap();
         cpu.denoise(&canvas, sc_in, &mut want).unwrap();
+        f32_run.denoise(&canvas, sc_in, &mut truth).unwrap();
         assert!(got.iter().all(|x| x.is_finite()), "pass {pass} at {pos0}: non-finite logits");
         let same = got.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "pass {pass} at position {pos0}: the wrapped ring changed the logits");
-        let (err, agree) = compare_logits(&got, &want, v);
-        eprintln!("ring pass {pass} at position {pos0}: max |err| vs CPU {err:.4}, argmax agreement {agree:.4}");
-        assert!(err <= tol.max_abs && agree >= tol.min_argmax_agreement, "pass {pass}: err {err}, agree {agree}");
+        assert_bf16_drift(&got, &want, &truth, v, &format!("ring pass {pass} at position {pos0}"));
         sc = Some(bf16_round(&got));
         if commit {
             ring.encode(&canvas).unwrap();
             wide.encode(&canvas).unwrap();
             cpu.encode(&canvas).unwrap();
+            f32_run.encode(&canvas).unwrap();
         }
     }
     assert_eq!(ring.cache_len(), 152);
@@ -347,6 +362,31 @@ pub fn check_sliding_ring_wraps<X: Executor>(make: impl Fn() -> X) {
     let full_rows = |b: &GpuBackend<X>| (0..cfg.num_hidden_layers).filter(|&i| !sliding(i)).map(|i| b.kv_rows()[i]).collect::<Vec<_>>();
     assert!(full_rows(&ring).iter().all(|&r| r == pages.len() * page));
     assert!(full_rows(&wide).iter().all(|&r| r == 256));
+}
+
+/// The GPU's bf16 logits `got` against the same pass of the CPU backend in bf16 (`cpu`) and in
+/// float32 (`truth`), over many positions. Two bf16 runs that sum in different orders flip a
+/// rounding now and then, and on the tiny model's random weights a flip cascades: after 120+
+/// positions they differ by up to 0.18 (measured on the emulator over prompt seeds 21, 31, 41,
+/// 51, 61, with the SIMT and the tensor-core expert GEMMs alike), past the 0.15 of the short
+/// cases, while each is 0.16 to 0.37 from the float32 run. What matters is how close the GPU is
+/// to the computation both approximate: its max and mean |error| against `truth` are those of
+/// the CPU's bf16 run within 10% (measured: 0.96 to 1.04 of them, both kernels, every seed),
+/// and its argmax agrees with `truth` on at least as many positions but one.
+pub fn assert_bf16_drift(got: &[f32], cpu: &[f32], truth: &[f32], vocab: usize, what: &str) {
+    let mean = |x: &[f32]| x.iter().zip(truth).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / x.len() as f64;
+    let ((max_gpu, agree_gpu), (max_cpu, agree_cpu)) = (compare_logits(got, truth, vocab), compare_logits(cpu, truth, vocab));
+    let (mean_gpu, mean_cpu) = (mean(got), mean(cpu));
+    let (between, _) = compare_logits(got, cpu, vocab);
+    let rows = (got.len() / vocab) as f64;
+    eprintln!(
+        "{what}: vs f32 max |err| GPU {max_gpu:.4} CPU bf16 {max_cpu:.4}, mean {mean_gpu:.5} / {mean_cpu:.5}, argmax {agree_gpu:.4} / \
+         {agree_cpu:.4}; GPU vs CPU bf16 max {between:.4}"
+    );
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
+    assert!(max_gpu <= 1.1 * max_cpu + 1e-3, "{what}: max |err| vs f32 {max_gpu} against the CPU bf16 run's {max_cpu}");
+    assert!(mean_gpu <= 1.1 * mean_cpu, "{what}: mean |err| vs f32 {mean_gpu} against the CPU bf16 run's {mean_cpu}");
+    assert!(agree_gpu >= agree_cpu - 1.0 / rows - 1e-9, "{what}: argmax agreement with f32 {agree_gpu} against {agree_cpu}");
 }
 
 /// The full layers' KV pages: a sequence takes them as its cache grows and gives them back when

@@ -26,7 +26,7 @@ use dgemma::gpu::kernels::Kernels;
 use dgemma::gpu::{Executor, GpuExecutor};
 use dgemma_cuda::codegen::shapes::{gumbel_sample_spec, read_bandwidth_spec, sampler_canvas_spec};
 use dgemma_cuda::codegen::{KernelSpec, Op, RowSoftmaxEntropyArgmax};
-use dgemma_cuda::ops::{self, LaunchPlan, Routing, SamplerParams};
+use dgemma_cuda::ops::{self, ExpertWeights, LaunchPlan, Routing, SamplerParams};
 use dgemma_cuda::{Region, Step};
 use gpu_common::{bf16_pattern, region_of, region_with, Figure, Floors, Rng};
 
@@ -420,7 +420,7 @@ fn cases(
                     sorted: region_of(x, &sorted, "sorted").b32(),
                 };
                 let o = out(x, 2 * pairs * moe, "out");
-                launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, a.b16(), sp, w.b16(), o.b16(), r))
+                launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, a.b16(), sp, ExpertWeights::bf16(w.b16()), o.b16(), r))
             },
         ));
     }
@@ -447,9 +447,9 @@ fn cases(
                 };
                 let o = out(x, 2 * pairs * out_cols, "out");
                 launch(if down {
-                    ops::plan_grouped_gemm_down_fp8(&k.experts_down_fp8, a.b16(), sp, codes.buf(1), sc.b32(), o.b16(), r)
+                    ops::plan_grouped_gemm_down(&k.experts_down_fp8, a.b16(), sp, ExpertWeights::e4m3(codes.buf(1), sc.b32()), o.b16(), r)
                 } else {
-                    ops::plan_grouped_gemm_geglu_fp8(&k.experts_gate_up_fp8, a.b16(), sp, codes.buf(1), sc.b32(), o.b16(), r)
+                    ops::plan_grouped_gemm_geglu(&k.experts_gate_up_fp8, a.b16(), sp, ExpertWeights::e4m3(codes.buf(1), sc.b32()), o.b16(), r)
                 })
             },
         ));
@@ -467,7 +467,7 @@ fn cases(
                 sorted: region_of(x, &sorted, "sorted").b32(),
             };
             let y = out(x, 2 * pairs * h, "y");
-            launch(ops::plan_grouped_gemm_down(&k.experts_down, a.b16(), sp, w.b16(), y.b16(), r))
+            launch(ops::plan_grouped_gemm_down(&k.experts_down, a.b16(), sp, ExpertWeights::bf16(w.b16()), y.b16(), r))
         },
     ));
     v_cases.push(case(

@@ -726,63 +726,52 @@ fn plan_grouped(
     LaunchPlan::new(spec, grid, args_list)
 }
 
+/// An expert weight tensor `[E, n, k]` as the grouped GEMMs read it: bf16 (`scale` `None`,
+/// 16-byte aligned) for a spec with [`WeightFormat::Bf16`] weights, or FP8 e4m3 codes (one byte
+/// each, 8-byte aligned) with `scale` the fp32 row scales `[E * n]` (row n of expert e scaled by
+/// `scale[e * n_rows + n]`) for one with [`WeightFormat::E4m3`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertWeights {
+    pub w: Buf,
+    pub scale: Option<Buf>,
+}
+
+impl ExpertWeights {
+    pub fn bf16(w: Buf) -> ExpertWeights {
+        ExpertWeights { w, scale: None }
+    }
+
+    pub fn e4m3(codes: Buf, scale: Buf) -> ExpertWeights {
+        ExpertWeights { w: codes, scale: Some(scale) }
+    }
+}
+
 /// gate_up + GeGLU over the pairs grouped by expert: `out[t * top_k + j, c]` for `c < n / 2`
-/// (original pair order), `x: [tokens, k]`, `w: [E, n, k]` (x and w 16-byte aligned); NaN rows
-/// for pairs with an expert id outside `0..E`.
+/// (original pair order), `x: [tokens, k]` (16-byte aligned), `w` the experts' `[E, n, k]`; NaN
+/// rows for pairs with an expert id outside `0..E`.
 pub fn plan_grouped_gemm_geglu(
     spec: &KernelSpec,
     x: Buf,
     pairs: SortedPairs,
-    w: Buf,
+    w: ExpertWeights,
     out: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, None, out, routing)
-}
-
-/// [`plan_grouped_gemm_geglu`] on FP8 expert weights: `w` the e4m3 codes `[E, n, k]` (one byte
-/// each, 8-byte aligned), `w_scale [E * n]` fp32 (row n of expert e scaled by
-/// `w_scale[e * n_rows + n]`), for a spec with [`WeightFormat::E4m3`] weights.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_grouped_gemm_geglu_fp8(
-    spec: &KernelSpec,
-    x: Buf,
-    pairs: SortedPairs,
-    w: Buf,
-    w_scale: Buf,
-    out: Buf,
-    routing: Routing,
-) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w, Some(w_scale), out, routing)
+    plan_grouped("grouped_gemm_geglu", GemmFuse::Geglu, spec, x, pairs, w.w, w.scale, out, routing)
 }
 
 /// down projection over the pairs grouped by expert: `y[pair, c] = bf16(act[pair] . w[e][c])`,
-/// `act: [tokens * top_k, k]`, `w: [E, n, k]` (both 16-byte aligned), `y: [tokens * top_k, n]`;
-/// NaN rows for pairs with an expert id outside `0..E`.
+/// `act: [tokens * top_k, k]` (16-byte aligned), `w` the experts' `[E, n, k]`,
+/// `y: [tokens * top_k, n]`; NaN rows for pairs with an expert id outside `0..E`.
 pub fn plan_grouped_gemm_down(
     spec: &KernelSpec,
     act: Buf,
     pairs: SortedPairs,
-    w: Buf,
+    w: ExpertWeights,
     y: Buf,
     routing: Routing,
 ) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, None, y, routing)
-}
-
-/// [`plan_grouped_gemm_down`] on FP8 expert weights (codes and scales as
-/// [`plan_grouped_gemm_geglu_fp8`]).
-#[allow(clippy::too_many_arguments)]
-pub fn plan_grouped_gemm_down_fp8(
-    spec: &KernelSpec,
-    act: Buf,
-    pairs: SortedPairs,
-    w: Buf,
-    w_scale: Buf,
-    y: Buf,
-    routing: Routing,
-) -> Result<LaunchPlan> {
-    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w, Some(w_scale), y, routing)
+    plan_grouped("grouped_gemm_down", GemmFuse::Down, spec, act, pairs, w.w, w.scale, y, routing)
 }
 
 /// The routing-weighted sum: `out[t, c] = bf16(sum_j y[t*top_k+j, c] * weights[t*top_k+j])` in
@@ -1274,14 +1263,14 @@ mod tests {
                     let sorted = SortedPairs { offsets: big, sorted: big };
                     match (g.fuse, g.weights) {
                         (GemmFuse::Geglu, WeightFormat::Bf16) => {
-                            plan_grouped_gemm_geglu(&spec, big, sorted, big, big, routing)
+                            plan_grouped_gemm_geglu(&spec, big, sorted, ExpertWeights::bf16(big), big, routing)
                         }
-                        (GemmFuse::Down, WeightFormat::Bf16) => plan_grouped_gemm_down(&spec, big, sorted, big, big, routing),
+                        (GemmFuse::Down, WeightFormat::Bf16) => plan_grouped_gemm_down(&spec, big, sorted, ExpertWeights::bf16(big), big, routing),
                         (GemmFuse::Geglu, WeightFormat::E4m3) => {
-                            plan_grouped_gemm_geglu_fp8(&spec, big, sorted, big, big, big, routing)
+                            plan_grouped_gemm_geglu(&spec, big, sorted, ExpertWeights::e4m3(big, big), big, routing)
                         }
                         (GemmFuse::Down, WeightFormat::E4m3) => {
-                            plan_grouped_gemm_down_fp8(&spec, big, sorted, big, big, big, routing)
+                            plan_grouped_gemm_down(&spec, big, sorted, ExpertWeights::e4m3(big, big), big, routing)
                         }
                     }
                 }
@@ -1492,9 +1481,9 @@ mod tests {
 
         // The GEMMs: grid (experts + the invalid bucket, column tiles), whatever the routing.
         let sorted = SortedPairs { offsets: buf(e + 1), sorted: buf(p) };
-        let plan = plan_grouped_gemm_geglu(&up, buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w), routing).unwrap();
+        let plan = plan_grouped_gemm_geglu(&up, buf(t * h), sorted, ExpertWeights::bf16(buf(e * 2 * w * h)), buf(p * w), routing).unwrap();
         assert_eq!(plan.grid, (e as u32 + 1, w.div_ceil(gu.cols as usize) as u32, 1));
-        let plan = plan_grouped_gemm_down(&down, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).unwrap();
+        let plan = plan_grouped_gemm_down(&down, buf(p * w), sorted, ExpertWeights::bf16(buf(e * h * w)), buf(p * h), routing).unwrap();
         assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gd.cols as usize) as u32, 1));
         let short = [
             (buf(t * h - 1), sorted, buf(e * 2 * w * h), buf(p * w)),
@@ -1504,26 +1493,26 @@ mod tests {
             (buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w - 1)),
         ];
         for (i, (x, s, wt, o)) in short.into_iter().enumerate() {
-            assert!(plan_grouped_gemm_geglu(&up, x, s, wt, o, routing).is_err(), "buffer {i}");
+            assert!(plan_grouped_gemm_geglu(&up, x, s, ExpertWeights::bf16(wt), o, routing).is_err(), "buffer {i}");
         }
         // 16-byte loads: x and w must be aligned; the kinds must match.
         let moved = |b: Buf, bytes: u64| Buf { ptr: b.ptr + bytes, ..b };
-        assert!(plan_grouped_gemm_geglu(&up, moved(buf(t * h), 8), sorted, buf(e * 2 * w * h), buf(p * w), routing)
+        assert!(plan_grouped_gemm_geglu(&up, moved(buf(t * h), 8), sorted, ExpertWeights::bf16(buf(e * 2 * w * h)), buf(p * w), routing)
             .is_err());
-        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, moved(buf(e * h * w), 2), buf(p * h), routing)
+        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, ExpertWeights::bf16(moved(buf(e * h * w), 2)), buf(p * h), routing)
             .is_err());
-        assert!(plan_grouped_gemm_down(&up, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).is_err());
-        assert!(plan_grouped_gemm_geglu(&down, buf(t * h), sorted, buf(e * 2 * w * h), buf(p * w), routing).is_err());
+        assert!(plan_grouped_gemm_down(&up, buf(p * w), sorted, ExpertWeights::bf16(buf(e * h * w)), buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_geglu(&down, buf(t * h), sorted, ExpertWeights::bf16(buf(e * 2 * w * h)), buf(p * w), routing).is_err());
         // The tensor-core kernels store bf16 pairs (out 4-byte aligned), the SIMT ones single bf16;
         // both grids are (experts + 1, column tiles of the spec's cols).
         let odd_out = moved(buf(p * h + 1), 2);
-        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, buf(e * h * w), odd_out, routing).is_err());
+        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, ExpertWeights::bf16(buf(e * h * w)), odd_out, routing).is_err());
         let Op::GroupedGemm(gs) = down_simt.op else { unreachable!() };
-        let plan = plan_grouped_gemm_down(&down_simt, buf(p * w), sorted, buf(e * h * w), odd_out, routing).unwrap();
+        let plan = plan_grouped_gemm_down(&down_simt, buf(p * w), sorted, ExpertWeights::bf16(buf(e * h * w)), odd_out, routing).unwrap();
         assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gs.cols as usize) as u32, 1));
         // No pairs: nothing to launch.
         let none = Routing { tokens: 0, ..routing };
-        assert_eq!(plan_grouped_gemm_down(&down, buf(1), sorted, buf(e * h * w), buf(1), none).unwrap().grid.0, 0);
+        assert_eq!(plan_grouped_gemm_down(&down, buf(1), sorted, ExpertWeights::bf16(buf(e * h * w)), buf(1), none).unwrap().grid.0, 0);
 
         // FP8 weights: the e4m3 kernels take codes (one byte each, 8-byte aligned) and one fp32
         // scale per expert row (4-byte aligned), and only they take scales.
@@ -1533,13 +1522,13 @@ mod tests {
             *specs.iter().find(|x| x.op == Op::GroupedGemm(target) && x.target == s.target).unwrap()
         };
         let (up8, down8) = (fp8(up), fp8(down));
-        let plan = plan_grouped_gemm_geglu_fp8(&up8, buf(t * h), sorted, buf(e * 2 * w * h), buf(e * 2 * w), buf(p * w), routing)
+        let plan = plan_grouped_gemm_geglu(&up8, buf(t * h), sorted, ExpertWeights::e4m3(buf(e * 2 * w * h), buf(e * 2 * w)), buf(p * w), routing)
             .unwrap();
         assert_eq!(plan.grid, (e as u32 + 1, w.div_ceil(gu.cols as usize) as u32, 1));
         assert_eq!(plan.args.len(), 9);
         assert_eq!(plan.args[4], Arg::Ptr(0x1000));
         let plan =
-            plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, buf(e * h * w), buf(e * h), buf(p * h), routing).unwrap();
+            plan_grouped_gemm_down(&down8, buf(p * w), sorted, ExpertWeights::e4m3(buf(e * h * w), buf(e * h)), buf(p * h), routing).unwrap();
         assert_eq!(plan.grid, (e as u32 + 1, h.div_ceil(gd.cols as usize) as u32, 1));
         let (codes, scales) = (buf(e * h * w), buf(e * h));
         for (i, (c, sc)) in [
@@ -1551,13 +1540,13 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            assert!(plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, c, sc, buf(p * h), routing).is_err(), "case {i}");
+            assert!(plan_grouped_gemm_down(&down8, buf(p * w), sorted, ExpertWeights::e4m3(c, sc), buf(p * h), routing).is_err(), "case {i}");
         }
-        assert!(plan_grouped_gemm_down_fp8(&down8, buf(p * w), sorted, moved(codes, 8), scales, buf(p * h), routing).is_ok());
+        assert!(plan_grouped_gemm_down(&down8, buf(p * w), sorted, ExpertWeights::e4m3(moved(codes, 8), scales), buf(p * h), routing).is_ok());
         // Scales for a bf16 kernel, none for an e4m3 one: refused.
-        assert!(plan_grouped_gemm_down_fp8(&down, buf(p * w), sorted, buf(e * h * w), scales, buf(p * h), routing).is_err());
-        assert!(plan_grouped_gemm_down(&down8, buf(p * w), sorted, buf(e * h * w), buf(p * h), routing).is_err());
-        assert!(plan_grouped_gemm_geglu_fp8(&down8, buf(t * h), sorted, codes, scales, buf(p * w), routing).is_err());
+        assert!(plan_grouped_gemm_down(&down, buf(p * w), sorted, ExpertWeights::e4m3(buf(e * h * w), scales), buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_down(&down8, buf(p * w), sorted, ExpertWeights::bf16(buf(e * h * w)), buf(p * h), routing).is_err());
+        assert!(plan_grouped_gemm_geglu(&down8, buf(t * h), sorted, ExpertWeights::e4m3(codes, scales), buf(p * w), routing).is_err());
 
         // The combine: one block per token and column tile.
         let plan = plan_moe_combine(&combine, buf(p * h), buf(p), buf(p), buf(t * h), routing).unwrap();

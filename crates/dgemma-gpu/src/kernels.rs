@@ -15,6 +15,7 @@ use dgemma_cuda::Executor;
 use dgemma_model::config::{LayerSpec, TextConfig};
 
 use crate::error::{backend_error, Result};
+use crate::weights::ExpertRegion;
 
 /// The kernel shape of a text config.
 pub fn model_shape(cfg: &TextConfig) -> ModelShape {
@@ -97,6 +98,16 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// The gate_up + GeGLU grouped GEMM for expert weights held as `w` (bf16 or FP8).
+    pub fn experts_gate_up_for(&self, w: &ExpertRegion) -> &KernelSpec {
+        if w.is_fp8() { &self.experts_gate_up_fp8 } else { &self.experts_gate_up }
+    }
+
+    /// The down grouped GEMM for expert weights held as `w` (bf16 or FP8).
+    pub fn experts_down_for(&self, w: &ExpertRegion) -> &KernelSpec {
+        if w.is_fp8() { &self.experts_down_fp8 } else { &self.experts_down }
+    }
+
     /// Resolves every kernel of `cfg` against `exec`'s image (refusing a model whose shapes were
     /// not compiled in).
     pub fn resolve(cfg: &TextConfig, exec: &dyn Executor) -> Result<Kernels> {

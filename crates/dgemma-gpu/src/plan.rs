@@ -34,7 +34,7 @@ use dgemma_model::config::{LayerKind, TextConfig};
 use crate::error::{backend_error, cuda, Result};
 use crate::kernels::{AttentionKernels, Kernels};
 use crate::kv_cache::KvCache;
-use crate::weights::{DeviceWeights, ExpertRegion, LayerRegions};
+use crate::weights::{DeviceWeights, LayerRegions};
 
 /// Scratch buffers for passes of up to `max_tokens` rows (`canvas` for the decoder-only ones).
 pub struct Workspace {
@@ -645,31 +645,11 @@ impl Planner<'_> {
         s.push(launch(ops::plan_moe_sort(&k.moe_sort, experts, sorted.offsets, sorted.sorted, tokens * top_k))?);
         let moe_act = rows16(ws.moe_act, 0, tokens * top_k, self.cfg.moe_intermediate_size)?;
         let moe_y = rows16(ws.moe_y, 0, tokens * top_k, hid)?;
-        // bf16 experts, or FP8 ones (e4m3 codes, one byte each, and fp32 row scales).
-        s.push(launch(match l.experts_gate_up {
-            ExpertRegion::Bf16(w) => ops::plan_grouped_gemm_geglu(&k.experts_gate_up, e, sorted, w.b16(), moe_act, routing),
-            ExpertRegion::Fp8 { codes, scales } => ops::plan_grouped_gemm_geglu_fp8(
-                &k.experts_gate_up_fp8,
-                e,
-                sorted,
-                codes.buf(1),
-                scales.b32(),
-                moe_act,
-                routing,
-            ),
-        })?);
-        s.push(launch(match l.experts_down {
-            ExpertRegion::Bf16(w) => ops::plan_grouped_gemm_down(&k.experts_down, moe_act, sorted, w.b16(), moe_y, routing),
-            ExpertRegion::Fp8 { codes, scales } => ops::plan_grouped_gemm_down_fp8(
-                &k.experts_down_fp8,
-                moe_act,
-                sorted,
-                codes.buf(1),
-                scales.b32(),
-                moe_y,
-                routing,
-            ),
-        })?);
+        // bf16 experts, or FP8 ones (e4m3 codes, one byte each, and fp32 row scales): the kernel
+        // for the format, the same plan.
+        let (up, down) = (&l.experts_gate_up, &l.experts_down);
+        s.push(launch(ops::plan_grouped_gemm_geglu(k.experts_gate_up_for(up), e, sorted, up.weights(), moe_act, routing))?);
+        s.push(launch(ops::plan_grouped_gemm_down(k.experts_down_for(down), moe_act, sorted, down.weights(), moe_y, routing))?);
         let moe = rows16(ws.moe, 0, tokens, hid)?;
         s.push(launch(ops::plan_moe_combine(&k.moe_combine, moe_y, experts, weights, moe, routing))?);
         s.push(launch(ops::plan_rms_norm(&k.norm, None, None, Some(l.post_feedforward_layernorm_2.b16()), moe, tokens, eps, 1.0))?);

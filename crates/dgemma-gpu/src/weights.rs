@@ -42,6 +42,15 @@ impl ExpertRegion {
     pub fn is_fp8(&self) -> bool {
         matches!(self, ExpertRegion::Fp8 { .. })
     }
+
+    /// The tensor as the grouped GEMMs take it.
+    pub fn weights(&self) -> dgemma_cuda::ops::ExpertWeights {
+        use dgemma_cuda::ops::ExpertWeights;
+        match *self {
+            ExpertRegion::Bf16(w) => ExpertWeights::bf16(w.b16()),
+            ExpertRegion::Fp8 { codes, scales } => ExpertWeights::e4m3(codes.buf(1), scales.b32()),
+        }
+    }
 }
 
 /// One layer's tensors.

@@ -1191,10 +1191,10 @@ fn grouped_plan(spec: &KernelSpec, b: &[Buf], routing: Routing) -> LaunchPlan {
     let Op::GroupedGemm(g) = spec.op else { unreachable!() };
     let sp = ops::SortedPairs { offsets: b[1], sorted: b[2] };
     match (g.fuse, g.weights) {
-        (GemmFuse::Geglu, WeightFormat::Bf16) => ops::plan_grouped_gemm_geglu(spec, b[0], sp, b[3], b[4], routing),
-        (GemmFuse::Down, WeightFormat::Bf16) => ops::plan_grouped_gemm_down(spec, b[0], sp, b[3], b[4], routing),
-        (GemmFuse::Geglu, WeightFormat::E4m3) => ops::plan_grouped_gemm_geglu_fp8(spec, b[0], sp, b[3], b[4], b[5], routing),
-        (GemmFuse::Down, WeightFormat::E4m3) => ops::plan_grouped_gemm_down_fp8(spec, b[0], sp, b[3], b[4], b[5], routing),
+        (GemmFuse::Geglu, WeightFormat::Bf16) => ops::plan_grouped_gemm_geglu(spec, b[0], sp, ops::ExpertWeights::bf16(b[3]), b[4], routing),
+        (GemmFuse::Down, WeightFormat::Bf16) => ops::plan_grouped_gemm_down(spec, b[0], sp, ops::ExpertWeights::bf16(b[3]), b[4], routing),
+        (GemmFuse::Geglu, WeightFormat::E4m3) => ops::plan_grouped_gemm_geglu(spec, b[0], sp, ops::ExpertWeights::e4m3(b[3], b[4]), b[5], routing),
+        (GemmFuse::Down, WeightFormat::E4m3) => ops::plan_grouped_gemm_down(spec, b[0], sp, ops::ExpertWeights::e4m3(b[3], b[4]), b[5], routing),
     }
     .unwrap()
 }

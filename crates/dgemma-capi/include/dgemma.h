@@ -118,6 +118,10 @@ typedef struct DgemmaEngineStats {
     uint64_t largest_batch;   /* the most requests one such pass served */
     uint64_t prefill_chunks;  /* encoder passes that were prompt chunks */
     uint64_t memory_waits;    /* times admission waited for a KV cache to fit in device memory */
+    uint64_t merged_encodes;  /* commits / short prompts encoded inside a batched decoder pass (ABI 4) */
+    uint64_t kv_pages_free;   /* the GPU's KV page pool: pages free now (0 on the CPU; ABI 4) */
+    uint64_t kv_pages;        /* pages in the pool (ABI 4) */
+    uint64_t kv_page;         /* positions per page (ABI 4) */
 } DgemmaEngineStats;
 
 /*

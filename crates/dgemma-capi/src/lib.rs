@@ -92,7 +92,8 @@ pub const DGEMMA_QUANT_FP8: u32 = 1;
 
 /// ABI version of this library (`DGEMMA_ABI_VERSION` in the header). 2: engine options
 /// ([`DgemmaEngineOptions`]) and more engine counters. 3: `DgemmaEngineOptions::quant`.
-/// 4: `DgemmaEngineOptions::kv_page` and `kv_pages` (the KV page pool).
+/// 4: `DgemmaEngineOptions::kv_page` and `kv_pages` (the KV page pool), and
+/// `DgemmaEngineStats::merged_encodes`, `kv_pages_free`, `kv_pages`, `kv_page`.
 pub const DGEMMA_ABI_VERSION: u32 = 4;
 
 /// How to load an engine. Fill with [`dgemma_engine_options_init`], then change what you need.
@@ -214,8 +215,15 @@ pub struct DgemmaEngineStats {
     pub largest_batch: u64,
     /// Encoder passes that were prompt chunks.
     pub prefill_chunks: u64,
-    /// Times admission waited because a KV cache did not fit in device memory.
+    /// Times admission waited because a KV cache (its pages, its own buffers) did not fit.
     pub memory_waits: u64,
+    /// Commits and short prompts encoded inside a batched decoder pass (GPU; ABI 4).
+    pub merged_encodes: u64,
+    /// The GPU's KV page pool: pages free now and in all, positions per page (0 on the CPU;
+    /// ABI 4).
+    pub kv_pages_free: u64,
+    pub kv_pages: u64,
+    pub kv_page: u64,
 }
 
 /// Called on the calling thread of [`dgemma_generate`] after every committed canvas, with the
@@ -504,6 +512,7 @@ pub unsafe extern "C" fn dgemma_engine_stats(
             return fail(DgemmaStatus::InvalidArgument, "engine or out_stats is NULL");
         }
         let s = (*engine).engine.stats();
+        let pool = (*engine).engine.device_memory();
         out_stats.write(DgemmaEngineStats {
             submitted: s.submitted,
             rejected: s.rejected,
@@ -520,6 +529,10 @@ pub unsafe extern "C" fn dgemma_engine_stats(
             largest_batch: s.largest_batch as u64,
             prefill_chunks: s.prefill_chunks,
             memory_waits: s.memory_waits,
+            merged_encodes: s.merged_encodes,
+            kv_pages_free: pool.map_or(0, |m| m.kv_pages_free as u64),
+            kv_pages: pool.map_or(0, |m| m.kv_pages as u64),
+            kv_page: pool.map_or(0, |m| m.kv_page as u64),
         });
         DgemmaStatus::Ok
     })

@@ -340,6 +340,8 @@ fn options_load_an_engine_and_bad_options_are_refused() {
     // The chat prompt is longer than 2 tokens, so it went in as several chunks.
     assert!(stats.prefill_chunks >= 2, "{stats:?}");
     assert_eq!((stats.completed, stats.peak_active, stats.memory_waits), (1, 1, 0));
+    // The CPU backend has no KV page pool and no batched passes to merge into.
+    assert_eq!((stats.merged_encodes, stats.kv_pages_free, stats.kv_pages, stats.kv_page), (0, 0, 0, 0));
 
     for (field, bad) in [("backend", 7u32), ("max_concurrent", 0), ("prefill_chunk", 0)] {
         let mut b = o;

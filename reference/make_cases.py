@@ -254,6 +254,84 @@ def to_real_schema(config_path):
         f.write("\n")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# FP8 experts (issue #6)
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# models/tiny-fp8 is tiny-default with its MoE experts quantised the way dgemma's `--quant fp8` quantises them
+# (crates/dgemma-model/src/fp8.rs): per output row, scale = float32(max |w|) / 448, code = e4m3(w / scale) rounded to
+# nearest even and saturated at +-448, and written as a compressed-tensors FP8 checkpoint (the layout of
+# RedHatAI's FP8-dynamic repositories): per-expert Linears `<layer>.experts.{e}.{gate,up,down}_proj.weight`
+# (F8_E4M3 [out, in]) with `.weight_scale` (F32 [out, 1]) and a `quantization_config`. Transformers runs the case on
+# the dequantised weights, bf16(float32(code) * scale), held by an otherwise identical bf16 model (a temporary
+# directory): what a bf16 engine holding the FP8 checkpoint's values computes, so the case's tolerance is the bf16
+# one.
+FP8_MODEL, FP8_SOURCE = "tiny-fp8", "tiny-default"
+E4M3_MAX = 448.0
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True},
+    }},
+    "ignore": ["lm_head", "re:.*embed.*", "re:.*router.*", "re:.*vision_tower.*", "re:.*self_conditioning.*"],
+}
+
+
+def quantize_experts(w):
+    """[E, N, K] float weights -> (e4m3 codes [E, N, K], float32 row scales [E, N])."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=-1) / E4M3_MAX
+    assert bool((scale > 0).all() and scale.isfinite().all()), "a zero or non-finite expert row"
+    codes = (wf / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def write_fp8_models(src_dir, log):
+    """models/tiny-fp8 (FP8 experts, compressed-tensors) and a temporary directory with the same model's dequantised
+    bf16 experts, for transformers. Returns (fp8 dir, dequantised dir)."""
+    fp8_dir, deq_dir = os.path.join(MODELS, FP8_MODEL), tempfile.mkdtemp(prefix="dgemma-fp8-deq-")
+    shutil.rmtree(fp8_dir, ignore_errors=True)
+    os.makedirs(fp8_dir)
+    for fn in os.listdir(src_dir):
+        if fn != "model.safetensors" and fn != "config.json":
+            for d in (fp8_dir, deq_dir):
+                shutil.copy(os.path.join(src_dir, fn), os.path.join(d, fn))
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
+    shutil.copy(os.path.join(src_dir, "config.json"), os.path.join(deq_dir, "config.json"))
+    with open(os.path.join(fp8_dir, "config.json"), "w") as f:
+        json.dump(dict(config, quantization_config=FP8_QUANTIZATION_CONFIG), f, indent=2)
+        f.write("\n")
+    src = load_file(os.path.join(src_dir, "model.safetensors"))
+    fp8, deq = {}, {}
+    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    for name, t in src.items():
+        layer, _, fused = name.rpartition(".experts.")
+        if not layer or fused not in parts:
+            fp8[name] = deq[name] = t
+            continue
+        codes, scale = quantize_experts(t)
+        deq[name] = (codes.float() * scale[..., None]).to(t.dtype)
+        rows = t.shape[1] // len(parts[fused])
+        for e in range(t.shape[0]):
+            for i, part in enumerate(parts[fused]):
+                fp8[f"{layer}.experts.{e}.{part}.weight"] = codes[e, i * rows:(i + 1) * rows].contiguous()
+                fp8[f"{layer}.experts.{e}.{part}.weight_scale"] = scale[e, i * rows:(i + 1) * rows, None].contiguous()
+    save_safetensors_plain(fp8, os.path.join(fp8_dir, "model.safetensors"))
+    save_safetensors_plain(deq, os.path.join(deq_dir, "model.safetensors"))
+    log(f"{FP8_MODEL}: {sum(1 for n in fp8 if n.endswith('.weight_scale'))} FP8 expert Linears "
+        f"({os.path.getsize(os.path.join(fp8_dir, 'model.safetensors'))} bytes)")
+    return fp8_dir, deq_dir
+
+
+def save_safetensors_plain(tensors, path):
+    safetensors.torch.save_file({k: tensors[k] for k in sorted(tensors)}, path, metadata={"format": "pt"})
+
+
 def load(model_dir, dtype):
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=dtype).eval()
     return model
@@ -701,6 +779,9 @@ CASE_SPECS = [
          trace=dict(max_new_tokens=40, steps=24, want="long")),
     dict(name="sharded-bf16", model="tiny-sharded-f32", dtype="bfloat16", prompt=("random", 20, 21),
          trace=dict(max_new_tokens=40, steps=24, want="long")),
+    # tiny-fp8: tiny-default's experts in FP8 (see write_fp8_models); transformers on the dequantised weights
+    dict(name="fp8-bf16", model="tiny-fp8", dtype="bfloat16", prompt=("chat", CHAT_TEXT),
+         trace=dict(max_new_tokens=64, steps=16, want="long")),
 ]
 
 
@@ -1042,6 +1123,8 @@ def main():
     model_dirs = {}
     for name, spec in MODEL_SPECS.items():
         model_dirs[name] = write_model(name, spec, log)
+    # The FP8 case's transformers run uses the dequantised weights; its file names models/tiny-fp8.
+    _, model_dirs[FP8_MODEL] = write_fp8_models(model_dirs[FP8_SOURCE], log)
     if args.only is None and os.path.isdir(CASES):
         for fn in os.listdir(CASES):  # the cases this script owns
             if fn.endswith(".safetensors") and fn[:-12] in {c["name"] for c in CASE_SPECS}:
@@ -1053,6 +1136,7 @@ def main():
         t1 = time.time()
         summaries.append(make_case(cs, model_dirs, log))
         log(f"  ({time.time() - t1:.1f} s)")
+    shutil.rmtree(model_dirs[FP8_MODEL], ignore_errors=True)  # the dequantised temporary copy
     total = time.time() - t0
     log(f"total {total:.1f}s")
     if args.only is None:  # no timings in the written files: a rerun rewrites them byte for byte

@@ -67,3 +67,40 @@ fn every_committed_case_passes_on_the_cpu_backend() {
     assert!(traces >= 3, "expected generation traces among the cases, found {traces}");
     assert!(failures.is_empty(), "failed checks:\n{}", failures.join("\n"));
 }
+
+/// The FP8 case (`fp8-bf16`: transformers on tiny-default with its experts quantised per output
+/// row and dequantised, written by `make_cases.py` with torch as the compressed-tensors checkpoint
+/// `tiny-fp8`). dgemma's own quantisation at load of tiny-default (`--quant fp8`) gives the very
+/// codes and scales of that checkpoint, an independent check of both quantisers, and passes the
+/// case just as the checkpoint does (every case, that one included, passes above).
+#[test]
+fn fp8_quantised_at_load_equals_the_committed_fp8_checkpoint_and_passes_its_case() {
+    use dgemma::model::quant::{ExpertTensor, Fp8Experts, Quant};
+    let models = reference_dir().join("models");
+    let stored = ModelWeights::load(&Checkpoint::open(models.join("tiny-fp8")).unwrap()).unwrap();
+    let ck = Checkpoint::open(models.join("tiny-default")).unwrap();
+    let quantised = ModelWeights::load_with(&ck, Quant::Fp8).unwrap();
+    let fp8 = |t: &ExpertTensor| -> Fp8Experts { t.as_fp8().unwrap_or_else(|| panic!("{} is not FP8", t.name())).clone() };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut tensors = 0;
+    for (i, (a, b)) in stored.layers.iter().zip(&quantised.layers).enumerate() {
+        for (x, y) in [(&a.experts_gate_up, &b.experts_gate_up), (&a.experts_down, &b.experts_down)] {
+            let (x, y) = (fp8(x), fp8(y));
+            assert_eq!(x.shape, y.shape, "layer {i} {}", x.name);
+            assert_eq!(bits(&x.scales), bits(&y.scales), "layer {i} {}: scales", x.name);
+            assert!(x.codes() == y.codes(), "layer {i} {}: codes", x.name);
+            tensors += 1;
+        }
+    }
+    assert_eq!(tensors, 2 * ck.config.text.num_hidden_layers);
+
+    let case = Case::open(&reference_dir().join("cases/fp8-bf16.safetensors")).unwrap();
+    assert_eq!(case.model_dir(&models), Some(models.join("tiny-fp8")));
+    let mut backend = CpuBackend::new(&ck.config.text, &quantised, case.precision);
+    let settings = GenerationSettings::from_checkpoint(&ck.config, &ck.generation, case.precision);
+    let checks = verify_case(&case, &mut backend, &settings).unwrap();
+    assert!(checks.len() >= 4, "{} checks", checks.len());
+    for c in &checks {
+        assert!(c.passed, "{}: {}", c.name, c.detail);
+    }
+}

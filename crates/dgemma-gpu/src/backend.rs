@@ -4,8 +4,9 @@
 //! `max_tokens` rows, the full layers' KV page pool ([`KvPool`], `kv_cache.rs`) and one sequence
 //! (its sliding-layer KV rings for `context` positions, page table, decoder inputs);
 //! [`GpuBackend::add_sequence`] adds more, and the [`Backend`] methods act on the selected one.
-//! A sequence takes pool pages as its cache grows and gives them back when it is reset; out of
-//! pages is [`Error::OutOfMemory`] for that sequence alone ([`GpuBackend::reserve`] takes them up
+//! A sequence takes pool pages as its cache grows and gives them back when released
+//! ([`GpuBackend::release_pages`]; a reset keeps them); out of pages is [`Error::OutOfMemory`] for
+//! that sequence alone ([`GpuBackend::reserve`] takes them up
 //! front, which is how a server admits a request only when it can finish). A decoder pass is
 //! planned per (sequences, canvas length, positions, self-conditioning) and recorded (a CUDA
 //! graph on a GPU) the second time that key comes (`GpuOptions::record_after`: a batch
@@ -374,6 +375,14 @@ impl<X: Executor> GpuBackend<X> {
         self.ensure_positions(self.current, positions)
     }
 
+    /// Empties the selected sequence's cache and gives its pool pages back (a server does when a
+    /// request ends; [`Backend::reset`] keeps them).
+    pub fn release_pages(&mut self) {
+        Backend::reset(self);
+        let seq = &mut self.seqs[self.current];
+        seq.kv.release(&mut self.pool);
+    }
+
     /// Sequence `seq`'s cache holds positions `0..end` (pages taken as needed; its recordings
     /// are dropped when pages were, their plans named the old page list).
     fn ensure_positions(&mut self, seq: usize, end: usize) -> Result<()> {
@@ -709,11 +718,12 @@ impl<X: Executor> Backend for GpuBackend<X> {
         self.seq().len
     }
 
+    /// Empties the selected sequence's cache. Its pool pages stay with it (a reservation
+    /// survives the generation loop's reset before a prefill); [`release_pages`]
+    /// (GpuBackend::release_pages) gives them back.
     fn reset(&mut self) {
         self.seq_mut().len = 0;
         self.forget_recordings();
-        let seq = &mut self.seqs[self.current];
-        seq.kv.release(&mut self.pool);
     }
 
     fn encode(&mut self, ids: &[u32]) -> Result<()> {

@@ -56,7 +56,7 @@ impl<X: Executor> SharedModel<X> {
             None => g.backend.add_sequence()?,
         };
         g.backend.select_sequence(index)?;
-        g.backend.reset();
+        g.backend.release_pages();
         Ok(SequenceHandle { model: self.clone(), index })
     }
 
@@ -95,7 +95,7 @@ impl<X: Executor> Drop for SequenceHandle<X> {
     fn drop(&mut self) {
         let mut g = lock(&self.model.inner);
         if g.backend.select_sequence(self.index).is_ok() {
-            g.backend.reset();
+            g.backend.release_pages();
             g.free.push(self.index);
         }
     }
@@ -162,6 +162,8 @@ pub trait SharedBackend: Send + Sync {
     fn kv_fits(&self, positions: usize) -> bool;
     /// Takes sequence `seq`'s pages for positions `0..positions` ([`GpuBackend::reserve`]).
     fn reserve(&self, seq: usize, positions: usize) -> Result<()>;
+    /// Empties sequence `seq` and gives its pages back ([`GpuBackend::release_pages`]).
+    fn release(&self, seq: usize) -> Result<()>;
 }
 
 /// What [`SharedBackend::memory`] reports.
@@ -220,5 +222,12 @@ impl<X: Executor + Send + 'static> SharedBackend for SharedModel<X> {
         let mut g = lock(&self.inner);
         g.backend.select_sequence(seq)?;
         g.backend.reserve(positions)
+    }
+
+    fn release(&self, seq: usize) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.backend.select_sequence(seq)?;
+        g.backend.release_pages();
+        Ok(())
     }
 }

@@ -1239,8 +1239,12 @@ fn scheduler(shared: &Shared, rx: Receiver<Command>) {
             let mut a = active.swap_remove(i);
             // Free the KV cache (its pages go back to the pool) before the final event, so a
             // client that sees it finished sees its memory free; the (empty) backend is kept
-            // for the next request.
+            // for the next request. (A reset alone keeps a GPU sequence's reserved pages: the
+            // generation loop resets before its prefill.)
             a.slot.backend.reset();
+            if let (Some(gpu), Some(seq)) = (&model.gpu, a.slot.seq) {
+                let _ = gpu.release(seq);
+            }
             let mut st = stats();
             st.active -= 1;
             match outcome {

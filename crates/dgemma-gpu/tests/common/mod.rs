@@ -389,8 +389,9 @@ pub fn assert_bf16_drift(got: &[f32], cpu: &[f32], truth: &[f32], vocab: usize, 
     assert!(agree_gpu >= agree_cpu - 1.0 / rows - 1e-9, "{what}: argmax agreement with f32 {agree_gpu} against {agree_cpu}");
 }
 
-/// The full layers' KV pages: a sequence takes them as its cache grows and gives them back when
-/// reset; a pool without enough free pages refuses the sequence that needs them (out of memory,
+/// The full layers' KV pages: a sequence takes them as its cache grows, keeps them through a
+/// reset (a server's reservation must survive the generation loop's reset before its prefill) and
+/// gives them back when released; a pool without enough free pages refuses the sequence that needs them (out of memory,
 /// nothing taken, its cache unchanged) while the others run on, and once pages are freed it goes
 /// on with the logits of a backend that never ran short.
 pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
@@ -427,6 +428,8 @@ pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
     // The other sequence finishes: its pages go back, and sequence 0 goes on.
     g.select_sequence(other).unwrap();
     g.reset();
+    assert_eq!(g.kv_pages().0, 0, "a reset keeps the pages (a reservation survives the prefill's reset)");
+    g.release_pages();
     assert_eq!(g.kv_pages().0, 5);
     g.select_sequence(0).unwrap();
     g.denoise(&canvas, None, &mut got).unwrap();
@@ -434,8 +437,8 @@ pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
     fresh.denoise(&canvas, None, &mut want).unwrap();
     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "the logits after running short differ");
     assert_eq!(g.kv_page_list(), &[0, 1, 2, 3][..]);
-    g.reset();
-    assert_eq!(g.kv_pages().0, 8, "a reset sequence gives every page back");
+    g.release_pages();
+    assert_eq!(g.kv_pages().0, 8, "a released sequence gives every page back");
     // A pool of no pages: refused at construction, naming the pool.
     let e = GpuBackend::new(make(), cfg, &m.weights, GpuOptions { kv_pages: Some(0), ..options }, &mut |_, _| {})
         .err()

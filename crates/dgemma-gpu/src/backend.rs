@@ -181,11 +181,10 @@ impl Sequence {
     /// history; no pages).
     fn fixed_bytes(cfg: &TextConfig, options: &GpuOptions) -> usize {
         let pass_tokens = options.prefill_chunk.max(options.canvas);
-        let rings: usize = (0..cfg.num_hidden_layers)
-            .filter(|&i| cfg.layer(i).sliding_window.is_some())
-            .map(|i| 2 * 2 * KvCache::layer_rows(cfg, i, options.context, pass_tokens) * cfg.layer(i).kv_dim())
-            .sum();
-        rings + 4 * options.context.div_ceil(options.kv_page) + 4 * options.canvas + 2 * options.canvas * cfg.hidden_size + 4 * (options.canvas + 1)
+        KvCache::ring_bytes(cfg, options.context, pass_tokens)
+            + KvCache::table_bytes(cfg, options.context, options.kv_page)
+            + DecoderInputs::bytes(cfg, options.canvas)
+            + SamplerState::bytes(options.canvas)
     }
 }
 
@@ -366,6 +365,12 @@ impl<X: Executor> GpuBackend<X> {
     /// decoder inputs and sampler state): what [`add_sequence`](Self::add_sequence) allocates.
     pub fn sequence_bytes(&self) -> usize {
         self.sequence_bytes
+    }
+
+    /// Device bytes [`add_sequence`](Self::add_sequence) allocates under `options`, computed
+    /// without allocating (what the automatic KV pool sizing sets aside per sequence).
+    pub fn sequence_bytes_for(cfg: &TextConfig, options: &GpuOptions) -> usize {
+        Sequence::fixed_bytes(cfg, options)
     }
 
     /// Makes the selected sequence's positions `0..positions` addressable now, taking the pool

@@ -290,6 +290,23 @@ impl KvCache {
         }
     }
 
+    /// Bytes of a sequence's own sliding-layer rings (what [`KvCache::new`] allocates besides
+    /// its page table).
+    pub fn ring_bytes(cfg: &TextConfig, context: usize, max_tokens: usize) -> usize {
+        (0..cfg.num_hidden_layers)
+            .filter(|&i| !is_full(cfg, i))
+            .map(|i| 2 * 2 * Self::layer_rows(cfg, i, context, max_tokens) * cfg.layer(i).kv_dim())
+            .sum()
+    }
+
+    /// Bytes of the page table [`KvCache::new`] allocates (none without full layers).
+    pub fn table_bytes(cfg: &TextConfig, context: usize, page: usize) -> usize {
+        match (0..cfg.num_hidden_layers).any(|i| is_full(cfg, i)) {
+            true => 4 * context.div_ceil(page),
+            false => 0,
+        }
+    }
+
     /// Bytes of K and V of a sequence of `context` positions (all its pages taken) for passes of
     /// up to `max_tokens` tokens, over all layers (pages rounded to whole pages aside).
     pub fn bytes(cfg: &TextConfig, context: usize, max_tokens: usize) -> usize {

@@ -249,6 +249,11 @@ impl DecoderInputs {
             soft: exec.alloc(2 * canvas * cfg.hidden_size, "self-conditioning soft embedding").map_err(cuda)?,
         })
     }
+
+    /// Bytes [`DecoderInputs::new`] allocates.
+    pub fn bytes(cfg: &TextConfig, canvas: usize) -> usize {
+        4 * canvas + 2 * canvas * cfg.hidden_size
+    }
 }
 
 /// One sequence's tokens in a pass: `tokens` consecutive workspace rows (after those of the

@@ -108,7 +108,12 @@ pub struct SamplerState {
 
 impl SamplerState {
     pub fn new(exec: &mut dyn Executor, canvas: usize) -> Result<SamplerState> {
-        Ok(SamplerState { history: exec.alloc(4 * (canvas + 1), "stability history").map_err(cuda)? })
+        Ok(SamplerState { history: exec.alloc(Self::bytes(canvas), "stability history").map_err(cuda)? })
+    }
+
+    /// Bytes [`SamplerState::new`] allocates.
+    pub fn bytes(canvas: usize) -> usize {
+        4 * (canvas + 1)
     }
 }
 

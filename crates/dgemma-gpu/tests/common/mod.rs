@@ -404,6 +404,10 @@ pub fn check_kv_pages<X: Executor>(make: impl Fn() -> X) {
     let mut g = gpu_backend(&m, make(), options);
     let mut fresh = gpu_backend(&m, make(), default_options(&m));
     assert_eq!(g.kv_pages().0, 8);
+    // The pool sizing's estimate of a sequence's own buffers is what one allocates (up to the
+    // emulator's rounding of each allocation to 8 bytes).
+    let (estimate, actual) = (GpuBackend::<X>::sequence_bytes_for(cfg, &options), g.sequence_bytes());
+    assert!(estimate <= actual && actual - estimate < 8 * (2 * cfg.num_hidden_layers + 4), "{estimate} vs {actual}");
     let prompt = ids(40, v, 5);
     g.encode(&prompt).unwrap();
     fresh.encode(&prompt).unwrap();

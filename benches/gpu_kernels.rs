@@ -24,8 +24,10 @@ mod gpu_common;
 use criterion::{SamplingMode, Throughput};
 use dgemma::gpu::kernels::Kernels;
 use dgemma::gpu::{Executor, GpuExecutor};
-use dgemma_cuda::codegen::shapes::{gumbel_sample_spec, read_bandwidth_spec, sampler_canvas_spec};
-use dgemma_cuda::codegen::{KernelSpec, Op, RowSoftmaxEntropyArgmax};
+use dgemma_cuda::codegen::shapes::{
+    grouped_gemm_mma_spec_for, gumbel_sample_spec, read_bandwidth_spec, sampler_canvas_spec,
+};
+use dgemma_cuda::codegen::{Arch, GemmFuse, KernelSpec, Op, RowSoftmaxEntropyArgmax, WeightFormat};
 use dgemma_cuda::ops::{self, ExpertWeights, LaunchPlan, Routing, SamplerParams};
 use dgemma_cuda::{Region, Step};
 use gpu_common::{bf16_pattern, region_of, region_with, Figure, Floors, Rng};
@@ -115,6 +117,7 @@ fn cases(
     row_stats: KernelSpec,
     gumbel: KernelSpec,
     canvas_spec: KernelSpec,
+    mma_experts: (KernelSpec, KernelSpec),
 ) -> Vec<Case> {
     let (h, v) = (text.hidden_size, text.vocab_size);
     let (heads, e, top_k, moe) =
@@ -404,12 +407,18 @@ fn cases(
             },
         ));
     }
-    {
+    // The backend's bf16 expert GEMMs, and on sm_90a also the mma.sync kernels the wgmma ones
+    // replace (".mma"), for the comparison.
+    let mut engines = vec![("", k.experts_gate_up, k.experts_down)];
+    if mma_experts.0 != k.experts_gate_up {
+        engines.push((".mma", mma_experts.0, mma_experts.1));
+    }
+    for &(engine, up_spec, _) in &engines {
         let (offsets, sorted) = (offsets.clone(), sorted.clone());
         let n = 2 * moe;
         v_cases.push(case(
             Figure::new(
-                format!("grouped_gemm.gate_up_geglu.n{n}.k{h}.tokens{m}.top{top_k}"),
+                format!("grouped_gemm.gate_up_geglu{engine}.n{n}.k{h}.tokens{m}.top{top_k}"),
                 (2 * (m * h + used * n * h + pairs * moe) + 4 * (pairs + e + 1)) as f64,
                 2.0 * (pairs * n * h) as f64,
             ),
@@ -420,7 +429,7 @@ fn cases(
                     sorted: region_of(x, &sorted, "sorted").b32(),
                 };
                 let o = out(x, 2 * pairs * moe, "out");
-                launch(ops::plan_grouped_gemm_geglu(&k.experts_gate_up, a.b16(), sp, ExpertWeights::bf16(w.b16()), o.b16(), r))
+                launch(ops::plan_grouped_gemm_geglu(&up_spec, a.b16(), sp, ExpertWeights::bf16(w.b16()), o.b16(), r))
             },
         ));
     }
@@ -454,22 +463,25 @@ fn cases(
             },
         ));
     }
-    v_cases.push(case(
-        Figure::new(
-            format!("grouped_gemm.down.n{h}.k{moe}.tokens{m}.top{top_k}"),
-            (2 * (pairs * moe + used * h * moe + pairs * h) + 4 * (pairs + e + 1)) as f64,
-            2.0 * (pairs * h * moe) as f64,
-        ),
-        move |x| {
-            let (a, w) = (bf16s(x, pairs * moe, 2.0, 31, "act"), bf16s(x, e * h * moe, 0.03, 32, "experts down"));
-            let sp = ops::SortedPairs {
-                offsets: region_of(x, &offsets, "offsets").b32(),
-                sorted: region_of(x, &sorted, "sorted").b32(),
-            };
-            let y = out(x, 2 * pairs * h, "y");
-            launch(ops::plan_grouped_gemm_down(&k.experts_down, a.b16(), sp, ExpertWeights::bf16(w.b16()), y.b16(), r))
-        },
-    ));
+    for &(engine, _, down_spec) in &engines {
+        let (offsets, sorted) = (offsets.clone(), sorted.clone());
+        v_cases.push(case(
+            Figure::new(
+                format!("grouped_gemm.down{engine}.n{h}.k{moe}.tokens{m}.top{top_k}"),
+                (2 * (pairs * moe + used * h * moe + pairs * h) + 4 * (pairs + e + 1)) as f64,
+                2.0 * (pairs * h * moe) as f64,
+            ),
+            move |x| {
+                let (a, w) = (bf16s(x, pairs * moe, 2.0, 31, "act"), bf16s(x, e * h * moe, 0.03, 32, "experts down"));
+                let sp = ops::SortedPairs {
+                    offsets: region_of(x, &offsets, "offsets").b32(),
+                    sorted: region_of(x, &sorted, "sorted").b32(),
+                };
+                let y = out(x, 2 * pairs * h, "y");
+                launch(ops::plan_grouped_gemm_down(&down_spec, a.b16(), sp, ExpertWeights::bf16(w.b16()), y.b16(), r))
+            },
+        ));
+    }
     v_cases.push(case(
         Figure::new(format!("moe_combine.h{h}.tokens{m}.top{top_k}"), (2 * (pairs * h + m * h) + 8 * pairs) as f64, 0.0),
         move |x| {
@@ -587,22 +599,28 @@ fn main() {
     let text = &cfg.text;
     let resolved = Kernels::resolve(text, &exec).and_then(|k| {
         let vocab = text.vocab_size as u32;
+        let (hidden, moe_k) = (text.hidden_size as u32, text.moe_intermediate_size as u32);
+        let moe_n = 2 * moe_k;
         let extra = |spec: KernelSpec| exec.resolve(spec.op).map_err(dgemma::gpu::error::cuda);
         Ok((
             k,
             extra(KernelSpec::portable(Op::RowSoftmaxEntropyArgmax(RowSoftmaxEntropyArgmax { vocab })))?,
             extra(gumbel_sample_spec(vocab))?,
             extra(sampler_canvas_spec())?,
+            (
+                extra(grouped_gemm_mma_spec_for(moe_n, hidden, GemmFuse::Geglu, WeightFormat::Bf16, Arch::Sm90a))?,
+                extra(grouped_gemm_mma_spec_for(hidden, moe_k, GemmFuse::Down, WeightFormat::Bf16, Arch::Sm90a))?,
+            ),
         ))
     });
-    let (kernels, row_stats, gumbel, canvas_spec) = match resolved {
+    let (kernels, row_stats, gumbel, canvas_spec, mma_experts) = match resolved {
         Ok(k) => k,
         Err(e) => {
             println!("{BENCH}: skipped, no GPU benchmark ran: the 26B-A4B kernels are not in this build: {e}");
             return;
         }
     };
-    let all = cases(&kernels, text, row_stats, gumbel, canvas_spec);
+    let all = cases(&kernels, text, row_stats, gumbel, canvas_spec, mma_experts);
     if !mode.list {
         println!("{BENCH}: {} on {} ({} kernel figures)", exec.describe(), device_name, all.len());
     }

@@ -168,4 +168,14 @@ __device__ __forceinline__ float processed_logit(bf16 x, float cap, float temper
 // CUDA_ERROR_LAUNCH_FAILED / an illegal-instruction error) rather than compute garbage.
 __device__ __noinline__ void trap_wrong_arch() { __trap(); }
 
+// The block's dynamic shared memory (the launch's `sharedMemBytes`: codegen's
+// KernelSpec::dynamic_shared_bytes, which the launcher also raises the kernel's limit to), 1 KiB
+// aligned. One declaration for every kernel of the translation unit, as CUDA requires.
+#ifdef DGEMMA_EMULATOR
+__device__ __forceinline__ unsigned char* dynamic_smem() { return emu::dynamic_smem(); }
+#else
+extern __shared__ __align__(1024) unsigned char dgemma_dynamic_smem[];
+__device__ __forceinline__ unsigned char* dynamic_smem() { return dgemma_dynamic_smem; }
+#endif
+
 } // namespace dgemma

@@ -184,6 +184,22 @@ __device__ __forceinline__ void write_invalid_rows(bf16* out, const int* sorted,
     }
 }
 
+// The start every grouped GEMM block (e = blockIdx.x, output columns c0 .. c0 + cols) makes:
+// expert e's pair range [begin, end) of `sorted`. False when the block has nothing more to do:
+// no pairs, a tile past the columns, or the invalid bucket, whose NaN rows it has just written.
+template <int OUT_COLS, int THREADS>
+__device__ __forceinline__ bool expert_block_pairs(const int* offsets, const int* sorted, bf16* out, int num_experts,
+                                                   int pairs, int c0, int cols, int& begin, int& end)
+{
+    const int e = blockIdx.x;
+    if (c0 >= OUT_COLS || !expert_pair_range(offsets, e, num_experts, pairs, begin, end)) return false;
+    if (e == num_experts) { // expert ids out of range: NaN rows
+        write_invalid_rows<OUT_COLS, THREADS>(out, sorted, begin, end, c0, cols, threadIdx.x);
+        return false;
+    }
+    return true;
+}
+
 template <int N, int K, bool GEGLU, int ROWS, int COLS, typename W = WeightBf16>
 __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* sorted, const int* offsets,
                                                     const typename W::T* w, const float* w_scale, bf16* out,
@@ -213,11 +229,7 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
     const int pairs = tokens * top_k;
     // Expert e's pairs; none (or a tile past the columns): the whole block leaves at once.
     int begin, end;
-    if (c0 >= OUT_COLS || !expert_pair_range(offsets, e, num_experts, pairs, begin, end)) return;
-    if (e == num_experts) { // expert ids out of range: NaN rows
-        write_invalid_rows<OUT_COLS, THREADS>(out, sorted, begin, end, c0, COLS, tid);
-        return;
-    }
+    if (!expert_block_pairs<OUT_COLS, THREADS>(offsets, sorted, out, num_experts, pairs, c0, COLS, begin, end)) return;
 
     const typename W::T* we = w + (size_t)e * N * K;
     const int in_div = GEGLU ? top_k : 1; // GeGLU reads token rows, the down projection pair rows

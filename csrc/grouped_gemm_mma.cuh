@@ -201,11 +201,7 @@ __device__ __forceinline__ void grouped_gemm_mma(const bf16* __restrict__ x, con
     const int pairs = tokens * top_k;
     // Expert e's pairs (grouped_gemm.cuh); none (or a tile past the columns): the block leaves.
     int begin, end;
-    if (c0 >= OUT_COLS || !expert_pair_range(offsets, e, num_experts, pairs, begin, end)) return;
-    if (e == num_experts) { // expert ids out of range: NaN rows
-        write_invalid_rows<OUT_COLS, THREADS>(out, sorted, begin, end, c0, BN, tid);
-        return;
-    }
+    if (!expert_block_pairs<OUT_COLS, THREADS>(offsets, sorted, out, num_experts, pairs, c0, BN, begin, end)) return;
 
     // This warp's output columns, and the first column of weight fragment f (-1: past the end).
     const int wc0 = c0 + warp * WC;

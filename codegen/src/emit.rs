@@ -245,6 +245,10 @@ fn template_call(spec: &KernelSpec) -> String {
                     "dgemma::grouped_gemm_mma<{}, {}, {geglu}, {}, {}, {block_k}, {warps}{weights}>",
                     g.n, g.k, g.rows, g.cols
                 ),
+                GemmEngine::Wgmma { block_k, stages } => format!(
+                    "dgemma::grouped_gemm_wgmma<{}, {}, {geglu}, {}, {}, {block_k}, {stages}>",
+                    g.n, g.k, g.rows, g.cols
+                ),
             }
         }
         Op::MoeSort(m) => format!("dgemma::moe_sort<{}, {t}>", m.experts),

@@ -234,12 +234,52 @@ pub fn grouped_mma_cols(fuse: GemmFuse) -> u32 {
 /// [`grouped_gemm_spec`] for expert weights stored as `weights`: the kernel the backend launches,
 /// [`grouped_gemm_mma_spec_for`] or [`grouped_gemm_simt_spec_for`] as
 /// [`GROUPED_GEMM_TENSOR_CORES`] says.
+///
+/// The heuristics: sm_90a with bf16 weights takes the wgmma kernel ([`grouped_gemm_wgmma_spec_for`],
+/// while [`GROUPED_GEMM_WGMMA`] is on); e4m3 weights (dequantised to bf16 in registers on the way
+/// to shared memory, which cp.async cannot do) and sm_120 take the mma.sync kernel.
 pub fn grouped_gemm_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
-    if GROUPED_GEMM_TENSOR_CORES {
-        grouped_gemm_mma_spec_for(n, k, fuse, weights, arch)
-    } else {
+    if !GROUPED_GEMM_TENSOR_CORES {
         grouped_gemm_simt_spec_for(n, k, fuse, weights, arch)
+    } else if GROUPED_GEMM_WGMMA && arch == Arch::Sm90a && weights == WeightFormat::Bf16 {
+        grouped_gemm_wgmma_spec_for(n, k, fuse)
+    } else {
+        grouped_gemm_mma_spec_for(n, k, fuse, weights, arch)
     }
+}
+
+/// Whether sm_90a launches the wgmma expert GEMMs for bf16 weights ([`grouped_gemm_spec_for`]);
+/// off, it launches the mma.sync ones (both are compiled and tested).
+pub const GROUPED_GEMM_WGMMA: bool = true;
+
+/// The wgmma tiles of the expert GEMMs ([`GemmEngine::Wgmma`], `csrc/grouped_gemm_wgmma.cuh`):
+/// chunks of 128 pairs (two m64 tiles; the second issues no wgmma while a chunk has at most 64
+/// pairs, as every expert of a one-canvas step has on average), 64-wide k slices, 3 stages.
+pub const GROUPED_WGMMA_ROWS: u32 = 128;
+pub const GROUPED_WGMMA_BLOCK_K: u32 = 64;
+pub const GROUPED_WGMMA_STAGES: u32 = 3;
+
+/// The wgmma expert GEMM for sm_90a and bf16 weights (`csrc/grouped_gemm_wgmma.cuh`): the
+/// column tiles of [`grouped_mma_cols`] (128 weight rows: two warpgroups of 64, 256 threads),
+/// 128-pair chunks, 3 stages of 64-wide slices filled by cp.async: (128 + 128) x 64 bf16 = 32 KiB
+/// per stage, 97 KiB of dynamic shared memory with the pair lists, two blocks per SM.
+///
+/// Against the mma.sync kernel (same tiles but 64-pair chunks, 32-wide slices, one slice in
+/// flight through registers): three times the weight bytes in flight per block (two 16 KiB
+/// slices), no register round trip for the staging, and the 16 canvases' ~256 pairs per expert
+/// read each weight tile twice instead of four times.
+pub fn grouped_gemm_wgmma_spec_for(n: u32, k: u32, fuse: GemmFuse) -> KernelSpec {
+    let engine = GemmEngine::Wgmma { block_k: GROUPED_WGMMA_BLOCK_K, stages: GROUPED_WGMMA_STAGES };
+    let g = GroupedGemm {
+        n,
+        k,
+        fuse,
+        rows: GROUPED_WGMMA_ROWS,
+        cols: grouped_mma_cols(fuse),
+        weights: WeightFormat::Bf16,
+        engine,
+    };
+    KernelSpec::for_arch(Op::GroupedGemm(g), Arch::Sm90a)
 }
 
 /// The tensor-core expert GEMM (`csrc/grouped_gemm_mma.cuh`, mma.sync m16n8k16 with fp32
@@ -433,6 +473,8 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
             }
         }
     }
+    v.push(grouped_gemm_wgmma_spec_for(2 * s.moe_width, h, GemmFuse::Geglu));
+    v.push(grouped_gemm_wgmma_spec_for(h, s.moe_width, GemmFuse::Down));
     sort_dedup(v)
 }
 
@@ -474,6 +516,10 @@ pub fn grouped_gemm_self_test_specs() -> Vec<KernelSpec> {
             v.push(grouped_gemm_mma_spec_for(136, 40, GemmFuse::Down, weights, arch));
         }
     }
+    // wgmma (sm_90a, bf16): a second column tile with one live warpgroup (GeGLU: 8 of its 32
+    // columns; down: 8 of its 64), a last k16 step half past k.
+    v.push(grouped_gemm_wgmma_spec_for(144, 72, GemmFuse::Geglu));
+    v.push(grouped_gemm_wgmma_spec_for(136, 40, GemmFuse::Down));
     v
 }
 
@@ -565,8 +611,12 @@ mod tests {
     #[test]
     fn gemm_families_exist_for_both_archs() {
         for spec in supported_specs() {
-            if matches!(spec.op, Op::GroupedGemm(_)) {
+            if let Op::GroupedGemm(g) = spec.op {
                 let Target::Only(arch) = spec.target else { panic!("{} is portable", spec.kernel_name()) };
+                if matches!(g.engine, GemmEngine::Wgmma { .. }) {
+                    assert_eq!(arch, Arch::Sm90a, "{}", spec.kernel_name()); // wgmma is Hopper's
+                    continue;
+                }
                 let other = if arch == Arch::Sm90a { Arch::Sm120 } else { Arch::Sm90a };
                 let twin = KernelSpec { target: Target::Only(other), ..spec };
                 assert!(supported_specs().contains(&twin), "{} has no {other:?} twin", spec.kernel_name());
@@ -686,9 +736,29 @@ mod tests {
             else {
                 unreachable!()
             };
-            assert_eq!(matches!(g.engine, GemmEngine::Mma { .. }), GROUPED_GEMM_TENSOR_CORES, "{name}");
+            assert_eq!(matches!(g.engine, GemmEngine::Wgmma { .. }), GROUPED_GEMM_TENSOR_CORES && GROUPED_GEMM_WGMMA, "{name}");
             assert_eq!(g.weights, WeightFormat::Bf16, "{name}");
+            // sm_120 and e4m3 weights: mma.sync.
+            for (weights, arch) in [(WeightFormat::Bf16, Arch::Sm120), (WeightFormat::E4m3, Arch::Sm90a)] {
+                let Op::GroupedGemm(g) = grouped_gemm_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, arch).op
+                else {
+                    unreachable!()
+                };
+                assert_eq!(matches!(g.engine, GemmEngine::Mma { .. }), GROUPED_GEMM_TENSOR_CORES, "{name}");
+            }
+            for spec in [
+                grouped_gemm_wgmma_spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu),
+                grouped_gemm_wgmma_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down),
+            ] {
+                assert!(specs.contains(&spec), "{name}: no {}", spec.kernel_name());
+                spec.validate().unwrap();
+                assert_eq!(spec.block_threads(), 256, "{}", spec.kernel_name());
+            }
         }
+        // 26B wgmma: 97 KiB of dynamic shared memory, so two blocks fit an H100 SM's 228 KiB.
+        let Op::GroupedGemm(g) = grouped_gemm_wgmma_spec_for(1408, 2816, GemmFuse::Geglu).op else { unreachable!() };
+        assert_eq!(g.dynamic_shared_bytes(), 3 * (128 + 128) * 64 * 2 + 8 * 128);
+        assert!(2 * (g.dynamic_shared_bytes() + 1024) <= 228 * 1024);
         // 26B: 64-pair chunks, 11 gate_up and 22 down column tiles of 128 weight rows, 30.5 KiB.
         let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
         for (fuse, n, k, tiles) in [(GemmFuse::Geglu, 2 * s.moe_width, s.hidden, 11), (GemmFuse::Down, s.hidden, s.moe_width, 22)] {
@@ -704,6 +774,7 @@ mod tests {
             spec.validate().unwrap();
             let Op::GroupedGemm(g) = spec.op else { unreachable!() };
             assert_eq!(g.out_cols().div_ceil(g.cols), 2, "{}", spec.kernel_name());
+            assert_eq!(g.k % 16, 8, "{}", spec.kernel_name());
             assert_eq!(g.k % GROUPED_MMA_BLOCK_K, 8, "{}", spec.kernel_name());
         }
     }

@@ -289,6 +289,12 @@ pub enum GemmEngine {
     /// owning all `rows` pair rows and `cols / warps` output columns (for GeGLU their gate and
     /// their up rows).
     Mma { block_k: u32, warps: u32 },
+    /// Hopper's warpgroup tensor cores (`csrc/grouped_gemm_wgmma.cuh`, wgmma m64n64k16 bf16 ->
+    /// fp32 from shared memory; sm_90a only, bf16 weights): the same numerics as [`Mma`]
+    /// (`GemmEngine::Mma`). k streams through `stages` shared-memory buffers of `block_k`-wide
+    /// slices filled by cp.async (dynamic shared memory); one warpgroup per 64 weight rows of the
+    /// tile, `rows` a multiple of 64 (m64 tiles of pairs).
+    Wgmma { block_k: u32, stages: u32 },
 }
 
 /// MoE expert GEMM over the routed (token, slot) pairs grouped by expert ([`MoeSort`]'s output),
@@ -343,9 +349,27 @@ impl GroupedGemm {
             GemmEngine::Mma { block_k, .. } => {
                 2 * (self.rows + self.weight_rows()) as u64 * (block_k as u64 + 8) * 2 + 8 * self.rows as u64
             }
+            GemmEngine::Wgmma { .. } => 0,
+        }
+    }
+
+    /// Bytes of dynamic shared memory (the launch's `sharedMemBytes`): for wgmma
+    /// (`csrc/grouped_gemm_wgmma.cuh`), `stages` buffers of the input and weight slices,
+    /// unpadded bf16 (`(rows + weight rows) x block_k`), then two ints per pair slot; 0 for the
+    /// other engines (static shared memory only).
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        match self.engine {
+            GemmEngine::Wgmma { block_k, stages } => {
+                stages as u64 * (self.rows + self.weight_rows()) as u64 * block_k as u64 * 2 + 8 * self.rows as u64
+            }
+            _ => 0,
         }
     }
 }
+
+/// The most dynamic shared memory one block may use on sm_90a and sm_120 (227 KiB on an H100;
+/// an RTX 5090 allows 99 KiB, so kernels above that are sm_90a-only).
+pub const MAX_DYNAMIC_SHARED_BYTES: u64 = 227 * 1024;
 
 /// The MoE routing sort (`csrc/moe_sort.cuh`), one block: from the router's `experts[pairs]`,
 /// `offsets[experts + 1]` (exclusive prefix sum of the per-expert pair counts) and the pair
@@ -617,11 +641,12 @@ impl KernelSpec {
     }
 
     /// The hand-written template under `csrc/` the kernel instantiates: the family's
-    /// ([`Family::header`]), except for the tensor-core grouped GEMMs (`grouped_gemm_mma.cuh`,
-    /// which includes the family's `grouped_gemm.cuh`).
+    /// ([`Family::header`]), except for the tensor-core grouped GEMMs (`grouped_gemm_mma.cuh`
+    /// and `grouped_gemm_wgmma.cuh`, which include the family's `grouped_gemm.cuh`).
     pub fn header(&self) -> &'static str {
         match self.op {
             Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Mma { .. }, .. }) => "grouped_gemm_mma.cuh",
+            Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Wgmma { .. }, .. }) => "grouped_gemm_wgmma.cuh",
             _ => self.family().header(),
         }
     }
@@ -680,19 +705,25 @@ impl KernelSpec {
                     g.weights.suffix()
                 )
                 .unwrap(),
-                GemmEngine::Mma { block_k, warps } => write!(
-                    s,
-                    "grouped_gemm_n{}_k{}_{}_mma_t{}x{}x{}_w{}{}",
-                    g.n,
-                    g.k,
-                    g.fuse.suffix(),
-                    g.rows,
-                    g.cols,
-                    block_k,
-                    warps,
-                    g.weights.suffix()
-                )
-                .unwrap(),
+                GemmEngine::Mma { .. } | GemmEngine::Wgmma { .. } => {
+                    // The engine, its tile and its own parameter: w<warps> / s<stages>.
+                    let (engine, block_k, last) = match g.engine {
+                        GemmEngine::Mma { block_k, warps } => ("mma", block_k, format!("w{warps}")),
+                        GemmEngine::Wgmma { block_k, stages } => ("wgmma", block_k, format!("s{stages}")),
+                        GemmEngine::Simt => unreachable!(),
+                    };
+                    write!(
+                        s,
+                        "grouped_gemm_n{}_k{}_{}_{engine}_t{}x{}x{block_k}_{last}{}",
+                        g.n,
+                        g.k,
+                        g.fuse.suffix(),
+                        g.rows,
+                        g.cols,
+                        g.weights.suffix()
+                    )
+                    .unwrap()
+                }
             },
             Op::MoeSort(m) => write!(s, "moe_sort_e{}", m.experts).unwrap(),
             Op::MoeCombine(m) => write!(s, "moe_combine_h{}", m.hidden).unwrap(),
@@ -718,6 +749,16 @@ impl KernelSpec {
         s
     }
 
+    /// Bytes of dynamic shared memory the launcher passes (and raises the kernel's limit to);
+    /// 0 for kernels with static shared memory only.
+    pub fn dynamic_shared_bytes(&self) -> u32 {
+        let bytes = match self.op {
+            Op::GroupedGemm(g) => g.dynamic_shared_bytes(),
+            _ => 0,
+        };
+        u32::try_from(bytes).expect("validate() keeps dynamic shared memory under 227 KiB")
+    }
+
     /// Threads per block: compiled in as `__launch_bounds__` and used by the launcher.
     pub fn block_threads(&self) -> u32 {
         match self.op {
@@ -733,6 +774,8 @@ impl KernelSpec {
                 // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
                 GemmEngine::Simt => (g.rows / 4) * (g.weight_rows() / 2),
                 GemmEngine::Mma { warps, .. } => 32 * warps,
+                // One warpgroup per 64 weight rows of the tile.
+                GemmEngine::Wgmma { .. } => 128 * (g.weight_rows() / 64),
             },
             // One histogram slice per thread: as many as 40 KiB of counters allow, 32..=256.
             Op::MoeSort(m) => {
@@ -849,6 +892,33 @@ impl KernelSpec {
             }
             Op::GroupedGemm(g) if g.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
+            }
+            Op::GroupedGemm(g)
+                if matches!(g.engine, GemmEngine::Wgmma { .. })
+                    && (self.target != Target::Only(Arch::Sm90a) || g.weights != WeightFormat::Bf16) =>
+            {
+                fail("wgmma exists on sm_90a only, and this kernel takes bf16 weights")
+            }
+            Op::GroupedGemm(GroupedGemm { rows, fuse, cols, engine: GemmEngine::Wgmma { block_k, stages }, .. })
+                if rows == 0
+                    || rows % 64 != 0
+                    || block_k == 0
+                    || block_k % 16 != 0
+                    || stages < 2
+                    || (if fuse == GemmFuse::Geglu { 2 * cols } else { cols }) % 64 != 0
+                    || (rows * block_k / 8) % self.block_threads() != 0
+                    || ((if fuse == GemmFuse::Geglu { 2 * cols } else { cols }) * block_k / 8) % self.block_threads() != 0 =>
+            {
+                fail(
+                    "rows must be whole m64 tiles, block_k whole k16 steps, at least 2 stages, the weight rows whole \
+                     64-row warpgroup tiles, and every slice whole 16-byte chunks per thread",
+                )
+            }
+            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Wgmma { .. }) && g.out_cols() % 2 != 0 => {
+                fail("the output rows must have an even number of columns (paired bf16 stores)")
+            }
+            Op::GroupedGemm(g) if g.dynamic_shared_bytes() > MAX_DYNAMIC_SHARED_BYTES => {
+                fail("the pipeline's buffers must fit 227 KiB of dynamic shared memory")
             }
             Op::MoeSort(m) if m.experts == 0 => fail("experts must be positive"),
             Op::MoeSort(m) if 4 * (m.experts as u64 + 1) * self.block_threads() as u64 > MoeSort::HIST_BYTES => {

@@ -47,10 +47,11 @@ mod emulator {
         }
         unity += "};\n";
         unity += r#"
-extern "C" int dgemma_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned block, void** args)
+extern "C" int dgemma_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned block,
+                                 unsigned shared_bytes, void** args)
 {
     for (const EmuEntry& e : emu_entries)
-        if (std::strcmp(e.name, name) == 0) return emu::launch(e.fn, dim3{gx, gy, gz}, block, args);
+        if (std::strcmp(e.name, name) == 0) return emu::launch(e.fn, dim3{gx, gy, gz}, block, shared_bytes, args);
     return 1;
 }
 "#;

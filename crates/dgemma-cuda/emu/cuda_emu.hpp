@@ -17,7 +17,10 @@
 // so sm_90a-specific kernels run their body and sm_120-specific ones trap. DGEMMA_EMULATOR is
 // defined too: device code whose GPU form is inline PTX (csrc/mma.cuh) calls the emulation below
 // instead (emu::mma_bf16_16816: the tensor-core mma, and emu::ldmatrix_x4: the shared-memory
-// fragment loads, plain and transposed; both warp-collective like a shuffle).
+// fragment loads, plain and transposed; both warp-collective like a shuffle; emu::cp_async and
+// emu::wgmma: the asynchronous copies and warpgroup MMAs of csrc/wgmma.cuh, queued per thread and
+// carried out at the thread's wait, so a missing wait shows up as wrong values). Dynamic shared
+// memory (dgemma::dynamic_smem) is one buffer per launch, poisoned with NaN bytes per block.
 #pragma once
 
 #include <cmath>
@@ -69,12 +72,44 @@ namespace emu {
 
 enum State { RUNNING, DONE };
 
+// An asynchronous copy to shared memory (cp.async): `src_bytes` of `bytes` come from `src`, the
+// rest are zeros.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes;
+};
+
+// A warpgroup MMA in flight (wgmma.mma_async m64nNk16, bf16 -> fp32): this thread's N / 2
+// accumulators, the two shared-memory matrix descriptors and scale-d.
+struct AsyncMma {
+    float* d;
+    int n;
+    uint64_t desc_a, desc_b;
+    bool scale_d;
+};
+
+// Operations a thread issued and has not waited for, split into committed groups (`*_groups`:
+// the end index of each group in the queue; operations after the last end are uncommitted).
+template <class Op>
+struct AsyncQueue {
+    std::vector<Op> ops;
+    std::vector<size_t> groups;
+    void clear()
+    {
+        ops.clear();
+        groups.clear();
+    }
+};
+
 struct Fiber {
     ucontext_t ctx; // only to start the fiber on its own stack
     jmp_buf jb;     // where it yielded
     dim3 tid;
     State state;
     bool started;
+    AsyncQueue<AsyncCopy> copies; // cp.async
+    AsyncQueue<AsyncMma> mmas;    // wgmma.mma_async
 };
 
 struct Barrier {
@@ -105,6 +140,11 @@ struct Runtime {
     long events = 0; // arrivals, releases and exits: progress of the scheduler
     void (*thunk)(void**) = nullptr;
     void** args = nullptr;
+    // The launch's dynamic shared memory (extern __shared__): `dyn_bytes` at `dyn_smem`, 1 KiB
+    // aligned, filled with 0xff bytes (bf16 / fp32 NaN) before every block. Shared-memory
+    // addresses (__cvta_generic_to_shared, the wgmma descriptors) are offsets into it.
+    unsigned char* dyn_smem = nullptr;
+    size_t dyn_bytes = 0;
 };
 
 inline Runtime& rt()
@@ -238,11 +278,121 @@ inline void ldmatrix_x4(unsigned r[4], const void* row, bool trans)
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dynamic shared memory and the asynchronous operations (cp.async, wgmma). Both are queued per
+// thread and carried out only when the thread waits for them (cp.async.wait_group,
+// wgmma.wait_group), reading and writing shared memory as it is THEN: a kernel that reads a
+// copy's destination or a wgmma's accumulators before waiting, or overwrites a wgmma's operands
+// before its wait, gets stale or wrong values here and fails its test, as it could on the GPU.
+
+[[noreturn]] inline void fail(const char* what)
+{
+    std::fprintf(stderr, "cuda_emu: %s\n", what);
+    std::abort();
+}
+
+inline unsigned char* dynamic_smem()
+{
+    if (rt().dyn_smem == nullptr) fail("the kernel uses dynamic shared memory but was launched with none");
+    return rt().dyn_smem;
+}
+
+// The shared-memory address of `p` (an offset into the dynamic shared memory).
+inline uint32_t shared_offset(const void* p)
+{
+    Runtime& r = rt();
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (r.dyn_smem == nullptr || c < r.dyn_smem || c >= r.dyn_smem + r.dyn_bytes)
+        fail("a shared-memory address outside the launch's dynamic shared memory");
+    return (uint32_t)(c - r.dyn_smem);
+}
+
+template <class Op, class Run>
+inline void complete_groups(AsyncQueue<Op>& q, int pending, Run run)
+{
+    const int done = (int)q.groups.size() - pending;
+    if (done <= 0) return;
+    const size_t end = q.groups[done - 1];
+    for (size_t i = 0; i < end; ++i) run(q.ops[i]);
+    q.ops.erase(q.ops.begin(), q.ops.begin() + end);
+    q.groups.erase(q.groups.begin(), q.groups.begin() + done);
+    for (size_t& g : q.groups) g -= end;
+}
+
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes)
+{
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0))
+        fail("cp.async with a misaligned address");
+    shared_offset(dst);
+    rt().cur->copies.ops.push_back(AsyncCopy{dst, src, bytes, src_bytes});
+}
+
+inline void cp_async_commit() { rt().cur->copies.groups.push_back(rt().cur->copies.ops.size()); }
+
+inline void cp_async_wait(int pending)
+{
+    complete_groups(rt().cur->copies, pending, [](const AsyncCopy& c) {
+        std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+        std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+    });
+}
+
+// Element (row, k) of a K-major bf16 operand in shared memory given by a wgmma matrix
+// descriptor, without swizzling (PTX ISA "Matrix Descriptor Format" and "Shared Memory Matrix
+// Layout"): bits 0-13 the start address, 16-29 the leading-dimension byte offset (LBO: from a
+// core matrix to the next along K), 32-45 the stride-dimension byte offset (SBO: from one
+// 8-row group to the next), each >> 4; bits 49-51 the base offset and 62-63 the swizzle mode,
+// both 0 here. A core matrix is 8 rows of 16 contiguous bytes (8 bf16), rows 16 bytes apart.
+inline float wgmma_operand(uint64_t desc, int row, int k)
+{
+    Runtime& r = rt();
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) fail("wgmma descriptor: only unswizzled layouts are emulated");
+    const size_t start = (size_t)(desc & 0x3fff) << 4, lbo = (size_t)((desc >> 16) & 0x3fff) << 4,
+                 sbo = (size_t)((desc >> 32) & 0x3fff) << 4;
+    const size_t at = start + (size_t)(row / 8) * sbo + (size_t)(row % 8) * 16 + (size_t)(k / 8) * lbo + (size_t)(k % 8) * 2;
+    if (at + 2 > r.dyn_bytes) fail("wgmma operand outside the dynamic shared memory");
+    uint16_t bits;
+    std::memcpy(&bits, r.dyn_smem + at, 2);
+    return bf16_bits_to_float(bits);
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands K-major in shared
+// memory, queued; run_wgmma carries it out for the calling thread: warp w of the warpgroup owns
+// D rows 16w.., and accumulator i of lane (g = lane / 4, t = lane % 4) is
+// D[16w + g + 8 ((i / 2) % 2)][8 (i / 4) + 2t + i % 2] (PTX "Matrix Fragments for
+// wgmma.m64nNk16", the mma.m16n8 accumulator layout repeated along N), summed in k order from
+// the accumulator (or from zero without scale-d).
+inline void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d)
+{
+    Runtime& r = rt();
+    const int w = cur_thread() / 32;
+    for (int q = w - w % 4; q < w - w % 4 + 4; ++q)
+        if (r.live_in_warp[q] != 32) fail("wgmma with a warpgroup that is not whole (all 128 threads must take part)");
+    r.cur->mmas.ops.push_back(AsyncMma{d, n, desc_a, desc_b, scale_d});
+}
+
+inline void run_wgmma(const AsyncMma& m)
+{
+    const int th = cur_thread(), w = (th / 32) % 4, lane = th % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < m.n / 2; ++i) {
+        const int row = 16 * w + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
+        float acc = m.scale_d ? m.d[i] : 0.0f;
+        for (int k = 0; k < 16; ++k) acc += wgmma_operand(m.desc_a, row, k) * wgmma_operand(m.desc_b, col, k);
+        m.d[i] = acc;
+    }
+}
+
+inline void wgmma_commit() { rt().cur->mmas.groups.push_back(rt().cur->mmas.ops.size()); }
+
+inline void wgmma_wait(int pending) { complete_groups(rt().cur->mmas, pending, run_wgmma); }
+
 inline void fiber_entry()
 {
     Runtime& r = rt();
     r.thunk(r.args);
     const int t = cur_thread();
+    if (!r.cur->copies.ops.empty() || !r.cur->mmas.ops.empty())
+        fail("a thread exited with cp.async or wgmma operations it never waited for");
     r.cur->state = DONE;
     r.live_in_block--;
     r.live_in_warp[t / 32]--;
@@ -253,10 +403,18 @@ inline void fiber_entry()
 }
 
 // Runs `thunk(args)` over the grid. Not reentrant (the Rust side serialises launches).
-inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, void** args)
+inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, size_t shared_bytes, void** args)
 {
     Runtime& r = rt();
     if (block == 0 || block > (unsigned)MAX_THREADS || block % 32 != 0) return 2;
+    std::free(r.dyn_smem);
+    r.dyn_smem = nullptr;
+    r.dyn_bytes = shared_bytes;
+    if (shared_bytes > 0) {
+        void* p = nullptr;
+        if (posix_memalign(&p, 1024, shared_bytes) != 0) return 2;
+        r.dyn_smem = static_cast<unsigned char*>(p);
+    }
     r.thunk = thunk;
     r.args = args;
     r.grid_dim = grid;
@@ -269,6 +427,7 @@ inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, void** args)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 r.block_idx = dim3{bx, by, bz};
+                if (r.dyn_smem != nullptr) std::memset(r.dyn_smem, 0xff, r.dyn_bytes);
                 r.block_bar = Barrier{};
                 r.live_in_block = (int)block;
                 for (unsigned w = 0; w < block / 32; ++w) {
@@ -280,6 +439,8 @@ inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, void** args)
                     f.tid = dim3{t, 0, 0};
                     f.state = RUNNING;
                     f.started = false;
+                    f.copies.clear();
+                    f.mmas.clear();
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = r.stacks[t].data();
                     f.ctx.uc_stack.ss_size = STACK;

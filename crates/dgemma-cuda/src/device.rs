@@ -179,7 +179,9 @@ impl Device {
         Err(CudaError::MissingKernel(specific.kernel_name()))
     }
 
-    /// The loaded function of `spec` (checked against this device's arch).
+    /// The loaded function of `spec` (checked against this device's arch), allowed the dynamic
+    /// shared memory its launches ask for: above the default 48 KiB a kernel must opt in
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`, set once when it is first loaded).
     pub fn function(&self, spec: &KernelSpec) -> Result<CudaFunction> {
         if !spec.target.runs_on(self.arch) {
             return Err(crate::error::args(
@@ -187,6 +189,19 @@ impl Device {
                 format!("{} has no body on {:?} (device {})", spec.kernel_name(), self.arch, self.name),
             ));
         }
-        self.function_by_name(&spec.kernel_name())
+        let name = spec.kernel_name();
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(f)) = cache.get(&name) {
+            return Ok(f.clone());
+        }
+        let f = self.module.load_function(&name).map_err(|_| CudaError::MissingKernel(name.clone()))?;
+        let dynamic = spec.dynamic_shared_bytes();
+        if dynamic > 48 * 1024 {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, dynamic as i32)
+                .ctx("raising a kernel's dynamic shared memory limit (cuFuncSetAttribute)")?;
+        }
+        cache.insert(name, Some(f.clone()));
+        Ok(f)
     }
 }

@@ -18,7 +18,15 @@ use crate::ops::{Arg, LaunchPlan};
 pub const ARCH: Arch = Arch::Sm90a;
 
 extern "C" {
-    fn dgemma_emu_launch(name: *const c_char, gx: u32, gy: u32, gz: u32, block: u32, args: *mut *mut c_void) -> c_int;
+    fn dgemma_emu_launch(
+        name: *const c_char,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        block: u32,
+        shared_bytes: u32,
+        args: *mut *mut c_void,
+    ) -> c_int;
 }
 
 /// The emulator keeps global state: one launch at a time.
@@ -51,7 +59,7 @@ pub unsafe fn run(plan: &LaunchPlan) -> Result<()> {
     let name = CString::new(plan.spec.kernel_name()).expect("kernel names have no NUL");
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let (gx, gy, gz) = plan.grid;
-    let rc = dgemma_emu_launch(name.as_ptr(), gx, gy, gz, plan.block, ptrs.as_mut_ptr());
+    let rc = dgemma_emu_launch(name.as_ptr(), gx, gy, gz, plan.block, plan.spec.dynamic_shared_bytes(), ptrs.as_mut_ptr());
     match rc {
         0 => Ok(()),
         1 => Err(crate::error::CudaError::MissingKernel(plan.spec.kernel_name())),

@@ -113,7 +113,11 @@ pub unsafe fn run(dev: &Device, plan: &LaunchPlan) -> Result<()> {
         return Ok(()); // nothing to do (empty problem)
     }
     let func = dev.function(&plan.spec)?;
-    let cfg = LaunchConfig { grid_dim: plan.grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: plan.grid,
+        block_dim: (plan.block, 1, 1),
+        shared_mem_bytes: plan.spec.dynamic_shared_bytes(),
+    };
     guard("kernel launch", || {
         let mut b = dev.stream().launch_builder(&func);
         for a in &plan.args {
@@ -686,7 +690,7 @@ fn plan_grouped(
     if !x.ptr.is_multiple_of(16) {
         return Err(args(op, format!("x at {:#x} is not 16-byte aligned (the kernel reads 8 bf16 at once)", x.ptr)));
     }
-    if matches!(g.engine, GemmEngine::Mma { .. }) && !out.ptr.is_multiple_of(4) {
+    if g.engine != GemmEngine::Simt && !out.ptr.is_multiple_of(4) {
         return Err(args(op, format!("out at {:#x} is not 4-byte aligned (the kernel stores bf16 pairs)", out.ptr)));
     }
     let mut args_list = vec![Arg::Ptr(x.ptr), Arg::Ptr(pairs_in.sorted.ptr), Arg::Ptr(pairs_in.offsets.ptr), Arg::Ptr(w.ptr)];

@@ -1025,18 +1025,22 @@ pub fn check_moe_sort(e: &dyn Exec) {
     }
 }
 
-/// Whether a grouped GEMM runs on tensor cores (`csrc/grouped_gemm_mma.cuh`) rather than the
-/// SIMT kernel in the CPU's dot order.
+/// Whether a grouped GEMM runs on tensor cores (`csrc/grouped_gemm_mma.cuh`,
+/// `csrc/grouped_gemm_wgmma.cuh`) rather than the SIMT kernel in the CPU's dot order.
 fn tensor_cores(g: &GroupedGemm) -> bool {
-    matches!(g.engine, GemmEngine::Mma { .. })
+    g.engine != GemmEngine::Simt
 }
 
 /// Multiply-add rows a grouped GEMM runs for `ids` (chunks of `g.rows` pairs per expert, each
 /// rounded up to what the kernel skips by: whole groups of `rows / 4` pair slots for SIMT, whole
-/// m16 fragments on tensor cores): the emulator's work estimate.
+/// m16 fragments for mma.sync, whole m64 tiles for wgmma): the emulator's work estimate.
 fn grouped_rows(ids: &[i32], experts: usize, g: &GroupedGemm) -> usize {
     let rows = g.rows as usize;
-    let group = if tensor_cores(g) { 16 } else { rows / 4 };
+    let group = match g.engine {
+        GemmEngine::Simt => rows / 4,
+        GemmEngine::Mma { .. } => 16,
+        GemmEngine::Wgmma { .. } => 64,
+    };
     (0..experts)
         .map(|ex| {
             let n = ids.iter().filter(|&&id| id == ex as i32).count();
@@ -1260,16 +1264,26 @@ fn gemm_routing(rng: &mut Rng) -> (Vec<i32>, Vec<f32>, Routing) {
 }
 
 /// Ragged pair counts per expert, shuffled over 69 tokens x 2 slots: 17, 65 (a full 64-pair
-/// chunk of the tensor-core kernels and one pair more; three SIMT chunks), 0, 1, 33, 0, 16, 4
-/// pairs for experts 0..8, and two ids out of range (8 and -1).
+/// chunk of the mma kernels and one pair more, both m64 tiles of a wgmma chunk; three SIMT
+/// chunks), 0, 1, 33, 0, 16, 4 pairs for experts 0..8, and two ids out of range (8 and -1).
 fn ragged_routing(rng: &mut Rng) -> (Vec<i32>, Routing) {
-    let counts = [17usize, 65, 0, 1, 33, 0, 16, 4];
+    routing_with_counts(rng, &[17, 65, 0, 1, 33, 0, 16, 4])
+}
+
+/// A hot expert, shuffled over 74 tokens x 2 slots: 3, 137 (a full 128-pair wgmma chunk and a
+/// second chunk of 9 pairs), 0, 0, 5, 0, 0, 1 pairs for experts 0..8, and two ids out of range.
+fn hot_routing(rng: &mut Rng) -> (Vec<i32>, Routing) {
+    routing_with_counts(rng, &[3, 137, 0, 0, 5, 0, 0, 1])
+}
+
+/// `counts[e]` pairs of expert e and two ids out of range (8 and -1), shuffled, 2 slots a token.
+fn routing_with_counts(rng: &mut Rng, counts: &[usize]) -> (Vec<i32>, Routing) {
     let mut ids: Vec<i32> = counts.iter().enumerate().flat_map(|(ex, &n)| std::iter::repeat_n(ex as i32, n)).collect();
     ids.extend([8, -1]);
     for i in (1..ids.len()).rev() {
         ids.swap(i, rng.below(i + 1));
     }
-    let (top_k, num_experts) = (2usize, 8usize);
+    let (top_k, num_experts) = (2usize, counts.len());
     assert_eq!(ids.len() % top_k, 0);
     (ids.clone(), Routing { tokens: ids.len() / top_k, top_k, num_experts })
 }
@@ -1279,12 +1293,14 @@ fn gemm_cases() -> Vec<(&'static str, Vec<i32>, Routing)> {
     let mut rng = Rng::new(9);
     let (skewed, _, r) = gemm_routing(&mut rng);
     let (ragged, r2) = ragged_routing(&mut rng);
-    vec![("skewed", skewed, r), ("ragged", ragged, r2)]
+    let (hot, r3) = hot_routing(&mut rng);
+    vec![("skewed", skewed, r), ("ragged", ragged, r2), ("hot", hot, r3)]
 }
 
 /// gate_up + GeGLU over pairs grouped by expert, against the CPU's linear + geglu per pair.
 pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
     let mut ran = Vec::new();
+    let mut wgmma_ran = Vec::new();
     for spec in specs(e, Family::GroupedGemm) {
         let Op::GroupedGemm(g) = spec.op else { unreachable!() };
         if g.fuse != GemmFuse::Geglu {
@@ -1317,6 +1333,9 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
             };
             check_grouped_run(e, &spec, &name, &x, &w, &ids, routing, half, &check);
             ran.push((g.weights, tensor_cores(&g), case));
+            if matches!(g.engine, GemmEngine::Wgmma { .. }) {
+                wgmma_ran.push(case);
+            }
         }
     }
     for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
@@ -1326,11 +1345,18 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
             }
         }
     }
+    // sm_90a's bf16 kernel is wgmma (csrc/grouped_gemm_wgmma.cuh).
+    if e.arch() == Arch::Sm90a {
+        for case in ["skewed", "ragged", "hot"] {
+            assert!(wgmma_ran.contains(&case), "no wgmma GeGLU grouped GEMM ran {case}");
+        }
+    }
 }
 
 /// The down projection over pairs grouped by expert, against the CPU's linear per pair.
 pub fn check_grouped_gemm_down(e: &dyn Exec) {
     let mut ran = Vec::new();
+    let mut wgmma_ran = Vec::new();
     for spec in specs(e, Family::GroupedGemm) {
         let Op::GroupedGemm(g) = spec.op else { unreachable!() };
         if g.fuse != GemmFuse::Down {
@@ -1360,6 +1386,9 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
             };
             check_grouped_run(e, &spec, &name, &act, &w, &ids, routing, n, &check);
             ran.push((g.weights, tensor_cores(&g), case));
+            if matches!(g.engine, GemmEngine::Wgmma { .. }) {
+                wgmma_ran.push(case);
+            }
         }
     }
     for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
@@ -1367,6 +1396,12 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
             for case in ["skewed", "ragged"] {
                 assert!(ran.contains(&(format, tc, case)), "no {format:?} down grouped GEMM (tensor cores: {tc}) ran {case}");
             }
+        }
+    }
+    // sm_90a's bf16 kernel is wgmma (csrc/grouped_gemm_wgmma.cuh).
+    if e.arch() == Arch::Sm90a {
+        for case in ["skewed", "ragged", "hot"] {
+            assert!(wgmma_ran.contains(&case), "no wgmma down grouped GEMM ran {case}");
         }
     }
 }

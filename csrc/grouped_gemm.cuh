@@ -97,12 +97,14 @@ __device__ __forceinline__ void widen_bf16x8(const uint4& q, F32x4& lo, F32x4& h
 }
 
 // The expert weight formats (see the top of the file): the element type in memory, the vector
-// of 8 weights read at once, and its widening to fp32 (`scale`: the row's scale, if any).
+// of 8 weights read at once, its widening to fp32 and its eight bf16 weights as a 16-byte
+// shared-memory chunk for the tensor-core kernels (`scale`: the row's scale, if any).
 struct WeightBf16 {
     using T = bf16;
     using Vec = uint4;
     static constexpr bool SCALED = false;
     __device__ static __forceinline__ void widen(const Vec& q, float, F32x4& lo, F32x4& hi) { widen_bf16x8(q, lo, hi); }
+    __device__ static __forceinline__ uint4 bf16x8(const Vec& q, float) { return q; }
 };
 
 struct WeightE4m3 {
@@ -119,6 +121,17 @@ struct WeightE4m3 {
         hi.y = dequant_e4m3((q.y >> 8) & 0xffu, scale);
         hi.z = dequant_e4m3((q.y >> 16) & 0xffu, scale);
         hi.w = dequant_e4m3(q.y >> 24, scale);
+    }
+    // Codes dequantised to bf16(f32(code) * scale) (dequant_e4m3 returns that bf16 value
+    // widened, so its upper 16 bits are the bf16).
+    __device__ static __forceinline__ uint4 bf16x8(const Vec& q, float scale)
+    {
+        auto pair = [&](unsigned w, int s) {
+            const unsigned lo = __float_as_uint(dequant_e4m3((w >> s) & 0xffu, scale)) >> 16;
+            const unsigned hi = __float_as_uint(dequant_e4m3((w >> (s + 8)) & 0xffu, scale)) >> 16;
+            return lo | (hi << 16);
+        };
+        return uint4{pair(q.x, 0), pair(q.x, 16), pair(q.y, 0), pair(q.y, 16)};
     }
 };
 

@@ -95,21 +95,6 @@
 
 namespace dgemma {
 
-// Eight staged weights as eight bf16 (a 16-byte shared-memory chunk): bf16 weights as they are,
-// e4m3 codes dequantised to bf16(f32(code) * scale) (dequant_e4m3 returns that bf16 value widened,
-// so its upper 16 bits are the bf16).
-__device__ __forceinline__ uint4 weights_bf16x8(const uint4& q, float) { return q; }
-
-__device__ __forceinline__ uint4 weights_bf16x8(const uint2& q, float scale)
-{
-    auto pair = [&](unsigned w, int s) {
-        const unsigned lo = __float_as_uint(dequant_e4m3((w >> s) & 0xffu, scale)) >> 16;
-        const unsigned hi = __float_as_uint(dequant_e4m3((w >> (s + 8)) & 0xffu, scale)) >> 16;
-        return lo | (hi << 16);
-    };
-    return uint4{pair(q.x, 0), pair(q.x, 16), pair(q.y, 0), pair(q.y, 16)};
-}
-
 // A ROWS x BK tile of expert weights (format W) whose rows are fixed for the whole block: bind()
 // resolves each of this thread's chunks to its weight row once (nullptr: a row past the matrix,
 // staged as zeros) and, for e4m3, its row scale; fetch() loads slice k0.. of them into registers
@@ -163,7 +148,7 @@ struct WeightStage {
             const int c = threadIdx.x + i * THREADS;
             if (c < CHUNKS)
                 *reinterpret_cast<uint4*>(dst + (c / CHUNKS_PER_ROW) * lds + 8 * (c % CHUNKS_PER_ROW)) =
-                    weights_bf16x8(v[i], scale[i]);
+                    W::bf16x8(v[i], scale[i]);
         }
     }
 };

@@ -28,10 +28,11 @@
 // wgmma_wait<N> waits until at most N groups are in flight: only then may the accumulators be
 // read or the operands' shared memory be overwritten.
 //
-// cp.async: cp_async16(dst, src, valid) copies 16 bytes global -> shared without a register
-// round trip (.cg: cached in L2 only, right for weights streamed once); an invalid chunk
-// (src_bytes 0) fills the 16 bytes with zeros. cp_async_commit closes a group,
-// cp_async_wait<N> waits until at most N of this thread's groups are pending.
+// cp.async: cp_async<BYTES>(dst, src, src_bytes) copies BYTES (4, 8 or 16) global -> shared
+// without a register round trip (16: .cg, cached in L2 only, right for weights streamed once;
+// 4 and 8 only exist as .ca), the first src_bytes from src and zeros after them (src_bytes 0:
+// a chunk of zeros, src is not read). cp_async_commit closes a group, cp_async_wait<N> waits
+// until at most N of this thread's groups are pending.
 //
 // Emulator: under DGEMMA_EMULATOR these call emu::cp_async / emu::wgmma
 // (crates/dgemma-cuda/emu/cuda_emu.hpp), which decode the same descriptors and queue the work
@@ -55,14 +56,20 @@ __device__ __forceinline__ unsigned smem_addr(const void* p)
 // ---------------------------------------------------------------------------------------------
 // cp.async
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid)
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes)
 {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef DGEMMA_EMULATOR
-    emu::cp_async(dst, src, 16, valid ? 16 : 0);
+    emu::cp_async(dst, src, BYTES, src_bytes);
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+                     : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
+                     "r"(src_bytes)
+                     : "memory");
 #endif
 }
 

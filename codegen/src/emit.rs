@@ -246,7 +246,7 @@ fn template_call(spec: &KernelSpec) -> String {
                     g.n, g.k, g.rows, g.cols
                 ),
                 GemmEngine::Wgmma { block_k, stages } => format!(
-                    "dgemma::grouped_gemm_wgmma<{}, {}, {geglu}, {}, {}, {block_k}, {stages}>",
+                    "dgemma::grouped_gemm_wgmma<{}, {}, {geglu}, {}, {}, {block_k}, {stages}{weights}>",
                     g.n, g.k, g.rows, g.cols
                 ),
             }
@@ -285,7 +285,11 @@ pub fn emit(spec: &KernelSpec) -> String {
     writeln!(s, "// target: {target}").unwrap();
     writeln!(s, "#include \"{}\"", spec.header()).unwrap();
     writeln!(s).unwrap();
-    writeln!(s, "extern \"C\" __global__ void __launch_bounds__({}) {name}(", spec.block_threads()).unwrap();
+    let bounds = match spec.min_blocks_per_sm() {
+        Some(blocks) => format!("{}, {blocks}", spec.block_threads()),
+        None => spec.block_threads().to_string(),
+    };
+    writeln!(s, "extern \"C\" __global__ void __launch_bounds__({bounds}) {name}(").unwrap();
     for (i, p) in params.iter().enumerate() {
         let sep = if i + 1 == params.len() { ")" } else { "," };
         writeln!(s, "    {} {}{sep}", p.ty, p.name).unwrap();

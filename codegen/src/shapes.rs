@@ -235,21 +235,20 @@ pub fn grouped_mma_cols(fuse: GemmFuse) -> u32 {
 /// [`grouped_gemm_mma_spec_for`] or [`grouped_gemm_simt_spec_for`] as
 /// [`GROUPED_GEMM_TENSOR_CORES`] says.
 ///
-/// The heuristics: sm_90a with bf16 weights takes the wgmma kernel ([`grouped_gemm_wgmma_spec_for`],
-/// while [`GROUPED_GEMM_WGMMA`] is on); e4m3 weights (dequantised to bf16 in registers on the way
-/// to shared memory, which cp.async cannot do) and sm_120 take the mma.sync kernel.
+/// The heuristics: sm_90a takes the wgmma kernel ([`grouped_gemm_wgmma_spec_for`], while
+/// [`GROUPED_GEMM_WGMMA`] is on), sm_120 the mma.sync kernel.
 pub fn grouped_gemm_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat, arch: Arch) -> KernelSpec {
     if !GROUPED_GEMM_TENSOR_CORES {
         grouped_gemm_simt_spec_for(n, k, fuse, weights, arch)
-    } else if GROUPED_GEMM_WGMMA && arch == Arch::Sm90a && weights == WeightFormat::Bf16 {
-        grouped_gemm_wgmma_spec_for(n, k, fuse)
+    } else if GROUPED_GEMM_WGMMA && arch == Arch::Sm90a {
+        grouped_gemm_wgmma_spec_for(n, k, fuse, weights)
     } else {
         grouped_gemm_mma_spec_for(n, k, fuse, weights, arch)
     }
 }
 
-/// Whether sm_90a launches the wgmma expert GEMMs for bf16 weights ([`grouped_gemm_spec_for`]);
-/// off, it launches the mma.sync ones (both are compiled and tested).
+/// Whether sm_90a launches the wgmma expert GEMMs ([`grouped_gemm_spec_for`]); off, it launches
+/// the mma.sync ones (both are compiled and tested).
 pub const GROUPED_GEMM_WGMMA: bool = true;
 
 /// The wgmma tiles of the expert GEMMs ([`GemmEngine::Wgmma`], `csrc/grouped_gemm_wgmma.cuh`):
@@ -259,16 +258,17 @@ pub const GROUPED_WGMMA_ROWS: u32 = 128;
 pub const GROUPED_WGMMA_BLOCK_K: u32 = 64;
 pub const GROUPED_WGMMA_STAGES: u32 = 3;
 
-/// The wgmma expert GEMM for sm_90a and bf16 weights (`csrc/grouped_gemm_wgmma.cuh`): the
-/// column tiles of [`grouped_mma_cols`] (128 weight rows: two warpgroups of 64, 256 threads),
-/// 128-pair chunks, 3 stages of 64-wide slices filled by cp.async: (128 + 128) x 64 bf16 = 32 KiB
-/// per stage, 97 KiB of dynamic shared memory with the pair lists, two blocks per SM.
+/// The wgmma expert GEMM for sm_90a (`csrc/grouped_gemm_wgmma.cuh`): the column tiles of
+/// [`grouped_mma_cols`] (128 weight rows: two warpgroups of 64, 256 threads), 128-pair chunks,
+/// 3 stages of 64-wide slices filled by cp.async: (128 + 128) x 64 bf16 = 32 KiB per stage,
+/// 97 KiB of dynamic shared memory with the pair lists, two blocks per SM (e4m3 weights: 24 KiB
+/// stages and two 16 KiB buffers of dequantised slices, 105 KiB).
 ///
 /// Against the mma.sync kernel (same tiles but 64-pair chunks, 32-wide slices, one slice in
 /// flight through registers): three times the weight bytes in flight per block (two 16 KiB
 /// slices), no register round trip for the staging, and the 16 canvases' ~256 pairs per expert
 /// read each weight tile twice instead of four times.
-pub fn grouped_gemm_wgmma_spec_for(n: u32, k: u32, fuse: GemmFuse) -> KernelSpec {
+pub fn grouped_gemm_wgmma_spec_for(n: u32, k: u32, fuse: GemmFuse, weights: WeightFormat) -> KernelSpec {
     let engine = GemmEngine::Wgmma { block_k: GROUPED_WGMMA_BLOCK_K, stages: GROUPED_WGMMA_STAGES };
     let g = GroupedGemm {
         n,
@@ -276,7 +276,7 @@ pub fn grouped_gemm_wgmma_spec_for(n: u32, k: u32, fuse: GemmFuse) -> KernelSpec
         fuse,
         rows: GROUPED_WGMMA_ROWS,
         cols: grouped_mma_cols(fuse),
-        weights: WeightFormat::Bf16,
+        weights,
         engine,
     };
     KernelSpec::for_arch(Op::GroupedGemm(g), Arch::Sm90a)
@@ -473,8 +473,10 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
             }
         }
     }
-    v.push(grouped_gemm_wgmma_spec_for(2 * s.moe_width, h, GemmFuse::Geglu));
-    v.push(grouped_gemm_wgmma_spec_for(h, s.moe_width, GemmFuse::Down));
+    for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+        v.push(grouped_gemm_wgmma_spec_for(2 * s.moe_width, h, GemmFuse::Geglu, weights));
+        v.push(grouped_gemm_wgmma_spec_for(h, s.moe_width, GemmFuse::Down, weights));
+    }
     sort_dedup(v)
 }
 
@@ -516,10 +518,12 @@ pub fn grouped_gemm_self_test_specs() -> Vec<KernelSpec> {
             v.push(grouped_gemm_mma_spec_for(136, 40, GemmFuse::Down, weights, arch));
         }
     }
-    // wgmma (sm_90a, bf16): a second column tile with one live warpgroup (GeGLU: 8 of its 32
-    // columns; down: 8 of its 64), a last k16 step half past k.
-    v.push(grouped_gemm_wgmma_spec_for(144, 72, GemmFuse::Geglu));
-    v.push(grouped_gemm_wgmma_spec_for(136, 40, GemmFuse::Down));
+    // wgmma (sm_90a): a second column tile with one live warpgroup (GeGLU: 8 of its 32 columns;
+    // down: 8 of its 64), a last k16 step half past k.
+    for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+        v.push(grouped_gemm_wgmma_spec_for(144, 72, GemmFuse::Geglu, weights));
+        v.push(grouped_gemm_wgmma_spec_for(136, 40, GemmFuse::Down, weights));
+    }
     v
 }
 
@@ -738,27 +742,31 @@ mod tests {
             };
             assert_eq!(matches!(g.engine, GemmEngine::Wgmma { .. }), GROUPED_GEMM_TENSOR_CORES && GROUPED_GEMM_WGMMA, "{name}");
             assert_eq!(g.weights, WeightFormat::Bf16, "{name}");
-            // sm_120 and e4m3 weights: mma.sync.
-            for (weights, arch) in [(WeightFormat::Bf16, Arch::Sm120), (WeightFormat::E4m3, Arch::Sm90a)] {
-                let Op::GroupedGemm(g) = grouped_gemm_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, arch).op
-                else {
-                    unreachable!()
-                };
+            for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
+                // sm_120: mma.sync; sm_90a: wgmma, for both formats.
+                let down = grouped_gemm_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights, Arch::Sm120);
+                let Op::GroupedGemm(g) = down.op else { unreachable!() };
                 assert_eq!(matches!(g.engine, GemmEngine::Mma { .. }), GROUPED_GEMM_TENSOR_CORES, "{name}");
-            }
-            for spec in [
-                grouped_gemm_wgmma_spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu),
-                grouped_gemm_wgmma_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down),
-            ] {
-                assert!(specs.contains(&spec), "{name}: no {}", spec.kernel_name());
-                spec.validate().unwrap();
-                assert_eq!(spec.block_threads(), 256, "{}", spec.kernel_name());
+                for spec in [
+                    grouped_gemm_wgmma_spec_for(2 * shape.moe_width, shape.hidden, GemmFuse::Geglu, weights),
+                    grouped_gemm_wgmma_spec_for(shape.hidden, shape.moe_width, GemmFuse::Down, weights),
+                ] {
+                    assert!(specs.contains(&spec), "{name}: no {}", spec.kernel_name());
+                    spec.validate().unwrap();
+                    assert_eq!(spec.block_threads(), 256, "{}", spec.kernel_name());
+                }
             }
         }
-        // 26B wgmma: 97 KiB of dynamic shared memory, so two blocks fit an H100 SM's 228 KiB.
-        let Op::GroupedGemm(g) = grouped_gemm_wgmma_spec_for(1408, 2816, GemmFuse::Geglu).op else { unreachable!() };
-        assert_eq!(g.dynamic_shared_bytes(), 3 * (128 + 128) * 64 * 2 + 8 * 128);
-        assert!(2 * (g.dynamic_shared_bytes() + 1024) <= 228 * 1024);
+        // 26B wgmma: 97 KiB (bf16) and 105 KiB (e4m3) of dynamic shared memory, so two blocks fit
+        // an H100 SM's 228 KiB (each block also takes 1 KiB the system reserves).
+        let e4m3_bytes = 3 * (128 * 64 * 2 + 128 * 64) + 2 * 128 * 64 * 2 + 8 * 128;
+        for (weights, bytes) in [(WeightFormat::Bf16, 3 * (128 + 128) * 64 * 2 + 8 * 128), (WeightFormat::E4m3, e4m3_bytes)] {
+            let Op::GroupedGemm(g) = grouped_gemm_wgmma_spec_for(1408, 2816, GemmFuse::Geglu, weights).op else {
+                unreachable!()
+            };
+            assert_eq!(g.dynamic_shared_bytes(), bytes);
+            assert!(2 * (g.dynamic_shared_bytes() + 1024) <= 228 * 1024);
+        }
         // 26B: 64-pair chunks, 11 gate_up and 22 down column tiles of 128 weight rows, 30.5 KiB.
         let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
         for (fuse, n, k, tiles) in [(GemmFuse::Geglu, 2 * s.moe_width, s.hidden, 11), (GemmFuse::Down, s.hidden, s.moe_width, 22)] {

@@ -290,10 +290,10 @@ pub enum GemmEngine {
     /// their up rows).
     Mma { block_k: u32, warps: u32 },
     /// Hopper's warpgroup tensor cores (`csrc/grouped_gemm_wgmma.cuh`, wgmma m64n64k16 bf16 ->
-    /// fp32 from shared memory; sm_90a only, bf16 weights): the same numerics as [`Mma`]
-    /// (`GemmEngine::Mma`). k streams through `stages` shared-memory buffers of `block_k`-wide
-    /// slices filled by cp.async (dynamic shared memory); one warpgroup per 64 weight rows of the
-    /// tile, `rows` a multiple of 64 (m64 tiles of pairs).
+    /// fp32 from shared memory; sm_90a only): the same numerics as [`Mma`] (`GemmEngine::Mma`),
+    /// e4m3 weights dequantised to bf16 in shared memory. k streams through `stages`
+    /// shared-memory buffers of `block_k`-wide slices filled by cp.async (dynamic shared memory);
+    /// one warpgroup per 64 weight rows of the tile, `rows` a multiple of 64 (m64 tiles of pairs).
     Wgmma { block_k: u32, stages: u32 },
 }
 
@@ -354,13 +354,20 @@ impl GroupedGemm {
     }
 
     /// Bytes of dynamic shared memory (the launch's `sharedMemBytes`): for wgmma
-    /// (`csrc/grouped_gemm_wgmma.cuh`), `stages` buffers of the input and weight slices,
-    /// unpadded bf16 (`(rows + weight rows) x block_k`), then two ints per pair slot; 0 for the
-    /// other engines (static shared memory only).
+    /// (`csrc/grouped_gemm_wgmma.cuh`), `stages` buffers of the input slice (bf16) and the
+    /// weight slice (as stored: bf16 or e4m3 codes), `rows x block_k` and `weight rows x block_k`
+    /// unpadded, for e4m3 two bf16 buffers of the dequantised weight slices, then two ints per
+    /// pair slot; 0 for the other engines (static shared memory only).
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self.engine {
             GemmEngine::Wgmma { block_k, stages } => {
-                stages as u64 * (self.rows + self.weight_rows()) as u64 * block_k as u64 * 2 + 8 * self.rows as u64
+                let (bk, wrows) = (block_k as u64, self.weight_rows() as u64);
+                let stage = self.rows as u64 * bk * 2 + wrows * bk * self.weights.bytes() as u64;
+                let operand = match self.weights {
+                    WeightFormat::Bf16 => 0,
+                    WeightFormat::E4m3 => 2 * wrows * bk * 2,
+                };
+                stages as u64 * stage + operand + 8 * self.rows as u64
             }
             _ => 0,
         }
@@ -759,6 +766,17 @@ impl KernelSpec {
         u32::try_from(bytes).expect("validate() keeps dynamic shared memory under 227 KiB")
     }
 
+    /// Blocks per SM the kernel is tuned for, compiled in as `__launch_bounds__`' second
+    /// argument (ptxas then keeps the registers within what that many blocks leave): two for the
+    /// wgmma expert GEMMs, whose pipeline is sized for two blocks per SM (at most 128 registers
+    /// per thread of 256); `None` for the rest.
+    pub fn min_blocks_per_sm(&self) -> Option<u32> {
+        match self.op {
+            Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Wgmma { .. }, .. }) => Some(2),
+            _ => None,
+        }
+    }
+
     /// Threads per block: compiled in as `__launch_bounds__` and used by the launcher.
     pub fn block_threads(&self) -> u32 {
         match self.op {
@@ -893,11 +911,8 @@ impl KernelSpec {
             Op::GroupedGemm(g) if g.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
             }
-            Op::GroupedGemm(g)
-                if matches!(g.engine, GemmEngine::Wgmma { .. })
-                    && (self.target != Target::Only(Arch::Sm90a) || g.weights != WeightFormat::Bf16) =>
-            {
-                fail("wgmma exists on sm_90a only, and this kernel takes bf16 weights")
+            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Wgmma { .. }) && self.target != Target::Only(Arch::Sm90a) => {
+                fail("wgmma exists on sm_90a only")
             }
             Op::GroupedGemm(GroupedGemm { rows, fuse, cols, engine: GemmEngine::Wgmma { block_k, stages }, .. })
                 if rows == 0

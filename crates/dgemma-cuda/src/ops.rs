@@ -719,6 +719,9 @@ fn plan_grouped(
         }
     }
     int(op, "tokens * top_k", pairs)?;
+    // The kernels index a row of x and an expert's matrix with 32-bit element offsets.
+    int(op, "x elements", x_rows * k)?;
+    int(op, "expert matrix elements", n * k)?;
     let blocks = if pairs == 0 { 0 } else { num_experts + 1 };
     let grid = (grid_dim(op, "experts", blocks)?, grid_yz(op, "column tiles", out_cols.div_ceil(g.cols as usize))?, 1);
     args_list.extend([

@@ -1334,7 +1334,7 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
             check_grouped_run(e, &spec, &name, &x, &w, &ids, routing, half, &check);
             ran.push((g.weights, tensor_cores(&g), case));
             if matches!(g.engine, GemmEngine::Wgmma { .. }) {
-                wgmma_ran.push(case);
+                wgmma_ran.push((g.weights, case));
             }
         }
     }
@@ -1345,10 +1345,12 @@ pub fn check_grouped_gemm_geglu(e: &dyn Exec) {
             }
         }
     }
-    // sm_90a's bf16 kernel is wgmma (csrc/grouped_gemm_wgmma.cuh).
+    // sm_90a's kernels are wgmma (csrc/grouped_gemm_wgmma.cuh), for both weight formats.
     if e.arch() == Arch::Sm90a {
-        for case in ["skewed", "ragged", "hot"] {
-            assert!(wgmma_ran.contains(&case), "no wgmma GeGLU grouped GEMM ran {case}");
+        for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
+            for case in ["skewed", "ragged", "hot"] {
+                assert!(wgmma_ran.contains(&(format, case)), "no {format:?} wgmma GeGLU grouped GEMM ran {case}");
+            }
         }
     }
 }
@@ -1387,7 +1389,7 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
             check_grouped_run(e, &spec, &name, &act, &w, &ids, routing, n, &check);
             ran.push((g.weights, tensor_cores(&g), case));
             if matches!(g.engine, GemmEngine::Wgmma { .. }) {
-                wgmma_ran.push(case);
+                wgmma_ran.push((g.weights, case));
             }
         }
     }
@@ -1398,10 +1400,12 @@ pub fn check_grouped_gemm_down(e: &dyn Exec) {
             }
         }
     }
-    // sm_90a's bf16 kernel is wgmma (csrc/grouped_gemm_wgmma.cuh).
+    // sm_90a's kernels are wgmma (csrc/grouped_gemm_wgmma.cuh), for both weight formats.
     if e.arch() == Arch::Sm90a {
-        for case in ["skewed", "ragged", "hot"] {
-            assert!(wgmma_ran.contains(&case), "no wgmma down grouped GEMM ran {case}");
+        for format in [WeightFormat::Bf16, WeightFormat::E4m3] {
+            for case in ["skewed", "ragged", "hot"] {
+                assert!(wgmma_ran.contains(&(format, case)), "no {format:?} wgmma down grouped GEMM ran {case}");
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ use criterion::{SamplingMode, Throughput};
 use dgemma::gpu::kernels::Kernels;
 use dgemma::gpu::{Executor, GpuExecutor};
 use dgemma_cuda::codegen::shapes::{
-    grouped_gemm_mma_spec_for, gumbel_sample_spec, read_bandwidth_spec, sampler_canvas_spec,
+    grouped_gemm_mma_spec_for, gumbel_sample_spec, linear_spec, read_bandwidth_spec, sampler_canvas_spec,
 };
 use dgemma_cuda::codegen::{Arch, GemmFuse, KernelSpec, Op, RowSoftmaxEntropyArgmax, WeightFormat};
 use dgemma_cuda::ops::{self, ExpertWeights, LaunchPlan, Routing, SamplerParams};
@@ -351,6 +351,15 @@ fn cases(
     v_cases.push(linear("dense_up", k.dense_up));
     v_cases.push(linear("dense_down", k.dense_down));
     v_cases.push(linear("lm_head", k.lm_head));
+    // On sm_90a the backend's projections are wgmma; the mma.sync ones they replace, for the
+    // comparison (".mma").
+    for (label, spec) in [("q_proj.full", k.full.q_proj), ("dense_up", k.dense_up), ("lm_head", k.lm_head)] {
+        let Op::Linear(l) = spec.op else { unreachable!() };
+        let mma = linear_spec(l.n, l.k);
+        if mma != spec {
+            v_cases.push(linear(&format!("{label}.mma"), mma));
+        }
+    }
 
     // ---- MoE: router, then the expert GEMMs over 256 tokens x top-8 (uniform routing)
     v_cases.push(case(

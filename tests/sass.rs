@@ -76,8 +76,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "linear",
-        what: "linear (mma.sync)",
-        kernels: |n| n.starts_with("linear_"),
+        what: "linear (linear_* but *_wgmma_*: mma.sync)",
+        kernels: |n| n.starts_with("linear_") && !n.contains("_wgmma_"),
         on: On::Targets,
         must_contain: "HMMA",
     },
@@ -92,8 +92,15 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "wgmma-gemm",
-        what: "wgmma MoE GEMM (*wgmma*: HGMMA on sm_90a)",
-        kernels: |n| n.contains("wgmma"),
+        what: "wgmma MoE GEMM (grouped_gemm_*_wgmma_*: HGMMA on sm_90a)",
+        kernels: |n| n.starts_with("grouped_gemm_") && n.contains("_wgmma_"),
+        on: On::Arch("sm_90a"),
+        must_contain: "HGMMA",
+    },
+    Rule {
+        id: "wgmma-linear",
+        what: "wgmma linear (linear_*_wgmma_*: HGMMA on sm_90a)",
+        kernels: |n| n.starts_with("linear_") && n.contains("_wgmma_"),
         on: On::Arch("sm_90a"),
         must_contain: "HGMMA",
     },

@@ -8,7 +8,7 @@
 //!
 //! Output is a pure function of the spec: no timestamps, no paths, no hash-map order.
 
-use crate::spec::{GemmEngine, GemmFuse, KernelSpec, MaskKind, Op, Target, WeightFormat};
+use crate::spec::{GemmEngine, GemmFuse, KernelSpec, LinearEngine, MaskKind, Op, Target, WeightFormat};
 use std::fmt::Write as _;
 
 /// One kernel parameter: C type and name.
@@ -227,10 +227,16 @@ fn template_call(spec: &KernelSpec) -> String {
                 a.head_dim, a.q_heads, a.kv_heads, a.block_m, a.block_n, a.block_k, a.warps_m, a.warps_n
             )
         }
-        Op::Linear(l) => format!(
-            "dgemma::linear<{}, {}, {}, {}, {}, {}, {}>",
-            l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
-        ),
+        Op::Linear(l) => match l.engine {
+            LinearEngine::Mma { warp_m, warp_n } => format!(
+                "dgemma::linear<{}, {}, {}, {}, {}, {warp_m}, {warp_n}>",
+                l.n, l.k, l.block_m, l.block_n, l.block_k
+            ),
+            LinearEngine::Wgmma { stages } => format!(
+                "dgemma::linear_wgmma<{}, {}, {}, {}, {}, {stages}>",
+                l.n, l.k, l.block_m, l.block_n, l.block_k
+            ),
+        },
         Op::GroupedGemm(g) => {
             let weights = match g.weights {
                 WeightFormat::Bf16 => "",
@@ -355,7 +361,8 @@ mod tests {
 
     #[test]
     fn arch_specific_kernel_is_guarded() {
-        let linear = Linear { n: 8, k: 16, block_m: 64, block_n: 64, block_k: 32, warp_m: 32, warp_n: 32 };
+        let engine = LinearEngine::Mma { warp_m: 32, warp_n: 32 };
+        let linear = Linear { n: 8, k: 16, block_m: 64, block_n: 64, block_k: 32, engine };
         let spec = KernelSpec::for_arch(Op::Linear(linear), Arch::Sm90a);
         let src = emit(&spec);
         assert!(src.contains(

@@ -24,7 +24,8 @@ pub mod spec;
 pub use emit::{emit, emit_unity, file_name, params, Param, FATBIN_ARCHS, GENCODES};
 pub use shapes::{specs_for_model, supported_specs, LayerAttention, ModelShape, SAMPLER_MAX_CANVAS, SUPPORTED_MODELS};
 pub use spec::{
-    Arch, Attention, Dtype, Embedding, Family, GemmEngine, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind,
+    Arch, Attention, Dtype, Embedding, Family, GemmEngine, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear,
+    LinearEngine, MaskKind,
     MoeCombine, MoeSort, Op, ReadBandwidth, RmsNorm, Rope, Router, RowSoftmaxEntropyArgmax, SamplerCanvas,
     SoftEmbedding, SoftEmbeddingProbs, SoftEmbeddingReduce, Target, WeightFormat,
 };

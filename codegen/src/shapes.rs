@@ -6,7 +6,8 @@
 //! two can not disagree.
 
 use crate::spec::{
-    Arch, Attention, Embedding, GemmEngine, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, MaskKind, MoeCombine, MoeSort,
+    Arch, Attention, Embedding, GemmEngine, GemmFuse, GroupedGemm, GumbelSample, KernelSpec, Linear, LinearEngine, MaskKind,
+    MoeCombine, MoeSort,
     Op, RmsNorm, Rope, ReadBandwidth, Router, RowSoftmaxEntropyArgmax, SamplerCanvas, SoftEmbedding, WeightFormat,
 };
 
@@ -191,7 +192,46 @@ pub fn linear_spec(n: u32, k: u32) -> KernelSpec {
         .into_iter()
         .find(|&t| blocks(t) >= LINEAR_MIN_BLOCKS)
         .unwrap_or(LINEAR_TILES[LINEAR_TILES.len() - 1]);
-    KernelSpec::portable(Op::Linear(Linear { n, k, block_m, block_n, block_k: 32, warp_m: 32, warp_n: 32 }))
+    KernelSpec::portable(Op::Linear(Linear { n, k, block_m, block_n, block_k: 32, engine: LINEAR_MMA_WARP_TILE }))
+}
+
+/// The mma.sync linear's warp tile: 32 x 32 (2 x 4 fragments, 32 fp32 accumulators per thread).
+const LINEAR_MMA_WARP_TILE: LinearEngine = LinearEngine::Mma { warp_m: 32, warp_n: 32 };
+
+/// Whether sm_90a launches the wgmma linear ([`linear_spec_for`]); off, the mma.sync one (both
+/// are compiled and tested).
+pub const LINEAR_WGMMA: bool = true;
+
+/// Block tiles of the wgmma linear (`block_m x block_n`, stages), largest first: two m64 tiles
+/// by two warpgroups of 64 columns (64 fp32 accumulators per thread, 3 stages of 32 KiB), one by
+/// two (4 stages of 24 KiB), one by one (4 of 16 KiB). All step through k in 64-wide slices and
+/// fit two blocks per SM of an H100.
+const LINEAR_WGMMA_TILES: [(u32, u32, u32); 3] = [(128, 128, 3), (64, 128, 4), (64, 64, 4)];
+
+/// The dense projection a device of `arch` launches: on sm_90a (while [`LINEAR_WGMMA`] is on) the
+/// wgmma GEMM ([`linear_wgmma_spec`]), elsewhere the portable mma.sync one ([`linear_spec`]).
+pub fn linear_spec_for(n: u32, k: u32, arch: Arch) -> KernelSpec {
+    if LINEAR_WGMMA && arch == Arch::Sm90a {
+        linear_wgmma_spec(n, k)
+    } else {
+        linear_spec(n, k)
+    }
+}
+
+/// Dense projection `y = x W^T` on sm_90a's wgmma (`csrc/linear_wgmma.cuh`): the tile is the
+/// largest of [`LINEAR_WGMMA_TILES`] giving at least [`LINEAR_MIN_BLOCKS`] blocks at
+/// [`LINEAR_TUNED_ROWS`] rows, else the smallest: the 26B LM head gets 128 x 128 (4096 blocks:
+/// each weight byte serves 128 rows from shared memory), the full layers' q_proj (8192)
+/// 64 x 128, the rest 64 x 64 (q_proj 4096: 256 blocks; o_proj, the MLPs and k/v: 128-176,
+/// under one per SM-pair, because a wgmma tile is at least 64 x 64).
+pub fn linear_wgmma_spec(n: u32, k: u32) -> KernelSpec {
+    let blocks = |(bm, bn, _): (u32, u32, u32)| LINEAR_TUNED_ROWS.div_ceil(bm) * n.div_ceil(bn);
+    let (block_m, block_n, stages) = LINEAR_WGMMA_TILES
+        .into_iter()
+        .find(|&t| blocks(t) >= LINEAR_MIN_BLOCKS)
+        .unwrap_or(LINEAR_WGMMA_TILES[LINEAR_WGMMA_TILES.len() - 1]);
+    let engine = LinearEngine::Wgmma { stages };
+    KernelSpec::for_arch(Op::Linear(Linear { n, k, block_m, block_n, block_k: 64, engine }), Arch::Sm90a)
 }
 
 /// Expert GEMM for `arch` over the pairs [`moe_sort_spec`] grouped by expert, bf16 weights: the
@@ -455,15 +495,20 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         v.push(KernelSpec::portable(Op::Rope(Rope { head_dim: d, rotary_pairs: layer.rotary_pairs })));
         v.push(attention_spec(d, s.heads, layer.kv_heads, encoder_mask));
         v.push(attention_spec(d, s.heads, layer.kv_heads, MaskKind::Bidirectional));
-        v.push(linear_spec(s.heads * d, h)); // q_proj
-        v.push(linear_spec(layer.kv_heads * d, h)); // k_proj (and v_proj)
-        v.push(linear_spec(h, s.heads * d)); // o_proj
+        for spec_for in [linear_spec, linear_wgmma_spec] {
+            v.push(spec_for(s.heads * d, h)); // q_proj
+            v.push(spec_for(layer.kv_heads * d, h)); // k_proj (and v_proj)
+            v.push(spec_for(h, s.heads * d)); // o_proj
+        }
     }
     for width in [s.dense_width, s.self_cond_width] {
-        v.push(linear_spec(width, h)); // gate_proj, up_proj
-        v.push(linear_spec(h, width)); // down_proj
+        for spec_for in [linear_spec, linear_wgmma_spec] {
+            v.push(spec_for(width, h)); // gate_proj, up_proj
+            v.push(spec_for(h, width)); // down_proj
+        }
     }
     v.push(linear_spec(s.vocab, h)); // lm_head (tied embedding)
+    v.push(linear_wgmma_spec(s.vocab, h));
     v.extend(soft_embedding_specs(h, s.vocab));
     for arch in Arch::ALL {
         for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
@@ -484,13 +529,19 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
 /// tensor-core tile layer (`csrc/mma.cuh`) where the models' shapes do not: every model width is
 /// a multiple of 16, so these take n = 26 (an n8 fragment with one live column pair) and 130 (a
 /// last column tile of one pair), k = 24 and 72 (half a k16 step; a last slice of 8), each with
-/// every block tile of [`LINEAR_TILES`] (the tiny models only select the smallest).
+/// every block tile of [`LINEAR_TILES`] (the tiny models only select the smallest), and the
+/// same shapes with every wgmma tile of [`LINEAR_WGMMA_TILES`] (k = 72: a second 64-wide slice
+/// of 8; n = 130: a last column tile with one live warpgroup holding one live column pair).
 pub fn linear_self_test_specs() -> Vec<KernelSpec> {
     let mut v = Vec::new();
     for (n, k) in [(26, 24), (130, 72)] {
         for (block_m, block_n) in LINEAR_TILES {
-            let l = Linear { n, k, block_m, block_n, block_k: 32, warp_m: 32, warp_n: 32 };
+            let l = Linear { n, k, block_m, block_n, block_k: 32, engine: LINEAR_MMA_WARP_TILE };
             v.push(KernelSpec::portable(Op::Linear(l)));
+        }
+        for (block_m, block_n, stages) in LINEAR_WGMMA_TILES {
+            let l = Linear { n, k, block_m, block_n, block_k: 64, engine: LinearEngine::Wgmma { stages } };
+            v.push(KernelSpec::for_arch(Op::Linear(l), Arch::Sm90a));
         }
     }
     v
@@ -644,13 +695,40 @@ mod tests {
         for spec in SUPPORTED_MODELS.iter().flat_map(|(_, shape)| specs_for_model(shape)) {
             if let Op::Linear(l) = spec.op {
                 let blocks = LINEAR_TUNED_ROWS.div_ceil(l.block_m) * l.n.div_ceil(l.block_n);
-                let smallest = LINEAR_TILES[LINEAR_TILES.len() - 1];
+                let smallest = match l.engine {
+                    LinearEngine::Mma { .. } => LINEAR_TILES[LINEAR_TILES.len() - 1],
+                    LinearEngine::Wgmma { .. } => {
+                        let (bm, bn, _) = LINEAR_WGMMA_TILES[LINEAR_WGMMA_TILES.len() - 1];
+                        (bm, bn)
+                    }
+                };
                 assert!(
                     blocks >= LINEAR_MIN_BLOCKS || (l.block_m, l.block_n) == smallest,
                     "{}",
                     spec.kernel_name()
                 );
             }
+        }
+        // wgmma (sm_90a): the LM head 128 x 128, the full q_proj 64 x 128, the rest 64 x 64; every
+        // tile validates and fits two blocks per SM.
+        let wg_tile = |n: u32, k: u32| {
+            let spec = linear_spec_for(n, k, Arch::Sm90a);
+            spec.validate().unwrap();
+            assert!(2 * (spec.dynamic_shared_bytes() as u64 + 1024) <= 228 * 1024, "{}", spec.kernel_name());
+            let Op::Linear(l) = spec.op else { unreachable!() };
+            assert_eq!(matches!(l.engine, LinearEngine::Wgmma { .. }), LINEAR_WGMMA);
+            (l.block_m, l.block_n)
+        };
+        if LINEAR_WGMMA {
+            assert_eq!(wg_tile(262_144, 2816), (128, 128));
+            assert_eq!(wg_tile(8192, 2816), (64, 128));
+            assert_eq!(wg_tile(4096, 2816), (64, 64));
+            assert_eq!(wg_tile(2816, 2112), (64, 64));
+        }
+        assert_eq!(linear_spec_for(2816, 2112, Arch::Sm120), linear_spec(2816, 2112));
+        for spec in linear_self_test_specs() {
+            assert!(supported_specs().contains(&spec), "{}", spec.kernel_name());
+            spec.validate().unwrap();
         }
     }
 
@@ -759,7 +837,7 @@ mod tests {
         }
         // 26B wgmma: 97 KiB (bf16) and 105 KiB (e4m3) of dynamic shared memory, so two blocks fit
         // an H100 SM's 228 KiB (each block also takes 1 KiB the system reserves).
-        let e4m3_bytes = 3 * (128 * 64 * 2 + 128 * 64) + 2 * 128 * 64 * 2 + 8 * 128;
+        let e4m3_bytes = 3 * (128 * 64 * 2 + 128 * 64) + 2 * 128 * 64 * 2 + 4 * 128 + 8 * 128;
         for (weights, bytes) in [(WeightFormat::Bf16, 3 * (128 + 128) * 64 * 2 + 8 * 128), (WeightFormat::E4m3, e4m3_bytes)] {
             let Op::GroupedGemm(g) = grouped_gemm_wgmma_spec_for(1408, 2816, GemmFuse::Geglu, weights).op else {
                 unreachable!()

@@ -203,10 +203,8 @@ impl Attention {
 }
 
 /// `y[rows, n] = round(x[rows, k] @ W[n, k]^T)` (nn.Linear, PyTorch weight layout), a tensor-core
-/// GEMM (`csrc/linear.cuh`, mma.sync m16n8k16). Tile parameters: each block computes a
-/// `block_m x block_n` tile of y, stepping through k in `block_k`-wide slices staged in shared
-/// memory; each warp owns a `warp_m x warp_n` sub-tile of it, so a block has
-/// `(block_m / warp_m) * (block_n / warp_n)` warps.
+/// GEMM. Tile parameters: each block computes a `block_m x block_n` tile of y, stepping through k
+/// in `block_k`-wide slices staged in shared memory; `engine` says how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Linear {
     pub n: u32,
@@ -214,15 +212,41 @@ pub struct Linear {
     pub block_m: u32,
     pub block_n: u32,
     pub block_k: u32,
-    pub warp_m: u32,
-    pub warp_n: u32,
+    pub engine: LinearEngine,
+}
+
+/// How a [`Linear`] multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearEngine {
+    /// mma.sync m16n8k16 (`csrc/linear.cuh`, every arch): two register-prefetched buffers of
+    /// static shared memory; each warp owns a `warp_m x warp_n` sub-tile, so a block has
+    /// `(block_m / warp_m) * (block_n / warp_n)` warps.
+    Mma { warp_m: u32, warp_n: u32 },
+    /// wgmma m64n64k16 (`csrc/linear_wgmma.cuh` on `csrc/wgmma_gemm.cuh`, sm_90a only): `stages`
+    /// cp.async buffers of dynamic shared memory; one warpgroup per 64 columns of the tile, each
+    /// over all `block_m` rows (`block_m / 64` m64 tiles).
+    Wgmma { stages: u32 },
 }
 
 impl Linear {
-    /// Bytes of static shared memory: two buffers of an x and a W slice, rows padded to
-    /// `block_k + 8` elements (`csrc/linear.cuh`).
+    /// Bytes of static shared memory: for mma.sync two buffers of an x and a W slice, rows padded
+    /// to `block_k + 8` elements (`csrc/linear.cuh`); wgmma has none.
     pub fn shared_bytes(&self) -> u64 {
-        2 * (self.block_m + self.block_n) as u64 * (self.block_k + 8) as u64 * 2
+        match self.engine {
+            LinearEngine::Mma { .. } => 2 * (self.block_m + self.block_n) as u64 * (self.block_k + 8) as u64 * 2,
+            LinearEngine::Wgmma { .. } => 0,
+        }
+    }
+
+    /// Bytes of dynamic shared memory: for wgmma `stages` buffers of the x and W slices,
+    /// unpadded bf16 (`csrc/wgmma_gemm.cuh`); 0 for mma.sync.
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        match self.engine {
+            LinearEngine::Mma { .. } => 0,
+            LinearEngine::Wgmma { stages } => {
+                stages as u64 * (self.block_m + self.block_n) as u64 * self.block_k as u64 * 2
+            }
+        }
     }
 }
 
@@ -356,8 +380,9 @@ impl GroupedGemm {
     /// Bytes of dynamic shared memory (the launch's `sharedMemBytes`): for wgmma
     /// (`csrc/grouped_gemm_wgmma.cuh`), `stages` buffers of the input slice (bf16) and the
     /// weight slice (as stored: bf16 or e4m3 codes), `rows x block_k` and `weight rows x block_k`
-    /// unpadded, for e4m3 two bf16 buffers of the dequantised weight slices, then two ints per
-    /// pair slot; 0 for the other engines (static shared memory only).
+    /// unpadded, for e4m3 two bf16 buffers of the dequantised weight slices and the weight rows'
+    /// fp32 scales, then two ints per pair slot; 0 for the other engines (static shared memory
+    /// only).
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self.engine {
             GemmEngine::Wgmma { block_k, stages } => {
@@ -365,7 +390,7 @@ impl GroupedGemm {
                 let stage = self.rows as u64 * bk * 2 + wrows * bk * self.weights.bytes() as u64;
                 let operand = match self.weights {
                     WeightFormat::Bf16 => 0,
-                    WeightFormat::E4m3 => 2 * wrows * bk * 2,
+                    WeightFormat::E4m3 => 2 * wrows * bk * 2 + 4 * wrows,
                 };
                 stages as u64 * stage + operand + 8 * self.rows as u64
             }
@@ -654,6 +679,7 @@ impl KernelSpec {
         match self.op {
             Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Mma { .. }, .. }) => "grouped_gemm_mma.cuh",
             Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Wgmma { .. }, .. }) => "grouped_gemm_wgmma.cuh",
+            Op::Linear(Linear { engine: LinearEngine::Wgmma { .. }, .. }) => "linear_wgmma.cuh",
             _ => self.family().header(),
         }
     }
@@ -694,12 +720,20 @@ impl KernelSpec {
                 a.warps_n
             )
             .unwrap(),
-            Op::Linear(l) => write!(
-                s,
-                "linear_n{}_k{}_t{}x{}x{}_w{}x{}",
-                l.n, l.k, l.block_m, l.block_n, l.block_k, l.warp_m, l.warp_n
-            )
-            .unwrap(),
+            Op::Linear(l) => match l.engine {
+                LinearEngine::Mma { warp_m, warp_n } => write!(
+                    s,
+                    "linear_n{}_k{}_t{}x{}x{}_w{warp_m}x{warp_n}",
+                    l.n, l.k, l.block_m, l.block_n, l.block_k
+                )
+                .unwrap(),
+                LinearEngine::Wgmma { stages } => write!(
+                    s,
+                    "linear_n{}_k{}_wgmma_t{}x{}x{}_s{stages}",
+                    l.n, l.k, l.block_m, l.block_n, l.block_k
+                )
+                .unwrap(),
+            },
             Op::GroupedGemm(g) => match g.engine {
                 GemmEngine::Simt => write!(
                     s,
@@ -761,6 +795,7 @@ impl KernelSpec {
     pub fn dynamic_shared_bytes(&self) -> u32 {
         let bytes = match self.op {
             Op::GroupedGemm(g) => g.dynamic_shared_bytes(),
+            Op::Linear(l) => l.dynamic_shared_bytes(),
             _ => 0,
         };
         u32::try_from(bytes).expect("validate() keeps dynamic shared memory under 227 KiB")
@@ -768,11 +803,12 @@ impl KernelSpec {
 
     /// Blocks per SM the kernel is tuned for, compiled in as `__launch_bounds__`' second
     /// argument (ptxas then keeps the registers within what that many blocks leave): two for the
-    /// wgmma expert GEMMs, whose pipeline is sized for two blocks per SM (at most 128 registers
-    /// per thread of 256); `None` for the rest.
+    /// wgmma GEMMs, whose pipelines are sized for two blocks per SM (at most 128 registers per
+    /// thread of 256); `None` for the rest.
     pub fn min_blocks_per_sm(&self) -> Option<u32> {
         match self.op {
             Op::GroupedGemm(GroupedGemm { engine: GemmEngine::Wgmma { .. }, .. }) => Some(2),
+            Op::Linear(Linear { engine: LinearEngine::Wgmma { .. }, .. }) => Some(2),
             _ => None,
         }
     }
@@ -787,7 +823,11 @@ impl KernelSpec {
             Op::Geglu | Op::Softcap => 256,
             Op::RowSoftmaxEntropyArgmax(r) => next_pow2_clamped(r.vocab / 8, 32, 1024),
             Op::Attention(a) => 32 * a.warps_m * a.warps_n,
-            Op::Linear(l) => 32 * (l.block_m / l.warp_m.max(1)) * (l.block_n / l.warp_n.max(1)),
+            Op::Linear(l) => match l.engine {
+                LinearEngine::Mma { warp_m, warp_n } => 32 * (l.block_m / warp_m.max(1)) * (l.block_n / warp_n.max(1)),
+                // One warpgroup per 64 columns.
+                LinearEngine::Wgmma { .. } => 128 * (l.block_n / 64),
+            },
             Op::GroupedGemm(g) => match g.engine {
                 // A 4 x 2 register tile (4 pairs x 2 weight rows) per thread.
                 GemmEngine::Simt => (g.rows / 4) * (g.weight_rows() / 2),
@@ -864,19 +904,38 @@ impl KernelSpec {
             Op::Linear(l) if l.n == 0 || l.k == 0 || l.k % 8 != 0 || l.n % 2 != 0 => {
                 fail("k must be a positive multiple of 8 (16-byte row chunks) and n positive and even (paired stores)")
             }
-            Op::Linear(l)
-                if l.warp_m == 0
-                    || l.warp_n == 0
-                    || l.warp_m % 16 != 0
-                    || l.warp_n % 8 != 0
-                    || l.block_m % l.warp_m != 0
-                    || l.block_n % l.warp_n != 0
-                    || l.block_m == 0
-                    || l.block_n == 0
-                    || l.block_k == 0
-                    || l.block_k % 16 != 0 =>
+            Op::Linear(Linear { block_m, block_n, block_k, engine: LinearEngine::Mma { warp_m, warp_n }, .. })
+                if warp_m == 0
+                    || warp_n == 0
+                    || warp_m % 16 != 0
+                    || warp_n % 8 != 0
+                    || block_m % warp_m != 0
+                    || block_n % warp_n != 0
+                    || block_m == 0
+                    || block_n == 0
+                    || block_k == 0
+                    || block_k % 16 != 0 =>
             {
                 fail("warp tiles must be whole m16n8 fragments tiling the block tile, block_k a multiple of 16")
+            }
+            Op::Linear(Linear { engine: LinearEngine::Wgmma { .. }, .. }) if self.target != Target::Only(Arch::Sm90a) => {
+                fail("wgmma exists on sm_90a only")
+            }
+            Op::Linear(l @ Linear { block_m, block_n, block_k, engine: LinearEngine::Wgmma { stages }, .. })
+                if block_m == 0
+                    || block_m % 64 != 0
+                    || block_n == 0
+                    || block_n % 64 != 0
+                    || block_k == 0
+                    || block_k % 16 != 0
+                    || stages < 2
+                    || (block_m * block_k / 8) % threads != 0
+                    || l.dynamic_shared_bytes() > MAX_DYNAMIC_SHARED_BYTES =>
+            {
+                fail(
+                    "block_m must be whole m64 tiles, block_n whole 64-column warpgroup tiles, block_k whole k16 \
+                     steps, at least 2 stages, x's slice whole 16-byte chunks per thread, within 227 KiB",
+                )
             }
             Op::Linear(l) if l.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
@@ -1012,7 +1071,7 @@ mod tests {
 
     #[test]
     fn arch_suffix_only_for_arch_specific_kernels() {
-        let op = Op::Linear(Linear { n: 128, k: 64, block_m: 64, block_n: 128, block_k: 32, warp_m: 32, warp_n: 32 });
+        let op = Op::Linear(Linear { n: 128, k: 64, block_m: 64, block_n: 128, block_k: 32, engine: LinearEngine::Mma { warp_m: 32, warp_n: 32 } });
         assert_eq!(KernelSpec::portable(op).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16");
         assert_eq!(KernelSpec::for_arch(op, Arch::Sm90a).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16_sm90a");
         assert_eq!(KernelSpec::for_arch(op, Arch::Sm120).kernel_name(), "linear_n128_k64_t64x128x32_w32x32_bf16_sm120");
@@ -1021,20 +1080,37 @@ mod tests {
 
     #[test]
     fn linear_tiles_are_validated() {
-        let ok = Linear { n: 24, k: 24, block_m: 64, block_n: 64, block_k: 32, warp_m: 32, warp_n: 32 };
+        let mma = |warp_m, warp_n| LinearEngine::Mma { warp_m, warp_n };
+        let ok = Linear { n: 24, k: 24, block_m: 64, block_n: 64, block_k: 32, engine: mma(32, 32) };
         KernelSpec::portable(Op::Linear(ok)).validate().unwrap();
         assert_eq!(KernelSpec::portable(Op::Linear(ok)).block_threads(), 128);
         let bad = [
             Linear { k: 20, ..ok },                        // k not a multiple of 8
             Linear { n: 25, ..ok },                        // odd n
-            Linear { warp_m: 24, block_m: 48, ..ok },      // not whole m16 fragments
-            Linear { warp_n: 12, block_n: 48, ..ok },      // not whole n8 fragments
+            Linear { engine: mma(24, 32), block_m: 48, ..ok }, // not whole m16 fragments
+            Linear { engine: mma(32, 12), block_n: 48, ..ok }, // not whole n8 fragments
             Linear { block_m: 48, ..ok },                  // warps do not tile the block
             Linear { block_k: 24, ..ok },                  // not whole k16 steps
-            Linear { block_m: 128, block_n: 256, warp_m: 64, warp_n: 64, ..ok }, // shared memory
+            Linear { block_m: 128, block_n: 256, engine: mma(64, 64), ..ok }, // shared memory
         ];
         for l in bad {
             assert!(KernelSpec::portable(Op::Linear(l)).validate().is_err(), "{l:?}");
+        }
+        // wgmma: sm_90a only, whole m64 / warpgroup tiles, at least two stages, <= 227 KiB.
+        let wg = Linear { block_m: 128, block_n: 128, block_k: 64, engine: LinearEngine::Wgmma { stages: 3 }, ..ok };
+        let sm90 = |l| KernelSpec::for_arch(Op::Linear(l), Arch::Sm90a);
+        sm90(wg).validate().unwrap();
+        assert_eq!((sm90(wg).block_threads(), sm90(wg).dynamic_shared_bytes()), (256, 3 * 256 * 64 * 2));
+        assert!(KernelSpec::portable(Op::Linear(wg)).validate().is_err());
+        assert!(KernelSpec::for_arch(Op::Linear(wg), Arch::Sm120).validate().is_err());
+        for l in [
+            Linear { block_m: 96, ..wg },
+            Linear { block_n: 96, ..wg },
+            Linear { block_k: 24, ..wg },
+            Linear { engine: LinearEngine::Wgmma { stages: 1 }, ..wg },
+            Linear { engine: LinearEngine::Wgmma { stages: 8 }, ..wg }, // 256 KiB
+        ] {
+            assert!(sm90(l).validate().is_err(), "{l:?}");
         }
     }
 

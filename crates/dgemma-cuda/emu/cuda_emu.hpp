@@ -110,6 +110,7 @@ struct Fiber {
     bool started;
     AsyncQueue<AsyncCopy> copies; // cp.async
     AsyncQueue<AsyncMma> mmas;    // wgmma.mma_async
+    long wgmma_issued;            // wgmma.mma_async issued in this block
 };
 
 struct Barrier {
@@ -362,13 +363,14 @@ inline float wgmma_operand(uint64_t desc, int row, int k)
 // D[16w + g + 8 ((i / 2) % 2)][8 (i / 4) + 2t + i % 2] (PTX "Matrix Fragments for
 // wgmma.m64nNk16", the mma.m16n8 accumulator layout repeated along N), summed in k order from
 // the accumulator (or from zero without scale-d).
+// Every thread of the warpgroup must issue the same wgmma (.aligned): the launch checks, per
+// block, that the 128 threads of each warpgroup issued as many (threads run one after another
+// here, so a warp may finish before the next one issues its part).
 inline void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d)
 {
-    Runtime& r = rt();
-    const int w = cur_thread() / 32;
-    for (int q = w - w % 4; q < w - w % 4 + 4; ++q)
-        if (r.live_in_warp[q] != 32) fail("wgmma with a warpgroup that is not whole (all 128 threads must take part)");
-    r.cur->mmas.ops.push_back(AsyncMma{d, n, desc_a, desc_b, scale_d});
+    if (rt().block_dim.x % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
+    rt().cur->mmas.ops.push_back(AsyncMma{d, n, desc_a, desc_b, scale_d});
+    rt().cur->wgmma_issued++;
 }
 
 inline void run_wgmma(const AsyncMma& m)
@@ -441,6 +443,7 @@ inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, size_t share
                     f.started = false;
                     f.copies.clear();
                     f.mmas.clear();
+                    f.wgmma_issued = 0;
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = r.stacks[t].data();
                     f.ctx.uc_stack.ss_size = STACK;
@@ -468,6 +471,9 @@ inline int launch(void (*thunk)(void**), dim3 grid, unsigned block, size_t share
                         return 3;
                     }
                 }
+                for (unsigned t = 0; t < block; ++t)
+                    if (r.fibers[t].wgmma_issued != r.fibers[t - t % 128].wgmma_issued)
+                        fail("a wgmma that not every thread of its warpgroup issued (all 128 must take part)");
             }
     return 0;
 }

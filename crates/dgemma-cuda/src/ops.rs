@@ -582,6 +582,9 @@ pub fn plan_linear(spec: &KernelSpec, x: Buf, w: Buf, y: Buf, rows: usize) -> Re
     need(OP, "x", x, rows * k)?;
     need(OP, "w", w, n * k)?;
     need(OP, "y", y, rows * n)?;
+    // The wgmma kernel addresses x and W with 32-bit element offsets.
+    int(OP, "x elements", rows * k)?;
+    int(OP, "w elements", n * k)?;
     for (what, b, align) in [("x", x, 16), ("w", w, 16), ("y", y, 4)] {
         if b.ptr % align != 0 {
             return Err(args(OP, format!("{what} at {:#x} is not {align}-byte aligned", b.ptr)));

@@ -4,7 +4,7 @@
 //! any weight is uploaded, with the name of the missing kernel.
 
 use dgemma_cuda::codegen::shapes::{
-    attention_spec, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
+    attention_spec, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec_for, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
     router_spec, sampler_canvas_spec, soft_embedding_specs,
 };
 use dgemma_cuda::codegen::{
@@ -130,9 +130,9 @@ impl Kernels {
         let attention = |l: LayerAttention, encoder_mask: MaskKind| -> Result<AttentionKernels> {
             let d = l.head_dim;
             Ok(AttentionKernels {
-                q_proj: check(linear_spec(s.heads * d, h))?,
-                kv_proj: check(linear_spec(l.kv_heads * d, h))?,
-                o_proj: check(linear_spec(h, s.heads * d))?,
+                q_proj: check(linear_spec_for(s.heads * d, h, arch))?,
+                kv_proj: check(linear_spec_for(l.kv_heads * d, h, arch))?,
+                o_proj: check(linear_spec_for(h, s.heads * d, arch))?,
                 head_norm: check(rmsnorm_spec(d, true, false, false, false))?,
                 value_norm: check(rmsnorm_spec(d, false, false, false, false))?,
                 rope: portable(Op::Rope(Rope { head_dim: d, rotary_pairs: l.rotary_pairs }))?,
@@ -156,11 +156,11 @@ impl Kernels {
                 check(gemm)?
             },
             router: check(router_spec(h, s.experts, s.top_k))?,
-            dense_up: check(linear_spec(s.dense_width, h))?,
-            dense_down: check(linear_spec(h, s.dense_width))?,
-            sc_up: check(linear_spec(s.self_cond_width, h))?,
-            sc_down: check(linear_spec(h, s.self_cond_width))?,
-            lm_head: check(linear_spec(s.vocab, h))?,
+            dense_up: check(linear_spec_for(s.dense_width, h, arch))?,
+            dense_down: check(linear_spec_for(h, s.dense_width, arch))?,
+            sc_up: check(linear_spec_for(s.self_cond_width, h, arch))?,
+            sc_down: check(linear_spec_for(h, s.self_cond_width, arch))?,
+            lm_head: check(linear_spec_for(s.vocab, h, arch))?,
             moe_sort: check(moe_sort_spec(s.experts))?,
             experts_gate_up: check(grouped_gemm_spec(2 * s.moe_width, h, GemmFuse::Geglu, arch))?,
             experts_down: check(grouped_gemm_spec(h, s.moe_width, GemmFuse::Down, arch))?,

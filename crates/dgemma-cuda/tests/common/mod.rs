@@ -18,7 +18,8 @@
 use std::sync::Arc;
 
 use dgemma_codegen::{
-    supported_specs, Arch, Family, GemmEngine, GemmFuse, GroupedGemm, KernelSpec, MaskKind, Op, WeightFormat,
+    supported_specs, Arch, Family, GemmEngine, GemmFuse, GroupedGemm, KernelSpec, LinearEngine, MaskKind, Op,
+    WeightFormat,
 };
 use dgemma_cpu::ops::activation::{geglu as cpu_geglu, gelu_tanh as cpu_gelu};
 use dgemma_cpu::ops::attention::{attention as cpu_attention, AttentionShape, Mask, KV_SPLIT};
@@ -877,12 +878,17 @@ fn check_attention_chunks(e: &dyn Exec) {
 pub fn check_linear(e: &dyn Exec) {
     let mut tiles = std::collections::BTreeSet::new();
     let mut long_k = false;
+    let mut wgmma_ran = false;
     for spec in specs(e, Family::Linear) {
         let Op::Linear(l) = spec.op else { unreachable!() };
         let (n, k) = (l.n as usize, l.k as usize);
-        // Work: the multiply-adds of the live m16 fragments (rows rounded up to 16).
+        // Work: the multiply-adds of the live m16 fragments (mma.sync) or m64 tiles (wgmma).
+        let m = match l.engine {
+            LinearEngine::Mma { .. } => 16,
+            LinearEngine::Wgmma { .. } => 64,
+        };
         let cases: Vec<usize> =
-            [1usize, 17, 70].into_iter().filter(|r| r.next_multiple_of(16) * n * k <= e.max_work()).collect();
+            [1usize, 17, 70].into_iter().filter(|r| r.next_multiple_of(m) * n * k <= e.max_work()).collect();
         if cases.is_empty() {
             continue;
         }
@@ -902,9 +908,12 @@ pub fn check_linear(e: &dyn Exec) {
             assert!(stray.is_none(), "{name}: wrote past the last row (element {:?} of the guard rows)", stray);
             tiles.insert((l.block_m, l.block_n));
             long_k |= k >= 2048;
+            wgmma_ran |= matches!(l.engine, LinearEngine::Wgmma { .. });
         }
     }
     assert!(!tiles.is_empty(), "no linear case ran");
+    // sm_90a's kernels are wgmma (csrc/linear_wgmma.cuh).
+    assert!(e.arch() != Arch::Sm90a || wgmma_ran, "no wgmma linear ran");
     eprintln!("linear: tiles {tiles:?} checked; a k >= 2048 case ran: {long_k}");
 }
 

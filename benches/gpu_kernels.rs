@@ -7,7 +7,7 @@
 //! `reference/configs/diffusiongemma-26B-A4B/config.json`, and the codegen shape helpers for the
 //! families the backend does not name); launches are `ops::plan_*` over buffers allocated on a
 //! `GpuExecutor` and filled with random bf16/f32 data (never zeros) and valid ids. The decoder
-//! shapes use one 256-token canvas; attention also runs at contexts 4K/32K and in the encoder's
+//! shapes use one 256-token canvas; attention also runs at contexts 4K/8K/32K and in the encoder's
 //! 512-token chunks.
 //!
 //! Each timed run: an L2 flush (a 256 MiB device copy, outside the timed span), then the one
@@ -17,7 +17,10 @@
 //! first with the read-bandwidth probe, or the bf16 peak where compute bounds).
 //!
 //! Without a GPU, a driver or compiled kernels it prints one line saying it is skipped and
-//! exits 0. `--test` (the GPU suite's smoke run) launches each kernel once.
+//! exits 0. `--test` (the GPU suite's smoke run) launches each kernel once. With
+//! `$DGEMMA_BENCH_RECORDS=FILE`, every timed figure is also appended to FILE as a JSON line: the
+//! GPU suite times the figures behind issue #4's and #6's kernel targets that way
+//! (tools/gpu-suite.sh, "kernel records").
 
 mod gpu_common;
 
@@ -294,7 +297,8 @@ fn cases(
         false,
         None,
     ));
-    for ctx in [4096usize, 32768] {
+    // 8192: the context of #4's attention target (attn.hd512.c256.ctx8192).
+    for ctx in [4096usize, 8192, 32768] {
         v_cases.push(attn(
             format!("attention.full.decoder.d{fd}.q{m}.kv{}", ctx + m),
             k.full.decoder,

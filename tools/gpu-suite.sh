@@ -317,6 +317,76 @@ if remaining() > 120 and not only:
             note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
     log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma bench --synthetic 26b ({secs:.1f} s)")
 
+# ---- 5c2. kernel records: the per-kernel targets of issues #4 and #6 ------------------------
+# The gpu_kernels bench, timed for real (criterion, L2 flushed, CUDA events) on the figures behind
+# the targets, each figure appended to a JSON-lines file (benches/gpu_common: $DGEMMA_BENCH_RECORDS).
+# Every figure becomes a record kernel.<figure> (ms against its floor); the targets are built from
+# them (KERNEL_TARGETS). A figure missing from the run fails its target's record.
+KERNEL_FILTER = (r"gpu_kernels/(grouped_gemm\.|attention\.full\.decoder\.d512\.q256\.kv8448$|"
+                 r"linear\.(lm_head|q_proj\.full|dense_up)\.|row_softmax_entropy_argmax\.|soft_embedding\.h)")
+# name, unit, the figures (regexes: each must match exactly one), how the value is formed
+KERNEL_TARGETS = [
+    ("moe.grouped_gemm.bf16.m256", "GB/s", [r"^grouped_gemm\.gate_up_geglu\.n", r"^grouped_gemm\.down\.n"], "bandwidth"),
+    ("moe.grouped_gemm.fp8.m256", "GB/s", [r"^grouped_gemm\.gate_up_geglu\.e4m3\.", r"^grouped_gemm\.down\.e4m3\."],
+     "bandwidth"),
+    ("attn.hd512.c256.ctx8192", "TFLOP/s", [r"^attention\.full\.decoder\.d512\.q256\.kv8448$"], "tflops"),
+    ("lmhead_selfcond.bf16.c256", "ms", [r"^linear\.lm_head\.n", r"^row_softmax_entropy_argmax\.", r"^soft_embedding\.h"],
+     "time"),
+]
+
+def kernel_records(figs):
+    """Result records from the gpu_kernels figures (dicts of benches/gpu_common's JSON lines)."""
+    for f in figs:
+        rec(f"kernel.{f['figure']}", f["ms"], "ms", floor=f["floor_ms"] if f["floor_ms"] > 0 else None,
+            note=f"{f['bound']} floor; median of {f['samples']}, min {f['min_ms']:.4f} ms; "
+                 f"{f['bytes'] / f['ms'] / 1e6:.0f} GB/s" + (f", {f['flops'] / f['ms'] / 1e9:.1f} TFLOP/s" if f["flops"] else ""))
+    for name, unit, pats, kind in KERNEL_TARGETS:
+        parts = []
+        for pat in pats:
+            hit = [f for f in figs if re.search(pat, f["figure"])]
+            if len(hit) != 1:
+                break
+            parts.append(hit[0])
+        if len(parts) != len(pats):
+            rec(name, 0, unit, passed=False, note=f"figure {pat!r} matched {len(hit)} timed figures (needs one)")
+            continue
+        ms = sum(f["ms"] for f in parts)
+        figures = " + ".join(f["figure"] for f in parts)
+        if kind == "bandwidth":  # fraction of the measured read bandwidth; target 85 %
+            bw = parts[0]["read_gbs"]
+            value = sum(f["bytes"] for f in parts) / ms / 1e6
+            rec(name, value, unit, floor=bw, target=0.85 * bw, passed=value >= 0.85 * bw,
+                note=f"{figures}; floor = measured HBM read bandwidth, target 85 % of it")
+        elif kind == "tflops":  # useful FLOPs (QK^T and P.V once) over time; target 450
+            peak = parts[0]["peak_tflops"]
+            value = sum(f["flops"] for f in parts) / ms / 1e9
+            rec(name, value, unit, floor=peak, target=450, passed=value >= 450,
+                note=f"{figures}; floor = bf16 tensor peak (datasheet), target 450 TFLOP/s")
+        else:  # total time; target 1.1 ms
+            rec(name, ms, unit, floor=sum(f["floor_ms"] for f in parts), target=1.1, passed=ms <= 1.1,
+                note=f"{figures}; floor = sum of the figures' floors")
+
+kbench = next((e for e in manifest["executables"] if e["kind"] == "bench" and e["name"].endswith("bench-gpu_kernels")), None)
+if only or kbench is None:
+    if kbench is None:
+        rec("kernel_records", 0, "runs", target=1, passed=False, note="no gpu_kernels bench in the bundle")
+elif remaining() <= 90:
+    meta["kernel_records"] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
+    log(f"skipped the kernel records: {meta['kernel_records']}")
+else:
+    figs_path = os.path.join(tmp, "figures.jsonl")
+    env["DGEMMA_BENCH_RECORDS"] = figs_path
+    rc, out, secs = run([kbench["path"], "--bench", KERNEL_FILTER], os.path.join(root, kbench["package_dir"]),
+                        min(240, remaining(60)))
+    del env["DGEMMA_BENCH_RECORDS"]
+    figs = [json.loads(l) for l in open(figs_path)] if os.path.exists(figs_path) else []
+    kernel_records(figs)
+    if rc != 0 or not figs:
+        failures_log.append(f"===== gpu_kernels --bench (kernel records): rc {rc}\n{out[-5000:]}\n")
+        rec("kernel_records", len(figs), "figures", passed=False,
+            note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
+    log(f"{'PASS' if rc == 0 and figs else 'FAIL'} gpu_kernels kernel records: {len(figs)} figures ({secs:.1f} s)")
+
 # ---- 4b. the other test executables, a few at a time ----------------------------------------
 others = [e for e in tests if not e.get("gpu")]
 jobs = int(os.environ.get("DGEMMA_SUITE_JOBS") or max(1, min(4, (os.cpu_count() or 1) // 4)))

@@ -221,6 +221,27 @@ pub fn report(bench: &str, fig: &Figure, samples: &[f64], floors: &Floors, mode:
         line += " | test mode: one untimed-quality run, not a measurement";
     }
     println!("{line}");
+    if !mode.test {
+        append_figure_json(fig, ms, min, samples.len(), floor, bound, floors);
+    }
+}
+
+/// With `$DGEMMA_BENCH_RECORDS` set, appends the figure's measurement to that file as one JSON
+/// line (tools/gpu-suite.sh turns them into result records: the per-kernel figures and the
+/// issue targets built from them). Names are plain ASCII without quotes, so no escaping.
+fn append_figure_json(fig: &Figure, ms: f64, min: f64, n: usize, floor: f64, bound: &str, floors: &Floors) {
+    let Some(path) = std::env::var_os("DGEMMA_BENCH_RECORDS") else { return };
+    let peak = floors.peak.as_ref().map_or("null".to_string(), |(t, _)| format!("{t}"));
+    let line = format!(
+        "{{\"figure\": \"{}\", \"ms\": {ms}, \"min_ms\": {min}, \"samples\": {n}, \"bytes\": {}, \"flops\": {}, \
+         \"floor_ms\": {floor}, \"bound\": \"{bound}\", \"read_gbs\": {}, \"peak_tflops\": {peak}}}\n",
+        fig.name, fig.bytes, fig.flops, floors.read_gbs
+    );
+    use std::io::Write as _;
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        println!("figure records: cannot append to {}: {e}", std::path::Path::new(&path).display());
+    }
 }
 
 /// A region filled with `pattern` repeated (an upload of one copy, then on-device doubling).

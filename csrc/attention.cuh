@@ -85,6 +85,18 @@
 //     scratch (fp32): max [splits][KV_HEADS][rows], denom [splits][KV_HEADS][rows],
 //     acc [splits][KV_HEADS][rows][HEAD_DIM]. Only the order of the denominator and accumulator
 //     sums differs from the unsplit kernel (an fp32 rounding, within the tolerance above).
+//   * WGMMA (sm_90a; codegen's Attention::wgmma, shapes.rs attention_spec_for): S = Q K^T runs
+//     on wgmma m64n32k16 (csrc/wgmma.cuh) instead of mma.sync. WARPS_M = 4, WARPS_N = 2, and
+//     warp w is (wm, wn) = (w % 4, w / 4), so a warpgroup is the 4 row warps of one 32-key
+//     column and its accumulator layout is exactly the mma.sync fragments s_acc[0][0..3] of
+//     each warp: everything after the scores (maxima, exp, P, the denominators, P V on
+//     mma.sync) is the same code. Q and K chunks are stored in wgmma's core-matrix layout
+//     (Stage::store_core_matrices, then fence.proxy.async before the barrier); each chunk's
+//     BK / 16 wgmma are committed and waited for before the next chunk is stored over the other
+//     buffer. No fragment skipping (a wgmma is the whole warpgroup's): rows past the pass and
+//     keys outside the range are the staged zeros, masked as before. The staged tiles and P live
+//     in dynamic shared memory (the descriptors address it). The fp32 sums of S are the tensor
+//     cores' own order, as with mma.sync; the tests hold both variants to the same tolerances.
 // Shared memory (static, <= 48 KiB; spec.rs Attention::shared_bytes): two Q+K chunk buffers
 // (BM + BN) x (BK + 8), which the two V slice buffers 16 x (HEAD_DIM + 8 or 16) reuse, the P tile
 // BM x (BN + 8), and two fp32 row-statistic arrays. Fragments load with ldmatrix.x4 (csrc/mma.cuh
@@ -98,6 +110,7 @@
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 namespace dgemma {
 
@@ -109,7 +122,8 @@ constexpr int ATTENTION_SPLIT_MAX = 1;
 constexpr int ATTENTION_SPLIT_PV = 2;
 constexpr int ATTENTION_COMBINE = 3;
 
-template <int HEAD_DIM, int Q_HEADS, int KV_HEADS, Mask MASK, int BM, int BN, int BK, int WARPS_M, int WARPS_N>
+template <int HEAD_DIM, int Q_HEADS, int KV_HEADS, Mask MASK, int BM, int BN, int BK, int WARPS_M, int WARPS_N,
+          bool WGMMA = false>
 __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ out,
                                           float* __restrict__ scratch, int q_len, int kv_len, int kv_rows,
@@ -128,21 +142,30 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
     constexpr int LDS = BK + 8;                          // Q / K chunk rows (elements)
     constexpr int LDV = HEAD_DIM % 16 == 0 ? HEAD_DIM + 8 : HEAD_DIM + 16; // V rows: 8 mod 16
     constexpr int LDP = BN + 8;                          // P rows
-    constexpr int STAGE = (BM + BN) * LDS;               // one Q + K chunk buffer
+    constexpr int STAGE = WGMMA ? (BM + BN) * BK : (BM + BN) * LDS; // one Q + K chunk buffer
     constexpr int VSTAGE = VK * LDV;                     // one V slice buffer
     constexpr int STAGED = 2 * STAGE > 2 * VSTAGE ? 2 * STAGE : 2 * VSTAGE;
     static_assert(BM % (16 * WARPS_M) == 0 && BN % (8 * WARPS_N) == 0 && BN % VK == 0, "warp tiling");
     static_assert(HEAD_DIM % (8 * WARPS_N) == 0 && BK % 16 == 0, "head-dim tiling");
     static_assert(NFS % 2 == 0, "score fragments load in pairs (ldmatrix.x4)");
+    static_assert(!WGMMA || (WARPS_M == 4 && MF == 1 && WNS == 32), "wgmma: a warpgroup of 4 row warps per 32 keys");
 
-    __shared__ uint4 smem_raw[(STAGED + BM * LDP) / 8];
+    // Static shared memory for mma.sync; with wgmma the staged tiles and P are dynamic shared
+    // memory (the tensor cores address them by descriptor: codegen's Attention::dynamic_shared_bytes).
+    __shared__ uint4 smem_raw[WGMMA ? 1 : (STAGED + BM * LDP) / 8];
     __shared__ float row_stat[BM];          // per block row: the max, later the denominator
     __shared__ float partial[WARPS_N][BM];  // per warp column: its part of a row statistic
-    bf16* const staged = reinterpret_cast<bf16*>(smem_raw); // Q + K chunks, or V slices
-    bf16* const p_s = staged + STAGED;                      // the P tile
+    bf16* staged;                           // Q + K chunks, or V slices
+    if constexpr (WGMMA)
+        staged = reinterpret_cast<bf16*>(dynamic_smem());
+    else
+        staged = reinterpret_cast<bf16*>(smem_raw);
+    bf16* const p_s = staged + STAGED; // the P tile
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    // Warp (wm, wn) of the WARPS_M x WARPS_N grid; with wgmma the 4 warps of a warpgroup are the
+    // 4 row warps of one key column (wgmma's accumulator rows).
+    const int wm = WGMMA ? warp % WARPS_M : warp / WARPS_N, wn = WGMMA ? warp / WARPS_M : warp % WARPS_N;
     const int rows = q_len * GROUP; // packed rows of one kv head
     const int r0 = blockIdx.x * BM, kvh = blockIdx.y, split = blockIdx.z;
 
@@ -240,17 +263,49 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
             for (int j = 0; j < NFS; ++j) zero(s_acc[i][j]);
         Stage<BM, BK, THREADS> qs;
         Stage<BN, BK, THREADS> ks;
+        // Chunk buffer `buf` <- the fetched chunks (padded rows, or wgmma's core matrices).
+        auto stage_store = [&](bf16* buf) {
+            if constexpr (WGMMA) {
+                qs.store_core_matrices(buf);
+                ks.store_core_matrices(buf + BM * BK);
+                fence_proxy_async(); // visible to the tensor cores' reads after the barrier
+            } else {
+                qs.store(buf, LDS);
+                ks.store(buf + BM * LDS, LDS);
+            }
+        };
         qs.fetch_rows(q_row, r0, 0, rows, 0, HEAD_DIM);
         ks.fetch_rows(k_row, j0, lo, b, 0, HEAD_DIM);
         __syncthreads(); // every warp is done with `staged` (the previous tile's chunks or V)
-        qs.store(staged, LDS);
-        ks.store(staged + BM * LDS, LDS);
+        stage_store(staged);
         __syncthreads();
 #pragma unroll 1
         for (int kt = 0; kt < KT; ++kt) {
             if (kt + 1 < KT) {
                 qs.fetch_rows(q_row, r0, 0, rows, (kt + 1) * BK, HEAD_DIM);
                 ks.fetch_rows(k_row, j0, lo, b, (kt + 1) * BK, HEAD_DIM);
+            }
+            if constexpr (WGMMA) {
+                // The warpgroup's S[64 rows x 32 keys] += Q_chunk K_chunk^T, k16 step by step: its
+                // accumulators are s_acc (MF = 1, NFS = 4: the mma.sync fragment layout).
+                const bf16* const sq = staged + (kt & 1) * STAGE;
+                const bf16* const sk = sq + BM * BK + wn * WNS * BK;
+                float(&acc)[16] = *reinterpret_cast<float(*)[16]>(&s_acc[0][0]);
+                wgmma_fence_operands(acc);
+                wgmma_fence();
+#pragma unroll
+                for (int s = 0; s < BK / 16; ++s) {
+                    if (HEAD_DIM % BK != 0 && kt * BK + 16 * s >= HEAD_DIM) break; // past the head (zeros)
+                    wgmma_m64n32k16_bf16(acc, smem_desc(sq + 128 * s, 128, BK * 16), smem_desc(sk + 128 * s, 128, BK * 16));
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_fence_operands(acc);
+                if (kt + 1 < KT) {
+                    stage_store(staged + ((kt + 1) & 1) * STAGE);
+                    __syncthreads();
+                }
+                continue;
             }
             const bf16* const sq = staged + (kt & 1) * STAGE + wm * WM * LDS;
             const bf16* const sk = staged + (kt & 1) * STAGE + (BM + wn * WNS) * LDS;
@@ -271,9 +326,7 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
                 }
             }
             if (kt + 1 < KT) {
-                bf16* const next = staged + ((kt + 1) & 1) * STAGE;
-                qs.store(next, LDS);
-                ks.store(next + BM * LDS, LDS);
+                stage_store(staged + ((kt + 1) & 1) * STAGE);
                 __syncthreads();
             }
         }

@@ -221,6 +221,19 @@ struct Stage {
         }
     }
 
+    // Into shared memory `dst` (16-byte aligned) in wgmma's K-major core-matrix layout
+    // (csrc/wgmma.cuh: chunk (r, kc) at element ((r / 8) * (BK / 8) + kc) * 64 + (r % 8) * 8, i.e.
+    // LBO 128 bytes, SBO BK * 16 bytes).
+    __device__ __forceinline__ void store_core_matrices(bf16* dst) const
+    {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            const int r = c / CHUNKS_PER_ROW, kc = c % CHUNKS_PER_ROW;
+            if (c < CHUNKS) *reinterpret_cast<uint4*>(dst + ((r / 8) * CHUNKS_PER_ROW + kc) * 64 + (r % 8) * 8) = v[i];
+        }
+    }
+
     // Into shared memory `dst` (16-byte aligned): ROWS unpadded rows of BK elements, chunks placed
     // by Swizzle<BK> (read back with load_frag_a_sw / load_frag_b_pair_trans).
     __device__ __forceinline__ void store_swizzled(bf16* dst) const

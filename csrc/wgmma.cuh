@@ -178,4 +178,26 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], unsigned lo
 #endif
 }
 
+// The same with N = 32: d[0..15] (csrc/attention.cuh: a warpgroup's 64 query rows x 32 keys).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], unsigned long long desc_a, unsigned long long desc_b)
+{
+#ifdef DGEMMA_EMULATOR
+    emu::wgmma(d, 32, desc_a, desc_b, true);
+#elif DGEMMA_ARCH_SM90A
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "setp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                 "%16, %17, p, 1, 1, 0, 0;\n"
+                 "}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                   "+f"(d[15])
+                 : "l"(desc_a), "l"(desc_b), "r"(1));
+#else
+    __trap();
+#endif
+}
+
 } // namespace dgemma

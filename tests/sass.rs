@@ -98,6 +98,13 @@ const RULES: &[Rule] = &[
         must_contain: "HGMMA",
     },
     Rule {
+        id: "wgmma-attention",
+        what: "wgmma attention (attention_*_wgmma_*: HGMMA for S = Q K^T on sm_90a, HMMA for P V)",
+        kernels: |n| n.starts_with("attention_") && n.contains("_wgmma_"),
+        on: On::Arch("sm_90a"),
+        must_contain: "HGMMA",
+    },
+    Rule {
         id: "wgmma-linear",
         what: "wgmma linear (linear_*_wgmma_*: HGMMA on sm_90a)",
         kernels: |n| n.starts_with("linear_") && n.contains("_wgmma_"),

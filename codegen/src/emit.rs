@@ -222,8 +222,9 @@ fn template_call(spec: &KernelSpec) -> String {
                 MaskKind::CausalSliding => "dgemma::Mask::CausalSliding",
                 MaskKind::Bidirectional => "dgemma::Mask::Bidirectional",
             };
+            let wgmma = if a.wgmma { ", true" } else { "" };
             format!(
-                "dgemma::attention<{}, {}, {}, {mask}, {}, {}, {}, {}, {}>",
+                "dgemma::attention<{}, {}, {}, {mask}, {}, {}, {}, {}, {}{wgmma}>",
                 a.head_dim, a.q_heads, a.kv_heads, a.block_m, a.block_n, a.block_k, a.warps_m, a.warps_n
             )
         }

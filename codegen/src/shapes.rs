@@ -123,7 +123,40 @@ pub fn attention_spec(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind
         block_k,
         warps_m,
         warps_n,
+        wgmma: false,
     }))
+}
+
+/// Whether sm_90a launches the wgmma attention ([`attention_spec_for`]); off, the mma.sync one
+/// (both are compiled and tested).
+pub const ATTENTION_WGMMA: bool = true;
+
+/// The attention a device of `arch` launches: on sm_90a (while [`ATTENTION_WGMMA`] is on) the
+/// wgmma variant where the head has whole 16-dim halves for its two warp columns
+/// ([`attention_wgmma_spec`]), else the portable mma.sync one ([`attention_spec`]).
+pub fn attention_spec_for(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind, arch: Arch) -> KernelSpec {
+    match attention_wgmma_spec(head_dim, q_heads, kv_heads, mask) {
+        Some(spec) if ATTENTION_WGMMA && arch == Arch::Sm90a => spec,
+        _ => attention_spec(head_dim, q_heads, kv_heads, mask),
+    }
+}
+
+/// The sm_90a attention (`csrc/attention.cuh` with WGMMA): the same 64-row blocks and 64-key
+/// tiles as [`attention_spec`], but S = Q K^T on wgmma m64n32k16, so 4 x 2 warps (a warpgroup of
+/// 4 row warps per 32 keys: each warp 16 rows x 32 keys of S, 16 rows x head_dim / 2 of O, the
+/// same 128 fp32 output registers at 512 as the mma.sync 2 x 4). Q and K stream in 64-wide
+/// head-dim chunks (the head rounded up to 16 when smaller), unpadded in wgmma's core-matrix
+/// layout (2 x 128 x 64 bf16, which the two V slices reuse: 32.5 KiB at 512) plus the 9 KiB P
+/// tile, 41.5 KiB of dynamic shared memory. `None`
+/// where head_dim is not a multiple of 16 (two warp columns of whole n8 fragments; the tiny
+/// models' 24).
+pub fn attention_wgmma_spec(head_dim: u32, q_heads: u32, kv_heads: u32, mask: MaskKind) -> Option<KernelSpec> {
+    if head_dim % 16 != 0 {
+        return None;
+    }
+    let Op::Attention(tiles) = attention_spec(head_dim, q_heads, kv_heads, mask).op else { unreachable!() };
+    let a = Attention { warps_m: 4, warps_n: 2, wgmma: true, ..tiles };
+    Some(KernelSpec::for_arch(Op::Attention(a), Arch::Sm90a))
 }
 
 /// Blocks an attention launch should have: one per SM of an H100 (132). The 26B model's tiles
@@ -493,8 +526,10 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
         v.push(rmsnorm_spec(d, true, false, false, false));
         v.push(rmsnorm_spec(d, false, false, false, false));
         v.push(KernelSpec::portable(Op::Rope(Rope { head_dim: d, rotary_pairs: layer.rotary_pairs })));
-        v.push(attention_spec(d, s.heads, layer.kv_heads, encoder_mask));
-        v.push(attention_spec(d, s.heads, layer.kv_heads, MaskKind::Bidirectional));
+        for mask in [encoder_mask, MaskKind::Bidirectional] {
+            v.push(attention_spec(d, s.heads, layer.kv_heads, mask));
+            v.extend(attention_wgmma_spec(d, s.heads, layer.kv_heads, mask));
+        }
         for spec_for in [linear_spec, linear_wgmma_spec] {
             v.push(spec_for(s.heads * d, h)); // q_proj
             v.push(spec_for(layer.kv_heads * d, h)); // k_proj (and v_proj)
@@ -736,9 +771,20 @@ mod tests {
     fn attention_tiles_fit_and_split_the_decoder_full_layers() {
         for spec in supported_specs() {
             if let Op::Attention(a) = spec.op {
-                assert_eq!(spec.target, Target::Portable, "{}", spec.kernel_name());
+                let want = if a.wgmma { Target::Only(Arch::Sm90a) } else { Target::Portable };
+                assert_eq!(spec.target, want, "{}", spec.kernel_name());
                 assert!(a.shared_bytes() <= 48 * 1024, "{}", spec.kernel_name());
+                spec.validate().unwrap();
             }
+        }
+        // sm_90a runs wgmma on the 26B shapes, sm_120 mma.sync.
+        let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
+        for l in [s.sliding, s.full] {
+            let on = |arch| match attention_spec_for(l.head_dim, s.heads, l.kv_heads, MaskKind::Bidirectional, arch).op {
+                Op::Attention(a) => a.wgmma,
+                _ => unreachable!(),
+            };
+            assert_eq!((on(Arch::Sm90a), on(Arch::Sm120)), (ATTENTION_WGMMA, false));
         }
         let s = ModelShape::DIFFUSION_GEMMA_26B_A4B;
         let attn = |l: LayerAttention, mask| match attention_spec(l.head_dim, s.heads, l.kv_heads, mask).op {

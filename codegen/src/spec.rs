@@ -169,7 +169,9 @@ impl MaskKind {
 /// of one kv head and scans the keys in tiles of `block_n`; Q and K stream through shared memory
 /// in `block_k`-wide head-dim chunks; its `warps_m x warps_n` warps each own a
 /// `(block_m / warps_m) x (block_n / warps_n)` sub-tile of the scores and a
-/// `(block_m / warps_m) x (head_dim / warps_n)` sub-tile of the output.
+/// `(block_m / warps_m) x (head_dim / warps_n)` sub-tile of the output. With `wgmma` (sm_90a
+/// only) S = Q K^T runs on wgmma m64n32k16 instead, a warpgroup (4 row warps) per 32 keys, from
+/// Q / K chunks in wgmma's core-matrix layout in dynamic shared memory; P V stays on mma.sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Attention {
     pub head_dim: u32,
@@ -181,6 +183,7 @@ pub struct Attention {
     pub block_k: u32,
     pub warps_m: u32,
     pub warps_n: u32,
+    pub wgmma: bool,
 }
 
 impl Attention {
@@ -194,11 +197,34 @@ impl Attention {
     /// `head_dim + 8` (`+ 16` when head_dim is an odd multiple of 8) bf16 per key, whichever is
     /// larger; the P tile `block_m x (block_n + 8)` bf16; two fp32 row statistics, one per block
     /// row and one per block row and warp column.
+    /// With wgmma, only the row statistics (and a 16-byte placeholder) are static: the staged
+    /// tiles and P are [`Attention::dynamic_shared_bytes`].
     pub fn shared_bytes(&self) -> u64 {
+        let stats = 4 * self.block_m as u64 * (1 + self.warps_n as u64);
+        if self.wgmma {
+            16 + stats
+        } else {
+            self.tile_bytes() + stats
+        }
+    }
+
+    /// Bytes of dynamic shared memory: with wgmma the staged tiles and P (as [`Attention::shared_bytes`]
+    /// describes, the Q + K chunks unpadded in wgmma's core-matrix layout); 0 otherwise.
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        if self.wgmma {
+            self.tile_bytes()
+        } else {
+            0
+        }
+    }
+
+    /// The staged Q + K chunks (or V slices) and the P tile, in bytes.
+    fn tile_bytes(&self) -> u64 {
         let (bm, bn, bk, d) = (self.block_m as u64, self.block_n as u64, self.block_k as u64, self.head_dim as u64);
         let ldv = if d % 16 == 0 { d + 8 } else { d + 16 };
-        let staged = (2 * (bm + bn) * (bk + 8)).max(2 * 16 * ldv);
-        2 * (staged + bm * (bn + 8)) + 4 * bm * (1 + self.warps_n as u64)
+        let chunk_row = if self.wgmma { bk } else { bk + 8 };
+        let staged = (2 * (bm + bn) * chunk_row).max(2 * 16 * ldv);
+        2 * (staged + bm * (bn + 8))
     }
 }
 
@@ -708,7 +734,7 @@ impl KernelSpec {
             Op::RowSoftmaxEntropyArgmax(r) => write!(s, "row_softmax_entropy_argmax_v{}", r.vocab).unwrap(),
             Op::Attention(a) => write!(
                 s,
-                "attention_d{}_q{}_kv{}_{}_t{}x{}x{}_w{}x{}",
+                "attention_d{}_q{}_kv{}_{}_t{}x{}x{}_w{}x{}{}",
                 a.head_dim,
                 a.q_heads,
                 a.kv_heads,
@@ -717,7 +743,8 @@ impl KernelSpec {
                 a.block_n,
                 a.block_k,
                 a.warps_m,
-                a.warps_n
+                a.warps_n,
+                if a.wgmma { "_wgmma" } else { "" }
             )
             .unwrap(),
             Op::Linear(l) => match l.engine {
@@ -796,6 +823,7 @@ impl KernelSpec {
         let bytes = match self.op {
             Op::GroupedGemm(g) => g.dynamic_shared_bytes(),
             Op::Linear(l) => l.dynamic_shared_bytes(),
+            Op::Attention(a) => a.dynamic_shared_bytes(),
             _ => 0,
         };
         u32::try_from(bytes).expect("validate() keeps dynamic shared memory under 227 KiB")
@@ -900,6 +928,16 @@ impl KernelSpec {
             }
             Op::Attention(a) if a.shared_bytes() > 48 * 1024 => {
                 fail("the staged tiles must fit 48 KiB of static shared memory")
+            }
+            Op::Attention(a) if a.wgmma && self.target != Target::Only(Arch::Sm90a) => fail("wgmma exists on sm_90a only"),
+            Op::Attention(a)
+                if a.wgmma
+                    && (a.warps_m != 4
+                        || a.block_m != 64
+                        || a.block_n != 32 * a.warps_n
+                        || a.dynamic_shared_bytes() > MAX_DYNAMIC_SHARED_BYTES) =>
+            {
+                fail("wgmma attention: 4 row warps over 64 rows (one warpgroup), 32 keys per warpgroup, <= 227 KiB")
             }
             Op::Linear(l) if l.n == 0 || l.k == 0 || l.k % 8 != 0 || l.n % 2 != 0 => {
                 fail("k must be a positive multiple of 8 (16-byte row chunks) and n positive and even (paired stores)")
@@ -1260,6 +1298,7 @@ mod tests {
         block_k: 16,
         warps_m: 4,
         warps_n: 1,
+        wgmma: false,
     };
 
     #[test]
@@ -1285,6 +1324,18 @@ mod tests {
         // head_dim 24 (an odd multiple of 8): V rows of 40.
         let odd = Attention { head_dim: 24, block_k: 32, ..ATTN };
         assert_eq!(odd.shared_bytes(), 2 * (2 * 128 * 40 + 64 * 72) + 4 * 64 * 2);
+        // wgmma (sm_90a): 4 x 2 warps; dynamic: the unpadded chunks 2 x 128 x 64 or the two V
+        // slices 2 x 16 x 520 (larger), and P 64 x 72.
+        let wg = Attention { warps_m: 4, warps_n: 2, wgmma: true, ..big };
+        let spec = KernelSpec::for_arch(Op::Attention(wg), Arch::Sm90a);
+        spec.validate().unwrap();
+        assert_eq!(spec.kernel_name(), "attention_d512_q16_kv2_bidir_t64x64x64_w4x2_wgmma_bf16_sm90a");
+        assert_eq!(spec.dynamic_shared_bytes(), 2 * (2 * 16 * 520 + 64 * 72));
+        assert_eq!(wg.shared_bytes(), 16 + 4 * 64 * 3);
+        assert!(KernelSpec::portable(Op::Attention(wg)).validate().is_err());
+        for bad in [Attention { warps_m: 2, warps_n: 4, ..wg }, Attention { block_n: 128, ..wg }] {
+            assert!(KernelSpec::for_arch(Op::Attention(bad), Arch::Sm90a).validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ const PINNED: &[&str] = &[
     "row_softmax_entropy_argmax_v262144_bf16",
     "attention_d256_q16_kv8_sliding_t64x64x64_w2x4_bf16",
     "attention_d512_q16_kv2_bidir_t64x64x64_w2x4_bf16",
+    "attention_d512_q16_kv2_bidir_t64x64x64_w4x2_wgmma_bf16_sm90a",
     "linear_n262144_k2816_t64x128x32_w32x32_bf16",
     "linear_n2816_k4096_t32x64x32_w32x32_bf16",
     "grouped_gemm_n1408_k2816_geglu_r32_c32_bf16_sm90a",

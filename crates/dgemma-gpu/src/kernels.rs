@@ -4,7 +4,7 @@
 //! any weight is uploaded, with the name of the missing kernel.
 
 use dgemma_cuda::codegen::shapes::{
-    attention_spec, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec_for, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
+    attention_spec_for, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec_for, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
     router_spec, sampler_canvas_spec, soft_embedding_specs,
 };
 use dgemma_cuda::codegen::{
@@ -136,8 +136,8 @@ impl Kernels {
                 head_norm: check(rmsnorm_spec(d, true, false, false, false))?,
                 value_norm: check(rmsnorm_spec(d, false, false, false, false))?,
                 rope: portable(Op::Rope(Rope { head_dim: d, rotary_pairs: l.rotary_pairs }))?,
-                encoder: check(attention_spec(d, s.heads, l.kv_heads, encoder_mask))?,
-                decoder: check(attention_spec(d, s.heads, l.kv_heads, MaskKind::Bidirectional))?,
+                encoder: check(attention_spec_for(d, s.heads, l.kv_heads, encoder_mask, arch))?,
+                decoder: check(attention_spec_for(d, s.heads, l.kv_heads, MaskKind::Bidirectional, arch))?,
             })
         };
         Ok(Kernels {

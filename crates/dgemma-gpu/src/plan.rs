@@ -25,7 +25,7 @@
 //! cache. Either way every value is computed by the same kernels on the same inputs, so neither
 //! the ring nor the pages change a bit of the results.
 
-use dgemma_cuda::codegen::shapes::{attention_spec, soft_embedding_spec};
+use dgemma_cuda::codegen::shapes::{attention_spec_for, soft_embedding_spec};
 use dgemma_cuda::codegen::MaskKind;
 use dgemma_cuda::ops::{self, Buf, Routing};
 use dgemma_cuda::{Executor, Region, Step};
@@ -130,6 +130,7 @@ impl Workspace {
         let head_dim = cfg.head_dim.max(cfg.global_head_dim);
         let inter = cfg.intermediate_size.max(cfg.self_conditioning_size);
         let k = cfg.top_k_experts;
+        let arch = exec.arch();
         let mut alloc = |bytes: usize, what: &str| exec.alloc(bytes, what).map_err(cuda);
         let ws_ids = alloc(4 * t, "token ids")?;
         let logits = alloc(4 * host_canvas.min(c) * v, "logits")?;
@@ -169,7 +170,7 @@ impl Workspace {
         let mut attn_scratch_len = 0;
         for (l, encoder_mask) in [(shape.sliding, MaskKind::CausalSliding), (shape.full, MaskKind::Causal)] {
             for mask in [encoder_mask, MaskKind::Bidirectional] {
-                let spec = attention_spec(l.head_dim, shape.heads, l.kv_heads, mask);
+                let spec = attention_spec_for(l.head_dim, shape.heads, l.kv_heads, mask, arch);
                 attn_scratch_len = attn_scratch_len.max(ops::attention_scratch_len(&spec, t).map_err(cuda)?);
             }
         }

@@ -686,6 +686,7 @@ pub fn check_attention(e: &dyn Exec) {
     const PAGES: [usize; 2] = [16, 64];
     const SPARE_PAGES: usize = 3;
     let (mut split_runs, mut paged_runs, mut paged_wraps) = (0, 0, 0);
+    let mut wgmma_ran = false;
     for spec in specs(e, Family::Attention) {
         let Op::Attention(a) = spec.op else { unreachable!() };
         let (d, hq, hkv) = (a.head_dim as usize, a.q_heads as usize, a.kv_heads as usize);
@@ -807,7 +808,10 @@ pub fn check_attention(e: &dyn Exec) {
         assert!(wrapped > 0, "{}: no case wrapped around its ring", spec.kernel_name());
         assert!(paged_wrapped > 0, "{}: no paged case wrapped around its ring", spec.kernel_name());
         paged_wraps += paged_wrapped;
+        wgmma_ran |= a.wgmma;
     }
+    // sm_90a's kernels are wgmma (S = Q K^T), where the head dim allows.
+    assert!(e.arch() != Arch::Sm90a || wgmma_ran, "no wgmma attention ran");
     assert!(split_runs > 0, "no split attention ran");
     assert!(paged_runs > 0, "no paged attention ran");
     eprintln!("attention: {split_runs} split runs, {paged_runs} paged runs ({paged_wraps} wrapping across pages)");

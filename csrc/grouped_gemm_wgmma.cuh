@@ -114,14 +114,14 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16* __restrict__ x, c
 
         // Epilogue, in the original pair order.
         if (wg_live) {
+            if constexpr (GEGLU) {
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
+                for (int m = 0; m < MT; ++m) {
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int p = pair_s[64 * m + 16 * warp + g + 8 * h];
-                    if (p < 0) continue;
-                    bf16* const o = out + (size_t)p * OUT_COLS;
-                    if constexpr (GEGLU) {
+                    for (int h = 0; h < 2; ++h) {
+                        const int p = pair_s[64 * m + 16 * warp + g + 8 * h];
+                        if (p < 0) continue;
+                        bf16* const o = out + (size_t)p * OUT_COLS;
 #pragma unroll
                         for (int q = 0; q < WG_COLS / 8; ++q) {
                             const int c = c0 + wg * WG_COLS + 8 * q + 2 * t;
@@ -135,11 +135,21 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16* __restrict__ x, c
                             }
                             store_bf16_pair(o + c, v[0], v[1]);
                         }
-                    } else {
+                    }
+                }
+            } else {
+                // (Not WgmmaGemm::for_each_pair: looking the pair up once per row, not per element,
+                // keeps the e4m3 kernel within its 128 registers; ptxas spilled otherwise.)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int p = pair_s[64 * m + 16 * warp + g + 8 * h];
+                        if (p < 0) continue;
 #pragma unroll
                         for (int j = 0; j < WG_COLS / 8; ++j) {
                             const int c = c0 + wg * WG_COLS + 8 * j + 2 * t;
-                            if (c < OUT_COLS) store_bf16_pair(o + c, acc[m][4 * j + 2 * h], acc[m][4 * j + 2 * h + 1]);
+                            if (c < OUT_COLS) store_bf16_pair(out + (size_t)p * OUT_COLS + c, acc[m][4 * j + 2 * h], acc[m][4 * j + 2 * h + 1]);
                         }
                     }
                 }

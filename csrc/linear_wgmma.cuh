@@ -41,8 +41,7 @@ __device__ __forceinline__ void linear_wgmma(const bf16* __restrict__ x, const b
     static_assert(N % 2 == 0, "paired bf16 stores");
 
     unsigned char* const smem = dynamic_smem();
-    const int tid = threadIdx.x, lane = tid & 31, wg = tid / 128, warp = (tid / 32) % 4;
-    const int g = lane >> 2, t = lane & 3;
+    const int wg = threadIdx.x / 128;
     const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
     const int live = min(BM, rows - row0); // the tile's rows
 
@@ -52,20 +51,9 @@ __device__ __forceinline__ void linear_wgmma(const bf16* __restrict__ x, const b
     float acc[Gemm::MT][32];
     gemm.run(smem, x, [&](int r) { return r < live ? (row0 + r) * K : -1; }, w, live, wg_live, acc);
     if (!wg_live) return;
-#pragma unroll
-    for (int m = 0; m < Gemm::MT; ++m) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = 64 * m + 16 * warp + g + 8 * h;
-            if (r >= live) continue;
-            bf16* const y_row = y + (size_t)(row0 + r) * N;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int c = col0 + 64 * wg + 8 * j + 2 * t;
-                if (c < N) store_bf16_pair(y_row + c, acc[m][4 * j + 2 * h], acc[m][4 * j + 2 * h + 1]); // N even
-            }
-        }
-    }
+    Gemm::for_each_pair(acc, live, [&](int r, int c, float v0, float v1) {
+        if (col0 + c < N) store_bf16_pair(y + (size_t)(row0 + r) * N + col0 + c, v0, v1); // N even
+    });
 }
 
 } // namespace dgemma

@@ -48,7 +48,10 @@
 // Predicted H100 time: probs 0.12 ms + GEMM ~0.75 ms (tensor-bound at ~500 TFLOP/s; L2 traffic
 // 4.4 GB at ~5.5 TB/s is 0.8 ms, overlapping) + reduce 0.01 ms: ~0.9 ms, against the 0.45 ms
 // floor of reading E once, 0.57 ms for 378 GFLOP at the 660 TFLOP/s mma.sync ceiling, and the
-// ~7 ms of the SIMT kernel this replaces (E read 16 times).
+// ~7 ms of the SIMT kernel this replaces (E read 16 times). On sm_90a the GEMM is
+// soft_embedding_wgmma (below): the same traffic with the wgmma rate (989 TFLOP/s dense peak);
+// predicted ~0.5-0.6 ms, then bound by E's 0.45 ms read and the L2 traffic, not the tensor cores
+// (a prediction: nothing here has run on a GPU).
 //
 // Numerics of the split-K order: each output's sum runs through the tensor core per k16 step
 // (its own internal order on the GPU; k ascending in the emulator), ascending k16 steps within a
@@ -60,6 +63,7 @@
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace dgemma {
 
@@ -210,6 +214,48 @@ __device__ __forceinline__ void soft_embedding(const bf16* __restrict__ probs, c
                 }
             }
         }
+}
+
+// Launch 2 on sm_90a's wgmma (codegen's SoftEmbedding with LinearEngine::Wgmma,
+// shapes.rs soft_embedding_spec_for): the same partials, from the shared wgmma mainloop
+// (wgmma_gemm.cuh) with pr as X (its rows row0.., K = the vocabulary, this split's range of
+// whole BK slices) and E as an MN-major weight tile (W_MN: E's rows are K, its hidden columns
+// the weight rows; 16-byte chunks of 8 columns copied straight from E into wgmma's MN-major core
+// matrices, imm-trans-b = 1). Block tile BM x BN: BN / 64 warpgroups of 64 columns, each over
+// all BM rows (BM / 64 m64 tiles: 128 accumulators per thread at 256 x 128). Grid and split
+// ranges as the mma.sync kernel's (with BK = 64: KT = V / 64 slices); the fp32 order is the
+// tensor cores' within a slice, slices ascending, splits added by launch 3.
+template <int HIDDEN, int VOCAB, int SPLITS, int BM, int BN, int BK, int STAGES>
+__device__ __forceinline__ void soft_embedding_wgmma(const bf16* __restrict__ probs, const bf16* __restrict__ table,
+                                                     float* __restrict__ partials, int rows)
+{
+    using Gemm = WgmmaGemm<VOCAB, BM, BN, BK, STAGES, WeightBf16, true>;
+    constexpr int KT = (VOCAB + BK - 1) / BK;
+    static_assert(HIDDEN % 8 == 0 && VOCAB % 8 == 0, "16-byte chunks of E's and pr's rows");
+    static_assert(SPLITS >= 1 && SPLITS <= KT, "every split has a k slice");
+
+    unsigned char* const smem = dynamic_smem();
+    const int wg = threadIdx.x / 128;
+    const int col0 = blockIdx.x * BN, row0 = blockIdx.y * BM, split = blockIdx.z;
+    const int kt0 = (int)((long long)split * KT / SPLITS), kt1 = (int)((long long)(split + 1) * KT / SPLITS);
+    const int live = min(BM, rows - row0);
+
+    Gemm gemm;
+    gemm.bind_weights(smem, [&](int j) { return col0 + j < HIDDEN ? col0 + j : -1; }, HIDDEN, nullptr);
+    const bool wg_live = col0 + 64 * wg < HIDDEN; // warpgroup-uniform
+    float acc[Gemm::MT][32];
+    gemm.run(
+        smem, probs, [&](int r) { return r < live ? (row0 + r) * VOCAB : -1; }, table, live, wg_live, acc, kt0 * BK,
+        min(kt1 * BK, VOCAB), HIDDEN);
+    if (!wg_live) return;
+    float* const part = partials + (size_t)split * rows * HIDDEN;
+    Gemm::for_each_pair(acc, live, [&](int r, int c, float v0, float v1) {
+        if (col0 + c < HIDDEN) { // HIDDEN even: c + 1 < HIDDEN too
+            float* const p = part + (size_t)(row0 + r) * HIDDEN + col0 + c;
+            p[0] = v0;
+            p[1] = v1;
+        }
+    });
 }
 
 // Launch 3: out[r, h] = bf16(bf16(sum_s partials[s, r, h]) * scale), the partial sums added in

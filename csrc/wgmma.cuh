@@ -151,13 +151,16 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N])
 #endif
 }
 
-// d[0..31] += A[64 x 16] B[16 x 64]^T-as-stored (both K-major bf16, by descriptor), fp32: one
+// d[0..31] += A[64 x 16] B[16 x 64] (bf16, by descriptor), fp32: one
 // wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 with scale-d = 1 (accumulate), A and B
-// unscaled and not transposed.
+// unscaled, A K-major, B K-major or, with TRANS_B (imm-trans-b = 1), N-major: stored [K][N] with
+// N contiguous, in the MN-major core-matrix layout (a core matrix is 8 K-rows of 8 consecutive
+// N elements, 16 bytes apart; LBO steps 8 K, SBO steps 8 N).
+template <bool TRANS_B = false>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b)
 {
 #ifdef DGEMMA_EMULATOR
-    emu::wgmma(d, 64, desc_a, desc_b, true);
+    emu::wgmma(d, 64, desc_a, desc_b, true, TRANS_B);
 #elif DGEMMA_ARCH_SM90A
     asm volatile("{\n"
                  ".reg .pred p;\n"
@@ -165,14 +168,14 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], unsigned lo
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-                 "%32, %33, p, 1, 1, 0, 0;\n"
+                 "%32, %33, p, 1, 1, 0, %35;\n"
                  "}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
                    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
                    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
                    "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(desc_a), "l"(desc_b), "r"(1));
+                 : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TRANS_B ? 1 : 0));
 #else
     __trap();
 #endif

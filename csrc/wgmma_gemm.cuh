@@ -47,7 +47,7 @@
 
 namespace dgemma {
 
-template <int K, int BM, int WROWS, int BK, int STAGES, typename W>
+template <int K, int BM, int WROWS, int BK, int STAGES, typename W, bool W_MN = false>
 struct WgmmaGemm {
     using T = typename W::T;
     static constexpr int WG = WROWS / 64;          // warpgroups, 64 weight rows each
@@ -61,30 +61,48 @@ struct WgmmaGemm {
     static constexpr int OPERAND_BYTES = W::SCALED ? 2 * WROWS * BK * 2 : 0; // e4m3: dequantised slices
     static constexpr int SCALE_BYTES = W::SCALED ? WROWS * 4 : 0;            // e4m3: the tile rows' scales
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + OPERAND_BYTES + SCALE_BYTES;
-    static constexpr int KT = (K + BK - 1) / BK;        // K slices
-    static constexpr unsigned LBO = 128, SBO = BK * 16; // wgmma.cuh's layout
+    static constexpr unsigned LBO = 128, SBO = BK * 16; // wgmma.cuh's layout (K-major)
+    // W_MN: the weight tile is stored [K][WROWS] (e.g. the embedding table E [V, H] as the B of
+    // p E): MN-major core matrices, 8 K-rows of 8 consecutive weight rows; LBO steps 8 K
+    // (WROWS / 8 core matrices), SBO one core matrix (wgmma.cuh).
+    static constexpr unsigned MN_LBO = WROWS * 16, MN_SBO = 128;
     static_assert(K % 8 == 0, "chunks of 8 elements along K");
     static_assert(WROWS % 64 == 0 && BM % 64 == 0 && BK % 16 == 0 && STAGES >= 2,
                   "whole warpgroup tiles, m64 tiles and k16 steps, a pipeline");
     static_assert((BM * KC) % THREADS == 0, "whole X chunks per thread");
+    static_assert(!(W_MN && W::SCALED), "MN-major weights are bf16");
 
     int w_off[B_PER]; // this thread's W chunks at k = 0, element offsets into W (-1: none)
 
     __device__ static int chunk_row(int c) { return (c / BK) * 8 + c % 8; }
     __device__ static int chunk_k(int c) { return 8 * ((c / 8) % KC); }
     __device__ static int w_chunk(int i) { return (threadIdx.x / 128) * 64 * KC + threadIdx.x % 128 + 128 * i; }
+    // W_MN chunk c (warpgroup wg = c / (64 KC), local l = c % (64 KC)): K-row v = (l / 64) * 8 +
+    // l % 8 of the slice, tile weight rows 64 wg + 8 ((l / 8) % 8) + 0..7, at byte
+    // ((v / 8) * WROWS / 8 + its column group) * 128 + (v % 8) * 16 (consecutive chunks:
+    // consecutive 16 bytes).
+    __device__ static int mn_k(int c) { return ((c % (64 * KC)) / 64) * 8 + c % 8; }
+    __device__ static int mn_row(int c) { return (c / (64 * KC)) * 64 + 8 * ((c / 8) % 8); }
+    __device__ static int mn_byte(int c) { return ((mn_k(c) / 8) * (WROWS / 8) + mn_row(c) / 8) * 128 + (mn_k(c) % 8) * 16; }
 
-    // Binds the W tile: tile row j is row weight_row(j) of W (-1: past the matrix), whose scale
-    // (e4m3) is scales[weight_row(j)]. For e4m3 it writes the tile rows' scales to shared memory
-    // (kept there, not in registers: the e4m3 kernels are at the 128-register limit), so a
+    // Binds the W tile: tile row j is row weight_row(j) of W (-1: past the matrix; W_MN: the
+    // column of the [K][ld] matrix, whole groups of 8), whose scale (e4m3) is
+    // scales[weight_row(j)]. For e4m3 it writes the tile rows' scales to shared memory (kept
+    // there, not in registers: the e4m3 kernels are at the 128-register limit), so a
     // __syncthreads must come between it and run().
     template <class RowOf>
     __device__ void bind_weights(unsigned char* smem, RowOf weight_row, int ld, const float* scales)
     {
 #pragma unroll
         for (int i = 0; i < B_PER; ++i) {
-            const int c = w_chunk(i), r = weight_row(chunk_row(c));
-            w_off[i] = r >= 0 ? r * ld + chunk_k(c) : -1;
+            const int c = w_chunk(i);
+            if constexpr (W_MN) {
+                const int col = weight_row(mn_row(c));
+                w_off[i] = col >= 0 ? mn_k(c) * ld + col : -1;
+            } else {
+                const int r = weight_row(chunk_row(c));
+                w_off[i] = r >= 0 ? r * ld + chunk_k(c) : -1;
+            }
         }
         if constexpr (W::SCALED) {
             float* const scale_s = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES + OPERAND_BYTES);
@@ -95,13 +113,36 @@ struct WgmmaGemm {
         }
     }
 
-    // acc = X_tile . W_tile^T: X tile row r starts at element x_row(r) of x (-1: not a row);
-    // rows r >= live_rows must be -1. Block-uniform arguments; wg_live warpgroup-uniform.
+    // Calls f(r, c, v0, v1) for this thread's accumulator pairs of the tile rows r < live_rows:
+    // v0, v1 = acc at tile row r and weight rows (columns) c, c + 1 of the tile (c even).
+    template <class F>
+    __device__ static void for_each_pair(const float (&acc)[MT][32], int live_rows, F f)
+    {
+        const int lane = threadIdx.x & 31, wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4;
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = 64 * m + 16 * warp + g + 8 * h;
+                if (r >= live_rows) continue;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) f(r, 64 * wg + 8 * j + 2 * t, acc[m][4 * j + 2 * h], acc[m][4 * j + 2 * h + 1]);
+            }
+        }
+    }
+
+    // acc = X_tile . W_tile^T over k in [k_begin, k_end) (k_begin a multiple of BK; a split of
+    // K): X tile row r starts at element x_row(r) of x (-1: not a row); rows r >= live_rows must
+    // be -1; w_ld is W's leading dimension (W_MN: the element stride from one k to the next).
+    // Block-uniform arguments; wg_live warpgroup-uniform.
     template <class XRow>
     __device__ void run(unsigned char* smem, const bf16* __restrict__ x, XRow x_row, const T* __restrict__ w,
-                        int live_rows, bool wg_live, float (&acc)[MT][32]) const
+                        int live_rows, bool wg_live, float (&acc)[MT][32], int k_begin = 0, int k_end = K,
+                        int w_ld = K) const
     {
         const int tid = threadIdx.x, wg = tid / 128;
+        const int kt_count = (k_end - k_begin + BK - 1) / BK;
         unsigned char* const operand = smem + STAGES * STAGE_BYTES;
         int x_off[A_PER];
 #pragma unroll
@@ -109,22 +150,28 @@ struct WgmmaGemm {
             const int c = tid + i * THREADS, r = x_row(chunk_row(c));
             x_off[i] = r >= 0 ? r + chunk_k(c) : -1;
         }
-        // Slice kt into buffer `stage`: k >= K as zeros (the source then stays at the row start).
+        // Slice kt into buffer `stage`: k >= k_end as zeros (the source then stays at k_begin).
         auto load = [&](int stage, int kt) {
             unsigned char* const a = smem + stage * STAGE_BYTES;
             unsigned char* const b = a + A_BYTES;
-            const int k0 = kt * BK;
+            const int k0 = k_begin + kt * BK;
 #pragma unroll
             for (int i = 0; i < A_PER; ++i) {
                 const int c = tid + i * THREADS;
-                const bool in_k = k0 + chunk_k(c) < K;
-                if (x_off[i] >= 0) cp_async<16>(a + 16 * c, x + x_off[i] + (in_k ? k0 : 0), in_k ? 16 : 0);
+                const bool in_k = k0 + chunk_k(c) < k_end;
+                if (x_off[i] >= 0) cp_async<16>(a + 16 * c, x + x_off[i] + (in_k ? k0 : k_begin), in_k ? 16 : 0);
             }
 #pragma unroll
             for (int i = 0; i < B_PER; ++i) {
                 const int c = w_chunk(i);
-                const bool in_k = k0 + chunk_k(c) < K;
-                if (w_off[i] >= 0) cp_async<W_CHUNK>(b + W_CHUNK * c, w + w_off[i] + (in_k ? k0 : 0), in_k ? W_CHUNK : 0);
+                if (w_off[i] < 0) continue;
+                if constexpr (W_MN) {
+                    const bool in_k = k0 + mn_k(c) < k_end;
+                    cp_async<16>(b + mn_byte(c), w + w_off[i] + (size_t)(in_k ? k0 : k_begin) * w_ld, in_k ? 16 : 0);
+                } else {
+                    const bool in_k = k0 + chunk_k(c) < k_end;
+                    cp_async<W_CHUNK>(b + W_CHUNK * c, w + w_off[i] + (in_k ? k0 : k_begin), in_k ? W_CHUNK : 0);
+                }
             }
         };
 
@@ -136,11 +183,11 @@ struct WgmmaGemm {
         }
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < KT) load(s, s);
+            if (s < kt_count) load(s, s);
             cp_async_commit(); // one group per slice, empty past the end: the wait count stays uniform
         }
 #pragma unroll 1
-        for (int kt = 0; kt < KT; ++kt) {
+        for (int kt = 0; kt < kt_count; ++kt) {
             cp_async_wait<STAGES - 2>(); // this thread's copies of slice kt
             if constexpr (W::SCALED) {
                 const unsigned char* const b = smem + (kt % STAGES) * STAGE_BYTES + A_BYTES;
@@ -156,12 +203,13 @@ struct WgmmaGemm {
             }
             fence_proxy_async();
             __syncthreads(); // everyone's copies of slice kt; slice kt - 1's wgmma done everywhere
-            if (kt + STAGES - 1 < KT) load((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+            if (kt + STAGES - 1 < kt_count) load((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
             cp_async_commit();
             if (!wg_live) continue;
             const unsigned char* const a = smem + (kt % STAGES) * STAGE_BYTES;
-            const unsigned char* const b =
-                (W::SCALED ? operand + (kt % 2) * (WROWS * BK * 2) : a + A_BYTES) + wg * 64 * BK * 2;
+            const unsigned char* const b_tile = W::SCALED ? operand + (kt % 2) * (WROWS * BK * 2) : a + A_BYTES;
+            const unsigned char* const b = b_tile + (W_MN ? wg * 8 * 128 : wg * 64 * BK * 2);
+            const int k0 = k_begin + kt * BK;
 #pragma unroll
             for (int m = 0; m < MT; ++m) wgmma_fence_operands(acc[m]);
             wgmma_fence();
@@ -169,11 +217,12 @@ struct WgmmaGemm {
                 constexpr int TILES = decltype(tiles)::value;
 #pragma unroll
                 for (int s = 0; s < BK / 16; ++s) {
-                    if (K % BK != 0 && kt * BK + 16 * s >= K) break; // a k16 step wholly past K
-                    const unsigned long long db = smem_desc(b + 256 * s, LBO, SBO);
+                    if (K % BK != 0 && k0 + 16 * s >= k_end) break; // a k16 step wholly past K
+                    const unsigned long long db = W_MN ? smem_desc(b + 2 * MN_LBO * s, MN_LBO, MN_SBO)
+                                                       : smem_desc(b + 256 * s, LBO, SBO);
 #pragma unroll
                     for (int m = 0; m < TILES; ++m)
-                        wgmma_m64n64k16_bf16(acc[m], smem_desc(a + m * 64 * BK * 2 + 256 * s, LBO, SBO), db);
+                        wgmma_m64n64k16_bf16<W_MN>(acc[m], smem_desc(a + m * 64 * BK * 2 + 256 * s, LBO, SBO), db);
                 }
             };
             if (MT > 1 && live_rows > 64)

@@ -86,7 +86,7 @@ const RULES: &[Rule] = &[
         // around it are SIMT.
         id: "soft-embedding",
         what: "soft embedding GEMM (soft_embedding_h*: mma.sync)",
-        kernels: |n| n.starts_with("soft_embedding_h"),
+        kernels: |n| n.starts_with("soft_embedding_h") && !n.contains("_wgmma"),
         on: On::Targets,
         must_contain: "HMMA",
     },
@@ -101,6 +101,13 @@ const RULES: &[Rule] = &[
         id: "wgmma-attention",
         what: "wgmma attention (attention_*_wgmma_*: HGMMA for S = Q K^T on sm_90a, HMMA for P V)",
         kernels: |n| n.starts_with("attention_") && n.contains("_wgmma_"),
+        on: On::Arch("sm_90a"),
+        must_contain: "HGMMA",
+    },
+    Rule {
+        id: "wgmma-soft-embedding",
+        what: "wgmma soft embedding GEMM (soft_embedding_h*_wgmma*: HGMMA on sm_90a)",
+        kernels: |n| n.starts_with("soft_embedding_h") && n.contains("_wgmma"),
         on: On::Arch("sm_90a"),
         must_contain: "HGMMA",
     },

@@ -261,10 +261,16 @@ fn template_call(spec: &KernelSpec) -> String {
         Op::MoeSort(m) => format!("dgemma::moe_sort<{}, {t}>", m.experts),
         Op::MoeCombine(m) => format!("dgemma::moe_combine<{}, {t}>", m.hidden),
         Op::Router(r) => format!("dgemma::router<{}, {}, {}, {t}>", r.hidden, r.experts, r.top_k),
-        Op::SoftEmbedding(e) => format!(
-            "dgemma::soft_embedding<{}, {}, {}, {}, {}, {}, {}, {}>",
-            e.hidden, e.vocab, e.splits, e.block_m, e.block_n, e.block_k, e.warp_m, e.warp_n
-        ),
+        Op::SoftEmbedding(e) => match e.engine {
+            LinearEngine::Mma { warp_m, warp_n } => format!(
+                "dgemma::soft_embedding<{}, {}, {}, {}, {}, {}, {warp_m}, {warp_n}>",
+                e.hidden, e.vocab, e.splits, e.block_m, e.block_n, e.block_k
+            ),
+            LinearEngine::Wgmma { stages } => format!(
+                "dgemma::soft_embedding_wgmma<{}, {}, {}, {}, {}, {}, {stages}>",
+                e.hidden, e.vocab, e.splits, e.block_m, e.block_n, e.block_k
+            ),
+        },
         Op::SoftEmbeddingProbs(p) => format!("dgemma::soft_embedding_probs<{}, {t}>", p.vocab),
         Op::SoftEmbeddingReduce(r) => format!("dgemma::soft_embedding_reduce<{}, {}, {t}>", r.hidden, r.splits),
         Op::GumbelSample(g) => format!("dgemma::gumbel_sample<{}, {t}>", g.vocab),

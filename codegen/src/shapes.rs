@@ -435,17 +435,50 @@ pub fn soft_embedding_spec(hidden: u32, vocab: u32) -> KernelSpec {
         block_m,
         block_n,
         block_k,
-        warp_m: 64,
-        warp_n: 64,
+        engine: LinearEngine::Mma { warp_m: 64, warp_n: 64 },
         splits,
     }))
 }
 
-/// The soft embedding's three kernels in launch order: probabilities, GEMM, reduction.
-pub fn soft_embedding_specs(hidden: u32, vocab: u32) -> [KernelSpec; 3] {
-    let gemm = soft_embedding_spec(hidden, vocab);
-    let Op::SoftEmbedding(e) = gemm.op else { unreachable!("soft_embedding_spec returns a SoftEmbedding") };
+/// Whether sm_90a launches the wgmma soft embedding ([`soft_embedding_spec_for`]); off, the
+/// mma.sync one (both are compiled and tested).
+pub const SOFT_EMBEDDING_WGMMA: bool = true;
+
+/// The soft embedding GEMM on sm_90a's wgmma (`csrc/soft_embedding.cuh`, soft_embedding_wgmma):
+/// the same 256 x 128 block tiles (every canvas row; two warpgroups of 64 hidden columns, each
+/// with four m64 tiles: 128 fp32 accumulators per thread) and the same splits as
+/// [`soft_embedding_spec`], 64-wide vocabulary slices through 3 cp.async stages (48 KiB each:
+/// 144 KiB, one block per SM), E read as an N-major B operand straight from its [V, H] rows.
+pub fn soft_embedding_wgmma_spec(hidden: u32, vocab: u32) -> KernelSpec {
+    let Op::SoftEmbedding(mma) = soft_embedding_spec(hidden, vocab).op else { unreachable!() };
+    let block_k = 64;
+    // The same vocabulary ranges in 64-wide slices: at most a third of the slices per split.
+    let splits = mma.splits.clamp(1, (vocab.div_ceil(block_k) / 3).max(1));
+    let e = SoftEmbedding { block_k, engine: LinearEngine::Wgmma { stages: 3 }, splits, ..mma };
+    KernelSpec::for_arch(Op::SoftEmbedding(e), Arch::Sm90a)
+}
+
+/// The soft embedding GEMM a device of `arch` launches: wgmma on sm_90a (while
+/// [`SOFT_EMBEDDING_WGMMA`] is on), else the portable mma.sync one.
+pub fn soft_embedding_spec_for(hidden: u32, vocab: u32, arch: Arch) -> KernelSpec {
+    if SOFT_EMBEDDING_WGMMA && arch == Arch::Sm90a {
+        soft_embedding_wgmma_spec(hidden, vocab)
+    } else {
+        soft_embedding_spec(hidden, vocab)
+    }
+}
+
+/// The soft embedding's three kernels in launch order: probabilities, GEMM, reduction, for a
+/// device of `arch`.
+pub fn soft_embedding_specs_for(hidden: u32, vocab: u32, arch: Arch) -> [KernelSpec; 3] {
+    let gemm = soft_embedding_spec_for(hidden, vocab, arch);
+    let Op::SoftEmbedding(e) = gemm.op else { unreachable!("soft_embedding_spec_for returns a SoftEmbedding") };
     [e.probs_spec(), gemm, e.reduce_spec()]
+}
+
+/// [`soft_embedding_specs_for`] with the portable mma.sync GEMM.
+pub fn soft_embedding_specs(hidden: u32, vocab: u32) -> [KernelSpec; 3] {
+    soft_embedding_specs_for(hidden, vocab, Arch::Sm120)
 }
 
 /// The largest canvas (`canvas_length`, HF's default and the 26B checkpoint's 256) the device
@@ -545,6 +578,7 @@ pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     v.push(linear_spec(s.vocab, h)); // lm_head (tied embedding)
     v.push(linear_wgmma_spec(s.vocab, h));
     v.extend(soft_embedding_specs(h, s.vocab));
+    v.extend(soft_embedding_specs_for(h, s.vocab, Arch::Sm90a));
     for arch in Arch::ALL {
         for weights in [WeightFormat::Bf16, WeightFormat::E4m3] {
             for spec_for in [grouped_gemm_mma_spec_for, grouped_gemm_simt_spec_for] {
@@ -586,9 +620,12 @@ pub fn linear_self_test_specs() -> Vec<KernelSpec> {
 /// the split-K GEMM's paths that the tiny models' shapes do not reach and the 26B one reaches only
 /// on a GPU: hidden 136 is two column tiles, the second with one live n8 fragment (half of an
 /// ldmatrix pair past H); vocab 520 ends in a slice of 8 entries (half a k16 step, then a step
-/// wholly past V); 5 splits of 3 or 4 of its 17 slices.
+/// wholly past V); 5 splits of 3 or 4 of its 17 slices (the wgmma variant: 3 splits of its 9
+/// 64-wide slices, the second column tile one warpgroup with one live column group).
 pub fn soft_embedding_self_test_specs() -> Vec<KernelSpec> {
-    soft_embedding_specs(136, 520).to_vec()
+    let mut v = soft_embedding_specs(136, 520).to_vec();
+    v.extend(soft_embedding_specs_for(136, 520, Arch::Sm90a));
+    v
 }
 
 /// Tensor-core expert GEMMs no model needs, compiled in (both weight formats, both archs) so the
@@ -830,7 +867,11 @@ mod tests {
         for spec in soft_embedding_self_test_specs() {
             assert!(supported_specs().contains(&spec), "{}", spec.kernel_name());
             if let Op::SoftEmbedding(e) = spec.op {
-                assert_eq!((e.hidden.div_ceil(e.block_n), e.vocab % e.block_k, e.k_tiles(), e.splits), (2, 8, 17, 5));
+                let want = match e.engine {
+                    LinearEngine::Mma { .. } => (2, 8, 17, 5),
+                    LinearEngine::Wgmma { .. } => (2, 8, 9, 3),
+                };
+                assert_eq!((e.hidden.div_ceil(e.block_n), e.vocab % e.block_k, e.k_tiles(), e.splits), want);
             }
         }
     }

@@ -254,6 +254,17 @@ pub enum LinearEngine {
     Wgmma { stages: u32 },
 }
 
+impl LinearEngine {
+    /// Dynamic shared memory of a `block_m x block_n` tile stepping through k in `block_k`
+    /// slices: wgmma's `stages` buffers of both bf16 slices, unpadded; none for mma.sync.
+    pub fn dynamic_shared_bytes(self, block_m: u32, block_n: u32, block_k: u32) -> u64 {
+        match self {
+            LinearEngine::Mma { .. } => 0,
+            LinearEngine::Wgmma { stages } => stages as u64 * (block_m + block_n) as u64 * block_k as u64 * 2,
+        }
+    }
+}
+
 impl Linear {
     /// Bytes of static shared memory: for mma.sync two buffers of an x and a W slice, rows padded
     /// to `block_k + 8` elements (`csrc/linear.cuh`); wgmma has none.
@@ -267,12 +278,7 @@ impl Linear {
     /// Bytes of dynamic shared memory: for wgmma `stages` buffers of the x and W slices,
     /// unpadded bf16 (`csrc/wgmma_gemm.cuh`); 0 for mma.sync.
     pub fn dynamic_shared_bytes(&self) -> u64 {
-        match self.engine {
-            LinearEngine::Mma { .. } => 0,
-            LinearEngine::Wgmma { stages } => {
-                stages as u64 * (self.block_m + self.block_n) as u64 * self.block_k as u64 * 2
-            }
-        }
+        self.engine.dynamic_shared_bytes(self.block_m, self.block_n, self.block_k)
     }
 }
 
@@ -476,8 +482,9 @@ pub struct Router {
 /// The GEMM: `partials[s, c, h] = sum_{v in split s} pr[c, v] * E[v, h]` (fp32), E
 /// `[vocab, hidden]` bf16 row-major. Tile parameters: each block computes a `block_m x block_n`
 /// tile for one of `splits` contiguous ranges of the vocabulary (whole `block_k` slices), staged
-/// through shared memory; each warp owns a `warp_m x warp_n` sub-tile, so a block has
-/// `(block_m / warp_m) * (block_n / warp_n)` warps.
+/// through shared memory; `engine` says how: mma.sync with warp tiles (`csrc/soft_embedding.cuh`,
+/// every arch), or wgmma with E as an N-major B operand (`soft_embedding_wgmma`, sm_90a only;
+/// the [`LinearEngine`] variants mean the same here as for a [`Linear`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SoftEmbedding {
     pub hidden: u32,
@@ -485,16 +492,24 @@ pub struct SoftEmbedding {
     pub block_m: u32,
     pub block_n: u32,
     pub block_k: u32,
-    pub warp_m: u32,
-    pub warp_n: u32,
+    pub engine: LinearEngine,
     pub splits: u32,
 }
 
 impl SoftEmbedding {
-    /// Bytes of static shared memory: two buffers of a pr slice `[block_m, block_k]` and an E
-    /// slice `[block_k, block_n]`, unpadded (swizzled) bf16.
+    /// Bytes of static shared memory: for mma.sync two buffers of a pr slice `[block_m, block_k]`
+    /// and an E slice `[block_k, block_n]`, unpadded (swizzled) bf16; wgmma has none.
     pub fn shared_bytes(&self) -> u64 {
-        2 * (self.block_m as u64 + self.block_n as u64) * self.block_k as u64 * 2
+        match self.engine {
+            LinearEngine::Mma { .. } => 2 * (self.block_m as u64 + self.block_n as u64) * self.block_k as u64 * 2,
+            LinearEngine::Wgmma { .. } => 0,
+        }
+    }
+
+    /// Bytes of dynamic shared memory: for wgmma `stages` buffers of the pr and E slices
+    /// (`csrc/wgmma_gemm.cuh`); 0 for mma.sync.
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        self.engine.dynamic_shared_bytes(self.block_m, self.block_n, self.block_k)
     }
 
     /// The vocabulary slices (`ceil(vocab / block_k)`); split s covers slices
@@ -796,12 +811,18 @@ impl KernelSpec {
             Op::MoeSort(m) => write!(s, "moe_sort_e{}", m.experts).unwrap(),
             Op::MoeCombine(m) => write!(s, "moe_combine_h{}", m.hidden).unwrap(),
             Op::Router(r) => write!(s, "router_h{}_e{}_k{}", r.hidden, r.experts, r.top_k).unwrap(),
-            Op::SoftEmbedding(e) => write!(
-                s,
-                "soft_embedding_h{}_v{}_t{}x{}x{}_w{}x{}_s{}",
-                e.hidden, e.vocab, e.block_m, e.block_n, e.block_k, e.warp_m, e.warp_n, e.splits
-            )
-            .unwrap(),
+            Op::SoftEmbedding(e) => {
+                let engine = match e.engine {
+                    LinearEngine::Mma { warp_m, warp_n } => format!("w{warp_m}x{warp_n}"),
+                    LinearEngine::Wgmma { stages } => format!("wgmma{stages}"),
+                };
+                write!(
+                    s,
+                    "soft_embedding_h{}_v{}_t{}x{}x{}_{engine}_s{}",
+                    e.hidden, e.vocab, e.block_m, e.block_n, e.block_k, e.splits
+                )
+                .unwrap()
+            }
             Op::SoftEmbeddingProbs(p) => write!(s, "soft_embedding_probs_v{}", p.vocab).unwrap(),
             Op::SoftEmbeddingReduce(r) => write!(s, "soft_embedding_reduce_h{}_s{}", r.hidden, r.splits).unwrap(),
             Op::GumbelSample(g) => write!(s, "gumbel_sample_v{}", g.vocab).unwrap(),
@@ -824,6 +845,7 @@ impl KernelSpec {
             Op::GroupedGemm(g) => g.dynamic_shared_bytes(),
             Op::Linear(l) => l.dynamic_shared_bytes(),
             Op::Attention(a) => a.dynamic_shared_bytes(),
+            Op::SoftEmbedding(e) => e.dynamic_shared_bytes(),
             _ => 0,
         };
         u32::try_from(bytes).expect("validate() keeps dynamic shared memory under 227 KiB")
@@ -877,7 +899,10 @@ impl KernelSpec {
             // About 8 elements of the row per thread (loading and scaling it, as RMSNorm) and 8
             // threads per expert logit (the CPU dot's 8 accumulators).
             Op::Router(r) => next_pow2_clamped(r.hidden.div_ceil(8), 32, 256),
-            Op::SoftEmbedding(e) => 32 * (e.block_m / e.warp_m.max(1)) * (e.block_n / e.warp_n.max(1)),
+            Op::SoftEmbedding(e) => match e.engine {
+                LinearEngine::Mma { warp_m, warp_n } => 32 * (e.block_m / warp_m.max(1)) * (e.block_n / warp_n.max(1)),
+                LinearEngine::Wgmma { .. } => 128 * (e.block_n / 64),
+            },
             // Grid-stride element-wise passes (8 vocabulary entries / 2 hidden columns per thread
             // and step).
             Op::SoftEmbeddingProbs(_) | Op::SoftEmbeddingReduce(_) => 256,
@@ -887,6 +912,34 @@ impl KernelSpec {
             Op::SamplerCanvas(c) => next_pow2_clamped(c.max_canvas, 32, 1024),
             Op::ReadBandwidth(r) => r.threads,
         }
+    }
+
+    /// The tile rules of the kernels on the wgmma mainloop with a row-range X (`csrc/wgmma_gemm.cuh`:
+    /// the linear and the soft embedding): sm_90a only, `block_m` whole m64 tiles, `block_n` whole
+    /// 64-column warpgroup tiles, `block_k` whole k16 steps, at least 2 stages, the X slice whole
+    /// 16-byte chunks per thread, within the dynamic shared memory limit.
+    fn check_wgmma_tile(&self, block_m: u32, block_n: u32, block_k: u32, stages: u32, dynamic: u64) -> Result<(), String> {
+        let fail = |why: &str| Err(format!("{}: {why}", self.kernel_name()));
+        if self.target != Target::Only(Arch::Sm90a) {
+            return fail("wgmma exists on sm_90a only");
+        }
+        let threads = self.block_threads();
+        if block_m == 0
+            || block_m % 64 != 0
+            || block_n == 0
+            || block_n % 64 != 0
+            || block_k == 0
+            || block_k % 16 != 0
+            || stages < 2
+            || (block_m * block_k / 8) % threads != 0
+            || dynamic > MAX_DYNAMIC_SHARED_BYTES
+        {
+            return fail(
+                "block_m must be whole m64 tiles, block_n whole 64-column warpgroup tiles, block_k whole k16 steps, \
+                 at least 2 stages, the x slice whole 16-byte chunks per thread, within 227 KiB",
+            );
+        }
+        Ok(())
     }
 
     /// Checks the parameters the templates rely on.
@@ -956,24 +1009,8 @@ impl KernelSpec {
             {
                 fail("warp tiles must be whole m16n8 fragments tiling the block tile, block_k a multiple of 16")
             }
-            Op::Linear(Linear { engine: LinearEngine::Wgmma { .. }, .. }) if self.target != Target::Only(Arch::Sm90a) => {
-                fail("wgmma exists on sm_90a only")
-            }
-            Op::Linear(l @ Linear { block_m, block_n, block_k, engine: LinearEngine::Wgmma { stages }, .. })
-                if block_m == 0
-                    || block_m % 64 != 0
-                    || block_n == 0
-                    || block_n % 64 != 0
-                    || block_k == 0
-                    || block_k % 16 != 0
-                    || stages < 2
-                    || (block_m * block_k / 8) % threads != 0
-                    || l.dynamic_shared_bytes() > MAX_DYNAMIC_SHARED_BYTES =>
-            {
-                fail(
-                    "block_m must be whole m64 tiles, block_n whole 64-column warpgroup tiles, block_k whole k16 \
-                     steps, at least 2 stages, x's slice whole 16-byte chunks per thread, within 227 KiB",
-                )
+            Op::Linear(l @ Linear { block_m, block_n, block_k, engine: LinearEngine::Wgmma { stages }, .. }) => {
+                self.check_wgmma_tile(block_m, block_n, block_k, stages, l.dynamic_shared_bytes())
             }
             Op::Linear(l) if l.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
@@ -1050,22 +1087,30 @@ impl KernelSpec {
             Op::SoftEmbedding(e) if e.hidden == 0 || e.hidden % 8 != 0 || e.vocab == 0 || e.vocab % 8 != 0 => {
                 fail("hidden and vocab must be positive multiples of 8 (16-byte row chunks of E and pr)")
             }
-            Op::SoftEmbedding(e)
-                if e.warp_m == 0
-                    || e.warp_n == 0
-                    || e.warp_m % 16 != 0
-                    || e.warp_n % 16 != 0
-                    || e.block_m == 0
-                    || e.block_n == 0
-                    || e.block_m % e.warp_m != 0
-                    || e.block_n % e.warp_n != 0
-                    || e.block_k == 0
-                    || e.block_k % 16 != 0 =>
+            Op::SoftEmbedding(SoftEmbedding { block_m, block_n, block_k, engine: LinearEngine::Mma { warp_m, warp_n }, .. })
+                if warp_m == 0
+                    || warp_n == 0
+                    || warp_m % 16 != 0
+                    || warp_n % 16 != 0
+                    || block_m == 0
+                    || block_n == 0
+                    || block_m % warp_m != 0
+                    || block_n % warp_n != 0
+                    || block_k == 0
+                    || block_k % 16 != 0 =>
             {
                 fail("warp tiles must be whole m16 x (pairs of n8) fragments tiling the block, block_k a multiple of 16")
             }
-            Op::SoftEmbedding(e) if !(e.block_k / 8).is_power_of_two() || !(e.block_n / 8).is_power_of_two() => {
+            Op::SoftEmbedding(e)
+                if matches!(e.engine, LinearEngine::Mma { .. })
+                    && (!(e.block_k / 8).is_power_of_two() || !(e.block_n / 8).is_power_of_two()) =>
+            {
                 fail("the swizzled slices need block_k and block_n to be 8 times a power of two")
+            }
+            Op::SoftEmbedding(e @ SoftEmbedding { block_m, block_n, block_k, engine: LinearEngine::Wgmma { stages }, .. })
+                if self.check_wgmma_tile(block_m, block_n, block_k, stages, e.dynamic_shared_bytes()).is_err() =>
+            {
+                self.check_wgmma_tile(block_m, block_n, block_k, stages, e.dynamic_shared_bytes())
             }
             Op::SoftEmbedding(e) if e.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
@@ -1222,8 +1267,7 @@ mod tests {
             block_m: 256,
             block_n: 128,
             block_k: 32,
-            warp_m: 64,
-            warp_n: 64,
+            engine: LinearEngine::Mma { warp_m: 64, warp_n: 64 },
             splits: 6,
         };
         let soft = KernelSpec::portable(Op::SoftEmbedding(gemm));
@@ -1241,9 +1285,9 @@ mod tests {
         let bad = [
             SoftEmbedding { hidden: 60, ..gemm },                             // not whole 16-byte chunks
             SoftEmbedding { vocab: 262_140, ..gemm },                         // likewise
-            SoftEmbedding { warp_n: 8, block_n: 16, ..gemm },                 // not pairs of n8 fragments
+            SoftEmbedding { engine: LinearEngine::Mma { warp_m: 64, warp_n: 8 }, block_n: 16, ..gemm }, // not pairs of n8 fragments
             SoftEmbedding { block_m: 224, ..gemm },                           // warps do not tile the block
-            SoftEmbedding { block_n: 192, warp_n: 64, ..gemm },               // not a swizzle width
+            SoftEmbedding { block_n: 192, ..gemm },                           // not a swizzle width
             SoftEmbedding { block_k: 64, ..gemm },                            // shared memory
             SoftEmbedding { splits: 0, ..gemm },                              // no split
             SoftEmbedding { vocab: 64, splits: 3, ..gemm },                   // an empty split

@@ -39,6 +39,7 @@ const PINNED: &[&str] = &[
     "router_h2816_e128_k8_bf16",
     "soft_embedding_probs_v262144_bf16",
     "soft_embedding_h2816_v262144_t256x128x32_w64x64_s6_bf16",
+    "soft_embedding_h2816_v262144_t256x128x64_wgmma3_s6_bf16_sm90a",
     "soft_embedding_reduce_h2816_s6_bf16",
     "gumbel_sample_v262144_bf16",
     "sampler_canvas_c256_bf16",

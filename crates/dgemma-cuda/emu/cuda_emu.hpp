@@ -87,6 +87,7 @@ struct AsyncMma {
     int n;
     uint64_t desc_a, desc_b;
     bool scale_d;
+    bool trans_b; // B N-major (imm-trans-b = 1)
 };
 
 // Operations a thread issued and has not waited for, split into committed groups (`*_groups`:
@@ -344,13 +345,22 @@ inline void cp_async_wait(int pending)
 // core matrix to the next along K), 32-45 the stride-dimension byte offset (SBO: from one
 // 8-row group to the next), each >> 4; bits 49-51 the base offset and 62-63 the swizzle mode,
 // both 0 here. A core matrix is 8 rows of 16 contiguous bytes (8 bf16), rows 16 bytes apart.
-inline float wgmma_operand(uint64_t desc, int row, int k)
+//
+// MN-major (a B operand with imm-trans-b = 1, stored [K][N]: N contiguous), unswizzled: a core
+// matrix is 8 K-rows of 16 bytes (8 consecutive N elements), rows 16 bytes apart; LBO is the
+// byte offset from one 8-K group to the next, SBO from one 8-N group to the next (CUTLASS's
+// canonical MN-major INTERLEAVE layout ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))). So element
+// (n, k) is at (n / 8) * SBO + (n % 8) * 2 + (k / 8) * LBO + (k % 8) * 16.
+inline float wgmma_operand(uint64_t desc, int row, int k, bool mn_major = false)
 {
     Runtime& r = rt();
     if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) fail("wgmma descriptor: only unswizzled layouts are emulated");
     const size_t start = (size_t)(desc & 0x3fff) << 4, lbo = (size_t)((desc >> 16) & 0x3fff) << 4,
                  sbo = (size_t)((desc >> 32) & 0x3fff) << 4;
-    const size_t at = start + (size_t)(row / 8) * sbo + (size_t)(row % 8) * 16 + (size_t)(k / 8) * lbo + (size_t)(k % 8) * 2;
+    const size_t at = mn_major ? start + (size_t)(row / 8) * sbo + (size_t)(row % 8) * 2 + (size_t)(k / 8) * lbo +
+                                     (size_t)(k % 8) * 16
+                               : start + (size_t)(row / 8) * sbo + (size_t)(row % 8) * 16 + (size_t)(k / 8) * lbo +
+                                     (size_t)(k % 8) * 2;
     if (at + 2 > r.dyn_bytes) fail("wgmma operand outside the dynamic shared memory");
     uint16_t bits;
     std::memcpy(&bits, r.dyn_smem + at, 2);
@@ -366,10 +376,10 @@ inline float wgmma_operand(uint64_t desc, int row, int k)
 // Every thread of the warpgroup must issue the same wgmma (.aligned): the launch checks, per
 // block, that the 128 threads of each warpgroup issued as many (threads run one after another
 // here, so a warp may finish before the next one issues its part).
-inline void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d)
+inline void wgmma(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool scale_d, bool trans_b = false)
 {
     if (rt().block_dim.x % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
-    rt().cur->mmas.ops.push_back(AsyncMma{d, n, desc_a, desc_b, scale_d});
+    rt().cur->mmas.ops.push_back(AsyncMma{d, n, desc_a, desc_b, scale_d, trans_b});
     rt().cur->wgmma_issued++;
 }
 
@@ -379,7 +389,7 @@ inline void run_wgmma(const AsyncMma& m)
     for (int i = 0; i < m.n / 2; ++i) {
         const int row = 16 * w + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
         float acc = m.scale_d ? m.d[i] : 0.0f;
-        for (int k = 0; k < 16; ++k) acc += wgmma_operand(m.desc_a, row, k) * wgmma_operand(m.desc_b, col, k);
+        for (int k = 0; k < 16; ++k) acc += wgmma_operand(m.desc_a, row, k) * wgmma_operand(m.desc_b, col, k, m.trans_b);
         m.d[i] = acc;
     }
 }

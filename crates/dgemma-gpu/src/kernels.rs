@@ -5,7 +5,7 @@
 
 use dgemma_cuda::codegen::shapes::{
     attention_spec_for, grouped_gemm_spec, grouped_gemm_spec_for, gumbel_sample_spec, linear_spec_for, moe_combine_spec, moe_sort_spec, rmsnorm_spec,
-    router_spec, sampler_canvas_spec, soft_embedding_specs,
+    router_spec, sampler_canvas_spec, soft_embedding_specs_for,
 };
 use dgemma_cuda::codegen::{
     Embedding, GemmFuse, KernelSpec, LayerAttention, MaskKind, ModelShape, Op, Rope,
@@ -150,7 +150,7 @@ impl Kernels {
             geglu: portable(Op::Geglu)?,
             softcap: portable(Op::Softcap)?,
             soft_embedding: {
-                let [probs, gemm, reduce] = soft_embedding_specs(h, s.vocab);
+                let [probs, gemm, reduce] = soft_embedding_specs_for(h, s.vocab, arch);
                 check(probs)?;
                 check(reduce)?;
                 check(gemm)?

@@ -25,7 +25,7 @@
 //! cache. Either way every value is computed by the same kernels on the same inputs, so neither
 //! the ring nor the pages change a bit of the results.
 
-use dgemma_cuda::codegen::shapes::{attention_spec_for, soft_embedding_spec};
+use dgemma_cuda::codegen::shapes::{attention_spec_for, soft_embedding_spec_for};
 use dgemma_cuda::codegen::MaskKind;
 use dgemma_cuda::ops::{self, Buf, Routing};
 use dgemma_cuda::{Executor, Region, Step};
@@ -162,7 +162,7 @@ impl Workspace {
         let soft = alloc(2 * c * h, "soft embeddings")?;
         let logits_bf16 = alloc(2 * c * v, "bf16 logits")?;
         let sc_stats = alloc(4 * 2 * c, "self-conditioning softmax statistics")?;
-        let soft_spec = soft_embedding_spec(h as u32, v as u32);
+        let soft_spec = soft_embedding_spec_for(h as u32, v as u32, arch);
         let (soft_probs_len, soft_partials_len) = ops::soft_embedding_scratch(&soft_spec, host_canvas.min(c)).map_err(cuda)?;
         let soft_probs = alloc(2 * soft_probs_len, "soft embedding probabilities")?;
         let soft_partials = alloc(4 * soft_partials_len, "soft embedding partial sums")?;

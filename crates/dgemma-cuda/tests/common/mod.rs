@@ -1878,12 +1878,14 @@ fn soft_embedding_bufs(spec: &KernelSpec, x: &[f32], params: &SamplerParams, sta
 }
 
 pub fn check_soft_embedding(e: &dyn Exec) {
+    let mut wgmma_ran = false;
     for spec in specs(e, Family::SoftEmbedding) {
         let Op::SoftEmbedding(se) = spec.op else { unreachable!() };
         let (h, v) = (se.hidden as usize, se.vocab as usize);
         if v * h > e.max_work() {
             continue;
         }
+        wgmma_ran |= matches!(se.engine, LinearEngine::Wgmma { .. });
         let scale = to_bf16((h as f32).sqrt());
         let table = big_bf16(v * h, 0.05, h as u64 + v as u64);
         let params = sampler_params(1, 0, 0, 0.1, 0.005, 1); // T = 0.6
@@ -1981,6 +1983,8 @@ pub fn check_soft_embedding(e: &dyn Exec) {
         compare(&format!("{} one-hot probabilities", spec.kernel_name()), &bufs[4].bf16(), &onehot, EXACT);
         compare(&format!("{} one-hot", spec.kernel_name()), &bufs[6].bf16(), &want, EXACT);
     }
+    // sm_90a's GEMM is wgmma (E as an N-major operand).
+    assert!(e.arch() != Arch::Sm90a || wgmma_ran, "no wgmma soft embedding ran");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ use criterion::{SamplingMode, Throughput};
 use dgemma::gpu::kernels::Kernels;
 use dgemma::gpu::{Executor, GpuExecutor};
 use dgemma_cuda::codegen::shapes::{
-    grouped_gemm_mma_spec_for, gumbel_sample_spec, linear_spec, read_bandwidth_spec, sampler_canvas_spec,
+    attention_spec, grouped_gemm_mma_spec_for, gumbel_sample_spec, linear_spec, read_bandwidth_spec, sampler_canvas_spec,
+    soft_embedding_spec,
 };
 use dgemma_cuda::codegen::{Arch, GemmFuse, KernelSpec, Op, RowSoftmaxEntropyArgmax, WeightFormat};
 use dgemma_cuda::ops::{self, ExpertWeights, LaunchPlan, Routing, SamplerParams};
@@ -312,6 +313,26 @@ fn cases(
             None,
         ));
     }
+    // On sm_90a the backend's attention is the wgmma one; the mma.sync kernel at 8K, for the
+    // comparison (".mma").
+    if let Op::Attention(a) = k.full.decoder.op {
+        let mma = attention_spec(a.head_dim, a.q_heads, a.kv_heads, a.mask);
+        if mma != k.full.decoder {
+            let ctx = 8192usize;
+            v_cases.push(attn(
+                format!("attention.full.decoder.mma.d{fd}.q{m}.kv{}", ctx + m),
+                mma,
+                fd,
+                fkv,
+                m,
+                ctx,
+                0,
+                ctx + m,
+                false,
+                None,
+            ));
+        }
+    }
     let chunk = 512usize;
     v_cases.push(attn(
         format!("attention.sliding.encoder.d{sd}.q{chunk}.pos{ctx}"),
@@ -513,38 +534,46 @@ fn cases(
     // reduction. Bytes: the logits read, pr written and read once (the GEMM's column tiles of a
     // split share it through L2), E read once, the partial sums written and read, the output
     // written, the statistics read.
-    let Op::SoftEmbedding(se) = k.soft_embedding.op else { unreachable!("the soft embedding's GEMM spec") };
-    let splits = se.splits as usize;
-    v_cases.push(case(
-        Figure::new(
-            format!("soft_embedding.h{h}.v{v}.rows{m}"),
-            (2 * (3 * m * v + v * h + m * h) + 4 * 2 * splits * m * h + 8 * m) as f64,
-            2.0 * (m * v * h) as f64,
-        ),
-        move |x| {
-            let (l, t, o) =
-                (bf16s(x, m * v, 8.0, 33, "logits"), bf16s(x, v * h, 0.03, 34, "embedding"), out(x, 2 * m * h, "out"));
-            // Statistics of a flat row: max 8, 1 / sum over V entries of about exp(-4).
-            let stats: Vec<f32> = (0..m).flat_map(|_| [8.0f32, (-4.0f32).exp().recip() / v as f32]).collect();
-            let st = region_of(x, &stats, "sc stats");
-            let params = SamplerParams {
-                seed: 11,
-                block: 1,
-                step: 5,
-                temperature: 0.8,
-                entropy_bound: 0.1,
-                confidence_threshold: 0.005,
-                stability_threshold: 1,
-            };
-            let p = region_of(x, &params.to_words(), "params");
-            let lx = ops::ProcessedLogits { logits: l.b16(), cap: 30.0, params: Some(p.b32()) };
-            let (np, nq) = ops::soft_embedding_scratch(&k.soft_embedding, m).unwrap_or_else(|e| panic!("{e}"));
-            let scratch =
-                ops::SoftEmbeddingScratch { probs: out(x, 2 * np, "probs").b16(), partials: out(x, 4 * nq, "partials").b32() };
-            let plans = ops::plan_soft_embedding(&k.soft_embedding, lx, st.b32(), t.b16(), scratch, o.b16(), 53.0, m);
-            plans.unwrap_or_else(|e| panic!("planning a launch: {e}")).into_iter().map(Step::Launch).collect()
-        },
-    ));
+    // On sm_90a the backend's GEMM is the wgmma one; the mma.sync one too, for the comparison.
+    let mut soft_specs = vec![("", k.soft_embedding)];
+    let soft_mma = soft_embedding_spec(h as u32, v as u32);
+    if soft_mma != k.soft_embedding {
+        soft_specs.push((".mma", soft_mma));
+    }
+    for (engine, soft_spec) in soft_specs {
+        let Op::SoftEmbedding(se) = soft_spec.op else { unreachable!("the soft embedding's GEMM spec") };
+        let splits = se.splits as usize;
+        v_cases.push(case(
+            Figure::new(
+                format!("soft_embedding{engine}.h{h}.v{v}.rows{m}"),
+                (2 * (3 * m * v + v * h + m * h) + 4 * 2 * splits * m * h + 8 * m) as f64,
+                2.0 * (m * v * h) as f64,
+            ),
+            move |x| {
+                let (l, t, o) =
+                    (bf16s(x, m * v, 8.0, 33, "logits"), bf16s(x, v * h, 0.03, 34, "embedding"), out(x, 2 * m * h, "out"));
+                // Statistics of a flat row: max 8, 1 / sum over V entries of about exp(-4).
+                let stats: Vec<f32> = (0..m).flat_map(|_| [8.0f32, (-4.0f32).exp().recip() / v as f32]).collect();
+                let st = region_of(x, &stats, "sc stats");
+                let params = SamplerParams {
+                    seed: 11,
+                    block: 1,
+                    step: 5,
+                    temperature: 0.8,
+                    entropy_bound: 0.1,
+                    confidence_threshold: 0.005,
+                    stability_threshold: 1,
+                };
+                let p = region_of(x, &params.to_words(), "params");
+                let lx = ops::ProcessedLogits { logits: l.b16(), cap: 30.0, params: Some(p.b32()) };
+                let (np, nq) = ops::soft_embedding_scratch(&soft_spec, m).unwrap_or_else(|e| panic!("{e}"));
+                let scratch =
+                    ops::SoftEmbeddingScratch { probs: out(x, 2 * np, "probs").b16(), partials: out(x, 4 * nq, "partials").b32() };
+                let plans = ops::plan_soft_embedding(&soft_spec, lx, st.b32(), t.b16(), scratch, o.b16(), 53.0, m);
+                plans.unwrap_or_else(|e| panic!("planning a launch: {e}")).into_iter().map(Step::Launch).collect()
+            },
+        ));
+    }
 
     // ---- The device sampler: categorical draw, then the canvas step
     let sampler_params = SamplerParams {

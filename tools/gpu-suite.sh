@@ -320,10 +320,11 @@ if remaining() > 120 and not only:
 # ---- 5c2. kernel records: the per-kernel targets of issues #4 and #6 ------------------------
 # The gpu_kernels bench, timed for real (criterion, L2 flushed, CUDA events) on the figures behind
 # the targets, each figure appended to a JSON-lines file (benches/gpu_common: $DGEMMA_BENCH_RECORDS).
-# Every figure becomes a record kernel.<figure> (ms against its floor); the targets are built from
-# them (KERNEL_TARGETS). A figure missing from the run fails its target's record.
-KERNEL_FILTER = (r"gpu_kernels/(grouped_gemm\.|attention\.full\.decoder\.d512\.q256\.kv8448$|"
-                 r"linear\.(lm_head|q_proj\.full|dense_up)\.|row_softmax_entropy_argmax\.|soft_embedding\.h)")
+# Every figure becomes a record kernel.<figure> (ms against its floor; on sm_90a the ".mma" figures
+# are the mma.sync kernels the backend's wgmma ones replace); the targets are built from the
+# backend's figures (KERNEL_TARGETS). A figure missing from the run fails its target's record.
+KERNEL_FILTER = (r"gpu_kernels/(grouped_gemm\.|attention\.full\.decoder\.(mma\.)?d512\.q256\.kv8448$|"
+                 r"linear\.(lm_head|q_proj\.full|dense_up)\.|row_softmax_entropy_argmax\.|soft_embedding\.(mma\.)?h)")
 # name, unit, the figures (regexes: each must match exactly one), how the value is formed
 KERNEL_TARGETS = [
     ("moe.grouped_gemm.bf16.m256", "GB/s", [r"^grouped_gemm\.gate_up_geglu\.n", r"^grouped_gemm\.down\.n"], "bandwidth"),

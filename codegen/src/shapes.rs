@@ -207,7 +207,7 @@ pub const LINEAR_MIN_BLOCKS: u32 = 256;
 /// split into 32 x 32 warp tiles (2 x 4 mma fragments per warp, 32 fp32 accumulators per
 /// thread) and steps through k in 32-wide slices (two k16 mma steps; two buffers of
 /// `(block_m + block_n) x 40` bf16: 30 KiB for the largest tile).
-const LINEAR_TILES: [(u32, u32); 3] = [(64, 128), (64, 64), (32, 64)];
+pub const LINEAR_TILES: [(u32, u32); 3] = [(64, 128), (64, 64), (32, 64)];
 
 /// Dense projection `y = x W^T`, `W: [n, k]`: the tensor-core GEMM of `csrc/linear.cuh`
 /// (mma.sync m16n8k16, so Portable: one kernel for sm_90a and sm_120).
@@ -239,7 +239,7 @@ pub const LINEAR_WGMMA: bool = true;
 /// by two warpgroups of 64 columns (64 fp32 accumulators per thread, 3 stages of 32 KiB), one by
 /// two (4 stages of 24 KiB), one by one (4 of 16 KiB). All step through k in 64-wide slices and
 /// fit two blocks per SM of an H100.
-const LINEAR_WGMMA_TILES: [(u32, u32, u32); 3] = [(128, 128, 3), (64, 128, 4), (64, 64, 4)];
+pub const LINEAR_WGMMA_TILES: [(u32, u32, u32); 3] = [(128, 128, 3), (64, 128, 4), (64, 64, 4)];
 
 /// The dense projection a device of `arch` launches: on sm_90a (while [`LINEAR_WGMMA`] is on) the
 /// wgmma GEMM ([`linear_wgmma_spec`]), elsewhere the portable mma.sync one ([`linear_spec`]).
@@ -522,12 +522,14 @@ pub fn rmsnorm_spec(
 
 /// Every kernel a model of this shape needs, sorted by kernel name, without duplicates.
 ///
-/// The grouped (MoE) GEMMs are arch-specific (one spec per [`Arch`]): they are where the sm_90a
-/// (wgmma/TMA) and sm_120 code paths will diverge (issue #4). Each comes twice: the tensor-core
-/// kernel ([`grouped_gemm_mma_spec_for`]) and the SIMT reference kernel
-/// ([`grouped_gemm_simt_spec_for`]); [`grouped_gemm_spec_for`] is the one the backend launches.
-/// Everything else, the dense tensor-core linear included
-/// (mma.sync runs on both), is portable.
+/// The grouped (MoE) GEMMs are arch-specific (one spec per [`Arch`]), each in three engines: the
+/// mma.sync kernel ([`grouped_gemm_mma_spec_for`], both archs), the SIMT reference kernel
+/// ([`grouped_gemm_simt_spec_for`]) and, sm_90a only, the wgmma one
+/// ([`grouped_gemm_wgmma_spec_for`]). The linears, the attentions and the soft embedding come as
+/// a portable mma.sync kernel and an sm_90a wgmma one. The `*_spec_for(.., arch)` functions are
+/// the heuristics the backend launches by ([`grouped_gemm_spec_for`], [`linear_spec_for`],
+/// [`attention_spec_for`], [`soft_embedding_specs_for`]); every kernel listed here is compiled
+/// and tested. Everything else is portable.
 pub fn specs_for_model(shape: &ModelShape) -> Vec<KernelSpec> {
     let s = shape;
     let h = s.hidden;

@@ -346,7 +346,7 @@ pub enum GemmEngine {
     /// their up rows).
     Mma { block_k: u32, warps: u32 },
     /// Hopper's warpgroup tensor cores (`csrc/grouped_gemm_wgmma.cuh`, wgmma m64n64k16 bf16 ->
-    /// fp32 from shared memory; sm_90a only): the same numerics as [`Mma`] (`GemmEngine::Mma`),
+    /// fp32 from shared memory; sm_90a only): the same numerics as [`GemmEngine::Mma`],
     /// e4m3 weights dequantised to bf16 in shared memory. k streams through `stages`
     /// shared-memory buffers of `block_k`-wide slices filled by cp.async (dynamic shared memory);
     /// one warpgroup per 64 weight rows of the tile, `rows` a multiple of 64 (m64 tiles of pairs).

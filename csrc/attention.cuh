@@ -89,8 +89,12 @@
 //     on wgmma m64n32k16 (csrc/wgmma.cuh) instead of mma.sync. WARPS_M = 4, WARPS_N = 2, and
 //     warp w is (wm, wn) = (w % 4, w / 4), so a warpgroup is the 4 row warps of one 32-key
 //     column and its accumulator layout is exactly the mma.sync fragments s_acc[0][0..3] of
-//     each warp: everything after the scores (maxima, exp, P, the denominators, P V on
-//     mma.sync) is the same code. Q and K chunks are stored in wgmma's core-matrix layout
+//     each warp: the maxima, exp and denominators are the same code. Where a warp column's
+//     head dims are whole n64 tiles (head_dim >= 128: the 26B model), P V runs on wgmma too:
+//     P is written as K-major core matrices (8 rows x 8 keys), each 16-key V slice as N-major
+//     core matrices (8 keys x 8 dims, imm-trans-b), and O[64 x head_dim / 2] += P V is
+//     head_dim / 128 wgmma m64n64k16 per slice on the same o fragments; smaller heads keep
+//     P V on mma.sync. Q and K chunks are stored in wgmma's core-matrix layout
 //     (Stage::store_core_matrices, then fence.proxy.async before the barrier); each chunk's
 //     BK / 16 wgmma are committed and waited for before the next chunk is stored over the other
 //     buffer. No fragment skipping (a wgmma is the whole warpgroup's): rows past the pass and
@@ -149,6 +153,9 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
     static_assert(HEAD_DIM % (8 * WARPS_N) == 0 && BK % 16 == 0, "head-dim tiling");
     static_assert(NFS % 2 == 0, "score fragments load in pairs (ldmatrix.x4)");
     static_assert(!WGMMA || (WARPS_M == 4 && MF == 1 && WNS == 32), "wgmma: a warpgroup of 4 row warps per 32 keys");
+    // P V on wgmma too where a warp column's output dims are whole n64 tiles (head_dim >= 128):
+    // P (A, K-major over keys) and the V slices (B, N-major: keys x head dims) in core matrices.
+    constexpr bool WGMMA_PV = WGMMA && WD % 64 == 0;
 
     // Static shared memory for mma.sync; with wgmma the staged tiles and P are dynamic shared
     // memory (the tensor cores address them by descriptor: codegen's Attention::dynamic_shared_bytes).
@@ -414,13 +421,27 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
                         e[c] = live ? expf(s_acc[i][j].r[2 * h + c] - m_row[i][h]) : 0.0f;
                         den[i][h] += e[c];
                     }
-                    const int pr = wm * WM + 16 * i + g + 8 * h;
-                    store_bf16_pair(p_s + pr * LDP + wn * WNS + 8 * j + 2 * t, e[0], e[1]);
+                    const int pr = wm * WM + 16 * i + g + 8 * h, pk = wn * WNS + 8 * j + 2 * t;
+                    if constexpr (WGMMA_PV) // core matrices of 8 rows x 8 keys (wgmma.cuh)
+                        store_bf16_pair(p_s + ((pr / 8) * (BN / 8) + pk / 8) * 64 + (pr % 8) * 8 + pk % 8, e[0], e[1]);
+                    else
+                        store_bf16_pair(p_s + pr * LDP + pk, e[0], e[1]);
                 }
         Stage<VK, HEAD_DIM, THREADS> vs;
         vs.fetch_rows(v_row, j0, lo, b, 0, HEAD_DIM);
+        // V slice buffer `buf` <- the fetched rows: padded for ldmatrix, or (P V on wgmma) N-major
+        // core matrices of 8 keys x 8 dims (the same chunk placement as store_core_matrices).
+        auto v_store = [&](bf16* buf) {
+            if constexpr (WGMMA_PV) {
+                vs.store_core_matrices(buf);
+                fence_proxy_async();
+            } else {
+                vs.store(buf, LDV);
+            }
+        };
+        if constexpr (WGMMA_PV) fence_proxy_async(); // P, for the tensor cores' reads
         __syncthreads(); // P is complete and every warp is done with the Q / K chunks
-        vs.store(staged, LDV);
+        v_store(staged);
         __syncthreads();
 #pragma unroll 1
         for (int sl = 0; sl < NSL; ++sl) {
@@ -429,6 +450,29 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
             // (a slice wholly below lo, in a first tile starting below it, is zeros times P = 0)
             const bool more = sl + 1 < NSL && k0 + VK < b;
             if (more) vs.fetch_rows(v_row, k0 + VK, lo, b, 0, HEAD_DIM);
+            if constexpr (WGMMA_PV) {
+                // O[64 rows x this warpgroup's WD dims] += P[64 x 16 keys] V_slice[16 x WD], as
+                // WD / 64 wgmma m64n64k16 on the accumulators o[0][8q .. 8q + 7] (the mma.sync
+                // fragment layout again). P: LBO 8 keys, SBO 8 rows; V: LBO 8 keys (one row of
+                // HEAD_DIM / 8 core matrices), SBO 8 dims.
+                const bf16* const sv = staged + (sl & 1) * VSTAGE + (wn * WD / 8) * 64;
+                const unsigned long long dp = smem_desc(p_s + sl * 128, 128, (BN / 8) * 128);
+                float(&oacc)[NFO * 4] = *reinterpret_cast<float(*)[NFO * 4]>(&o[0][0]);
+                wgmma_fence_operands(oacc);
+                wgmma_fence();
+#pragma unroll
+                for (int q = 0; q < WD / 64; ++q)
+                    wgmma_m64n64k16_bf16<true>(*reinterpret_cast<float(*)[32]>(&o[0][8 * q]), dp,
+                                               smem_desc(sv + q * 8 * 64, HEAD_DIM * 16, 128));
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_fence_operands(oacc);
+                if (more) {
+                    v_store(staged + ((sl + 1) & 1) * VSTAGE);
+                    __syncthreads();
+                }
+                continue;
+            }
             const bf16* const sv = staged + (sl & 1) * VSTAGE + wn * WD;
             FragA pf[MF];
 #pragma unroll
@@ -448,7 +492,7 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
                         if (r0 + wm * WM + 16 * i < rows) mma_bf16_16816(o[i][n + u], pf[i], vf[u]);
             }
             if (more) {
-                vs.store(staged + ((sl + 1) & 1) * VSTAGE, LDV);
+                v_store(staged + ((sl + 1) & 1) * VSTAGE);
                 __syncthreads();
             }
         }

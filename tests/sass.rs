@@ -69,8 +69,8 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "attention",
-        what: "attention (mma.sync)",
-        kernels: |n| n.starts_with("attention_"),
+        what: "attention (attention_* but *_wgmma_*: mma.sync)",
+        kernels: |n| n.starts_with("attention_") && !n.contains("_wgmma_"),
         on: On::Targets,
         must_contain: "HMMA",
     },
@@ -99,7 +99,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "wgmma-attention",
-        what: "wgmma attention (attention_*_wgmma_*: HGMMA for S = Q K^T on sm_90a, HMMA for P V)",
+        what: "wgmma attention (attention_*_wgmma_*: HGMMA on sm_90a; P V on wgmma too from head_dim 128)",
         kernels: |n| n.starts_with("attention_") && n.contains("_wgmma_"),
         on: On::Arch("sm_90a"),
         must_contain: "HGMMA",

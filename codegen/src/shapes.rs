@@ -142,7 +142,8 @@ pub fn attention_spec_for(head_dim: u32, q_heads: u32, kv_heads: u32, mask: Mask
 }
 
 /// The sm_90a attention (`csrc/attention.cuh` with WGMMA): the same 64-row blocks and 64-key
-/// tiles as [`attention_spec`], but S = Q K^T on wgmma m64n32k16, so 4 x 2 warps (a warpgroup of
+/// tiles as [`attention_spec`], but S = Q K^T on wgmma m64n32k16 (and P V on m64n64k16 from
+/// head_dim 128), so 4 x 2 warps (a warpgroup of
 /// 4 row warps per 32 keys: each warp 16 rows x 32 keys of S, 16 rows x head_dim / 2 of O, the
 /// same 128 fp32 output registers at 512 as the mma.sync 2 x 4). Q and K stream in 64-wide
 /// head-dim chunks (the head rounded up to 16 when smaller), unpadded in wgmma's core-matrix

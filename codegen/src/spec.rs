@@ -171,7 +171,8 @@ impl MaskKind {
 /// `(block_m / warps_m) x (block_n / warps_n)` sub-tile of the scores and a
 /// `(block_m / warps_m) x (head_dim / warps_n)` sub-tile of the output. With `wgmma` (sm_90a
 /// only) S = Q K^T runs on wgmma m64n32k16 instead, a warpgroup (4 row warps) per 32 keys, from
-/// Q / K chunks in wgmma's core-matrix layout in dynamic shared memory; P V stays on mma.sync.
+/// Q / K chunks in wgmma's core-matrix layout in dynamic shared memory, and from head_dim 128
+/// P V too (m64n64k16, V as an N-major operand); smaller heads keep P V on mma.sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Attention {
     pub head_dim: u32,

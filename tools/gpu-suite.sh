@@ -17,7 +17,9 @@
 #    package directory, with DGEMMA_REPO and DGEMMA_BIN as above, a per-executable timeout and one
 #    budget for the whole suite; GPU executables first. Counts passed/failed from libtest's output.
 # 5. Runs the bundled `dgemma info` on each reference model and `dgemma verify` on every case of
-#    .bundle/reference/cases, and each bench executable once in criterion's --test mode. Last, on
+#    .bundle/reference/cases; `dgemma bench --synthetic 26b` (bf16), the gpu_kernels bench timed
+#    on the figures behind issue #4's and #6's kernel targets (the kernel records), `dgemma bench`
+#    again with FP8 experts; and each bench executable once in criterion's --test mode. Last, on
 #    what is left of the budget (at most 240 s), tools/hf_bench.py: Hugging Face transformers' own
 #    time for the same 4096-token prefill and denoising step (random 26B-A4B weights, bf16) and
 #    its ratio to the dgemma bench's (records hf_transformers.*, ratio.hf_over_dgemma.*). Then,
@@ -25,7 +27,10 @@
 #    (records throughput / ttft_p50 / ttft_p99 / peak_mem_gb .bf16.concurrency{N}), and N = 32
 #    with FP8 experts (.fp8.concurrency32).
 #    DGEMMA_SUITE_ONLY=serve runs only those (and the quick info / verify steps): a second run
-#    when the first one's budget ran out before them.
+#    when the first one's budget ran out before them. Likewise DGEMMA_SUITE_ONLY=kernels (the
+#    kernel records of issues #4 / #6: gpu_kernels timed on the figures behind their targets) and
+#    DGEMMA_SUITE_ONLY=fp8 (dgemma bench with FP8 experts: the step.fp8.* records of #6); the
+#    regex may name several ("kernels|fp8|serve").
 # 6. Writes <device-slug>-<date>-<commit>.json and .md (tools/results.py; contract in
 #    benches/results/README.md) into $OUT when set, else benches/results/; with $OUT also <stem>.log
 #    (the output of every failed step). Prints the table last.
@@ -300,9 +305,12 @@ if os.path.isdir(tiny):
     log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma run --backend cuda ({secs:.1f} s): {last}")
 
 # ---- 5c. dgemma bench: the CUDA backend on synthetic 26B-A4B weights -------------------------
-if remaining() > 120 and not only:
-    bench_json = os.path.join(tmp, "bench.json")
-    rc, out, secs = run([cli["path"], "bench", "--synthetic", "26b", "--contexts", "1024,4096,32768",
+def cli_bench(quant, contexts):
+    """dgemma bench --synthetic 26b with experts held as `quant` (none: bf16; fp8: e4m3, its records
+    named *.fp8.*); its records, or a failed record saying why."""
+    tag = "" if quant == "none" else f".{quant}"
+    bench_json = os.path.join(tmp, f"bench{tag}.json")
+    rc, out, secs = run([cli["path"], "bench", "--synthetic", "26b", "--quant", quant, "--contexts", contexts,
                          "--prompt", "4096", "--iters", "3", "--json", bench_json], root, min(240, remaining(60)))
     if rc == 0 and os.path.exists(bench_json):
         for r in json.load(open(bench_json))["records"]:
@@ -312,10 +320,13 @@ if remaining() > 120 and not only:
             rec(r["name"], r["value"], r["unit"], floor=r.get("floor"), target=r.get("target"),
                 passed=r.get("passed"), note=r.get("note"))
     else:
-        failures_log.append(f"===== dgemma bench --synthetic 26b: rc {rc}\n{out[-5000:]}\n")
-        rec("dgemma.bench_26b", 0, "runs", target=1, passed=False,
+        failures_log.append(f"===== dgemma bench --synthetic 26b --quant {quant}: rc {rc}\n{out[-5000:]}\n")
+        rec(f"dgemma.bench_26b{tag}", 0, "runs", target=1, passed=False,
             note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
-    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma bench --synthetic 26b ({secs:.1f} s)")
+    log(f"{'PASS' if rc == 0 else 'FAIL'} dgemma bench --synthetic 26b --quant {quant} ({secs:.1f} s)")
+
+if remaining() > 120 and not only:
+    cli_bench("none", "1024,4096,32768")
 
 # ---- 5c2. kernel records: the per-kernel targets of issues #4 and #6 ------------------------
 # The gpu_kernels bench, timed for real (criterion, L2 flushed, CUDA events) on the figures behind
@@ -371,9 +382,10 @@ def kernel_records(figs):
                 note=f"{figures}; floor = sum of the figures' floors")
 
 kbench = next((e for e in manifest["executables"] if e["kind"] == "bench" and e["name"].endswith("bench-gpu_kernels")), None)
-if only or kbench is None:
-    if kbench is None:
-        rec("kernel_records", 0, "runs", target=1, passed=False, note="no gpu_kernels bench in the bundle")
+if only and not re.search(only, "kernels"):
+    pass
+elif kbench is None:
+    rec("kernel_records", 0, "runs", target=1, passed=False, note="no gpu_kernels bench in the bundle")
 elif remaining() <= 90:
     meta["kernel_records"] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
     log(f"skipped the kernel records: {meta['kernel_records']}")
@@ -390,6 +402,16 @@ else:
         rec("kernel_records", len(figs), "figures", passed=False,
             note=("timed out" if rc is None else f"exit {rc}: " + (out.strip().splitlines() or [""])[-1][:160]))
     log(f"{'PASS' if rc == 0 and figs else 'FAIL'} gpu_kernels kernel records: {len(figs)} figures ({secs:.1f} s)")
+
+# ---- 5c3. the FP8 step: dgemma bench with FP8 experts (issue #6: step.fp8.c1.ctx4096,
+# step.fp8.c{4,16}.ctx4096, tokens_per_s.fp8.*, ttft.fp8.*, peak_mem_gb.fp8.*). After the kernel
+# records; alone with DGEMMA_SUITE_ONLY=fp8 when the first run's budget ran out.
+if (not only or re.search(only, "fp8")):
+    if remaining() > 120:
+        cli_bench("fp8", "4096")
+    else:
+        meta["bench_fp8"] = f"not run: {max(0, remaining()):.0f} s of the suite budget left"
+        log(f"skipped dgemma bench --quant fp8: {meta['bench_fp8']}")
 
 # ---- 4b. the other test executables, a few at a time ----------------------------------------
 others = [e for e in tests if not e.get("gpu")]

@@ -16,6 +16,12 @@ use crate::error::{Context, CudaError, Result};
 /// [`cudarc::driver::DevicePtrMut`], so views of sub-ranges (`slice`, `slice_mut`) work too.
 pub type DeviceBuffer<T> = CudaSlice<T>;
 
+/// A loaded kernel and the dynamic shared memory it is allowed (48 KiB until raised).
+struct LoadedFunction {
+    f: CudaFunction,
+    dynamic_smem: u32,
+}
+
 /// One GPU: a context (the device's primary context), a stream of its own, and the kernel
 /// module loaded from the fatbin handed to [`Device::open`].
 pub struct Device {
@@ -26,7 +32,7 @@ pub struct Device {
     name: String,
     compute_capability: (i32, i32),
     /// Loaded functions by kernel name; `None` records a name the module does not have.
-    functions: Mutex<HashMap<String, Option<CudaFunction>>>,
+    functions: Mutex<HashMap<String, Option<LoadedFunction>>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -160,9 +166,28 @@ impl Device {
     }
 
     fn function_by_name(&self, name: &str) -> Result<CudaFunction> {
+        self.loaded(name, 0)
+    }
+
+    /// The function `name`, loaded once, allowed at least `dynamic_smem` bytes of dynamic shared
+    /// memory: above the default 48 KiB a kernel must opt in
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`), once, whichever call loaded it first
+    /// (`has_kernel` / `resolve` load without a limit).
+    fn loaded(&self, name: &str, dynamic_smem: u32) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = cache.entry(name.to_string()).or_insert_with(|| self.module.load_function(name).ok());
-        entry.clone().ok_or_else(|| CudaError::MissingKernel(name.to_string()))
+        let entry = cache
+            .entry(name.to_string())
+            .or_insert_with(|| self.module.load_function(name).ok().map(|f| LoadedFunction { f, dynamic_smem: 48 * 1024 }));
+        let loaded = entry.as_mut().ok_or_else(|| CudaError::MissingKernel(name.to_string()))?;
+        if dynamic_smem > loaded.dynamic_smem {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            loaded
+                .f
+                .set_attribute(attr, dynamic_smem as i32)
+                .ctx("raising a kernel's dynamic shared memory limit (cuFuncSetAttribute)")?;
+            loaded.dynamic_smem = dynamic_smem;
+        }
+        Ok(loaded.f.clone())
     }
 
     /// The spec that runs `op` here: the variant specific to this device's arch if the fatbin
@@ -180,8 +205,7 @@ impl Device {
     }
 
     /// The loaded function of `spec` (checked against this device's arch), allowed the dynamic
-    /// shared memory its launches ask for: above the default 48 KiB a kernel must opt in
-    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`, set once when it is first loaded).
+    /// shared memory its launches ask for (`KernelSpec::dynamic_shared_bytes`).
     pub fn function(&self, spec: &KernelSpec) -> Result<CudaFunction> {
         if !spec.target.runs_on(self.arch) {
             return Err(crate::error::args(
@@ -189,19 +213,6 @@ impl Device {
                 format!("{} has no body on {:?} (device {})", spec.kernel_name(), self.arch, self.name),
             ));
         }
-        let name = spec.kernel_name();
-        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(Some(f)) = cache.get(&name) {
-            return Ok(f.clone());
-        }
-        let f = self.module.load_function(&name).map_err(|_| CudaError::MissingKernel(name.clone()))?;
-        let dynamic = spec.dynamic_shared_bytes();
-        if dynamic > 48 * 1024 {
-            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(attr, dynamic as i32)
-                .ctx("raising a kernel's dynamic shared memory limit (cuFuncSetAttribute)")?;
-        }
-        cache.insert(name, Some(f.clone()));
-        Ok(f)
+        self.loaded(&spec.kernel_name(), spec.dynamic_shared_bytes())
     }
 }

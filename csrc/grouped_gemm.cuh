@@ -354,16 +354,6 @@ __device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* so
     }
 }
 
-// The bf16-weight form without a scale argument (the signature of the bf16 kernels).
-template <int N, int K, bool GEGLU, int ROWS, int COLS>
-__device__ __forceinline__ void grouped_gemm_sorted(const bf16* x, const int* sorted, const int* offsets,
-                                                    const bf16* w, bf16* out, int tokens, int top_k,
-                                                    int num_experts)
-{
-    grouped_gemm_sorted<N, K, GEGLU, ROWS, COLS, WeightBf16>(x, sorted, offsets, w, nullptr, out, tokens, top_k,
-                                                             num_experts);
-}
-
 // out[t, c] = bf16(sum_j y[t * top_k + j, c] * weights[t * top_k + j]) in slot order (fp32), NaN
 // if any of token t's expert ids is outside [0, num_experts). Grid (tokens, ceil(N / THREADS)).
 template <int N, int THREADS>

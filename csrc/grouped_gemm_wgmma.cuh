@@ -159,13 +159,4 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const bf16* __restrict__ x, c
     }
 }
 
-// The bf16-weight form without a scale argument (the signature of the bf16 kernels).
-template <int N, int K, bool GEGLU, int BM, int BN, int BK, int STAGES>
-__device__ __forceinline__ void grouped_gemm_wgmma(const bf16* x, const int* sorted, const int* offsets, const bf16* w,
-                                                   bf16* out, int tokens, int top_k, int num_experts)
-{
-    grouped_gemm_wgmma<N, K, GEGLU, BM, BN, BK, STAGES, WeightBf16>(x, sorted, offsets, w, nullptr, out, tokens, top_k,
-                                                                    num_experts);
-}
-
 } // namespace dgemma

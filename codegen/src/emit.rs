@@ -8,7 +8,7 @@
 //!
 //! Output is a pure function of the spec: no timestamps, no paths, no hash-map order.
 
-use crate::spec::{GemmEngine, GemmFuse, KernelSpec, LinearEngine, MaskKind, Op, Target, WeightFormat};
+use crate::spec::{GemmEngine, GemmFuse, GroupedGemm, KernelSpec, LinearEngine, MaskKind, Op, Target, WeightFormat};
 use std::fmt::Write as _;
 
 /// One kernel parameter: C type and name.
@@ -308,7 +308,13 @@ pub fn emit(spec: &KernelSpec) -> String {
         writeln!(s, "    {} {}{sep}", p.ty, p.name).unwrap();
     }
     writeln!(s, "{{").unwrap();
-    let args: Vec<&str> = params.iter().map(|p| p.name).collect();
+    let mut args: Vec<&str> = params.iter().map(|p| p.name).collect();
+    // The grouped GEMM templates take the weights' row scales after `w` for both formats; the
+    // bf16 kernels have no such parameter and pass none.
+    if let Op::GroupedGemm(GroupedGemm { weights: WeightFormat::Bf16, .. }) = spec.op {
+        let w = args.iter().position(|&a| a == "w").expect("a grouped GEMM takes w") + 1;
+        args.insert(w, "nullptr");
+    }
     let call = format!("{}({});", template_call(spec), args.join(", "));
     match spec.target {
         Target::Portable => writeln!(s, "    {call}").unwrap(),

@@ -915,8 +915,8 @@ impl KernelSpec {
         }
     }
 
-    /// The tile rules of the kernels on the wgmma mainloop with a row-range X (`csrc/wgmma_gemm.cuh`:
-    /// the linear and the soft embedding): sm_90a only, `block_m` whole m64 tiles, `block_n` whole
+    /// The tile rules of the kernels on the wgmma mainloop (`csrc/wgmma_gemm.cuh`: the MoE, the
+    /// linear and the soft embedding): sm_90a only, `block_m` whole m64 tiles, `block_n` whole
     /// 64-column warpgroup tiles, `block_k` whole k16 steps, at least 2 stages, the X slice whole
     /// 16-byte chunks per thread, within the dynamic shared memory limit.
     fn check_wgmma_tile(&self, block_m: u32, block_n: u32, block_k: u32, stages: u32, dynamic: u64) -> Result<(), String> {
@@ -1024,7 +1024,7 @@ impl KernelSpec {
             {
                 fail("rows must be a positive multiple of 4 and cols positive and even (4 x 2 register tiles)")
             }
-            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Mma { .. }) && g.out_cols() % 2 != 0 => {
+            Op::GroupedGemm(g) if g.engine != GemmEngine::Simt && g.out_cols() % 2 != 0 => {
                 fail("the output rows must have an even number of columns (paired bf16 stores)")
             }
             Op::GroupedGemm(GroupedGemm { rows, cols, fuse, engine: GemmEngine::Mma { block_k, warps }, .. })
@@ -1046,29 +1046,12 @@ impl KernelSpec {
             Op::GroupedGemm(g) if g.shared_bytes() > 48 * 1024 => {
                 fail("the staged slices must fit 48 KiB of static shared memory")
             }
-            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Wgmma { .. }) && self.target != Target::Only(Arch::Sm90a) => {
-                fail("wgmma exists on sm_90a only")
-            }
-            Op::GroupedGemm(GroupedGemm { rows, fuse, cols, engine: GemmEngine::Wgmma { block_k, stages }, .. })
-                if rows == 0
-                    || rows % 64 != 0
-                    || block_k == 0
-                    || block_k % 16 != 0
-                    || stages < 2
-                    || (if fuse == GemmFuse::Geglu { 2 * cols } else { cols }) % 64 != 0
-                    || (rows * block_k / 8) % self.block_threads() != 0
-                    || ((if fuse == GemmFuse::Geglu { 2 * cols } else { cols }) * block_k / 8) % self.block_threads() != 0 =>
+            // The row-range tile rules with the pairs as rows and the weight rows as columns (a
+            // whole warpgroup tile each); the pair lists are in the dynamic shared memory too.
+            Op::GroupedGemm(g @ GroupedGemm { rows, engine: GemmEngine::Wgmma { block_k, stages }, .. })
+                if self.check_wgmma_tile(rows, g.weight_rows(), block_k, stages, g.dynamic_shared_bytes()).is_err() =>
             {
-                fail(
-                    "rows must be whole m64 tiles, block_k whole k16 steps, at least 2 stages, the weight rows whole \
-                     64-row warpgroup tiles, and every slice whole 16-byte chunks per thread",
-                )
-            }
-            Op::GroupedGemm(g) if matches!(g.engine, GemmEngine::Wgmma { .. }) && g.out_cols() % 2 != 0 => {
-                fail("the output rows must have an even number of columns (paired bf16 stores)")
-            }
-            Op::GroupedGemm(g) if g.dynamic_shared_bytes() > MAX_DYNAMIC_SHARED_BYTES => {
-                fail("the pipeline's buffers must fit 227 KiB of dynamic shared memory")
+                self.check_wgmma_tile(rows, g.weight_rows(), block_k, stages, g.dynamic_shared_bytes())
             }
             Op::MoeSort(m) if m.experts == 0 => fail("experts must be positive"),
             Op::MoeSort(m) if 4 * (m.experts as u64 + 1) * self.block_threads() as u64 > MoeSort::HIST_BYTES => {
@@ -1250,6 +1233,22 @@ mod tests {
         ];
         for g in bad {
             assert!(KernelSpec::portable(Op::GroupedGemm(g)).validate().is_err(), "{g:?}");
+        }
+        // wgmma: sm_90a only, whole m64 pair tiles and 64-row warpgroup tiles, k16 steps, >= 2
+        // stages, within 227 KiB.
+        let wg = GroupedGemm { rows: 128, engine: GemmEngine::Wgmma { block_k: 64, stages: 3 }, ..ok };
+        let sm90 = |g| KernelSpec::for_arch(Op::GroupedGemm(g), Arch::Sm90a);
+        sm90(wg).validate().unwrap();
+        assert!(KernelSpec::for_arch(Op::GroupedGemm(wg), Arch::Sm120).validate().is_err());
+        for g in [
+            GroupedGemm { rows: 96, ..wg },
+            GroupedGemm { cols: 16, ..wg }, // 32 weight rows: not a warpgroup tile
+            GroupedGemm { engine: GemmEngine::Wgmma { block_k: 24, stages: 3 }, ..wg },
+            GroupedGemm { engine: GemmEngine::Wgmma { block_k: 64, stages: 1 }, ..wg },
+            GroupedGemm { engine: GemmEngine::Wgmma { block_k: 64, stages: 8 }, ..wg }, // 256 KiB
+            GroupedGemm { n: 66, ..wg },                                                // 33 output columns
+        ] {
+            assert!(sm90(g).validate().is_err(), "{g:?}");
         }
     }
 

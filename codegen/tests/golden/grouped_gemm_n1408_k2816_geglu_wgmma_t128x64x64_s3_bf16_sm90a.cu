@@ -14,7 +14,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) grouped_gemm_n1408_k2816_ge
     int num_experts)
 {
 #if DGEMMA_ARCH_SM90A
-    dgemma::grouped_gemm_wgmma<1408, 2816, true, 128, 64, 64, 3>(x, sorted, offsets, w, out, tokens, top_k, num_experts);
+    dgemma::grouped_gemm_wgmma<1408, 2816, true, 128, 64, 64, 3>(x, sorted, offsets, w, nullptr, out, tokens, top_k, num_experts);
 #else
     dgemma::trap_wrong_arch();
 #endif

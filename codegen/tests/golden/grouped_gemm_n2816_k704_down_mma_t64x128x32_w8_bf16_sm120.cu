@@ -14,7 +14,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm_n2816_k704_down_m
     int num_experts)
 {
 #if DGEMMA_ARCH_SM120
-    dgemma::grouped_gemm_mma<2816, 704, false, 64, 128, 32, 8>(x, sorted, offsets, w, out, tokens, top_k, num_experts);
+    dgemma::grouped_gemm_mma<2816, 704, false, 64, 128, 32, 8>(x, sorted, offsets, w, nullptr, out, tokens, top_k, num_experts);
 #else
     dgemma::trap_wrong_arch();
 #endif
